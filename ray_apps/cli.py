@@ -1,0 +1,171 @@
+"""The `rayrec` command: a thin layer over functions that tests call directly."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from common.config import ConfigError, RayrecConfig, load_config
+from common.workdir import Workdir
+
+DEFAULT_WORKDIR = ".rayrec/demo"
+
+
+def _config(args: argparse.Namespace, wd: Workdir) -> RayrecConfig:
+    """--config, else the run's saved config, else defaults; --db-port overrides the port."""
+    over: dict = {}
+    if getattr(args, "db_port", None):
+        over["database"] = {"port": args.db_port}
+    if args.config:
+        return load_config(args.config, over)
+    if wd.config_path.is_file():
+        return load_config(wd.config_path, over)
+    return load_config(None, {"name": wd.root.name, **over})
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from feature_store.local_db import LocalMariaDB
+
+    wd = Workdir.at(args.workdir)
+    db = LocalMariaDB(wd, _config(args, wd).database)
+    if args.action == "start":
+        print(json.dumps(db.start()))
+    elif args.action == "stop":
+        print("stopped" if db.stop() else "not running")
+    else:
+        print(json.dumps(db.status()))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from feature_store.sources import generate
+
+    paths = generate(Path(args.out), seed=args.seed, customers=args.customers, articles=args.articles,
+                     days=args.days, progress=True)
+    for name, p in paths.items():
+        print(f"{name}: {p}")
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from feature_store.connect import open_online_store
+    from feature_store.local_db import LocalMariaDB
+    from training.pipeline import run_pipeline
+
+    wd = Workdir.at(args.workdir)
+    cfg = _config(args, wd)
+    if cfg.database.local:
+        LocalMariaDB(wd, cfg.database).start()
+    store = open_online_store(cfg.database, wd)
+    try:
+        run_pipeline(cfg, wd, Path(args.data) if args.data else None, store)
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ray_apps.ray_auth import use_ray_token
+
+    wd = Workdir.at(args.workdir)
+    use_ray_token(wd)  # before Ray is imported: it reads RAY_AUTH_MODE once
+    from ray_apps import local
+
+    if args.action == "stop":
+        print("serving stopped" if local.stop(wd) else "serving was not running")
+        return 0
+    cfg = _config(args, wd)
+    if cfg.database.local:
+        from feature_store.local_db import LocalMariaDB
+
+        LocalMariaDB(wd, cfg.database).start()
+    url = local.deploy(cfg, wd)
+    print(f"[serve] app {local.APP_NAME!r} at {url} (OpenAPI: {url}/docs)")
+    sample = _sample_customers(wd, 3)
+    if sample:
+        for resp in local.sample_requests(url, sample):
+            items = ", ".join(f"{i['article_id']} ({i['score']:.2f})" for i in resp["items"][:5])
+            print(f"customer {resp['customer_id'][:12]}...: {items}, ... [{len(resp['items'])} items]")
+        print("more:\n  " + local.curl_line(url, sample[0]))
+    return 0
+
+
+def _sample_customers(wd: Workdir, n: int) -> list[str]:
+    """Customers with purchases, from the run's online history group (offline copy)."""
+    import pandas as pd
+
+    from common.artifacts import read_manifest
+
+    ref = read_manifest(wd).feature_groups.get("customer_history")
+    if ref is None:
+        return []
+    hist = pd.read_parquet(wd.resolve(ref.offline_path), columns=["customer_id", "n_purchases"])
+    return hist.sort_values("n_purchases", ascending=False)["customer_id"].head(n).tolist()
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Stop serving, Ray and the local database of the workdir."""
+    from feature_store.local_db import LocalMariaDB
+    from ray_apps.ray_auth import use_ray_token
+
+    wd = Workdir.at(args.workdir)
+    use_ray_token(wd)
+    from ray_apps import local
+
+    print("serving stopped" if local.stop(wd) else "serving was not running")
+    print("database stopped" if LocalMariaDB(wd, _config(args, wd).database).stop() else "database was not running")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rayrec", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--workdir", default=DEFAULT_WORKDIR, help="run directory (default %(default)s)")
+        sp.add_argument("--config", help="YAML config (default: the run's saved config, else defaults)")
+        sp.add_argument("--db-port", type=int, help="local database port (overrides the config)")
+
+    db = sub.add_parser("db", help="local MariaDB: start | stop | status")
+    db.add_argument("action", choices=["start", "stop", "status"])
+    common(db)
+    db.set_defaults(func=cmd_db)
+
+    data = sub.add_parser("data", help="data tools")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    gen = dsub.add_parser("generate", help="write H&M-shaped synthetic data")
+    gen.add_argument("--out", required=True)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--customers", type=int, default=4000)
+    gen.add_argument("--articles", type=int, default=1500)
+    gen.add_argument("--days", type=int, default=120)
+    gen.set_defaults(func=cmd_data)
+
+    pipe = sub.add_parser("pipeline", help="data -> features -> models -> index -> metrics")
+    common(pipe)
+    pipe.add_argument("--data", help="folder with the H&M CSVs (default: generate into WORKDIR/data)")
+    pipe.set_defaults(func=cmd_pipeline)
+
+    srv = sub.add_parser("serve", help="serve a run locally: start | stop")
+    srv.add_argument("action", choices=["start", "stop"])
+    common(srv)
+    srv.set_defaults(func=cmd_serve)
+
+    stop = sub.add_parser("stop", help="stop serving, Ray and the local database")
+    common(stop)
+    stop.set_defaults(func=cmd_stop)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"rayrec: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Serving on this machine: a local Ray head started with `ray start`, the app deployed on it.
+
+The head outlives the CLI process (Serve apps keep running after their driver exits), and
+`stop` shuts Serve down and stops Ray, leaving nothing listening.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from common.config import RayrecConfig
+from common.workdir import Workdir
+from ray_apps.app import APP_NAME, build_app, serve_config
+from ray_apps.ray_auth import use_ray_token
+
+RAY_PORT = 6390
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def _listening(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def ray_address() -> str:
+    return f"127.0.0.1:{RAY_PORT}"
+
+
+def start_ray(wd: Workdir) -> None:
+    """Start a Ray head for serving unless one is already up on our port."""
+    use_ray_token(wd)
+    if _listening("127.0.0.1", RAY_PORT):
+        return
+    cmd = [_ray_bin(), "start", "--head", "--num-cpus=2", f"--port={RAY_PORT}", "--node-ip-address=127.0.0.1",
+           "--include-dashboard=false", "--disable-usage-stats"]
+    if wd.ray_temp_dir is not None:
+        cmd.append(f"--temp-dir={wd.ray_temp_dir}")
+    log = wd.ray_dir / "ray_start.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise RuntimeError(f"`ray start` failed (exit {rc}); see {log}")
+
+
+def deploy(cfg: RayrecConfig, wd: Workdir) -> str:
+    """Deploy the app for this workdir on the local head; returns the base URL."""
+    import ray
+    from ray import serve
+
+    start_ray(wd)
+    ray.init(address=ray_address(), log_to_driver=False)
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(build_app({"workdir": str(wd.root)}), name=APP_NAME, route_prefix="/", blocking=False)
+    conf = wd.root / "serve_config.yaml"
+    conf.write_text(yaml.safe_dump(serve_config(wd.root, cfg.serve.host, cfg.serve.port), sort_keys=False))
+    ray.shutdown()
+    return f"http://{cfg.serve.host}:{cfg.serve.port}"
+
+
+def stop(wd: Workdir) -> bool:
+    """Shut Serve down and stop the local Ray head; False when nothing was running."""
+    if not _listening("127.0.0.1", RAY_PORT):
+        return False
+    use_ray_token(wd)
+    try:
+        import ray
+        from ray import serve
+
+        ray.init(address=ray_address(), log_to_driver=False)
+        serve.shutdown()
+        ray.shutdown()
+    except Exception as e:  # noqa: BLE001 - stopping must go on even if Serve is unhealthy
+        print(f"[serve] shutdown: {e}", file=sys.stderr)
+    subprocess.call([_ray_bin(), "stop", "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(50):
+        if not _listening("127.0.0.1", RAY_PORT):
+            break
+        time.sleep(0.2)
+    return True
+
+
+def sample_requests(url: str, customer_ids: list[str], k: int = 12) -> list[dict[str, Any]]:
+    """POST /v1/recommend for a few customers (what `make demo` prints)."""
+    out = []
+    with httpx.Client(timeout=60) as c:
+        for cid in customer_ids:
+            r = c.post(f"{url}/v1/recommend", json={"customer_id": cid, "k": k, "debug": True})
+            r.raise_for_status()
+            out.append(r.json())
+    return out
+
+
+def curl_line(url: str, customer_id: str) -> str:
+    body = json.dumps({"customer_id": customer_id, "k": 12})
+    return f"curl -s -X POST {url}/v1/recommend -H 'Content-Type: application/json' -d '{body}'"

@@ -1,0 +1,23 @@
+"""Online feature reads for a request: one batched query per feature group."""
+from __future__ import annotations
+
+from typing import Any
+
+from common.artifacts import Manifest
+from feature_store.online.base import OnlineStore
+from feature_store.store import read_online
+
+
+class OnlineFeatures:
+    def __init__(self, store: OnlineStore, manifest: Manifest):
+        self.store = store
+        self.refs = manifest.feature_groups
+
+    def customer(self, customer_id: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """Profile and purchase history (None for an unknown customer)."""
+        prof = read_online(self.store, self.refs["customers"], "customers", [customer_id])
+        hist = read_online(self.store, self.refs["customer_history"], "customer_history", [customer_id])
+        return prof.get(customer_id), hist.get(customer_id)
+
+    def articles(self, article_ids: list[str]) -> dict[str, dict[str, Any]]:
+        return read_online(self.store, self.refs["articles"], "articles", article_ids)

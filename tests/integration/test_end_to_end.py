@@ -1,0 +1,132 @@
+"""The whole flow on a tiny generated dataset: real MariaDB, real local Ray, real Serve over HTTP."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import pandas as pd
+import pytest
+
+from common.artifacts import read_manifest
+from common.config import load_config
+from common.workdir import Workdir
+from feature_store.online.mysql import MySQLOnlineStore
+from feature_store.sources import FILES, generate
+
+pytestmark = pytest.mark.integration
+PASSWORD_ENV = "RAYREC_E2E_DB_PASSWORD"
+
+
+def free_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(mariadb, tmp_path_factory):
+    """Run the pipeline into a fresh workdir and serve it; yields (workdir, base url)."""
+    import os
+
+    import ray
+    from ray import serve
+
+    from ray_apps.app import APP_NAME, build_app
+    from training.pipeline import run_pipeline
+
+    os.environ[PASSWORD_ENV] = mariadb.password  # replicas inherit it; never stored in config
+    root = tmp_path_factory.mktemp("e2e")
+    wd = Workdir.at(root / "run")
+    generate(wd.data_dir, seed=3, customers=300, articles=200, days=40)
+    cfg = load_config(None, {
+        "name": "e2e",
+        "database": {"host": mariadb.host, "port": mariadb.port, "database": mariadb.database,
+                     "user": mariadb.user, "password_env": PASSWORD_ENV, "local": False},
+        "two_tower": {"epochs": 2, "batch_size": 256},
+        "ranker": {"iterations": 30, "n_candidates": 50},
+        "serve": {"n_candidates": 50},
+    })
+    store = MySQLOnlineStore.from_config(cfg.database, mariadb.password)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        run_pipeline(cfg, wd, None, store)
+        port = free_tcp_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"workdir": str(wd.root)}), name=APP_NAME, route_prefix="/", blocking=False)
+        yield wd, f"http://127.0.0.1:{port}"
+    finally:
+        store.close()
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _raw(wd: Workdir):
+    arts = pd.read_csv(wd.data_dir / FILES["articles"], dtype=str)
+    tx = pd.read_csv(wd.data_dir / FILES["transactions"], dtype=str)
+    return set(arts["article_id"]), tx
+
+
+def test_pipeline_outputs(served):
+    wd, _ = served
+    metrics = json.loads(wd.metrics_path.read_text())
+    for model in ("popularity", "retrieval", "ranked"):
+        assert set(metrics[model]) == {"map@12", "recall@12", "recall@100"}
+        assert all(0.0 <= v <= 1.0 for v in metrics[model].values())
+    assert metrics["n_eval_customers"] > 0
+    m = read_manifest(wd)
+    assert m.index is not None and m.index.n_rows == 200
+    for rel in m.models.values():
+        assert wd.resolve(rel).is_file()
+    assert (wd.reports_dir / "training.png").is_file() and (wd.reports_dir / "recall.png").is_file()
+
+
+def test_recommend_returns_k_unbought_existing_articles(served):
+    wd, url = served
+    article_ids, tx = _raw(wd)
+    buyers = tx["customer_id"].value_counts()
+    with httpx.Client(timeout=60) as c:
+        for cid in [buyers.index[0], buyers.index[len(buyers) // 2]]:
+            r = c.post(f"{url}/v1/recommend", json={"customer_id": cid, "k": 12, "debug": True})
+            assert r.status_code == 200, r.text
+            items = [i["article_id"] for i in r.json()["items"]]
+            assert len(items) == 12 and len(set(items)) == 12
+            assert set(items) <= article_ids
+            bought = set(tx.loc[tx["customer_id"] == cid, "article_id"])
+            assert not set(items) & bought
+            scores = [i["score"] for i in r.json()["items"]]
+            assert scores == sorted(scores, reverse=True)
+            assert r.json()["debug"]["n_after_filter"] >= 12
+
+
+def test_unknown_customer_still_gets_recommendations(served):
+    _, url = served
+    r = httpx.post(f"{url}/v1/recommend", json={"customer_id": "not-a-customer", "k": 5}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["items"]) == 5
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"k": 12}, "customer_id"),
+        ({"customer_id": "x", "k": 0}, "k"),
+        ({"customer_id": "x", "k": -3}, "k"),
+        ({"customer_id": "x", "k": 101}, "k"),
+        ({"customer_id": "x", "colour": "red"}, "colour"),
+        ({"customer_id": 123}, "customer_id"),
+        ({"customer_id": "x", "k": "twelve"}, "k"),
+        ({"customer_id": "x", "context": {"sales_channel": 3}}, "context.sales_channel"),
+    ],
+)
+def test_bad_requests_get_422_naming_the_field(served, body, field):
+    _, url = served
+    r = httpx.post(f"{url}/v1/recommend", json=body, timeout=30)
+    assert r.status_code == 422, r.text
+    assert field in r.json()["message"]
+
+
+def test_healthz(served):
+    _, url = served
+    assert httpx.get(f"{url}/healthz", timeout=10).json() == {"status": "ok"}

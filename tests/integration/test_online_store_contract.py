@@ -1,0 +1,296 @@
+"""One contract for every OnlineStore: the in-memory fake and the real MySQL store behave alike."""
+
+from __future__ import annotations
+
+import math
+import threading
+import uuid
+from collections.abc import Iterator
+
+import numpy as np
+import pymysql
+import pytest
+
+from feature_store.online.base import (
+    InMemoryOnlineStore,
+    OnlineStore,
+    SchemaMismatch,
+    TableNotFound,
+    TableSpec,
+)
+from feature_store.online.mysql import MySQLOnlineStore
+
+ALL_TYPES = {"id": "int64", "n": "int64", "x": "float64", "s": "string", "j": "json"}
+
+
+@pytest.fixture(params=["memory", pytest.param("mysql", marks=pytest.mark.integration)])
+def store(request: pytest.FixtureRequest) -> Iterator[OnlineStore]:
+    if request.param == "memory":
+        s: OnlineStore = InMemoryOnlineStore()
+    else:
+        db = request.getfixturevalue("mariadb")
+        s = MySQLOnlineStore.from_config(db.cfg, db.password)
+    s.test_prefix = f"c{uuid.uuid4().hex[:10]}_"  # type: ignore[attr-defined]
+    yield s
+    try:
+        for name in s.list_tables():
+            if name.startswith(s.test_prefix):  # type: ignore[attr-defined]
+                s.drop_table(TableSpec(name, "k", {"k": "int64"}))
+    finally:
+        s.close()
+
+
+def make_spec(
+    store: OnlineStore, name: str, key: str = "id", columns: dict[str, str] | None = None
+) -> TableSpec:
+    """A table spec with a name unique to this test, created in `store`."""
+    spec = TableSpec(store.test_prefix + name, key, dict(columns or ALL_TYPES))  # type: ignore[attr-defined]
+    store.ensure_table(spec)
+    return spec
+
+
+def test_round_trip_of_all_column_types(store: OnlineStore) -> None:
+    spec = make_spec(store, "types")
+    rows = [
+        {"id": 1, "n": 2**62, "x": 0.1, "s": "plain", "j": [101, 202, 303]},
+        {"id": -2, "n": -(2**63), "x": 1 / 3, "s": "ünïcødé ✓ 🎉", "j": {"a": [1, 2.5, None], "b": "x"}},
+        {"id": 3, "n": None, "x": float("nan"), "s": None, "j": None},
+        {"id": 4, "n": np.int64(7), "x": np.float32(0.5), "s": "", "j": np.array([5, 6, 7])},
+        {"id": np.int64(5), "x": 1e300, "j": []},  # missing columns are stored as None
+        {"id": 6, "n": 0, "x": -0.0, "s": "quote ' back\\slash \" ;--", "j": "a json string"},
+    ]
+    assert store.write_batch(spec, rows) == len(rows)
+    got = store.read_batch(spec, [1, -2, 3, 4, 5, 6])
+    assert got == {
+        1: {"id": 1, "n": 2**62, "x": 0.1, "s": "plain", "j": [101, 202, 303]},
+        -2: {"id": -2, "n": -(2**63), "x": 1 / 3, "s": "ünïcødé ✓ 🎉", "j": {"a": [1, 2.5, None], "b": "x"}},
+        3: {"id": 3, "n": None, "x": None, "s": None, "j": None},
+        4: {"id": 4, "n": 7, "x": 0.5, "s": "", "j": [5, 6, 7]},
+        5: {"id": 5, "n": None, "x": 1e300, "s": None, "j": []},
+        6: {"id": 6, "n": 0, "x": -0.0, "s": "quote ' back\\slash \" ;--", "j": "a json string"},
+    }
+    assert all(type(k) is int for k in got)
+    assert type(got[4]["n"]) is int and type(got[4]["x"]) is float
+
+
+def test_string_keys_are_exact_and_case_sensitive(store: OnlineStore) -> None:
+    spec = make_spec(store, "skeys", key="cid", columns={"cid": "string", "v": "float64", "items": "json"})
+    rows = [{"cid": "abc", "v": 1.0}, {"cid": "ABC", "v": 2.0}, {"cid": "x" * 64, "items": ["0108775015"]}]
+    store.write_batch(spec, rows)
+    got = store.read_batch(spec, ["abc", "ABC", "x" * 64, "nope"], columns=["v", "items"])
+    assert got == {
+        "abc": {"v": 1.0, "items": None},
+        "ABC": {"v": 2.0, "items": None},
+        "x" * 64: {"v": None, "items": ["0108775015"]},
+    }
+
+
+def test_upsert_overwrites_whole_rows(store: OnlineStore) -> None:
+    spec = make_spec(store, "upsert")
+    store.write_batch(spec, [{"id": 1, "n": 1, "x": 1.0, "s": "a", "j": [1]}, {"id": 2, "n": 2}])
+    store.write_batch(spec, [{"id": 1, "n": 10, "s": "b"}, {"id": 3, "j": [3]}])
+    got = store.read_batch(spec, [1, 2, 3])
+    assert got[1] == {"id": 1, "n": 10, "x": None, "s": "b", "j": None}
+    assert got[2] == {"id": 2, "n": 2, "x": None, "s": None, "j": None}
+    assert got[3]["j"] == [3]
+    # the same key twice in one batch: the last row wins
+    store.write_batch(spec, [{"id": 4, "n": 1}, {"id": 4, "n": 2}])
+    assert store.read_batch(spec, [4], columns=["n"]) == {4: {"n": 2}}
+
+
+def test_read_of_missing_keys_duplicates_and_column_subsets(store: OnlineStore) -> None:
+    spec = make_spec(store, "reads")
+    store.write_batch(spec, [{"id": i, "n": i * 10, "j": [i]} for i in range(5)])
+    assert store.read_batch(spec, [100, 101]) == {}
+    assert store.read_batch(spec, []) == {}
+    got = store.read_batch(spec, [np.int64(1), 1, 4, 99], columns=["j", "n"])
+    assert got == {1: {"j": [1], "n": 10}, 4: {"j": [4], "n": 40}}
+    assert list(got[1]) == ["j", "n"]  # in the requested order
+    with pytest.raises(ValueError, match="'nope'"):
+        store.read_batch(spec, [1], columns=["nope"])
+    with pytest.raises(ValueError, match="invalid key"):
+        store.read_batch(spec, ["not-an-int"])
+
+
+def test_one_query_per_read_whatever_the_number_of_keys(store: OnlineStore) -> None:
+    spec = make_spec(store, "onequery")
+    store.write_batch(spec, [{"id": i, "n": i, "x": i / 7, "j": [i, i + 1]} for i in range(2000)])
+    for n_keys in (1, 100, 1500):
+        before = store.statement_count()
+        got = store.read_batch(spec, list(range(n_keys)) + [10_000_000])
+        assert store.statement_count() - before == 1, n_keys
+        assert len(got) == n_keys
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "expected"),
+    [
+        ({"n": 1}, r"row 2: missing key column 'id'"),
+        ({"id": 9, "bogus": 1}, r"row 2: unknown column 'bogus'"),
+        ({"id": 9, "n": "seven"}, r"row 2: column 'n' \(int64\)"),
+        ({"id": 9, "x": float("inf")}, r"row 2: column 'x' \(float64\)"),
+        ({"id": 9, "s": "y" * 256}, r"row 2: column 's' \(string\)"),
+        ({"id": 9, "j": {1, 2}}, r"row 2: column 'j' \(json\)"),
+        ({"id": None}, r"row 2: column 'id'"),
+    ],
+)
+def test_a_bad_row_means_nothing_is_written(store: OnlineStore, bad_row: dict, expected: str) -> None:
+    spec = make_spec(store, "atomic")
+    store.write_batch(spec, [{"id": 1, "n": 1}])
+    with pytest.raises(ValueError, match=expected):
+        store.write_batch(spec, [{"id": 1, "n": 100}, {"id": 2, "n": 2}, bad_row, {"id": 3}])
+    assert store.read_batch(spec, [1, 2, 3]) == {1: {"id": 1, "n": 1, "x": None, "s": None, "j": None}}
+
+
+@pytest.mark.parametrize(
+    ("make", "bad"),
+    [
+        (lambda: TableSpec("bad-name", "id", {"id": "int64"}), "bad-name"),
+        (lambda: TableSpec("t; DROP TABLE x", "id", {"id": "int64"}), "t; DROP TABLE x"),
+        (lambda: TableSpec("t", "id", {"id": "int64", "x y": "float64"}), "x y"),
+        (lambda: TableSpec("t", "id", {"id": "int64", "`x`": "float64"}), "`x`"),
+        (lambda: TableSpec("t", "id", {"id": "int64", "x": "blob"}), "blob"),
+        (lambda: TableSpec("t", "k", {"id": "int64"}), "k"),
+        (lambda: TableSpec("t", "id", {"id": "float64"}), "float64"),
+        (lambda: TableSpec("t" * 65, "id", {"id": "int64"}), "t" * 65),
+    ],
+)
+def test_invalid_identifiers_are_rejected_by_name(make, bad: str) -> None:
+    with pytest.raises(ValueError) as e:
+        make()
+    assert repr(bad) in str(e.value)
+
+
+def test_invalid_database_name_is_rejected() -> None:
+    with pytest.raises(ValueError, match="'no-such db'"):
+        MySQLOnlineStore("127.0.0.1", 1, "no-such db", "u", "p")
+
+
+def test_table_lifecycle(store: OnlineStore) -> None:
+    spec = make_spec(store, "life")
+    store.ensure_table(spec)  # idempotent
+    assert spec.name in store.list_tables()
+    with pytest.raises(SchemaMismatch, match="'extra'"):
+        store.ensure_table(TableSpec(spec.name, "id", {**ALL_TYPES, "extra": "float64"}))
+    with pytest.raises(SchemaMismatch, match="'x' is float64, spec wants string"):
+        store.ensure_table(TableSpec(spec.name, "id", {**ALL_TYPES, "x": "string"}))
+    # a compatible subset of the columns is fine and leaves the other columns alone
+    store.write_batch(spec, [{"id": 1, "n": 1, "s": "keep"}])
+    narrow = TableSpec(spec.name, "id", {"id": "int64", "n": "int64"})
+    store.ensure_table(narrow)
+    store.write_batch(narrow, [{"id": 1, "n": 2}])
+    assert store.read_batch(spec, [1], columns=["n", "s"]) == {1: {"n": 2, "s": "keep"}}
+    store.drop_table(spec)
+    store.drop_table(spec)  # idempotent
+    assert spec.name not in store.list_tables()
+    with pytest.raises(TableNotFound):
+        store.read_batch(spec, [1])
+    with pytest.raises(TableNotFound):
+        store.write_batch(spec, [{"id": 1}])
+
+
+def test_concurrent_reads_from_threads(store: OnlineStore) -> None:
+    spec = make_spec(store, "threads")
+    store.write_batch(spec, [{"id": i, "n": i, "j": [i]} for i in range(300)])
+    errors: list[BaseException] = []
+
+    def worker(offset: int) -> None:
+        try:
+            for r in range(20):
+                keys = [(offset * 37 + r * 11 + k) % 300 for k in range(50)]
+                got = store.read_batch(spec, keys, columns=["n", "j"])
+                assert all(got[k] == {"n": k, "j": [k]} for k in keys)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+# --- MySQL only ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mysql_store(mariadb) -> Iterator[MySQLOnlineStore]:
+    s = MySQLOnlineStore.from_config(mariadb.cfg, mariadb.password, chunk_size=2)
+    yield s
+    s.close()
+
+
+@pytest.mark.integration
+def test_mysql_failure_mid_transaction_rolls_back(mysql_store, monkeypatch) -> None:
+    spec = TableSpec(f"c{uuid.uuid4().hex[:10]}_rollback", "id", {"id": "int64", "n": "int64"})
+    mysql_store.ensure_table(spec)
+    try:
+        mysql_store.write_batch(spec, [{"id": 0, "n": 0}])
+        calls = {"n": 0}
+        original = pymysql.cursors.Cursor.executemany
+
+        def flaky(self, query, args):
+            calls["n"] += 1
+            if calls["n"] == 3:  # chunks 1 and 2 already went to the server
+                raise RuntimeError("boom in chunk 3")
+            return original(self, query, args)
+
+        monkeypatch.setattr(pymysql.cursors.Cursor, "executemany", flaky)
+        with pytest.raises(RuntimeError, match="boom"):
+            mysql_store.write_batch(spec, [{"id": i, "n": -i} for i in range(6)])
+        monkeypatch.undo()
+        assert calls["n"] == 3
+        assert mysql_store.read_batch(spec, range(6)) == {0: {"id": 0, "n": 0}}
+        assert mysql_store.write_batch(spec, [{"id": i, "n": -i} for i in range(6)]) == 6
+        assert len(mysql_store.read_batch(spec, range(6))) == 6
+    finally:
+        mysql_store.drop_table(spec)
+
+
+@pytest.mark.integration
+def test_mysql_server_info(mysql_store) -> None:
+    info = mysql_store.server_info()
+    assert info["engine"] in ("InnoDB", "NDBCLUSTER")
+    assert "MariaDB" in info["version"] or info["version"][0].isdigit()
+    assert "password" not in repr(info).lower() and "password" not in repr(mysql_store).lower()
+
+
+@pytest.mark.integration
+def test_mysql_wrong_password_is_a_connection_error(mariadb) -> None:
+    with pytest.raises(ConnectionError, match="Access denied"):
+        MySQLOnlineStore.from_config(mariadb.cfg, mariadb.password + "x")
+
+
+@pytest.mark.integration
+def test_mysql_store_is_not_picklable(mysql_store) -> None:
+    import pickle
+
+    with pytest.raises(TypeError, match="from_config"):
+        pickle.dumps(mysql_store)
+
+
+@pytest.mark.integration
+def test_mysql_reconnects_after_server_restart(mariadb, mysql_store) -> None:
+    spec = TableSpec(f"c{uuid.uuid4().hex[:10]}_restart", "id", {"id": "int64", "x": "float64"})
+    mysql_store.ensure_table(spec)
+    try:
+        mysql_store.write_batch(spec, [{"id": 1, "x": 1.5}])
+        assert mysql_store.read_batch(spec, [1]) == {1: {"id": 1, "x": 1.5}}
+        old_pid = mariadb.server.status()["pid"]
+        assert mariadb.server.stop() is True
+        with pytest.raises(ConnectionError):
+            mysql_store.read_batch(spec, [1])
+        mariadb.server.start()
+        assert mariadb.server.status()["pid"] != old_pid
+        # same store object, no re-creation: reads and writes work again
+        assert mysql_store.read_batch(spec, [1]) == {1: {"id": 1, "x": 1.5}}
+        assert mysql_store.write_batch(spec, [{"id": 2, "x": math.pi}]) == 1
+        # a restart while the store is idle is also survived
+        mariadb.server.stop()
+        mariadb.server.start()
+        assert mysql_store.read_batch(spec, [1, 2], columns=["x"]) == {1: {"x": 1.5}, 2: {"x": math.pi}}
+    finally:
+        if not mariadb.server.status()["running"]:
+            mariadb.server.start()
+        mysql_store.drop_table(spec)

@@ -1,0 +1,82 @@
+"""train_two_tower through a real Ray Train TorchTrainer (1 worker, then 2 with gloo)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from common.config import TwoTowerConfig
+from training.features import ITEM_ATTRIBUTE_COLUMNS, encode_items, encode_queries
+from training.two_tower.model import (
+    ITEM_TOWER_FILE,
+    QUERY_TOWER_FILE,
+    VOCAB_FILE,
+    load_item_tower,
+    load_query_tower,
+)
+from training.two_tower.train import train_two_tower
+
+pytestmark = pytest.mark.integration
+
+EPOCHS = 2
+
+
+def tiny_frames(n_rows: int = 600, n_customers: int = 60, n_articles: int = 40, seed: int = 0):
+    """A small retrieval training frame in the feature-store contract's shape."""
+    rng = np.random.default_rng(seed)
+    articles = pd.DataFrame({"article_id": [f"{i:010d}" for i in range(n_articles)]})
+    for col in ITEM_ATTRIBUTE_COLUMNS:
+        articles[col] = [f"{col[:4]}{x}" for x in rng.integers(0, 4, n_articles)]
+    articles["price"] = rng.uniform(0.005, 0.1, n_articles)
+    customers = pd.DataFrame({
+        "customer_id": [f"cust{i:04d}" for i in range(n_customers)],
+        "age": rng.choice([19.0, 33.0, np.nan], n_customers),
+        "club_member_status": rng.choice(["ACTIVE", None], n_customers),
+        "fashion_news_frequency": rng.choice(["NONE", "Regularly"], n_customers),
+        "FN": rng.choice([1.0, np.nan], n_customers),
+        "Active": rng.choice([1.0, np.nan], n_customers),
+    })
+    cust, art = rng.integers(0, n_customers, n_rows), rng.integers(0, n_articles, n_rows)
+    frame = customers.iloc[cust].reset_index(drop=True)
+    frame["sales_channel_id"] = rng.integers(1, 3, n_rows)
+    frame["month"] = rng.integers(1, 13, n_rows)
+    ids = articles["article_id"].to_numpy()
+    frame["history"] = [list(ids[rng.integers(0, n_articles, rng.integers(0, 4))]) for _ in range(n_rows)]
+    frame = pd.concat([frame, articles.iloc[art].reset_index(drop=True)], axis=1)
+    return frame, articles, customers
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_train_two_tower_on_ray(ray_cluster, tmp_path: Path, num_workers: int):
+    frame, articles, customers = tiny_frames()
+    cfg = TwoTowerConfig(
+        embedding_dim=8, output_dim=8, hidden_dims=[16], history_len=3, batch_size=64,
+        epochs=EPOCHS, num_workers=num_workers,
+    )
+    out_dir = tmp_path / "model"
+    result = train_two_tower(
+        frame.iloc[:500], articles, customers, cfg, out_dir, tmp_path / "ray", val_frame=frame.iloc[500:]
+    )
+    assert ray_cluster.is_initialized()  # the caller's Ray is left alone
+    assert (result.query_tower.name, result.item_tower.name, result.vocab.name) == (
+        QUERY_TOWER_FILE, ITEM_TOWER_FILE, VOCAB_FILE
+    )
+    assert all(p.is_file() and p.parent == out_dir for p in (result.query_tower, result.item_tower, result.vocab))
+    assert [h["epoch"] for h in result.history] == list(range(1, EPOCHS + 1))
+    assert all(np.isfinite(h["train_loss"]) and 0.0 <= h["val_recall@100"] <= 1.0 for h in result.history)
+    query_tower, vocab = load_query_tower(out_dir)
+    item_tower, _ = load_item_tower(out_dir)
+    q = query_tower.embed(encode_queries(vocab, frame.iloc[:5], cfg.history_len))
+    i = item_tower.embed(encode_items(vocab, articles))
+    assert q.shape == (5, cfg.output_dim) and i.shape == (len(articles), cfg.output_dim)
+    assert not list((tmp_path / "ray" / "inputs").glob("*.npz"))  # the encoded copy is cleaned up

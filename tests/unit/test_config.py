@@ -1,0 +1,31 @@
+import pytest
+import yaml
+
+from common.config import ConfigError, load_config
+from ray_apps.app import serve_config
+
+
+def test_defaults_and_demo_config_load():
+    assert load_config().serve.host == "127.0.0.1"
+    cfg = load_config("configs/demo.yaml")
+    assert cfg.name == "demo" and cfg.eval.test_days == 7
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"two_tower": {"epoch": 3}}))
+    with pytest.raises(ConfigError, match=r"two_tower\.epoch"):
+        load_config(p)
+
+
+def test_bad_identifier_rejected():
+    with pytest.raises(ConfigError, match="database.database"):
+        load_config(None, {"database": {"database": "x; DROP TABLE y"}})
+
+
+def test_serve_config_is_accepted_by_serve_schema(tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    conf = ServeDeploySchema.model_validate(serve_config(tmp_path, "127.0.0.1", 8000))
+    assert conf.http_options.host == "127.0.0.1"
+    assert conf.applications[0].import_path == "ray_apps.app:build_app"

@@ -1,0 +1,198 @@
+"""`rayrec pipeline`: data -> feature store -> two-tower -> index -> ranker -> evaluation -> manifest.
+
+Each step is a small function over explicit inputs; `run_pipeline` only wires them and
+writes the manifest last, so a failed run never leaves a manifest pointing at half an output.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from common.artifacts import IndexRef, Manifest, new_manifest, write_json, write_manifest
+from common.config import RayrecConfig
+from common.workdir import Workdir
+from feature_store.online.base import OnlineStore
+from feature_store.sources import FILES, generate, load_hm
+from feature_store.store import FeatureStore
+from feature_store.transforms import article_features, customer_features, customer_history
+from feature_store.views import RETRIEVAL_VIEW_VERSION, query_frame, retrieval_frame
+from training import evaluate as ev
+from training.features import encode_queries
+from training.index import ItemIndex, build_index
+from training.plots import plot_metrics, plot_training
+from training.ranker import candidates_long, fit_ranker, join_features, save_ranker, score
+from training.two_tower.model import load_query_tower
+from training.two_tower.train import train_two_tower
+
+
+@contextmanager
+def step(name: str):
+    t0 = time.time()
+    print(f"==> {name}", flush=True)
+    yield
+    print(f"<== {name} ({time.time() - t0:.1f}s)", flush=True)
+
+
+@dataclass
+class Raw:
+    articles: pd.DataFrame
+    customers: pd.DataFrame
+    transactions: pd.DataFrame
+    extras: dict[str, pd.DataFrame]
+
+
+def prepare_data(cfg: RayrecConfig, wd: Workdir, data_dir: Path | None) -> Raw:
+    """Load the user's files, or generate H&M-shaped data into the workdir."""
+    if data_dir is None:
+        data_dir = wd.data_dir
+        if not (data_dir / FILES["transactions"]).exists():
+            d = cfg.data
+            generate(data_dir, seed=d.seed, customers=d.customers, articles=d.articles, days=d.days, progress=True)
+    hm = load_hm(Path(data_dir))
+    for line in hm.report.summary_lines():
+        print(f"[data] {line}", flush=True)
+    write_json(wd.reports_dir / "data_report.json", hm.report.to_dict())
+    return Raw(hm.articles, hm.customers, hm.transactions, hm.extras)
+
+
+def write_feature_groups(fs: FeatureStore, raw: Raw, manifest: Manifest) -> dict[str, pd.DataFrame]:
+    """Serving-time groups (as of the end of the data) offline and online; transactions offline."""
+    regions = raw.extras.get("postal_regions")
+    frames = {
+        "transactions": raw.transactions,
+        "customers": customer_features(raw.customers, regions),
+        "articles": article_features(raw.articles, raw.transactions, None, raw.extras),
+        "customer_history": customer_history(raw.transactions, raw.articles, None),
+    }
+    for name, frame in frames.items():
+        manifest.feature_groups[name] = fs.write(name, frame)
+    return frames
+
+
+def main_channel(tx: pd.DataFrame) -> dict[str, int]:
+    """Each customer's most used sales channel: the request context for batch evaluation."""
+    return tx.groupby("customer_id")["sales_channel_id"].agg(lambda s: int(s.mode().iloc[0])).to_dict()
+
+
+def retrieve(
+    model_dir: Path, item_ids: list[str], item_vecs: np.ndarray, customers_fg: pd.DataFrame,
+    history: pd.DataFrame, customer_ids: list[str], month: int, channel: dict[str, int], k: int, history_len: int,
+) -> tuple[list[list[str]], list[np.ndarray]]:
+    """Batch retrieval as serving does it: query tower, exact top-k, already-bought removed."""
+    tower, vocab = load_query_tower(model_dir)
+    purchased = dict(zip(history["customer_id"], history["purchased"], strict=True))
+    q = query_frame(customer_ids, customers_fg, purchased, month, channel, history_len)
+    qv = tower.embed(encode_queries(vocab, q, history_len))
+    pos = {a: i for i, a in enumerate(item_ids)}
+    exclude = [np.array([pos[a] for a in purchased.get(c, []) if a in pos], dtype=np.int64) for c in customer_ids]
+    idx, sc = ev.top_k_exact(qv, item_vecs, k, exclude)
+    return [[item_ids[j] for j in row] for row in idx], list(sc)
+
+
+def run_pipeline(
+    cfg: RayrecConfig, wd: Workdir, data_dir: Path | None = None, online: OnlineStore | None = None
+) -> Manifest:
+    """Run every step; the manifest is written only when all of them succeeded."""
+    import ray
+
+    wd.root.mkdir(parents=True, exist_ok=True)
+    wd.config_path.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    manifest = new_manifest(cfg.name)
+    t_all = time.time()
+    with step("data"):
+        raw = prepare_data(cfg, wd, data_dir)
+    with step("feature groups (offline Parquet + online tables)"):
+        fs = FeatureStore(wd, online)
+        frames = write_feature_groups(fs, raw, manifest)
+    train_tx, test_tx, cutoff = ev.time_split(raw.transactions, cfg.eval.test_days)
+    print(f"[split] train {len(train_tx)} rows < {cutoff.date()} <= test {len(test_tx)} rows", flush=True)
+    with step("retrieval training data (point-in-time view)"):
+        arts_cut = article_features(raw.articles, train_tx, cutoff, raw.extras)
+        view = retrieval_frame(train_tx, frames["customers"], arts_cut, cfg.two_tower.history_len)
+        view_dir = wd.views_dir / "retrieval" / f"v{RETRIEVAL_VIEW_VERSION}"
+        view_dir.mkdir(parents=True, exist_ok=True)
+        view.to_parquet(view_dir / "train.parquet", index=False)
+        manifest.feature_views["retrieval"] = RETRIEVAL_VIEW_VERSION
+    if not ray.is_initialized():
+        temp = str(wd.ray_temp_dir) if wd.ray_temp_dir else None
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    with step("two-tower training (Ray Train)"):
+        t_fit = time.time()
+        result = train_two_tower(view, arts_cut, frames["customers"], cfg.two_tower, wd.two_tower_dir,
+                                 wd.ray_dir / "train")
+        fit_s = round(time.time() - t_fit, 1)
+        for name in ("query_tower", "item_tower", "vocab"):
+            manifest.models[name] = wd.relative(getattr(result, name))
+        plot_training(result.history, wd.reports_dir / "training.png")
+    with step("item index (Ray Data -> LanceDB)"):
+        arts_path = wd.resolve(manifest.feature_groups["articles"].offline_path)
+        built = build_index(arts_path, wd.two_tower_dir, wd.index_dir)
+        manifest.index = IndexRef(uri=wd.relative(wd.index_dir), table=built.table, version=built.version,
+                                  dim=built.dim, n_rows=built.n_rows)
+    item_ids, item_vecs = ItemIndex(built.uri, built.table, built.version).vectors()
+    channel = main_channel(train_tx)
+    with step("ranker (CatBoost on retrieval candidates)"):
+        ranker = train_ranker(cfg, wd, raw, train_tx, frames["customers"], item_ids, item_vecs, channel)
+        manifest.models["ranker"] = wd.relative(save_ranker(ranker, wd.ranker_path))
+    with step("evaluation (time split)"):
+        metrics = evaluate_all(cfg, wd, raw, train_tx, test_tx, cutoff, frames["customers"], item_ids, item_vecs,
+                               channel, ranker)
+        metrics["timing_s"] = {"pipeline": round(time.time() - t_all, 1), "two_tower_fit": fit_s}
+        write_json(wd.metrics_path, metrics)
+        plot_metrics({m: metrics[m] for m in ("popularity", "retrieval", "ranked")}, wd.reports_dir / "recall.png")
+        manifest.metrics = wd.relative(wd.metrics_path)
+    write_manifest(wd, manifest)
+    print(f"[pipeline] done in {time.time() - t_all:.0f}s; manifest {wd.manifest_path}", flush=True)
+    return manifest
+
+
+def train_ranker(cfg, wd, raw: Raw, train_tx, customers_fg, item_ids, item_vecs, channel):
+    """Label window = the last `test_days` of the training period; features as of its start."""
+    fit_tx, label_tx, label_start = ev.time_split(train_tx, cfg.eval.test_days)
+    truth = ev.ground_truth(label_tx, cfg.ranker.max_train_customers, seed=cfg.ranker.seed)
+    cids = sorted(truth)
+    hist = customer_history(fit_tx, raw.articles, label_start)
+    arts = article_features(raw.articles, fit_tx, label_start, raw.extras)
+    cands, scores = retrieve(wd.two_tower_dir, item_ids, item_vecs, customers_fg, hist, cids, label_start.month,
+                             channel, cfg.ranker.n_candidates, cfg.two_tower.history_len)
+    frame = join_features(candidates_long(cids, cands, scores), customers_fg, hist, arts, channel)
+    labels = np.array([a in truth[c] for c, a in zip(frame["customer_id"], frame["article_id"], strict=True)], int)
+    return fit_ranker(frame, labels, cfg.ranker)
+
+
+def evaluate_all(cfg, wd, raw: Raw, train_tx, test_tx, cutoff, customers_fg, item_ids, item_vecs, channel, ranker):
+    """Popularity, retrieval and ranked lists for the test customers, scored by one harness."""
+    truth = ev.ground_truth(test_tx, cfg.eval.max_customers, seed=0)
+    cids = sorted(truth)
+    hist = customer_history(train_tx, raw.articles, cutoff)
+    purchased = dict(zip(hist["customer_id"], hist["purchased"], strict=True))
+    k = max(100, cfg.ranker.n_candidates)
+    pop = ev.popularity_lists(train_tx, cids, purchased, k)
+    cands, scores = retrieve(wd.two_tower_dir, item_ids, item_vecs, customers_fg, hist, cids, cutoff.month, channel,
+                             k, cfg.two_tower.history_len)
+    retrieval = dict(zip(cids, cands, strict=True))
+    arts = article_features(raw.articles, train_tx, cutoff, raw.extras)
+    n = cfg.ranker.n_candidates
+    frame = join_features(candidates_long(cids, [c[:n] for c in cands], [s[:n] for s in scores]),
+                          customers_fg, hist, arts, channel)
+    frame["rank_score"] = score(ranker, frame)
+    ranked = (frame.sort_values(["customer_id", "rank_score"], ascending=[True, False])
+              .groupby("customer_id")["article_id"].agg(list).to_dict())
+    out = {
+        "popularity": ev.evaluate_lists(pop, truth),
+        "retrieval": ev.evaluate_lists(retrieval, truth),
+        "ranked": ev.evaluate_lists(ranked, truth),
+        "n_eval_customers": len(truth),
+        "protocol": {"split": "time", "test_days": cfg.eval.test_days, "cutoff": str(cutoff.date()),
+                     "filter": "articles the customer bought before the cutoff are removed from every list"},
+    }
+    for model in ("popularity", "retrieval", "ranked"):
+        print(f"[eval] {model:10s} " + " ".join(f"{m}={v:.4f}" for m, v in out[model].items()), flush=True)
+    return out

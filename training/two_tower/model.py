@@ -1,0 +1,244 @@
+"""Two-tower retrieval model on TorchRec EmbeddingBagCollections (plain torch: no Ray, no LanceDB).
+
+The query tower sees the customer (id + profile), the request context (month, sales channel) and the
+customer's recent purchases, mean-pooled through the SAME article-id table the item tower uses. That
+tie is what lets serving fold a purchase made a second ago into the query embedding without
+retraining. The towers are saved and loaded separately: the item tower embeds the catalogue offline
+(index build), the query tower runs per request.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.modules.embedding_configs import PoolingType
+
+from common.config import TwoTowerConfig
+from training.features import (
+    DENSE,
+    HIST_LENGTHS,
+    HIST_VALUES,
+    ITEM_CATEGORICALS,
+    N_QUERY_DENSE,
+    QUERY_CATEGORICALS,
+    FeatureVocab,
+    n_rows,
+    take_rows,
+)
+
+QUERY_TOWER_FILE = "query_tower.pt"
+ITEM_TOWER_FILE = "item_tower.pt"
+VOCAB_FILE = "vocab.json"
+HIST_FEATURE = "hist_article_id"
+EMBED_CHUNK = 8192  # rows per forward pass in embed(): bounds memory on large catalogues
+
+
+def _table(feature: str, rows: int, dim: int, pooling: PoolingType = PoolingType.SUM) -> EmbeddingBagConfig:
+    return EmbeddingBagConfig(
+        name=f"t_{feature}", embedding_dim=dim, num_embeddings=rows, feature_names=[feature], pooling=pooling
+    )
+
+
+def _mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for h in hidden_dims:
+        layers += [nn.Linear(in_dim, h), nn.ReLU()]
+        in_dim = h
+    layers.append(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+def _kjt(encoded: dict[str, np.ndarray], keys: Sequence[str], jagged: dict[str, tuple[str, str]]) -> KeyedJaggedTensor:
+    """One-id-per-row features for `keys`, then jagged features given as (values_key, lengths_key)."""
+    n = n_rows(encoded)
+    values = [encoded[k] for k in keys] + [encoded[v] for v, _ in jagged.values()]
+    lengths = [np.ones(n * len(keys), dtype=np.int32)] + [encoded[ln].astype(np.int32) for _, ln in jagged.values()]
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=[*keys, *jagged.keys()],
+        values=torch.from_numpy(np.concatenate(values).astype(np.int64)),
+        lengths=torch.from_numpy(np.concatenate(lengths)),
+    )
+
+
+class _Tower(nn.Module):
+    """Shared plumbing: constructor kwargs kept for export, chunked no-grad embedding for inference."""
+
+    init_kwargs: dict[str, Any]
+
+    def inputs(self, encoded: dict[str, np.ndarray]) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def embed(self, encoded: dict[str, np.ndarray], chunk: int = EMBED_CHUNK) -> np.ndarray:
+        """L2-normalised float32 embeddings, one row per encoded row."""
+        was_training = self.training
+        self.eval()
+        n = n_rows(encoded)
+        parts = [
+            self(*self.inputs(take_rows(encoded, np.arange(s, min(s + chunk, n))))).numpy()
+            for s in range(0, n, chunk)
+        ]
+        self.train(was_training)
+        out_dim = self.init_kwargs["output_dim"]
+        return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, out_dim), np.float32)
+
+
+class QueryTower(_Tower):
+    """Customer id + profile + request context + mean-pooled purchase history -> unit vector."""
+
+    def __init__(
+        self,
+        cardinalities: dict[str, int],
+        n_articles: int,
+        embedding_dim: int,
+        hidden_dims: Sequence[int],
+        output_dim: int,
+        n_dense: int = N_QUERY_DENSE,
+    ) -> None:
+        super().__init__()
+        self.init_kwargs = dict(
+            cardinalities=dict(cardinalities), n_articles=n_articles, embedding_dim=embedding_dim,
+            hidden_dims=list(hidden_dims), output_dim=output_dim, n_dense=n_dense,
+        )
+        self.features = [f for f in QUERY_CATEGORICALS if f in cardinalities]
+        tables = [_table(f, cardinalities[f], embedding_dim) for f in self.features]
+        tables.append(_table(HIST_FEATURE, n_articles, embedding_dim, PoolingType.MEAN))
+        self.ebc = EmbeddingBagCollection(tables=tables, device=torch.device("cpu"))
+        self.mlp = _mlp(embedding_dim * len(tables) + n_dense, hidden_dims, output_dim)
+
+    @property
+    def history_table(self) -> nn.EmbeddingBag:
+        return self.ebc.embedding_bags[f"t_{HIST_FEATURE}"]
+
+    def inputs(self, encoded: dict[str, np.ndarray]) -> tuple[KeyedJaggedTensor, torch.Tensor]:
+        kjt = _kjt(encoded, self.features, {HIST_FEATURE: (HIST_VALUES, HIST_LENGTHS)})
+        return kjt, torch.from_numpy(np.ascontiguousarray(encoded[DENSE], dtype=np.float32))
+
+    def forward(self, kjt: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+        pooled = self.ebc(kjt).values()  # [B, n_tables * dim], table order
+        return F.normalize(self.mlp(torch.cat([pooled, dense], dim=1)), dim=-1)
+
+
+class ItemTower(_Tower):
+    """Article id + attributes + price bucket -> unit vector."""
+
+    def __init__(
+        self, cardinalities: dict[str, int], embedding_dim: int, hidden_dims: Sequence[int], output_dim: int
+    ) -> None:
+        super().__init__()
+        self.init_kwargs = dict(
+            cardinalities=dict(cardinalities), embedding_dim=embedding_dim,
+            hidden_dims=list(hidden_dims), output_dim=output_dim,
+        )
+        self.features = [f for f in ITEM_CATEGORICALS if f in cardinalities]
+        tables = [_table(f, cardinalities[f], embedding_dim) for f in self.features]
+        self.ebc = EmbeddingBagCollection(tables=tables, device=torch.device("cpu"))
+        self.mlp = _mlp(embedding_dim * len(tables), hidden_dims, output_dim)
+
+    @property
+    def article_table(self) -> nn.EmbeddingBag:
+        return self.ebc.embedding_bags["t_article_id"]
+
+    def inputs(self, encoded: dict[str, np.ndarray]) -> tuple[KeyedJaggedTensor]:
+        return (_kjt(encoded, self.features, {}),)
+
+    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        return F.normalize(self.mlp(self.ebc(kjt).values()), dim=-1)
+
+
+class TwoTower(nn.Module):
+    """Both towers, with the history table tied to the item article-id table (one nn.Parameter)."""
+
+    def __init__(self, query_kwargs: dict[str, Any], item_kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.query_tower = QueryTower(**query_kwargs)
+        self.item_tower = ItemTower(**item_kwargs)
+        if self.query_tower.history_table.weight.shape != self.item_tower.article_table.weight.shape:
+            raise ValueError("history table and article table must have the same shape to be shared")
+        self.query_tower.history_table.weight = self.item_tower.article_table.weight
+
+    @classmethod
+    def from_vocab(cls, vocab: FeatureVocab, cfg: TwoTowerConfig) -> TwoTower:
+        return cls(*tower_kwargs(vocab, cfg))
+
+    def init_kwargs(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        return self.query_tower.init_kwargs, self.item_tower.init_kwargs
+
+    def forward(
+        self, q_kjt: KeyedJaggedTensor, q_dense: torch.Tensor, i_kjt: KeyedJaggedTensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.query_tower(q_kjt, q_dense), self.item_tower(i_kjt)
+
+
+def tower_kwargs(vocab: FeatureVocab, cfg: TwoTowerConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Constructor kwargs of both towers: everything needed to rebuild them besides the weights."""
+    common = dict(embedding_dim=cfg.embedding_dim, hidden_dims=list(cfg.hidden_dims), output_dim=cfg.output_dim)
+    query = dict(cardinalities=vocab.query_cardinalities(), n_articles=vocab.n_articles, n_dense=N_QUERY_DENSE, **common)
+    return query, dict(cardinalities=vocab.item_cardinalities(), **common)
+
+
+# -- loss -------------------------------------------------------------------------------------------
+def in_batch_softmax_loss(
+    q: torch.Tensor,
+    i: torch.Tensor,
+    item_ids: torch.Tensor,
+    temperature: float,
+    log_q: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sampled softmax over the batch's items, each query's own item is the positive.
+
+    Accidental hits (the same article at another position j != i) are masked out, so a popular
+    article is never pushed away from a query that bought it. `log_q` ([B], aligned with the batch
+    columns: log sampling probability of each column's article, e.g. `log_q_table[item_ids]`) is
+    subtracted from the logits to undo in-batch sampling's bias toward popular articles.
+    """
+    logits = (q @ i.T) / temperature
+    if log_q is not None:
+        logits = logits - log_q.to(logits.dtype).unsqueeze(0)
+    same = item_ids.unsqueeze(0) == item_ids.unsqueeze(1)
+    hits = same & ~torch.eye(len(item_ids), dtype=torch.bool, device=q.device)
+    logits = logits.masked_fill(hits, torch.finfo(logits.dtype).min)
+    return F.cross_entropy(logits, torch.arange(len(q), device=q.device))
+
+
+def sampling_log_probs(article_idx: np.ndarray, n_articles: int) -> np.ndarray:
+    """Per-article log sampling probability from training popularity (index = article row)."""
+    counts = np.bincount(article_idx, minlength=n_articles).astype(np.float64)
+    probs = np.maximum(counts, 1.0) / max(len(article_idx), 1)  # unseen never sampled; keep finite
+    return np.log(probs).astype(np.float32)
+
+
+# -- export -------------------------------------------------------------------------------------------
+def save_towers(model: TwoTower, vocab: FeatureVocab, cfg: TwoTowerConfig, out_dir: str | Path) -> dict[str, Path]:
+    """Write the two towers (weights + constructor kwargs) and the vocab; return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"query_tower": out / QUERY_TOWER_FILE, "item_tower": out / ITEM_TOWER_FILE, "vocab": out / VOCAB_FILE}
+    for key, tower in (("query_tower", model.query_tower), ("item_tower", model.item_tower)):
+        state = {k: v.detach().clone() for k, v in tower.state_dict().items()}
+        torch.save({"init": tower.init_kwargs, "state_dict": state, "config": cfg.model_dump()}, paths[key])
+    vocab.save(paths["vocab"])
+    return paths
+
+
+def _load(cls: type[_Tower], path: Path) -> _Tower:
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    tower = cls(**blob["init"])
+    tower.load_state_dict(blob["state_dict"])
+    return tower.eval()
+
+
+def load_query_tower(model_dir: str | Path) -> tuple[QueryTower, FeatureVocab]:
+    d = Path(model_dir)
+    return _load(QueryTower, d / QUERY_TOWER_FILE), FeatureVocab.load(d / VOCAB_FILE)  # type: ignore[return-value]
+
+
+def load_item_tower(model_dir: str | Path) -> tuple[ItemTower, FeatureVocab]:
+    d = Path(model_dir)
+    return _load(ItemTower, d / ITEM_TOWER_FILE), FeatureVocab.load(d / VOCAB_FILE)  # type: ignore[return-value]
