@@ -193,7 +193,7 @@ def test_training_learns_group_structure(tmp_path: Path):
     cfg = CFG.model_copy(update={"epochs": 10})  # 32 steps per epoch -> 320 steps
     groups, extra = encode_training_data(vocab, train, articles, cfg.history_len, val)
     path = save_encoded(tmp_path / "enc.npz", groups, extra)
-    loop_config = build_loop_config(vocab, cfg, path, val_k=10, progress=False, threads=2)
+    loop_config = build_loop_config(vocab, cfg, path, val_k=10, progress=False, threads=1)
     model, history = train_local(loop_config)
     assert [h["epoch"] for h in history] == list(range(1, 11))
     assert history[-1]["train_loss"] < history[0]["train_loss"]

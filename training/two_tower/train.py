@@ -3,14 +3,14 @@
 Data flow: the driver fits the vocab, encodes everything once and writes one uncompressed `.npz`
 (train queries/items, the article catalogue, optional validation queries + targets, logQ table).
 Each worker loads the whole file (the path must be visible to every worker: one machine or shared
-storage) and every epoch draws a seeded global permutation and takes its equal-sized slice by world rank, so ranks run the same number of steps
-(DDP needs that) and see different rows each epoch. Rank 0 reports a checkpoint every epoch; the
-driver rebuilds the model from the last one and exports the towers.
+storage). Every epoch draws a seeded global permutation and each rank takes its equal-sized slice,
+so ranks run the same number of steps (DDP needs that) and see different rows each epoch. Rank 0
+reports a checkpoint every epoch; the driver rebuilds the model from the last one and exports the
+towers.
 """
 from __future__ import annotations
 
 import math
-import os
 import sys
 import tempfile
 import time
@@ -129,7 +129,7 @@ def run_training(
 ) -> tuple[TwoTower, list[dict[str, Any]]]:
     """The loop shared by Ray workers and in-process tests; returns the (unwrapped) model and history."""
     cfg = TwoTowerConfig.model_validate(config["cfg"])
-    torch.set_num_threads(int(config.get("threads") or max(1, (os.cpu_count() or 1) // world_size)))
+    torch.set_num_threads(int(config.get("threads") or 1))  # see train_two_tower: 1 thread per reserved core
     torch.manual_seed(cfg.seed)  # same init on every rank; DDP broadcasts rank 0's weights anyway
     groups, extra = load_encoded(config["data_path"])
     train_q, train_i = groups["train_q"], groups["train_i"]
