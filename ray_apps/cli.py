@@ -49,11 +49,14 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
+    from ray_apps.ray_auth import use_ray_token
+
+    wd = Workdir.at(args.workdir)
+    use_ray_token(wd)  # the pipeline's own Ray instance keeps its token in the workdir too
     from feature_store.connect import open_online_store
     from feature_store.local_db import LocalMariaDB
     from training.pipeline import run_pipeline
 
-    wd = Workdir.at(args.workdir)
     cfg = _config(args, wd)
     if cfg.database.local:
         LocalMariaDB(wd, cfg.database).start()

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import yaml
 
+from common.artifacts import read_manifest
 from common.config import RayrecConfig
 from common.workdir import Workdir
 from ray_apps.app import APP_NAME, build_app, serve_config
@@ -60,6 +61,7 @@ def deploy(cfg: RayrecConfig, wd: Workdir) -> str:
     import ray
     from ray import serve
 
+    read_manifest(wd)  # fail before starting anything when the run is missing
     start_ray(wd)
     ray.init(address=ray_address(), log_to_driver=False)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})

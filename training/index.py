@@ -75,7 +75,7 @@ def build_index(articles_path: Path, model_dir: Path, uri: Path, progress: bool 
     ds = ray.data.read_parquet(str(articles_path))
     # Fractional CPUs: on a 2-CPU node a 1-CPU actor starves Ray Data's read tasks (STACK.md).
     ds = ds.map_batches(ItemEmbedder, fn_constructor_args=(str(model_dir),), batch_format="pandas",
-                        batch_size=2048, concurrency=1, num_cpus=0.5)
+                        batch_size=2048, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
     db = lancedb.connect(str(uri))
     tbl, n = None, 0
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=4096):

@@ -164,7 +164,7 @@ def train_ranker(cfg, wd, raw: Raw, train_tx, customers_fg, item_ids, item_vecs,
                              channel, cfg.ranker.n_candidates, cfg.two_tower.history_len)
     frame = join_features(candidates_long(cids, cands, scores), customers_fg, hist, arts, channel)
     labels = np.array([a in truth[c] for c, a in zip(frame["customer_id"], frame["article_id"], strict=True)], int)
-    return fit_ranker(frame, labels, cfg.ranker)
+    return fit_ranker(frame, labels, cfg.ranker, train_dir=wd.ranker_path.parent / "catboost_info")
 
 
 def evaluate_all(cfg, wd, raw: Raw, train_tx, test_tx, cutoff, customers_fg, item_ids, item_vecs, channel, ranker):

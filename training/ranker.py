@@ -48,8 +48,12 @@ def join_features(
     return out
 
 
-def fit_ranker(frame: pd.DataFrame, labels: np.ndarray, cfg: RankerConfig, progress: bool = True):
-    """Fit CatBoostRanker (YetiRank) on groups that have at least one positive."""
+def fit_ranker(frame: pd.DataFrame, labels: np.ndarray, cfg: RankerConfig, progress: bool = True,
+               train_dir: Path | None = None):
+    """Fit CatBoostRanker (YetiRank) on groups that have at least one positive.
+
+    CatBoost's own training logs go to `train_dir` (inside the run's workdir), or nowhere.
+    """
     from catboost import CatBoostRanker, Pool
 
     frame = frame.assign(label=labels)
@@ -62,7 +66,11 @@ def fit_ranker(frame: pd.DataFrame, labels: np.ndarray, cfg: RankerConfig, progr
     pool = Pool(x.to_numpy(np.float32), frame["label"].to_numpy(), group_id=groups, feature_names=RANKER_FEATURES)
     model = CatBoostRanker(loss_function="YetiRank", iterations=cfg.iterations, depth=cfg.depth,
                            learning_rate=cfg.learning_rate, random_seed=cfg.seed, thread_count=2,
-                           verbose=max(1, cfg.iterations // 5) if progress else False)
+                           verbose=max(1, cfg.iterations // 5) if progress else False,
+                           allow_writing_files=train_dir is not None,
+                           train_dir=str(train_dir) if train_dir is not None else None)
+    if train_dir is not None:
+        train_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     model.fit(pool)
     if progress:
