@@ -26,7 +26,7 @@ from training import evaluate as ev
 from training.features import encode_queries
 from training.index import ItemIndex, build_index
 from training.plots import plot_metrics, plot_training
-from training.ranker import candidates_long, fit_ranker, join_features, save_ranker, score
+from training.ranker import candidates_long, fit_ranker, join_features, rank_lists, save_ranker
 from training.two_tower.model import load_query_tower
 from training.two_tower.train import train_two_tower
 
@@ -180,11 +180,8 @@ def evaluate_all(cfg, wd, raw: Raw, train_tx, test_tx, cutoff, customers_fg, ite
     retrieval = dict(zip(cids, cands, strict=True))
     arts = article_features(raw.articles, train_tx, cutoff, raw.extras)
     n = cfg.ranker.n_candidates
-    frame = join_features(candidates_long(cids, [c[:n] for c in cands], [s[:n] for s in scores]),
-                          customers_fg, hist, arts, channel)
-    frame["rank_score"] = score(ranker, frame)
-    ranked = (frame.sort_values(["customer_id", "rank_score"], ascending=[True, False])
-              .groupby("customer_id")["article_id"].agg(list).to_dict())
+    ranked = rank_lists(ranker, cids, [c[:n] for c in cands], [s[:n] for s in scores], customers_fg, hist, arts,
+                        channel)
     out = {
         "popularity": ev.evaluate_lists(pop, truth),
         "retrieval": ev.evaluate_lists(retrieval, truth),

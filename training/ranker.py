@@ -97,3 +97,21 @@ def score(model, frame: pd.DataFrame) -> np.ndarray:
     if frame.empty:
         return np.zeros(0)
     return model.predict(ranking_features(frame).to_numpy(np.float32), thread_count=1)
+
+
+def rank_lists(
+    model,
+    customer_ids: list[str],
+    cand_ids: list[list[str]],
+    cand_scores: list[np.ndarray],
+    customers_fg: pd.DataFrame,
+    history_fg: pd.DataFrame,
+    articles_fg: pd.DataFrame,
+    channel: dict[str, int],
+) -> dict[str, list[str]]:
+    """Each customer's candidates re-ordered by the ranker (batch path, for evaluation)."""
+    frame = join_features(candidates_long(customer_ids, cand_ids, cand_scores), customers_fg, history_fg,
+                          articles_fg, channel)
+    frame["rank_score"] = score(model, frame)
+    ordered = frame.sort_values(["customer_id", "rank_score"], ascending=[True, False], kind="stable")
+    return ordered.groupby("customer_id")["article_id"].agg(list).to_dict()
