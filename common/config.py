@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -55,22 +55,74 @@ class TwoTowerConfig(_Strict):
     seed: int = 0
 
 
+class DiversityConfig(_Strict):
+    """How the ranked list is re-ranked for variety before the top k are returned.
+
+    `max_per_type`: at most `max_per_type` articles of one product type (the rest move down);
+    `mmr`: maximal marginal relevance on the item vectors (`mmr_lambda` weighs relevance);
+    `none`: the ranker's order as is.
+    """
+
+    rule: Literal["none", "max_per_type", "mmr"] = "max_per_type"
+    max_per_type: int = Field(4, ge=1)
+    mmr_lambda: float = Field(0.7, ge=0, le=1)
+
+
 class RankerConfig(_Strict):
-    """CatBoost ranker over retrieval candidates."""
+    """CatBoost ranker over retrieval candidates (hard negatives), and its training data."""
 
     iterations: int = Field(300, ge=1)
     depth: int = Field(6, ge=1, le=16)
     learning_rate: float = Field(0.1, gt=0)
+    loss_function: str = Field("YetiRank", pattern=r"^(YetiRank|YetiRankPairwise|PairLogit|QueryRMSE)(:.*)?$")
     n_candidates: int = Field(100, ge=1)
     max_train_customers: int = Field(2000, ge=10)
+    # Weekly cut-offs in the training window: groups are (customer, cut-off); labels = next week's buys.
+    n_cutoffs: int = Field(2, ge=1, le=12)
+    # Candidates kept per group for fitting: every positive plus the best-ranked negatives.
+    train_negatives: int = Field(60, ge=1)
+    # How many of the customer's most recent purchases `purchases_since_type` looks back over.
+    type_recency_window: int = Field(20, ge=1, le=200)
+    # The baseline of the Hopsworks demo: a CatBoostClassifier on random negatives (metrics only).
+    compare_classifier: bool = True
+    classifier_negatives: int = Field(4, ge=1)
+    diversity: DiversityConfig = DiversityConfig()
     seed: int = 0
 
 
-class EvalConfig(_Strict):
-    """Time split: the last `test_days` days of transactions are held out (the Kaggle protocol)."""
+class FilterConfig(_Strict):
+    """Business rules between retrieval and ranking (all on by default).
 
+    `bought_lookback`: how many of the customer's most recent purchases count as "already
+    bought" (None: every purchase kept online). `unknown_age_is_minor`: a customer without an
+    age never gets age-restricted articles. `overfetch`: retrieval asks for this many times
+    the candidates ranking needs (plus the look-back), retrying larger when too few survive.
+    """
+
+    drop_bought: bool = True
+    bought_lookback: int | None = Field(None, ge=1)
+    drop_sold_out: bool = True
+    drop_age_restricted: bool = True
+    unknown_age_is_minor: bool = True
+    drop_other_regions: bool = True
+    overfetch: float = Field(1.5, ge=1.0, le=20.0)
+    max_fetch: int = Field(2000, ge=1)
+
+
+class EvalConfig(_Strict):
+    """How a run is evaluated.
+
+    time: the last `test_days` days are held out (the Kaggle protocol); random: a `test_frac`
+    share of interactions (MovieLens-style papers); none: train on everything, no evaluation.
+    """
+
+    split: Literal["time", "random", "none"] = "time"
     test_days: int = Field(7, ge=1)
+    test_frac: float = Field(0.2, gt=0, lt=1)
     max_customers: int = Field(5000, ge=1)
+    ease_lambda: float = Field(100.0, gt=0)
+    ease_max_items: int = Field(20_000, ge=1)
+    seed: int = 0
 
 
 class ServeConfig(_Strict):
@@ -90,6 +142,7 @@ class RayrecConfig(_Strict):
     database: DatabaseConfig = DatabaseConfig()
     two_tower: TwoTowerConfig = TwoTowerConfig()
     ranker: RankerConfig = RankerConfig()
+    filters: FilterConfig = FilterConfig()
     eval: EvalConfig = EvalConfig()
     serve: ServeConfig = ServeConfig()
 

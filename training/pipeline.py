@@ -47,6 +47,33 @@ class Raw:
     extras: dict[str, pd.DataFrame]
 
 
+@dataclass
+class Split:
+    """Train/test rows, the time features are computed as of, and the evaluation request month."""
+
+    kind: str
+    train: pd.DataFrame
+    test: pd.DataFrame
+    as_of: pd.Timestamp | None  # None: every training row counts as history (random split, none)
+    month: int
+
+    def describe(self) -> str:
+        at = f" cut-off {self.as_of.date()}" if self.as_of is not None else ""
+        return f"{self.kind} split: train {len(self.train)} rows, test {len(self.test)} rows{at}"
+
+
+def make_split(tx: pd.DataFrame, cfg: RayrecConfig) -> Split:
+    e = cfg.eval
+    last_month = int(tx["t_dat"].max().month)
+    if e.split == "time":
+        train, test, cutoff = ev.time_split(tx, e.test_days)
+        return Split("time", train, test, cutoff, int(cutoff.month))
+    if e.split == "random":
+        train, test = ev.random_split(tx, e.test_frac, e.seed)
+        return Split("random", train, test, None, last_month)
+    return Split("none", tx, tx.iloc[:0], None, last_month)
+
+
 def prepare_data(cfg: RayrecConfig, wd: Workdir, data_dir: Path | None) -> Raw:
     """Load the user's files, or generate H&M-shaped data into the workdir."""
     if data_dir is None:
@@ -110,10 +137,11 @@ def run_pipeline(
     with step("feature groups (offline Parquet + online tables)"):
         fs = FeatureStore(wd, online)
         frames = write_feature_groups(fs, raw, manifest)
-    train_tx, test_tx, cutoff = ev.time_split(raw.transactions, cfg.eval.test_days)
-    print(f"[split] train {len(train_tx)} rows < {cutoff.date()} <= test {len(test_tx)} rows", flush=True)
+    split = make_split(raw.transactions, cfg)
+    train_tx = split.train
+    print(f"[split] {split.describe()}", flush=True)
     with step("retrieval training data (point-in-time view)"):
-        arts_cut = article_features(raw.articles, train_tx, cutoff, raw.extras)
+        arts_cut = article_features(raw.articles, train_tx, split.as_of, raw.extras)
         view = retrieval_frame(train_tx, frames["customers"], arts_cut, cfg.two_tower.history_len)
         view_dir = wd.views_dir / "retrieval" / f"v{RETRIEVAL_VIEW_VERSION}"
         view_dir.mkdir(parents=True, exist_ok=True)
@@ -141,12 +169,16 @@ def run_pipeline(
     with step("ranker (CatBoost on retrieval candidates)"):
         ranker = train_ranker(cfg, wd, raw, train_tx, frames["customers"], item_ids, item_vecs, channel)
         manifest.models["ranker"] = wd.relative(save_ranker(ranker, wd.ranker_path))
-    with step("evaluation (time split)"):
-        metrics = evaluate_all(cfg, wd, raw, train_tx, test_tx, cutoff, frames["customers"], item_ids, item_vecs,
-                               channel, ranker)
+    with step(f"evaluation ({split.kind} split)"):
+        if split.kind == "none":
+            metrics = {"protocol": {"split": "none"}, "skipped": "trained on every interaction; nothing held out"}
+        else:
+            metrics = evaluate_all(cfg, wd, raw, split, frames["customers"], item_ids, item_vecs, channel, ranker)
+            plot_metrics({m: metrics[m] for m in metrics["models"]}, wd.reports_dir / "recall.png")
+        metrics["data_range"] = {"first_day": str(raw.transactions["t_dat"].min().date()),
+                                 "last_day": str(raw.transactions["t_dat"].max().date())}
         metrics["timing_s"] = {"pipeline": round(time.time() - t_all, 1), "two_tower_fit": fit_s}
         write_json(wd.metrics_path, metrics)
-        plot_metrics({m: metrics[m] for m in ("popularity", "retrieval", "ranked")}, wd.reports_dir / "recall.png")
         manifest.metrics = wd.relative(wd.metrics_path)
     write_manifest(wd, manifest)
     print(f"[pipeline] done in {time.time() - t_all:.0f}s; manifest {wd.manifest_path}", flush=True)
@@ -167,29 +199,67 @@ def train_ranker(cfg, wd, raw: Raw, train_tx, customers_fg, item_ids, item_vecs,
     return fit_ranker(frame, labels, cfg.ranker, train_dir=wd.ranker_path.parent / "catboost_info")
 
 
-def evaluate_all(cfg, wd, raw: Raw, train_tx, test_tx, cutoff, customers_fg, item_ids, item_vecs, channel, ranker):
-    """Popularity, retrieval and ranked lists for the test customers, scored by one harness."""
-    truth = ev.ground_truth(test_tx, cfg.eval.max_customers, seed=0)
+def evaluate_all(cfg, wd, raw: Raw, split: Split, customers_fg, item_ids, item_vecs, channel, ranker):
+    """Baselines, retrieval and ranked lists for the test customers, scored by one harness."""
+    train_tx, cutoff = split.train, split.as_of
+    truth = ev.ground_truth(split.test, cfg.eval.max_customers, seed=cfg.eval.seed)
     cids = sorted(truth)
     hist = customer_history(train_tx, raw.articles, cutoff)
     purchased = dict(zip(hist["customer_id"], hist["purchased"], strict=True))
     k = max(100, cfg.ranker.n_candidates)
-    pop = ev.popularity_lists(train_tx, cids, purchased, k)
-    cands, scores = retrieve(wd.two_tower_dir, item_ids, item_vecs, customers_fg, hist, cids, cutoff.month, channel,
+    lists = baseline_lists(cfg, train_tx, cids, purchased, k)
+    cands, scores = retrieve(wd.two_tower_dir, item_ids, item_vecs, customers_fg, hist, cids, split.month, channel,
                              k, cfg.two_tower.history_len)
     retrieval = dict(zip(cids, cands, strict=True))
     arts = article_features(raw.articles, train_tx, cutoff, raw.extras)
     n = cfg.ranker.n_candidates
     ranked = rank_lists(ranker, cids, [c[:n] for c in cands], [s[:n] for s in scores], customers_fg, hist, arts,
                         channel)
-    out = {
-        "popularity": ev.evaluate_lists(pop, truth),
-        "retrieval": ev.evaluate_lists(retrieval, truth),
-        "ranked": ev.evaluate_lists(ranked, truth),
-        "n_eval_customers": len(truth),
-        "protocol": {"split": "time", "test_days": cfg.eval.test_days, "cutoff": str(cutoff.date()),
-                     "filter": "articles the customer bought before the cutoff are removed from every list"},
+    lists.update(retrieval=retrieval, ranked=ranked)
+    out: dict = {m: ev.evaluate_lists(v, truth, n_items=len(item_ids)) for m, v in lists.items()}
+    out["models"] = list(lists)
+    out["n_eval_customers"] = len(truth)
+    out["comparison"] = compare_to_baselines(out, ("retrieval", "ranked"), [m for m in lists if m in BASELINES])
+    out["protocol"] = {
+        "split": split.kind, "test_days": cfg.eval.test_days if split.kind == "time" else None,
+        "test_frac": cfg.eval.test_frac if split.kind == "random" else None,
+        "cutoff": str(cutoff.date()) if cutoff is not None else None,
+        "filter": "articles the customer bought in training are removed from every list except 'repeat'",
     }
-    for model in ("popularity", "retrieval", "ranked"):
-        print(f"[eval] {model:10s} " + " ".join(f"{m}={v:.4f}" for m, v in out[model].items()), flush=True)
+    for model in lists:
+        print(f"[eval] {model:18s} " + " ".join(f"{m}={v:.4f}" for m, v in out[model].items()), flush=True)
+    for line in out["comparison"]["summary"]:
+        print(f"[eval] {line}", flush=True)
+    return out
+
+
+BASELINES = ("popularity", "popularity_global", "repeat", "ease")
+
+
+def baseline_lists(cfg: RayrecConfig, train_tx: pd.DataFrame, cids: list[str], purchased: dict, k: int) -> dict:
+    """Every baseline, by the same harness: last-week popularity (`popularity`), all-time
+    popularity, the customer's own repeat purchases, and EASE where the catalogue fits."""
+    lists = {
+        "popularity": ev.popularity_lists(train_tx, cids, purchased, k),
+        "popularity_global": ev.global_popularity_lists(train_tx, cids, purchased, k),
+        "repeat": ev.repeat_lists(train_tx, cids, k),
+    }
+    ease = ev.ease_lists(train_tx, cids, k, lam=cfg.eval.ease_lambda, max_items=cfg.eval.ease_max_items)
+    if ease is not None:
+        lists["ease"] = ease
+    else:
+        print(f"[eval] EASE skipped: catalogue above eval.ease_max_items={cfg.eval.ease_max_items}", flush=True)
+    return lists
+
+
+def compare_to_baselines(metrics: dict, models: tuple[str, ...], baselines: list[str], key: str = "map@12") -> dict:
+    """Plainly: does each model beat the strongest baseline on MAP@12?"""
+    best = max(baselines, key=lambda b: metrics[b][key])
+    out: dict = {"metric": key, "best_baseline": best, "summary": []}
+    for m in models:
+        ratio = metrics[m][key] / metrics[best][key] if metrics[best][key] > 0 else float("inf")
+        beats = metrics[m][key] > metrics[best][key]
+        out[m] = {"ratio_vs_best_baseline": ratio, "beats_best_baseline": beats}
+        verdict = "beats" if beats else "does NOT beat"
+        out["summary"].append(f"{m} {verdict} the best baseline ({best}) on {key}: x{ratio:.2f}")
     return out

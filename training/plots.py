@@ -27,19 +27,27 @@ def plot_training(history: list[dict], path: Path) -> Path:
 
 
 def plot_metrics(metrics: dict[str, dict[str, float]], path: Path) -> Path:
-    """Grouped bars: every metric for every model, baselines included."""
+    """Recall@k curves of every model against the baselines, and MAP@12 / NDCG@10 bars."""
     models = list(metrics)
-    names = sorted({m for v in metrics.values() for m in v}, key=lambda s: (s.split("@")[0], int(s.split("@")[1])))
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for model in models:
+        ks = sorted(int(m.split("@")[1]) for m in metrics[model] if m.startswith("recall@"))
+        style = "--" if model not in ("retrieval", "ranked") else "-"
+        left.plot(ks, [metrics[model][f"recall@{k}"] for k in ks], style, marker="o", label=model)
+    left.set_xscale("log")
+    left.set_xlabel("k")
+    left.set_ylabel("recall@k")
+    left.set_title("recall@k (dashed: baselines)")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    names = [n for n in ("map@12", "ndcg@10") if all(n in metrics[m] for m in models)]
     width = 0.8 / max(len(models), 1)
     for i, model in enumerate(models):
-        xs = [j + i * width for j in range(len(names))]
-        ax.bar(xs, [metrics[model].get(n, 0.0) for n in names], width=width, label=model)
-    ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(names))], names)
-    ax.set_ylabel("score")
-    ax.set_title("time-split evaluation (last 7 days)")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
+        right.bar([j + i * width for j in range(len(names))], [metrics[model][n] for n in names], width=width,
+                  label=model)
+    right.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(names))], names)
+    right.set_title("ranking quality")
+    right.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
 

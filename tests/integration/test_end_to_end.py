@@ -71,10 +71,18 @@ def _raw(wd: Workdir):
 def test_pipeline_outputs(served):
     wd, _ = served
     metrics = json.loads(wd.metrics_path.read_text())
-    for model in ("popularity", "retrieval", "ranked"):
-        assert set(metrics[model]) == {"map@12", "recall@12", "recall@100"}
+    for model in ("popularity", "popularity_global", "repeat", "ease", "retrieval", "ranked"):
+        assert {"map@12", "recall@10", "recall@12", "recall@50", "recall@100", "ndcg@10", "coverage@12"} <= set(
+            metrics[model])
         assert all(0.0 <= v <= 1.0 for v in metrics[model].values())
     assert metrics["n_eval_customers"] > 0
+    assert metrics["comparison"]["best_baseline"] in metrics["models"]
+    # no leakage: the retrieval training data ends before the held-out week, on the actual files
+    view = pd.read_parquet(wd.views_dir / "retrieval" / "v1" / "train.parquet")
+    cutoff = pd.Timestamp(metrics["protocol"]["cutoff"])
+    assert view["t_dat"].max() < cutoff
+    tx = pd.read_csv(wd.data_dir / FILES["transactions"], dtype=str, parse_dates=["t_dat"])
+    assert len(view) == int((tx["t_dat"] < cutoff).sum())
     m = read_manifest(wd)
     assert m.index is not None and m.index.n_rows == 200
     for rel in m.models.values():
