@@ -1,26 +1,60 @@
-"""Online feature reads against a real local MariaDB: one batched IN query vs a loop of single-key reads.
+"""Online feature reads against a real local MariaDB: `get_feature_vectors` (one packed IN query
+per call) vs one query per key, with 1 and 4 concurrent client processes.
 
-Usage: python benchmarks/online_store.py [--rows 10000] [--keys 100] [--reads 300]
-Prints one JSON line per case; `ratio_vs_per_key_loop` compares with the per-key baseline in this run.
+Loads an articles feature group (the H&M `articles` definition: 36 features besides the key)
+of --rows synthetic rows through the feature store's insert, then measures batches of
+--batches keys. Prints one JSON line per case:
+
+    {"bench": "online_store", "case": "batched"|"per_key", "batch": 250, "clients": 1,
+     "p50_ms": .., "p99_ms": .., "keys_per_s": .., ...}
+    {"bench": "online_store", "case": "speedup", "batch": 250, "clients": 1, "ratio": ..}
+    {"bench": "online_store", "case": "purchase_event", "events": .., "p50_ms": .., "p99_ms": ..}
+
+`ratio` is (per-key loop time per key) / (batched time per key). Latencies are per call as one
+client sees them; keys_per_s is the total over all clients. client_cpu_ms and server_cpu_ms are
+the CPU time per call of the client processes and of mariadbd, and load_avg_1m the machine's
+load: on a shared machine the wall-clock figures include waiting for other processes' work. `purchase_event` times
+`apply_purchase_event` (one online transaction updating a customer_history and an articles row).
+
+Usage: python benchmarks/online_store.py [--rows 200000] [--batches 250,100] [--clients 1,4]
+                                          [--reads 400] [--events 200] [--db-port PORT] [--workdir DIR]
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import os
 import socket
 import sys
 import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, timed_ms  # noqa: E402
+from _common import emit  # noqa: E402
 
 from common.config import DatabaseConfig  # noqa: E402
 from common.workdir import Workdir  # noqa: E402
+from feature_store.events import PurchaseEvent, apply_purchase_event  # noqa: E402
+from feature_store.feature_view import FeatureSelection, FeatureView  # noqa: E402
+from feature_store.groups import (  # noqa: E402
+    ARTICLE_INT_ATTRIBUTES,
+    ARTICLE_NAME_ATTRIBUTES,
+    ARTICLES,
+    CUSTOMER_HISTORY,
+    INDEX_GROUPS,
+    SALES_DAYS,
+)
 from feature_store.local_db import LocalMariaDB  # noqa: E402
-from feature_store.online.base import TableSpec  # noqa: E402
 from feature_store.online.mysql import MySQLOnlineStore  # noqa: E402
+from feature_store.store import FeatureStore  # noqa: E402
+
+VIEW = "bench_articles"
+LOAD_CHUNK = 100_000
 
 
 def free_port() -> int:
@@ -29,53 +63,192 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def article_ids(n: int) -> list[str]:
+    return [f"{i:010d}" for i in range(n)]
+
+
+def synthetic_articles(ids: list[str], rng: np.random.Generator) -> pd.DataFrame:
+    """H&M-shaped article rows: every attribute, sales aggregates, stock."""
+    n = len(ids)
+    words = np.array(["Slim", "Fit", "Jeans", "Denim", "Cotton", "Jersey", "Dress", "Top", "Strap", "Soft"])
+    frame = pd.DataFrame({"article_id": ids})
+    frame["prod_name"] = [" ".join(words[rng.integers(0, 10, 3)]) for _ in range(n)]
+    for j, c in enumerate(ARTICLE_INT_ATTRIBUTES):
+        frame[c] = rng.integers(1, 10 ** (3 + j % 4), n)
+    for j, c in enumerate(ARTICLE_NAME_ATTRIBUTES):
+        vocab = np.array([f"{c.split('_')[0].title()} {k}" for k in range(5 + 7 * j)], dtype=object)
+        frame[c] = vocab[rng.integers(0, len(vocab), n)]
+    desc = "Jeans in washed, superstretch denim with a high waist, zip fly and button, and skinny legs. "
+    frame["detail_desc"] = [desc[: 40 + (i % 50)] for i in range(n)]
+    daily = rng.poisson(0.3, (n, SALES_DAYS))
+    frame["price"] = rng.random(n) * 0.1
+    frame["sales_total"] = daily.sum(axis=1) + rng.integers(0, 500, n)
+    frame["sales_7d"] = daily[:, :7].sum(axis=1)
+    frame["sales_30d"] = daily.sum(axis=1)
+    frame["sales_trend"] = daily[:, :7].sum(axis=1) - daily[:, 7:14].sum(axis=1)
+    frame["first_seen"] = "2019-09-20"
+    frame["sales_day"] = "2020-09-22"
+    frame["daily_sales"] = [row.tolist() for row in daily]
+    frame["stock"] = rng.integers(0, 200, n).astype(float)
+    frame["in_stock"] = frame["stock"] > 0
+    frame["min_age"] = np.where(rng.random(n) < 0.05, 18, 0)
+    frame["regions"] = [["north", "south", "east", "west"][: 1 + i % 4] for i in range(n)]
+    return frame
+
+
+def load(fs: FeatureStore, rows: int, seed: int = 0) -> float:
+    rng = np.random.default_rng(seed)
+    fgv = fs.create_feature_group(ARTICLES)
+    ids = article_ids(rows)
+    t0 = time.perf_counter()
+    for i in range(0, rows, LOAD_CHUNK):
+        fgv.insert(synthetic_articles(ids[i : i + LOAD_CHUNK], rng), validation="strict", event_time="2020-09-22")
+    fs.create_feature_view(FeatureView(VIEW, features=(FeatureSelection("articles", version=fgv.version),)))
+    return time.perf_counter() - t0
+
+
+def purchase_events(fs: FeatureStore, rows: int, n: int) -> dict:
+    """Latency of real-time purchase events against the loaded articles group."""
+    rng = np.random.default_rng(1)
+    customers = [f"c{i:06d}" for i in range(1000)]
+    hist = fs.create_feature_group(CUSTOMER_HISTORY)
+    hist.insert(pd.DataFrame({
+        "customer_id": customers, "purchased": [["0000000001"]] * len(customers), "n_purchases": 1,
+        "mean_price": 0.03, "type_counts": [{"Trousers": 1}] * len(customers),
+        "index_group_counts": [{"Ladieswear": 1}] * len(customers),
+        **{share: 1.0 if g == "Ladieswear" else 0.0 for g, share in INDEX_GROUPS.items()},
+        "last_purchase": "2020-09-20"}), event_time="2020-09-22")
+    refs = {"articles": fs.get_feature_group("articles").ref, "customer_history": hist.ref}
+    ids = article_ids(rows)
+    run = uuid.uuid4().hex[:8]
+    lat = []
+    for i in range(n + 5):
+        ev = PurchaseEvent(f"bench-{run}-{i}", customers[rng.integers(len(customers))], ids[rng.integers(rows)], 0.03,
+                           "2020-09-23T12:00:00")
+        t0 = time.perf_counter()
+        apply_purchase_event(fs, refs, ev)
+        if i >= 5:
+            lat.append((time.perf_counter() - t0) * 1000)
+    return {"events": n, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+
+
+def client(args: tuple) -> tuple[np.ndarray, float]:
+    """One client process: its own connection; returns per-call latencies (ms) and its CPU
+    seconds over the timed calls."""
+    cfg, password, root, mode, batch, reads, rows, seed, start_at = args
+    store = MySQLOnlineStore.from_config(cfg, password)
+    fv = FeatureStore(Workdir.at(root), store).get_feature_view(VIEW)
+    rng = np.random.default_rng(seed)
+    ids = article_ids(rows)
+    batches = [[ids[j] for j in rng.choice(rows, batch, replace=False)] for _ in range(64)]
+    for b in batches[:8]:  # warm up: connection, registry lookup, code paths
+        fv.get_feature_vectors(b)
+    while time.time() < start_at:
+        time.sleep(0.001)
+    out = np.empty(reads)
+    cpu0 = time.process_time()
+    for i in range(reads):
+        b = batches[i % 64]
+        t0 = time.perf_counter()
+        if mode == "batched":
+            vecs = fv.get_feature_vectors(b)
+        else:
+            vecs = [fv.get_feature_vectors([k]) for k in b]
+        out[i] = (time.perf_counter() - t0) * 1000
+    cpu = time.process_time() - cpu0
+    assert vecs is not None
+    store.close()
+    return out, cpu
+
+
+def server_cpu_s(pid: int | None) -> float:
+    """CPU seconds the database server has used so far (0 when unknown)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(cfg, password, root, mode: str, batch: int, clients: int, reads: int, rows: int,
+            server_pid: int | None = None) -> dict:
+    start_at = time.time() + 4.0 + clients  # after every client connected and warmed up
+    jobs = [(cfg, password, root, mode, batch, reads, rows, 100 + c, start_at) for c in range(clients)]
+    if clients == 1:
+        s0 = server_cpu_s(server_pid)
+        results = [client(jobs[0])]
+        s1 = server_cpu_s(server_pid)
+    else:
+        with mp.get_context("spawn").Pool(clients) as pool:
+            pending = pool.map_async(client, jobs)
+            time.sleep(max(0.0, start_at - time.time()))
+            s0 = server_cpu_s(server_pid)
+            results = pending.get()
+            s1 = server_cpu_s(server_pid)
+    lat = [r[0] for r in results]
+    all_lat = np.concatenate(lat)
+    wall = max(lat_i.sum() for lat_i in lat) / 1000  # each client runs back to back from start_at
+    calls = reads * clients
+    return {
+        "p50_ms": float(np.percentile(all_lat, 50)),
+        "p99_ms": float(np.percentile(all_lat, 99)),
+        "mean_ms": float(all_lat.mean()),
+        "keys_per_s": float(batch * calls / wall),
+        # CPU per call, client and database server: what the machine's cores bound
+        "client_cpu_ms": float(sum(r[1] for r in results) / calls * 1000),
+        "server_cpu_ms": float((s1 - s0) / calls * 1000),
+        "load_avg_1m": round(os.getloadavg()[0], 1),
+    }
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=10_000)
-    ap.add_argument("--keys", type=int, default=100)
-    ap.add_argument("--reads", type=int, default=300)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--batches", default="250,100")
+    ap.add_argument("--clients", default="1,4")
+    ap.add_argument("--reads", type=int, default=400, help="batched calls per client and case")
+    ap.add_argument("--per-key-reads", type=int, default=20, help="per-key batches per client and case")
+    ap.add_argument("--events", type=int, default=200, help="purchase events to time (0: none)")
+    ap.add_argument("--db-port", type=int, default=None, help="port of the benchmark's own MariaDB")
+    ap.add_argument("--workdir", help="keep the database and feature store here (default: a temp dir)")
     a = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="rayrec-bench-") as tmp:
-        cfg = DatabaseConfig(port=free_port(), database="bench", user="bench", password_env="RAYREC_BENCH_UNSET")
-        db = LocalMariaDB(Workdir.at(tmp), cfg)
+    batches = [int(x) for x in a.batches.split(",")]
+    client_counts = [int(x) for x in a.clients.split(",")]
+    with tempfile.TemporaryDirectory(prefix="rayrec-bench-") as scratch:
+        tmp = a.workdir or scratch
+        cfg = DatabaseConfig(port=a.db_port or free_port(), database="bench", user="bench",
+                             password_env="RAYREC_BENCH_UNSET")
+        db = LocalMariaDB(Workdir.at(tmp), cfg, buffer_pool_size="1G")
         db.start()
         try:
-            run(MySQLOnlineStore.from_config(cfg, db.password()), a)
+            password = db.password()
+            store = MySQLOnlineStore.from_config(cfg, password)
+            engine = store.server_info()["engine"]
+            fs = FeatureStore(Workdir.at(tmp), store)
+            loaded = fs.versions("articles") and fs.get_feature_group("articles").stats()["online_rows"] == a.rows
+            if not loaded:  # a kept --workdir with the same --rows is measured again without reloading
+                load_s = load(fs, a.rows)
+                emit("online_store", case="load", rows=a.rows, features=len(ARTICLES.features) - 1, engine=engine,
+                     load_s=round(load_s, 1), rows_per_s=round(a.rows / load_s))
+            store.close()
+            pid = db.status()["pid"]
+            for batch in batches:
+                for clients in client_counts:
+                    fast = measure(cfg, password, tmp, "batched", batch, clients, a.reads, a.rows, pid)
+                    emit("online_store", case="batched", batch=batch, clients=clients, rows=a.rows, **fast)
+                    slow = measure(cfg, password, tmp, "per_key", batch, clients, a.per_key_reads, a.rows, pid)
+                    emit("online_store", case="per_key", batch=batch, clients=clients, rows=a.rows, **slow)
+                    emit("online_store", case="speedup", batch=batch, clients=clients,
+                         ratio=round(slow["mean_ms"] / fast["mean_ms"], 1))
+            if a.events:
+                store = MySQLOnlineStore.from_config(cfg, password)
+                emit("online_store", case="purchase_event", **purchase_events(FeatureStore(Workdir.at(tmp), store),
+                                                                              a.rows, a.events))
+                store.close()
         finally:
             db.stop()
-
-
-def run(store: MySQLOnlineStore, a: argparse.Namespace) -> None:
-    spec = TableSpec("bench_articles", "article_id", {
-        "article_id": "string", "price": "float64", "sales_7d": "int64", "sales_total": "int64",
-        "product_type_name": "string", "index_group_name": "string", "regions": "json",
-    })
-    store.ensure_table(spec)
-    ids = [f"{i:010d}" for i in range(a.rows)]
-    rng = np.random.default_rng(0)
-    rows = [{"article_id": k, "price": float(rng.random()), "sales_7d": int(rng.integers(100)),
-             "sales_total": int(rng.integers(10_000)), "product_type_name": "Trousers",
-             "index_group_name": "Ladieswear", "regions": ["north", "south"]} for k in ids]
-    for i in range(0, len(rows), 2000):
-        store.write_batch(spec, rows[i : i + 2000])
-    batches = [list(rng.choice(ids, a.keys, replace=False)) for _ in range(64)]
-    it = iter(range(10**9))
-
-    def batched() -> None:
-        store.read_batch(spec, batches[next(it) % 64])
-
-    def per_key() -> None:
-        for k in batches[next(it) % 64]:
-            store.read_batch(spec, [k])
-
-    base = timed_ms(per_key, max(20, a.reads // 10))
-    fast = timed_ms(batched, a.reads)
-    for name, lat in (("per_key_loop", base), ("batched_in_query", fast)):
-        emit("online_store_read", case=name, rows=a.rows, keys=a.keys, p50_ms=float(np.median(lat)),
-             p99_ms=float(np.percentile(lat, 99)), keys_per_s=float(a.keys / (np.mean(lat) / 1000)),
-             ratio_vs_per_key_loop=float(np.median(base) / np.median(lat)))
-    store.drop_table(spec)
-    store.close()
 
 
 if __name__ == "__main__":

@@ -1,87 +1,153 @@
-"""Feature group definitions: the one place that says what each group holds and how it is keyed.
+"""The H&M feature groups: the one place that says what each group holds and how it is keyed.
 
-Online types are those of the online store's TableSpec (int64, float64, string, json).
+    customers         profile: age, age group, club status, news frequency, FN, Active,
+                      postal code and its bucket, region
+    articles          every catalogue attribute (codes and names, prod_name, detail_desc), the
+                      sales aggregates (mean price, total / 7-day / 30-day sales, trend, first
+                      seen, the daily counts behind them) and stock and availability; one row
+                      per article so ranking and filtering read one group
+    customer_history  purchase aggregates: last-N articles, count, mean price, counts and shares
+                      per product type and index group, last purchase day
+    transactions      purchase events (offline only): the spine of training datasets and the
+                      log real-time events are appended to
+
+Columns are spelled as in the H&M files; `FN` and `Active` are stored as `fn` and `active`
+(see feature_store.schema). Lists are bounded: `purchased` keeps the last MAX_PURCHASED
+articles, `daily_sales` SALES_DAYS days.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from feature_store.on_demand import AGE_GROUPS, POSTAL_BUCKETS
+from feature_store.schema import Expectation, Feature, FeatureGroup, allowed, in_range, not_null
 
-from feature_store.transforms import ARTICLE_CATEGORICALS
+MAX_PURCHASED = 500  # purchases kept per customer online (most recent first); enough for the filter
+SALES_DAYS = 30  # daily sales counts kept per article (most recent first), for 7/30-day windows
+INDEX_GROUPS = {  # H&M index groups -> share feature
+    "Ladieswear": "share_ladieswear",
+    "Divided": "share_divided",
+    "Menswear": "share_menswear",
+    "Baby/Children": "share_baby_children",
+    "Sport": "share_sport",
+}
+CLUB_MEMBER_STATUSES = ("ACTIVE", "PRE-CREATE", "LEFT CLUB")
+FASHION_NEWS_FREQUENCIES = ("NONE", "None", "Regularly", "Monthly")
 
-
-@dataclass(frozen=True)
-class FeatureGroup:
-    name: str
-    key: str
-    columns: dict[str, str]  # column -> online type, key included
-    online: bool = True
-    description: str = ""
-
-    def table_name(self, version: int) -> str:
-        return f"fg_{self.name}_v{version}"
-
+# Article attributes as in articles.csv (all but the id): integer codes and their names.
+ARTICLE_INT_ATTRIBUTES = [
+    "product_code", "product_type_no", "graphical_appearance_no", "colour_group_code",
+    "perceived_colour_value_id", "perceived_colour_master_id", "department_no", "index_group_no",
+    "section_no", "garment_group_no",
+]
+ARTICLE_NAME_ATTRIBUTES = [
+    "product_type_name", "product_group_name", "graphical_appearance_name", "colour_group_name",
+    "perceived_colour_value_name", "perceived_colour_master_name", "department_name", "index_code",
+    "index_name", "index_group_name", "section_name", "garment_group_name",
+]
 
 CUSTOMERS = FeatureGroup(
     "customers",
     "customer_id",
-    {
-        "customer_id": "string",
-        "age": "float64",
-        "club_member_status": "string",
-        "fashion_news_frequency": "string",
-        "FN": "float64",
-        "Active": "float64",
-        "postal_code": "string",
-        "region": "string",
-    },
+    (
+        Feature("customer_id", "string", limit=64),
+        Feature("age", "float64"),
+        Feature("age_group", "string", description="0-18, 19-25, 26-35, 36-45, 46-55, 56-65, 66+"),
+        Feature("club_member_status", "string"),
+        Feature("fashion_news_frequency", "string"),
+        Feature("fn", "float64", alias="FN"),
+        Feature("active", "float64", alias="Active"),
+        Feature("postal_code", "string", limit=64),
+        Feature("postal_bucket", "int64", description=f"stable hash of the postal code, 0..{POSTAL_BUCKETS - 1}"),
+        Feature("region", "string"),
+    ),
     description="Customer profile (static in the H&M data).",
+    expectations=(
+        in_range("age", 0, 120),
+        allowed("age_group", AGE_GROUPS),
+        allowed("club_member_status", CLUB_MEMBER_STATUSES),
+        allowed("fashion_news_frequency", FASHION_NEWS_FREQUENCIES),
+        allowed("fn", (0.0, 1.0)),
+        allowed("active", (0.0, 1.0)),
+        in_range("postal_bucket", 0, POSTAL_BUCKETS - 1),
+    ),
 )
 
 ARTICLES = FeatureGroup(
     "articles",
     "article_id",
-    {
-        "article_id": "string",
-        "prod_name": "string",
-        **{c: "string" for c in ARTICLE_CATEGORICALS},
-        "detail_desc": "string",
-        "price": "float64",
-        "sales_total": "int64",
-        "sales_7d": "int64",
-        "stock": "float64",
-        "min_age": "int64",
-        "regions": "json",
-    },
-    description="Article attributes, mean price and popularity as of the cut-off, stock and availability.",
+    (
+        Feature("article_id", "string", limit=64),
+        Feature("prod_name", "string"),
+        *(Feature(c, "int64") for c in ARTICLE_INT_ATTRIBUTES),
+        *(Feature(c, "string") for c in ARTICLE_NAME_ATTRIBUTES),
+        Feature("detail_desc", "string", limit=2000),
+        Feature("price", "float64", description="mean sale price"),
+        Feature("sales_total", "int64"),
+        Feature("sales_7d", "int64", description="sales in the 7 days up to the group's time"),
+        Feature("sales_30d", "int64"),
+        Feature("sales_trend", "int64", description="sales of the last 7 days minus the 7 days before"),
+        Feature("first_seen", "string", description="day of the first sale (YYYY-MM-DD)"),
+        Feature("sales_day", "string", description="the day daily_sales[0] counts (YYYY-MM-DD)"),
+        Feature("daily_sales", "list_int64", limit=SALES_DAYS, description="sales per day, most recent first"),
+        Feature("stock", "float64"),
+        Feature("in_stock", "bool", description="stock > 0; None when the stock is unknown"),
+        Feature("min_age", "int64"),
+        Feature("regions", "list_string", limit=16),
+    ),
+    description="Article attributes, sales aggregates, stock and availability.",
+    expectations=(
+        not_null("prod_name"),
+        in_range("price", 0, None),
+        in_range("sales_total", 0, None),
+        in_range("sales_7d", 0, None),
+        in_range("sales_30d", 0, None),
+        in_range("min_age", 0, 120),
+        in_range("stock", 0, None),
+    ),
 )
 
 CUSTOMER_HISTORY = FeatureGroup(
     "customer_history",
     "customer_id",
-    {
-        "customer_id": "string",
-        "purchased": "json",
-        "n_purchases": "int64",
-        "mean_price": "float64",
-        "type_counts": "json",
-        "index_group_counts": "json",
-        "last_purchase": "string",
-    },
+    (
+        Feature("customer_id", "string", limit=64),
+        Feature("purchased", "list_string", limit=MAX_PURCHASED, description="articles bought, most recent first"),
+        Feature("n_purchases", "int64"),
+        Feature("mean_price", "float64"),
+        Feature("type_counts", "json", limit=6_000, description="purchases per product type"),
+        Feature("index_group_counts", "json", limit=2_048, description="purchases per index group"),
+        *(Feature(share, "float64", description=f"share of purchases in {g}") for g, share in INDEX_GROUPS.items()),
+        Feature("last_purchase", "string", description="day of the last purchase (YYYY-MM-DD)"),
+    ),
     description="Purchases (most recent first) and aggregates; read by the query encoder, filter and ranker.",
+    expectations=(
+        in_range("n_purchases", 0, None),
+        in_range("mean_price", 0, None),
+        *(in_range(share, 0, 1) for share in INDEX_GROUPS.values()),
+    ),
 )
 
 TRANSACTIONS = FeatureGroup(
     "transactions",
     "customer_id",
-    {
-        "t_dat": "string",
-        "customer_id": "string",
-        "article_id": "string",
-        "price": "float64",
-        "sales_channel_id": "int64",
-    },
+    (
+        Feature("customer_id", "string", limit=64),
+        Feature("article_id", "string", limit=64),
+        Feature("price", "float64"),
+        Feature("sales_channel_id", "int64"),
+        Feature("event_id", "string", limit=64, optional=True,
+                description="set for real-time events (their idempotency key)"),
+    ),
+    event_time="t_dat",
     online=False,
     description="Purchase events, offline only: the spine of training datasets.",
+    expectations=(
+        not_null("article_id"),
+        in_range("price", 0, None),
+        allowed("sales_channel_id", (1, 2)),
+    ),
 )
 
 GROUPS: dict[str, FeatureGroup] = {g.name: g for g in (CUSTOMERS, ARTICLES, CUSTOMER_HISTORY, TRANSACTIONS)}
+
+__all__ = ["GROUPS", "CUSTOMERS", "ARTICLES", "CUSTOMER_HISTORY", "TRANSACTIONS", "FeatureGroup", "Feature",
+           "Expectation", "MAX_PURCHASED", "SALES_DAYS", "INDEX_GROUPS"]

@@ -1,127 +1,517 @@
-"""The feature store: offline Parquet plus an online table per feature group version.
+"""The feature store: feature-group versions offline (Parquet) and online (one table each).
 
-A write creates a new version: the Parquet folder is written under a temp name and renamed,
-the online rows go to a new table, and only the manifest (written last by the pipeline) makes
-the version visible. A failed write therefore never replaces data a reader is using.
+    fs = FeatureStore(workdir, online_store)
+    fg = fs.create_feature_group(ARTICLES)            # a new version: v1, v2, ... side by side
+    result = fg.insert(frame, validation="strict")    # offline append + online upsert of the latest rows
+    rows = fg.read_online(["0108775015"])              # key -> row
+    history = fg.read(start, end)                      # offline rows, event time in [start, end)
+    ref = fs.write("articles", frame)                  # new version + insert, for the pipeline
+
+An insert validates first (feature_store.validation): with policy "strict" any failed rule
+rejects the batch before anything is written. It then stages the Parquet files, writes the
+online rows in ONE transaction, and publishes the offline commit last, so a failed insert
+leaves neither store changed. Online, a key's row is replaced only by a row with an event time
+>= the stored one (`OnlineStore.write_batch(newer_column=...)`), so late-arriving rows never
+overwrite newer ones and every online row equals the latest offline row of its key.
+
+Online rows are packed (feature_store.codec): the table holds the key, the event time in
+microseconds and one VARBINARY value. The group definition of each online table is registered
+in the store itself (table `fs_feature_groups`), so a reader needs only the table name, e.g. the
+`online_table` of a manifest's FeatureGroupRef; it is cached per store after the first read.
 """
 from __future__ import annotations
 
 import json
 import math
-import shutil
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from common.artifacts import FeatureGroupRef
+from common.artifacts import FeatureGroupRef, atomic_write_text
 from common.workdir import Workdir
-from feature_store.groups import GROUPS, FeatureGroup
-from feature_store.online.base import OnlineStore, TableSpec
+from feature_store.codec import RowCodec
+from feature_store.groups import GROUPS
+from feature_store.offline import OfflineTable, latest_per_key, to_event_times, to_micros
+from feature_store.online.base import OnlineStore, SchemaMismatch, TableNotFound, TableSpec, normalise_key
+from feature_store.schema import ONLINE_ROW_COLUMN, ONLINE_TIME_COLUMN, FeatureGroup, check_name
+from feature_store.validation import ValidationFailed, ValidationReport, check_policy, validate
 
-ONLINE_CHUNK = 2000
+REGISTRY = TableSpec(
+    "fs_feature_groups",
+    "table_name",
+    {"table_name": "string", "group_name": "string", "version": "int64", "definition": "json", "created_us": "int64"},
+)
+META_FILE = "_meta.json"
 
 
 def table_spec(group: FeatureGroup, version: int) -> TableSpec:
-    return TableSpec(name=group.table_name(version), key=group.key, columns=dict(group.columns))
+    """The online table of a group version: key, event time (us), packed row."""
+    return group.table_spec(version)
+
+
+# ---------------------------------------------------------------------------------------------
+# Online tables and their registry
+
+
+@dataclass(frozen=True)
+class OnlineTable:
+    """What a reader needs to decode one online feature-group table."""
+
+    group: FeatureGroup
+    version: int
+    spec: TableSpec
+    codec: RowCodec
+
+
+_TABLES: weakref.WeakKeyDictionary[OnlineStore, dict[str, OnlineTable]] = weakref.WeakKeyDictionary()
+
+
+def register_online_table(store: OnlineStore, group: FeatureGroup, version: int) -> OnlineTable:
+    """Create the table of a group version and record its definition in the registry.
+
+    Raises:
+        SchemaMismatch: the table is registered with another definition.
+    """
+    spec = group.table_spec(version)
+    store.ensure_table(REGISTRY)
+    existing = store.read_batch(REGISTRY, [spec.name], ["definition"]).get(spec.name)
+    if existing is not None and existing["definition"] != group.to_dict():
+        raise SchemaMismatch(f"online table {spec.name!r} is registered with another definition of {group.name!r}")
+    store.ensure_table(spec)
+    if existing is None:
+        store.write_batch(REGISTRY, [{
+            "table_name": spec.name, "group_name": group.name, "version": int(version),
+            "definition": group.to_dict(), "created_us": int(datetime.now(UTC).timestamp() * 1e6),
+        }])
+    table = OnlineTable(group, int(version), spec, group.codec())
+    _TABLES.setdefault(store, {})[spec.name] = table
+    return table
+
+
+def online_table(store: OnlineStore, table_name: str) -> OnlineTable:
+    """The registered group definition of an online table (cached per store).
+
+    Raises:
+        TableNotFound: no feature group is registered under that table name.
+    """
+    cached = _TABLES.get(store, {}).get(table_name)
+    if cached is not None:
+        return cached
+    try:
+        row = store.read_batch(REGISTRY, [table_name]).get(table_name)
+    except TableNotFound:
+        row = None
+    if row is None:
+        raise TableNotFound(
+            f"{table_name!r} is not a registered feature-group table (write the group with this "
+            "version of rayrec: `rayrec pipeline` or `rayrec features build`)"
+        )
+    group = FeatureGroup.from_dict(row["definition"])
+    table = OnlineTable(group, int(row["version"]), group.table_spec(int(row["version"])), group.codec())
+    _TABLES.setdefault(store, {})[table_name] = table
+    return table
+
+
+def read_rows(store: OnlineStore, table: OnlineTable, keys: Sequence[Any]) -> tuple[list[Any], list[tuple]]:
+    """ONE query: (keys found, one tuple per feature column), in no particular order."""
+    buf = store.read_concat(table.spec, keys, ONLINE_ROW_COLUMN)
+    return table.codec.decode_columns(buf)
+
+
+def read_online(store: OnlineStore, ref: FeatureGroupRef, name: str, keys: Sequence[Any],
+                columns: Sequence[str] | None = None) -> dict[Any, dict[str, Any]]:
+    """One batched read of a group for many keys, by manifest reference.
+
+    Returns:
+        key -> {column: value} (frame spelling; all columns, the key included, when `columns`
+        is None); keys that are not stored are absent.
+    """
+    if ref.online_table is None:
+        raise ValueError(f"feature group {name!r} v{ref.version} has no online table")
+    table = online_table(store, ref.online_table)
+    return _rows_to_dicts(table, *read_rows(store, table, keys), columns)
+
+
+def _rows_to_dicts(table: OnlineTable, keys: list[Any], cols: list[tuple], columns: Sequence[str] | None):
+    group = table.group
+    names = table.codec.names
+    if columns is None:
+        wanted = [group.key, *names]
+    else:
+        wanted = [group.feature(c).column for c in columns]
+    by_name = dict(zip(names, cols, strict=True))
+    by_name[group.key] = keys
+    picked = [by_name[c] for c in wanted]
+    return {k: dict(zip(wanted, vals, strict=True)) for k, vals in zip(keys, zip(*picked, strict=True), strict=True)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline -> online row conversion
+
+
+def to_online_rows(group: FeatureGroup, frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows of a frame as an online read returns them: plain Python values by feature type
+    (NaN -> None, numpy -> int/float/list), frame spelling, the key included."""
+    cols = list(group.columns)
+    converted = [_column_values(group.feature(c).dtype, frame[c]) for c in cols]
+    return [dict(zip(cols, vals, strict=True)) for vals in zip(*converted, strict=True)]
+
+
+def _column_values(dtype: str, s: pd.Series) -> list[Any]:
+    """One column as plain Python values of its feature type (None for nulls)."""
+    if dtype in ("int64", "float64") and s.dtype != object:
+        v = s.to_numpy(dtype=np.float64, na_value=np.nan) if dtype == "float64" else None
+        if dtype == "float64":
+            return [None if x != x else x for x in v.tolist()]
+        if pd.api.types.is_integer_dtype(s.dtype) and not s.hasnans:
+            return s.astype("int64").tolist()
+    return [_plain(dtype, v) for v in s.tolist()]
+
+
+def _plain(dtype: str, v: Any) -> Any:
+    if v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if dtype == "int64":
+        return int(v)
+    if dtype == "float64":
+        return float(v)
+    if dtype == "bool":
+        return bool(v)
+    if dtype.startswith("list_"):
+        items = v.tolist() if hasattr(v, "tolist") else list(v)
+        return [int(x) for x in items] if dtype == "list_int64" else (
+            [float(x) for x in items] if dtype == "list_float64" else items)
+    if dtype == "json":
+        return json.loads(json.dumps(v, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InsertResult:
+    group: str
+    version: int
+    commit: int
+    rows: int  # rows written offline
+    online_rows: int  # rows sent online (the latest of each key in the batch)
+    report: ValidationReport
+
+
+class FeatureGroupVersion:
+    """One version of a feature group: its offline Parquet files and its online table."""
+
+    def __init__(self, fs: FeatureStore, group: FeatureGroup, version: int):
+        self.fs = fs
+        self.group = group
+        self.version = int(version)
+        self.root = fs.group_dir(group.name, version)
+        self.offline = OfflineTable(self.root, group)
+        self.spec = group.table_spec(version)
+
+    def __repr__(self) -> str:
+        return f"FeatureGroupVersion({self.group.name!r}, v{self.version})"
+
+    @property
+    def name(self) -> str:
+        return self.group.name
+
+    @property
+    def online_enabled(self) -> bool:
+        return self.group.online and self.fs.online is not None
+
+    @property
+    def ref(self) -> FeatureGroupRef:
+        """The manifest reference of this version."""
+        return FeatureGroupRef(
+            version=self.version,
+            offline_path=self.fs.wd.relative(self.root),
+            online_table=self.spec.name if self.online_enabled else None,
+            primary_key=[self.group.key],
+        )
+
+    # writing --------------------------------------------------------------------------------
+    def validate(self, frame: pd.DataFrame, event_time: Any = None) -> ValidationReport:
+        """Check a frame as `insert` would, writing nothing."""
+        return validate(self.group, self._prepare(frame, event_time), "always")[0]
+
+    def insert(self, frame: pd.DataFrame, validation: str = "strict", event_time: Any = None) -> InsertResult:
+        """Append `frame` offline (one commit) and upsert the latest row of each key online.
+
+        Args:
+            frame: one row per event, columns in frame spelling (extra columns are ignored;
+                optional features may be missing).
+            validation: "strict" (any failed rule: nothing written, ValidationFailed) or
+                "always" (write and report; see feature_store.validation).
+            event_time: the event time of every row when the frame has no event-time column.
+        Raises:
+            ValidationFailed: policy "strict" and a rule failed (nothing was written).
+            ValueError: a required column is missing.
+            ConnectionError: the online write failed (nothing was written).
+        """
+        check_policy(validation)
+        report, frame = validate(self.group, self._prepare(frame, event_time), validation)
+        if validation == "strict" and not report.ok:
+            raise ValidationFailed(report)
+        times = to_event_times(frame[self.group.event_time]) if len(frame) else pd.Series([], dtype="datetime64[us]")
+        rows = self._online_rows(frame, times) if self.online_enabled else []  # packs (and checks) all first
+        if self.online_enabled and self.spec.name not in _TABLES.get(self.fs.online, {}):
+            register_online_table(self.fs.online, self.group, self.version)  # e.g. a new online database
+        with self.offline.locked():
+            self.offline.vacuum()
+            commit = self.offline.next_commit()
+            staged = self.offline.stage(frame, times, commit)
+            try:
+                sent = self.fs.online.write_batch(self.spec, rows, newer_column=ONLINE_TIME_COLUMN) if rows else 0
+            except BaseException:
+                self.offline.abort(staged)
+                raise
+            self.offline.publish(staged, {"online_rows": sent, "validation": report.to_dict()})
+        return InsertResult(self.name, self.version, commit, len(frame), sent, report)
+
+    def _prepare(self, frame: pd.DataFrame, event_time: Any) -> pd.DataFrame:
+        g = self.group
+        out = frame.copy()
+        if g.event_time not in out.columns:
+            if event_time is None:
+                raise ValueError(
+                    f"feature group {g.name!r}: frame lacks the event-time column {g.event_time!r} "
+                    "(or pass event_time=...)"
+                )
+            out[g.event_time] = pd.Timestamp(event_time)
+        for f in g.features:
+            if f.optional and f.column not in out.columns:
+                out[f.column] = None
+        missing = [c for c in g.columns if c not in out.columns]
+        if missing:
+            raise ValueError(f"feature group {g.name!r}: frame lacks columns {missing}")
+        return out[[*g.columns, g.event_time]]
+
+    def _online_rows(self, frame: pd.DataFrame, times: pd.Series) -> list[dict[str, Any]]:
+        g = self.group
+        codec = g.codec()
+        keys = _column_values(g.key_feature.dtype, frame[g.key])
+        columns = [_column_values(f.dtype, frame[f.column]) for f in g.value_features]
+        micros = to_micros(times).tolist()
+        encode = codec.encode_values
+        key_col, ts_col = g.primary_key, ONLINE_TIME_COLUMN
+        rows = []
+        for i, values in enumerate(zip(*columns, strict=True)):
+            try:
+                packed = encode(keys[i], values)
+            except ValueError as e:
+                raise ValueError(f"feature group {g.name!r}: row {i}: {e}") from None
+            rows.append({key_col: keys[i], ts_col: micros[i], ONLINE_ROW_COLUMN: packed})
+        return rows
+
+    # reading --------------------------------------------------------------------------------
+    def read(self, start: Any = None, end: Any = None, *, latest: bool = False, as_of: Any = None,
+             max_commit: int | None = None, internal: bool = False) -> pd.DataFrame:
+        """Offline rows with start <= event time < end (frame spelling, with the event time).
+
+        Args:
+            latest: only the latest row of each key (the online row); with `as_of`, the latest
+                with event time <= as_of.
+            max_commit: ignore inserts after this commit (reproducible reads).
+            internal: keep the `_commit` and `_row` columns.
+        """
+        end_excl = end
+        if as_of is not None:
+            limit = to_event_times([as_of]).iloc[0] + pd.Timedelta(microseconds=1)
+            end_excl = limit if end is None else min(limit, to_event_times([end]).iloc[0])
+        frame = self.offline.read(start, end_excl, max_commit, internal=True)
+        if latest:
+            frame = latest_per_key(frame, self.group.key, self.group.event_time).reset_index(drop=True)
+        if not internal:
+            frame = frame.drop(columns=["_commit", "_row"])
+        return frame
+
+    def read_online(self, keys: Sequence[Any], columns: Sequence[str] | None = None) -> dict[Any, dict[str, Any]]:
+        """key -> row (frame spelling) for the stored keys, with ONE query."""
+        table = self.online_table()
+        return _rows_to_dicts(table, *read_rows(self.fs.online, table, keys), columns)
+
+    def online_table(self) -> OnlineTable:
+        if not self.online_enabled:
+            raise ValueError(f"feature group {self.name!r} v{self.version} has no online table")
+        return online_table(self.fs.online, self.spec.name)
+
+    def stats(self) -> dict[str, Any]:
+        """Row counts and freshness, offline and online."""
+        commits = self.offline.commits()
+        max_event = max((c["max_event_time"] for c in commits if c.get("max_event_time")), default=None)
+        out: dict[str, Any] = {
+            "group": self.name,
+            "version": self.version,
+            "online": self.group.online,
+            "online_table": self.spec.name if self.group.online else None,
+            "features": len(self.group.features),
+            "commits": len(commits),
+            "offline_rows": sum(c["rows"] for c in commits),
+            "last_insert_at": commits[-1]["created_at"] if commits else None,
+            "max_event_time": max_event,
+        }
+        if self.online_enabled:
+            try:
+                s = self.fs.online.table_stats(self.spec, ONLINE_TIME_COLUMN)
+                out["online_rows"] = s["rows"]
+                out["online_max_event_time"] = (
+                    str(pd.Timestamp(s["max"], unit="us")) if s["max"] is not None else None
+                )
+            except TableNotFound:
+                out["online_rows"] = None
+        newest = out.get("online_max_event_time") or max_event
+        if newest is not None:
+            age = pd.Timestamp.now(tz="UTC").tz_localize(None) - pd.Timestamp(newest)
+            out["freshness_s"] = round(age.total_seconds(), 1)
+        return out
 
 
 class FeatureStore:
-    """Writes feature groups offline and online; reads them back by manifest reference."""
+    """Feature groups (offline Parquet + online tables) of one workdir, plus feature views."""
 
     def __init__(self, workdir: Workdir, online: OnlineStore | None = None):
         self.wd = workdir
         self.online = online
 
+    # versions -------------------------------------------------------------------------------
+    def group_dir(self, name: str, version: int) -> Path:
+        return self.wd.offline_dir / check_name(name, "feature group name") / f"v{int(version)}"
+
+    def versions(self, name: str) -> list[int]:
+        """Versions of a group that have a definition (written by this feature store)."""
+        base = self.wd.offline_dir / check_name(name, "feature group name")
+        if not base.is_dir():
+            return []
+        return sorted(int(p.name[1:]) for p in base.glob("v*") if p.name[1:].isdigit() and (p / META_FILE).is_file())
+
     def next_version(self, name: str) -> int:
-        base = self.wd.offline_dir / name
-        versions = [int(p.name[1:]) for p in base.glob("v*") if p.name[1:].isdigit()] if base.exists() else []
-        return max(versions, default=0) + 1
+        base = self.wd.offline_dir / check_name(name, "feature group name")
+        taken = [int(p.name[1:]) for p in base.glob("v*") if p.name[1:].isdigit()] if base.exists() else []
+        return max(taken, default=0) + 1
 
-    def write(self, name: str, frame: pd.DataFrame, progress: bool = True) -> FeatureGroupRef:
-        """Write a new version of group `name` offline and, for online groups, online."""
+    def list_feature_groups(self) -> dict[str, list[int]]:
+        if not self.wd.offline_dir.is_dir():
+            return {}
+        out = {}
+        for p in sorted(self.wd.offline_dir.iterdir()):
+            if p.is_dir() and not p.name.startswith("_"):
+                versions = self.versions(p.name)
+                if versions:
+                    out[p.name] = versions
+        return out
+
+    def create_feature_group(self, group: FeatureGroup, version: int | None = None) -> FeatureGroupVersion:
+        """A new version of `group` (the next free number unless given); older versions stay.
+
+        Raises:
+            ValueError: `version` already exists.
+        """
+        if version is None:
+            version = self.next_version(group.name)
+            while self._registered_online(group, version):  # a table another workdir left in this database
+                version += 1
+        version = int(version)
+        root = self.group_dir(group.name, version)
+        if (root / META_FILE).exists():
+            raise ValueError(f"feature group {group.name!r} v{version} already exists")
+        root.mkdir(parents=True, exist_ok=True)
+        fgv = FeatureGroupVersion(self, group, version)
+        if fgv.online_enabled:
+            register_online_table(self.online, group, version)
+        atomic_write_text(root / META_FILE, json.dumps({
+            "group": group.to_dict(),
+            "version": version,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "online_table": fgv.spec.name if group.online else None,
+        }, indent=1))
+        return fgv
+
+    def _registered_online(self, group: FeatureGroup, version: int) -> bool:
+        if not group.online or self.online is None:
+            return False
+        table = group.table_name(version)
+        try:
+            return bool(self.online.read_batch(REGISTRY, [table], ["table_name"]))
+        except TableNotFound:
+            return False
+
+    def get_feature_group(self, name: str, version: int | None = None) -> FeatureGroupVersion:
+        """A version of a group (the latest when None), with the definition it was created with.
+
+        Raises:
+            LookupError: no such group or version.
+        """
+        versions = self.versions(name)
+        if not versions:
+            raise LookupError(f"no feature group {name!r} in {self.wd.offline_dir}")
+        version = versions[-1] if version is None else int(version)
+        meta = self.group_dir(name, version) / META_FILE
+        if not meta.is_file():
+            raise LookupError(f"feature group {name!r} has no version {version} (versions: {versions})")
+        group = FeatureGroup.from_dict(json.loads(meta.read_text())["group"])
+        return FeatureGroupVersion(self, group, version)
+
+    def get_or_create_feature_group(self, group: FeatureGroup, version: int) -> FeatureGroupVersion:
+        try:
+            fgv = self.get_feature_group(group.name, version)
+        except LookupError:
+            return self.create_feature_group(group, version)
+        if fgv.group != group:
+            raise SchemaMismatch(f"feature group {group.name!r} v{version} exists with another definition")
+        return fgv
+
+    # the pipeline's entry point ---------------------------------------------------------------
+    def write(self, name: str, frame: pd.DataFrame, progress: bool = True, event_time: Any = None,
+              validation: str = "always") -> FeatureGroupRef:
+        """Write `frame` as a new version of the H&M group `name` (offline and, for online
+        groups, online) and return its manifest reference.
+
+        Frames without an event-time column get `event_time` (default: now, the time the
+        features were computed). Validation "always" writes and prints failed rules.
+        """
+        if name not in GROUPS:
+            raise ValueError(f"unknown feature group {name!r}; one of {sorted(GROUPS)}")
         group = GROUPS[name]
-        missing = [c for c in group.columns if c not in frame.columns]
-        if missing:
-            raise ValueError(f"feature group {name!r}: frame lacks columns {missing}")
-        frame = frame[list(group.columns)]
-        version = self.next_version(name)
-        path = self._write_offline(group, frame, version)
-        ref = FeatureGroupRef(version=version, offline_path=self.wd.relative(path), primary_key=[group.key])
-        if group.online and self.online is not None:
-            spec = table_spec(group, version)
-            self.online.ensure_table(spec)
-            rows = to_online_rows(group, frame)
-            for i in range(0, len(rows), ONLINE_CHUNK):
-                self.online.write_batch(spec, rows[i : i + ONLINE_CHUNK])
-            if progress:
-                print(f"[feature store] {name} v{version}: {len(rows)} rows online in {spec.name}", flush=True)
-            ref.online_table = spec.name
-        return ref
-
-    def _write_offline(self, group: FeatureGroup, frame: pd.DataFrame, version: int) -> Path:
-        final = self.wd.offline_dir / group.name / f"v{version}"
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        to_offline(group, frame).to_parquet(tmp / "part-0.parquet", index=False)
-        tmp.rename(final)
-        return final
+        if group.event_time not in frame.columns and event_time is None:
+            event_time = pd.Timestamp.now(tz="UTC")
+        fgv = self.create_feature_group(group)
+        result = fgv.insert(frame, validation=validation, event_time=event_time)
+        if progress:
+            where = f", {result.online_rows} online in {fgv.spec.name}" if fgv.online_enabled else ""
+            print(f"[feature store] {name} v{fgv.version}: {result.rows} rows offline{where}", flush=True)
+            if not result.report.ok:
+                for line in result.report.summary_lines():
+                    print(f"[feature store] {line}", flush=True)
+        return fgv.ref
 
     def read_offline(self, name: str, ref: FeatureGroupRef) -> pd.DataFrame:
-        frame = pd.read_parquet(self.wd.resolve(ref.offline_path))
-        return from_offline(GROUPS[name], frame)
+        """All offline rows of the version a manifest reference names."""
+        return self.get_feature_group(name, ref.version).read()
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every group version: row counts offline and online, freshness."""
+        return [self.get_feature_group(name, v).stats()
+                for name, versions in self.list_feature_groups().items() for v in versions]
+
+    # feature views ----------------------------------------------------------------------------
+    def create_feature_view(self, view):  # -> FeatureViewHandle (see feature_store.feature_view)
+        from feature_store.feature_view import create_feature_view
+
+        return create_feature_view(self, view)
+
+    def get_feature_view(self, name: str, version: int | None = None):
+        from feature_store.feature_view import get_feature_view
+
+        return get_feature_view(self, name, version)
 
 
-def to_offline(group: FeatureGroup, frame: pd.DataFrame) -> pd.DataFrame:
-    """JSON-typed columns are stored as JSON text so Parquet never has to infer a schema."""
-    out = frame.copy()
-    for col, typ in group.columns.items():
-        if typ == "json":
-            out[col] = out[col].map(lambda v: None if v is None else json.dumps(_plain(v)))
-    return out
-
-
-def from_offline(group: FeatureGroup, frame: pd.DataFrame) -> pd.DataFrame:
-    out = frame.copy()
-    for col, typ in group.columns.items():
-        if typ == "json" and col in out:
-            out[col] = out[col].map(lambda v: None if v is None else json.loads(v))
-    return out
-
-
-def to_online_rows(group: FeatureGroup, frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """Rows as plain Python values: NaN -> None, numpy scalars -> int/float."""
-    cols = list(group.columns)
-    rows = []
-    for rec in frame[cols].itertuples(index=False, name=None):
-        rows.append({c: _plain(v) for c, v in zip(cols, rec, strict=True)})
-    return rows
-
-
-def _plain(v: Any) -> Any:
-    if v is None:
-        return None
-    if isinstance(v, float | np.floating):
-        return None if math.isnan(v) else float(v)
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, np.ndarray):
-        return [_plain(x) for x in v.tolist()]
-    if isinstance(v, list | tuple):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if v is pd.NA or v is pd.NaT:
-        return None
-    return v
-
-
-def read_online(store: OnlineStore, ref: FeatureGroupRef, name: str, keys: Sequence[Any],
-                columns: Sequence[str] | None = None) -> dict[Any, dict[str, Any]]:
-    """One batched read of a group for many keys, by manifest reference."""
-    if ref.online_table is None:
-        raise ValueError(f"feature group {name!r} v{ref.version} has no online table")
-    return store.read_batch(table_spec(GROUPS[name], ref.version), list(keys), columns)
+def normalised_keys(table: OnlineTable, keys: Sequence[Any]) -> list[Any]:
+    return [normalise_key(table.spec, k) for k in keys]

@@ -11,6 +11,15 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
+from feature_store.groups import (
+    ARTICLE_INT_ATTRIBUTES,
+    ARTICLE_NAME_ATTRIBUTES,
+    INDEX_GROUPS,
+    MAX_PURCHASED,
+    SALES_DAYS,
+)
+from feature_store.on_demand import age_group, postal_bucket
+
 ARTICLE_CATEGORICALS = [
     "product_type_name",
     "product_group_name",
@@ -21,7 +30,6 @@ ARTICLE_CATEGORICALS = [
     "graphical_appearance_name",
 ]
 CUSTOMER_COLUMNS = ["age", "club_member_status", "fashion_news_frequency", "FN", "Active", "postal_code"]
-MAX_PURCHASED = 500  # purchases kept per customer online (most recent first); enough for the filter
 
 
 def before(transactions: pd.DataFrame, as_of: pd.Timestamp | None) -> pd.DataFrame:
@@ -32,8 +40,11 @@ def before(transactions: pd.DataFrame, as_of: pd.Timestamp | None) -> pd.DataFra
 
 
 def customer_features(customers: pd.DataFrame, regions: pd.DataFrame | None = None) -> pd.DataFrame:
-    """The customers group: profile columns plus the region their postal code maps to."""
+    """The customers group: profile columns, age group, postal-code bucket and the region the
+    postal code maps to."""
     out = customers[["customer_id", *CUSTOMER_COLUMNS]].copy()
+    out["age_group"] = age_group(out["age"])
+    out["postal_bucket"] = postal_bucket(out["postal_code"])
     if regions is not None and len(regions):
         out = out.merge(regions[["postal_code", "region"]], on="postal_code", how="left")
     else:
@@ -47,17 +58,46 @@ def article_features(
     as_of: pd.Timestamp | None,
     extras: dict[str, pd.DataFrame] | None = None,
 ) -> pd.DataFrame:
-    """The articles group: attributes, mean sale price and popularity as of the cut-off."""
+    """The articles group as of the cut-off: every attribute, the sales aggregates and stock.
+
+    Sales windows end at the cut-off (exclusive; the day after the last transaction when
+    `as_of` is None): `daily_sales[i]` counts the sales of day `sales_day - i`, sales_7d and
+    sales_30d sum its first 7 and 30 days, sales_trend is the last 7 days minus the 7 before.
+    Attributes missing from `articles` are filled with None.
+    """
     tx = before(transactions, as_of)
-    end = tx["t_dat"].max() + pd.Timedelta(days=1) if as_of is None and len(tx) else as_of
-    out = articles[["article_id", "prod_name", *ARTICLE_CATEGORICALS, "detail_desc"]].copy()
-    stats = tx.groupby("article_id").agg(price=("price", "mean"), sales_total=("price", "size"))
-    last7 = tx[tx["t_dat"] >= end - pd.Timedelta(days=7)] if end is not None else tx.iloc[:0]
-    stats["sales_7d"] = last7.groupby("article_id").size()
+    end = tx["t_dat"].max().normalize() + pd.Timedelta(days=1) if as_of is None and len(tx) else as_of
+    attrs = ["prod_name", *ARTICLE_INT_ATTRIBUTES, *ARTICLE_NAME_ATTRIBUTES, "detail_desc"]
+    out = articles[["article_id", *[c for c in attrs if c in articles.columns]]].copy()
+    for c in attrs:
+        if c not in out.columns:
+            out[c] = None
+    stats = tx.groupby("article_id").agg(price=("price", "mean"), sales_total=("price", "size"),
+                                         first_seen=("t_dat", "min"))
     out = out.merge(stats, left_on="article_id", right_index=True, how="left")
     out["sales_total"] = out["sales_total"].fillna(0).astype("int64")
-    out["sales_7d"] = out["sales_7d"].fillna(0).astype("int64")
+    out["first_seen"] = [None if pd.isna(t) else t.strftime("%Y-%m-%d") for t in out["first_seen"]]
+    daily = _daily_sales(tx, out["article_id"], end)
+    out["sales_day"] = None if end is None else (pd.Timestamp(end).normalize() - pd.Timedelta(days=1)).strftime("%Y-%m-%d")
+    out["daily_sales"] = [row.tolist() for row in daily]
+    out["sales_7d"] = daily[:, :7].sum(axis=1).astype("int64")
+    out["sales_30d"] = daily.sum(axis=1).astype("int64")
+    out["sales_trend"] = (daily[:, :7].sum(axis=1) - daily[:, 7:14].sum(axis=1)).astype("int64")
     return _with_extras(out, extras or {}).reset_index(drop=True)
+
+
+def _daily_sales(tx: pd.DataFrame, article_ids: pd.Series, end: pd.Timestamp | None) -> np.ndarray:
+    """[n_articles, SALES_DAYS] sales counts, column i = the day `end - 1 - i` days."""
+    out = np.zeros((len(article_ids), SALES_DAYS), dtype=np.int64)
+    if end is None or not len(tx):
+        return out
+    last_day = pd.Timestamp(end).normalize() - pd.Timedelta(days=1)
+    ago = (last_day - tx["t_dat"].dt.normalize()).dt.days.to_numpy()
+    keep = (ago >= 0) & (ago < SALES_DAYS)
+    pos = pd.Index(article_ids).get_indexer(tx["article_id"].to_numpy()[keep])
+    found = pos >= 0
+    np.add.at(out, (pos[found], ago[keep][found]), 1)
+    return out
 
 
 def _with_extras(out: pd.DataFrame, extras: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -72,6 +112,7 @@ def _with_extras(out: pd.DataFrame, extras: dict[str, pd.DataFrame]) -> pd.DataF
         if ages is not None
         else 0
     )
+    out["in_stock"] = [None if pd.isna(v) else bool(v > 0) for v in out["stock"]]
     regions = extras.get("regions")
     if regions is not None:
         by_article = regions.groupby("article_id")["region"].agg(lambda s: sorted(set(s)))
@@ -85,7 +126,9 @@ def _with_extras(out: pd.DataFrame, extras: dict[str, pd.DataFrame]) -> pd.DataF
 def customer_history(
     transactions: pd.DataFrame, articles: pd.DataFrame, as_of: pd.Timestamp | None
 ) -> pd.DataFrame:
-    """The customer_history group: purchases (most recent first) and simple aggregates."""
+    """The customer_history group: purchases (most recent first, the last MAX_PURCHASED) and
+    aggregates: count, mean price, counts per product type and index group, the share of
+    purchases in each H&M index group, the last purchase day."""
     tx = before(transactions, as_of).merge(
         articles[["article_id", "product_type_name", "index_group_name"]], on="article_id", how="left"
     )
@@ -93,21 +136,24 @@ def customer_history(
     rows = []
     for cid, g in tx.groupby("customer_id", sort=False):
         ids = g["article_id"].tolist()[::-1][:MAX_PURCHASED]
+        groups = dict(Counter(g["index_group_name"].dropna()))
+        n = len(g)
         rows.append(
             {
                 "customer_id": cid,
                 "purchased": ids,
-                "n_purchases": len(g),
+                "n_purchases": n,
                 "mean_price": float(g["price"].mean()),
                 "type_counts": dict(Counter(g["product_type_name"].dropna())),
-                "index_group_counts": dict(Counter(g["index_group_name"].dropna())),
+                "index_group_counts": groups,
+                **{share: groups.get(name, 0) / n for name, share in INDEX_GROUPS.items()},
                 "last_purchase": g["t_dat"].iloc[-1].strftime("%Y-%m-%d"),
             }
         )
     return pd.DataFrame(
         rows,
         columns=["customer_id", "purchased", "n_purchases", "mean_price", "type_counts",
-                 "index_group_counts", "last_purchase"],
+                 "index_group_counts", *INDEX_GROUPS.values(), "last_purchase"],
     )
 
 

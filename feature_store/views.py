@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import pandas as pd
 
+from feature_store.feature_view import FeatureSelection, FeatureView
+from feature_store.on_demand import OnDemandFeature
+from feature_store.transformations import Transformation
 from feature_store.transforms import ARTICLE_CATEGORICALS, histories_before
 
 RETRIEVAL_VIEW_VERSION = 1
@@ -55,3 +58,40 @@ def query_row(customer: dict | None, customer_id: str, history: list[str], month
         row.update({k: customer.get(k) for k in ("age", "club_member_status", "fashion_news_frequency", "FN", "Active")})
     row.update(customer_id=customer_id, history=list(history), month=int(month), sales_channel_id=int(channel))
     return row
+
+
+# ---------------------------------------------------------------------------------------------
+# The H&M purchases feature view (feature_store.feature_view): one training row per purchase,
+# customer profile and purchase aggregates as of the purchase, the article's attributes and
+# sales, the request context (sales channel, month sin/cos of the date), with transformations
+# fitted on the training split. Serving passes {"customer_id", "article_id"} keys and the
+# request {"date": ..., "sales_channel_id": ...}.
+
+
+PURCHASES_VIEW = FeatureView(
+    "purchases",
+    features=(
+        FeatureSelection("customers", ("age", "age_group", "club_member_status", "fashion_news_frequency",
+                                       "FN", "Active", "postal_bucket")),
+        FeatureSelection("customer_history", ("n_purchases", "mean_price", "share_ladieswear", "share_divided",
+                                              "share_menswear", "share_baby_children", "share_sport")),
+        FeatureSelection("articles", ("product_type_name", "product_group_name", "colour_group_name",
+                                      "index_group_name", "garment_group_name", "price", "sales_7d",
+                                      "sales_30d", "sales_trend", "in_stock"), prefix="article_"),
+    ),
+    label_group="transactions",
+    label_features=("sales_channel_id",),
+    on_demand=(OnDemandFeature("month_sin", "month_sin", ("date",)),
+               OnDemandFeature("month_cos", "month_cos", ("date",))),
+    request_from_label={"date": "t_dat"},
+    transformations=(
+        Transformation("age", "standard_scaler"),
+        Transformation("age_group", "one_hot_encoder"),
+        Transformation("club_member_status", "label_encoder"),
+        Transformation("article_product_type_name", "label_encoder"),
+        Transformation("article_index_group_name", "one_hot_encoder"),
+        Transformation("article_price", "min_max_scaler"),
+        Transformation("n_purchases", "bucketizer", {"boundaries": [1, 2, 5, 10, 20, 50]}),
+    ),
+    description="One row per purchase; the customer's and the article's features as of the purchase.",
+)

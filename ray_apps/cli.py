@@ -158,6 +158,10 @@ def parser() -> argparse.ArgumentParser:
     stop = sub.add_parser("stop", help="stop serving, Ray and the local database")
     common(stop)
     stop.set_defaults(func=cmd_stop)
+
+    from ray_apps.features_cli import add_features_commands
+
+    add_features_commands(sub)
     return p
 
 
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ConfigError, ValueError, LookupError, FileNotFoundError, RuntimeError) as e:
         print(f"rayrec: error: {e}", file=sys.stderr)
         return 2
 

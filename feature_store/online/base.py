@@ -10,7 +10,18 @@ Semantics shared by every store (the contract suite in tests/integration checks 
 - Validation happens before anything is written, so a bad row means nothing is written; the
   error names the row index and the column.
 - float64 NaN is stored as None; json values are any JSON-serialisable value (numpy arrays
-  and scalars are converted) and come back decoded (tuples come back as lists).
+  and scalars are converted) and come back decoded (tuples come back as lists); bytes values
+  are stored verbatim (VARBINARY, bounded by MAX_BYTES).
+- Table and column names are lower-case identifiers (`[a-z0-9_]`, not starting with a digit):
+  SQL identifiers are case-insensitive, so one spelling per name avoids clashes.
+- `write_batch(..., newer_column=c)` is a conditional upsert: a row replaces a stored row only
+  when its value in column `c` is >= the stored one (ties: the new row wins), which lets
+  late-arriving rows land without overwriting newer ones.
+- `read_concat` returns the concatenation of one bytes column for many keys in ONE query, for
+  values that carry their own key and length (feature_store.codec): a store may aggregate on
+  the server so the client decodes one value instead of one row per key.
+- `update_rows` is a read-modify-write in one transaction, idempotent by a "once" row
+  (an event id): a retried event is applied once.
 """
 
 from __future__ import annotations
@@ -21,18 +32,19 @@ import numbers
 import re
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-COLUMN_TYPES = ("int64", "float64", "string", "json")
+IDENTIFIER_RE = re.compile(r"^[a-z_][a-z0-9_]{0,63}$")
+COLUMN_TYPES = ("int64", "float64", "string", "json", "bytes")
 KEY_TYPES = ("int64", "string")
 
 # Size limits of the SQL column types (see mysql.py), enforced by every store alike.
 MAX_KEY_CHARS = 64  # VARCHAR(64)
 MAX_STRING_CHARS = 255  # VARCHAR(255)
 MAX_JSON_BYTES = 65_535  # TEXT
+MAX_BYTES = 14_000  # VARBINARY(14000): well inside an NDB row (about 30 KB) and an InnoDB row
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -50,7 +62,8 @@ class TableSpec:
     Attributes:
         name: table name (a plain SQL identifier).
         key: the primary-key column; must be one of `columns` and of type "string" or "int64".
-        columns: column name -> one of "int64", "float64", "string", "json" (the key included).
+        columns: column name -> one of "int64", "float64", "string", "json", "bytes" (the key
+            included).
     """
 
     name: str
@@ -152,6 +165,13 @@ def _normalise_value(typ: str, value: Any, *, is_key: bool) -> Any:
             except UnicodeEncodeError:
                 raise ValueError("string is not valid Unicode (lone surrogate)") from None
         return value
+    if typ == "bytes":
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise TypeError(f"expected bytes, got {type(value).__name__}")
+        value = bytes(value)
+        if len(value) > MAX_BYTES:
+            raise ValueError(f"{len(value)} bytes exceed the limit of {MAX_BYTES}")
+        return value
     # json
     try:
         text = encode_json(value)
@@ -169,6 +189,18 @@ def normalise_key(spec: TableSpec, key: Any) -> Hashable:
         return _normalise_value(spec.key_type, key, is_key=True)
     except (TypeError, ValueError) as e:
         raise ValueError(f"table {spec.name!r}: invalid key {key!r}: {e}") from None
+
+
+def plain_string_keys(spec: TableSpec, keys: Sequence[Any]) -> list[str] | None:
+    """The distinct keys, when they are all short ASCII str of a string-keyed table (the common
+    case, checked with a few C calls instead of one validation per key); else None."""
+    if spec.key_type != "string" or not keys:
+        return None
+    if not all(type(k) is str for k in keys):
+        return None
+    if max(map(len, keys)) > MAX_KEY_CHARS or not "".join(keys).isascii():
+        return None
+    return list(dict.fromkeys(keys))
 
 
 def prepare_rows(spec: TableSpec, rows: Sequence[dict[str, Any]]) -> list[tuple[Any, ...]]:
@@ -213,6 +245,28 @@ def check_columns(spec: TableSpec, columns: Sequence[str] | None) -> list[str]:
     return cols
 
 
+def check_newer_column(spec: TableSpec, column: str | None) -> int | None:
+    """Position of the conditional-upsert column in `spec.columns` (None when not given)."""
+    if column is None:
+        return None
+    if spec.columns.get(column) != "int64" or column == spec.key:
+        raise ValueError(f"table {spec.name!r}: newer_column {column!r} must be a non-key int64 column")
+    return list(spec.columns).index(column)
+
+
+def check_bytes_column(spec: TableSpec, column: str) -> None:
+    if spec.columns.get(column) != "bytes":
+        raise ValueError(f"table {spec.name!r}: {column!r} is not a bytes column")
+
+
+# A read-modify-write callback: the rows read (None where absent) -> the rows to upsert.
+UpdateFn = Callable[[list[dict[str, Any] | None]], Sequence[tuple[TableSpec, dict[str, Any]]]]
+
+
+class AlreadyApplied(Exception):
+    """Raised inside stores when the `once` row of `update_rows` is already stored."""
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -230,13 +284,18 @@ class OnlineStore(ABC):
         """
 
     @abstractmethod
-    def write_batch(self, spec: TableSpec, rows: list[dict[str, Any]]) -> int:
+    def write_batch(
+        self, spec: TableSpec, rows: list[dict[str, Any]], *, newer_column: str | None = None
+    ) -> int:
         """Upsert whole rows in ONE transaction: all rows are written or none.
 
         Args:
             spec: the table schema (the table must exist).
             rows: dicts holding the key column and any subset of the other columns; a missing
                 column is written as None.
+            newer_column: an int64 column (e.g. the event time); when given, a row replaces a
+                stored row only if its value is >= the stored one (NULL counts as oldest), and
+                within the batch the row with the largest value wins (ties: the later row).
         Returns:
             The number of rows written (an empty list sends nothing and returns 0).
         Raises:
@@ -262,6 +321,63 @@ class OnlineStore(ABC):
         Raises:
             TableNotFound: the table does not exist.
             ValueError: an unknown column or a key of the wrong type.
+        """
+
+    @abstractmethod
+    def read_concat(self, spec: TableSpec, keys: Sequence[Any], column: str) -> bytes:
+        """The values of one bytes column for many keys, concatenated, with ONE query.
+
+        The values must be self-delimiting (each carries its own length and key, see
+        feature_store.codec): the order of the values is unspecified and keys that are not
+        stored contribute nothing.
+
+        Args:
+            spec: the table schema.
+            keys: keys to look up (duplicates are read once).
+            column: a column of type "bytes".
+        Returns:
+            The concatenated values (b"" when no key is stored; no query when `keys` is empty).
+        Raises:
+            TableNotFound: the table does not exist.
+            ValueError: `column` is not a bytes column, or a key has the wrong type.
+        """
+
+    @abstractmethod
+    def table_stats(self, spec: TableSpec, max_column: str | None = None) -> dict[str, Any]:
+        """Row count (and the largest value of one column) of a table, in one query.
+
+        Args:
+            spec: the table schema.
+            max_column: a column whose maximum to return (None: none).
+        Returns:
+            {"rows": int, "max": value or None}.
+        Raises:
+            TableNotFound: the table does not exist.
+        """
+
+    @abstractmethod
+    def update_rows(
+        self,
+        reads: Sequence[tuple[TableSpec, Any]],
+        update: UpdateFn,
+        *,
+        once: tuple[TableSpec, dict[str, Any]] | None = None,
+    ) -> bool:
+        """Read-modify-write in ONE transaction, applied at most once per `once` row.
+
+        1. When `once` = (spec, row) is given, the row is inserted; if its key is already
+           stored, nothing else happens and False is returned (the event was applied before).
+        2. The rows named by `reads` are read (and locked until commit); `update(rows)` gets
+           them in order (None where absent) and returns (spec, row) pairs to upsert.
+        3. Everything commits together, or nothing does (an exception in `update` or a lost
+           connection rolls back). `update` may be called more than once (deadlock retry): it
+           must depend only on its argument.
+
+        Returns:
+            True if applied now, False if `once` was already stored.
+        Raises:
+            ValueError: a row to write is invalid (nothing is written).
+            TableNotFound: a table does not exist.
         """
 
     @abstractmethod
@@ -325,25 +441,46 @@ class InMemoryOnlineStore(OnlineStore):
                 return
             check_compatible(spec, dict(existing[0].columns), existing[0].key)
 
-    def write_batch(self, spec: TableSpec, rows: list[dict[str, Any]]) -> int:
+    def write_batch(
+        self, spec: TableSpec, rows: list[dict[str, Any]], *, newer_column: str | None = None
+    ) -> int:
+        newer = check_newer_column(spec, newer_column)
         prepared = prepare_rows(spec, rows)
+        if newer is not None:
+            prepared = latest_per_key(spec, prepared, newer)
         if not prepared:
             return 0
         with self._lock:
             self._check_open()
-            stored_spec, data = self._table(spec)
+            self._table(spec)
             self._statements += 1
-            key_idx = list(spec.columns).index(spec.key)
-            stored_cols = list(stored_spec.columns)
-            for values in prepared:
-                by_col = dict(zip(spec.columns, values, strict=True))
-                old = data.get(values[key_idx])
-                # Like SQL's ON DUPLICATE KEY UPDATE: columns outside this spec keep their value.
-                data[values[key_idx]] = tuple(
-                    by_col[c] if c in by_col else (old[i] if old is not None else None)
-                    for i, c in enumerate(stored_cols)
-                )
+            self._upsert(spec, prepared, newer)
         return len(prepared)
+
+    def _upsert(self, spec: TableSpec, prepared: list[tuple[Any, ...]], newer: int | None = None) -> None:
+        stored_spec, data = self._table(spec)
+        key_idx = list(spec.columns).index(spec.key)
+        stored_cols = list(stored_spec.columns)
+        newer_stored = stored_cols.index(list(spec.columns)[newer]) if newer is not None else None
+        for values in prepared:
+            old = data.get(values[key_idx])
+            if newer is not None and old is not None and old[newer_stored] is not None:
+                if values[newer] is None or values[newer] < old[newer_stored]:
+                    continue
+            by_col = dict(zip(spec.columns, values, strict=True))
+            # Like SQL's ON DUPLICATE KEY UPDATE: columns outside this spec keep their value.
+            data[values[key_idx]] = tuple(
+                by_col[c] if c in by_col else (old[i] if old is not None else None)
+                for i, c in enumerate(stored_cols)
+            )
+
+    def _decode(self, spec: TableSpec, stored_spec: TableSpec, row: tuple[Any, ...], cols: list[str]) -> dict:
+        index = {c: i for i, c in enumerate(stored_spec.columns)}
+        rec = {}
+        for c in cols:
+            v = row[index[c]]
+            rec[c] = json.loads(v) if spec.columns[c] == "json" and v is not None else v
+        return rec
 
     def read_batch(
         self, spec: TableSpec, keys: Sequence[Any], columns: Sequence[str] | None = None
@@ -356,18 +493,70 @@ class InMemoryOnlineStore(OnlineStore):
             self._check_open()
             stored_spec, data = self._table(spec)
             self._statements += 1
-            index = {c: i for i, c in enumerate(stored_spec.columns)}
             out: dict[Any, dict[str, Any]] = {}
             for k in wanted:
                 row = data.get(k)
-                if row is None:
-                    continue
-                rec = {}
-                for c in cols:
-                    v = row[index[c]]
-                    rec[c] = json.loads(v) if spec.columns[c] == "json" and v is not None else v
-                out[k] = rec
+                if row is not None:
+                    out[k] = self._decode(spec, stored_spec, row, cols)
             return out
+
+    def read_concat(self, spec: TableSpec, keys: Sequence[Any], column: str) -> bytes:
+        check_bytes_column(spec, column)
+        wanted = list(dict.fromkeys(normalise_key(spec, k) for k in keys))
+        if not wanted:
+            return b""
+        with self._lock:
+            self._check_open()
+            stored_spec, data = self._table(spec)
+            self._statements += 1
+            pos = list(stored_spec.columns).index(column)
+            return b"".join(row[pos] for k in wanted if (row := data.get(k)) is not None and row[pos] is not None)
+
+    def table_stats(self, spec: TableSpec, max_column: str | None = None) -> dict[str, Any]:
+        if max_column is not None:
+            check_columns(spec, [max_column])
+        with self._lock:
+            self._check_open()
+            stored_spec, data = self._table(spec)
+            self._statements += 1
+            top = None
+            if max_column is not None:
+                pos = list(stored_spec.columns).index(max_column)
+                values = [r[pos] for r in data.values() if r[pos] is not None]
+                top = max(values) if values else None
+            return {"rows": len(data), "max": top}
+
+    def update_rows(
+        self,
+        reads: Sequence[tuple[TableSpec, Any]],
+        update: UpdateFn,
+        *,
+        once: tuple[TableSpec, dict[str, Any]] | None = None,
+    ) -> bool:
+        keys = [(spec, normalise_key(spec, k)) for spec, k in reads]
+        once_prepared = prepare_rows(once[0], [once[1]])[0] if once is not None else None
+        with self._lock:
+            self._check_open()
+            self._statements += 1
+            if once is not None:
+                once_spec = once[0]
+                _, once_data = self._table(once_spec)
+                if once_prepared[list(once_spec.columns).index(once_spec.key)] in once_data:
+                    return False
+            rows: list[dict[str, Any] | None] = []
+            for spec, k in keys:
+                stored_spec, data = self._table(spec)
+                row = data.get(k)
+                rows.append(None if row is None else self._decode(spec, stored_spec, row, list(spec.columns)))
+            writes = [(spec, prepare_rows(spec, [row])) for spec, row in update(rows)]
+            for spec, _ in writes:
+                self._table(spec)
+            # everything validated: apply (the lock makes it atomic for readers)
+            if once is not None:
+                self._upsert(once[0], [once_prepared])
+            for spec, prepared in writes:
+                self._upsert(spec, prepared)
+            return True
 
     def drop_table(self, spec: TableSpec) -> None:
         with self._lock:
@@ -386,6 +575,18 @@ class InMemoryOnlineStore(OnlineStore):
 
     def statement_count(self) -> int:
         return self._statements
+
+
+def latest_per_key(spec: TableSpec, prepared: list[tuple[Any, ...]], newer: int) -> list[tuple[Any, ...]]:
+    """Keep, per key, the row with the largest `newer` value (ties and NULLs: the later row)."""
+    key_idx = list(spec.columns).index(spec.key)
+    best: dict[Any, tuple[Any, ...]] = {}
+    for values in prepared:
+        k = values[key_idx]
+        old = best.get(k)
+        if old is None or old[newer] is None or (values[newer] is not None and values[newer] >= old[newer]):
+            best[k] = values
+    return list(best.values())
 
 
 def check_compatible(spec: TableSpec, existing: dict[str, str], existing_key: str | None) -> None:

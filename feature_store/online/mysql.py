@@ -5,7 +5,14 @@ to the server as a %s parameter; identifiers are validated (`base.IDENTIFIER_RE`
 backtick-quoted before they are put in a statement. The SQL is the subset that MariaDB 10.11
 and MySQL 8.0 NDB (RonDB) both run: `CREATE TABLE IF NOT EXISTS ... ENGINE=`,
 `INSERT ... ON DUPLICATE KEY UPDATE c=VALUES(c)` (deprecated but supported by MySQL 8.0;
-MariaDB lacks the newer row-alias form), `SELECT ... WHERE k IN (...)`.
+MariaDB lacks the newer row-alias form), `SELECT ... WHERE k IN (...)`, `GROUP_CONCAT`,
+`SELECT ... FOR UPDATE`.
+
+Reads are built for pymysql, which decodes every column of every row in Python: `read_concat`
+asks the server for ONE value, the concatenation of the rows' packed values
+(`GROUP_CONCAT(v SEPARATOR '')`), so the client parses one bytes object instead of one result
+row per key. The session's group_concat_max_len is raised at connect; a result that was still
+cut short (checked against SUM(LENGTH(v))) is read again row by row.
 
 One store holds one connection behind a lock (thread-safe, calls are serialised; use one
 store per thread or process for parallelism). The connection runs in autocommit mode so reads
@@ -17,6 +24,7 @@ idempotent (upserts, IF [NOT] EXISTS DDL, reads), so a retry cannot apply anythi
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -26,15 +34,21 @@ from pymysql.err import InterfaceError, OperationalError
 
 from common.config import DatabaseConfig
 from feature_store.online.base import (
+    MAX_BYTES,
     MAX_KEY_CHARS,
     MAX_STRING_CHARS,
     OnlineStore,
     SchemaMismatch,
     TableNotFound,
     TableSpec,
+    UpdateFn,
+    check_bytes_column,
     check_columns,
     check_compatible,
+    check_newer_column,
+    latest_per_key,
     normalise_key,
+    plain_string_keys,
     prepare_rows,
     validate_identifier,
 )
@@ -55,12 +69,18 @@ _CONNECTION_LOST = {
 }
 _ER_NO_SUCH_TABLE = 1146
 _ER_BAD_FIELD = 1054
+_ER_DUP_ENTRY = 1062
+_RETRY_TXN = {1205, 1213}  # lock wait timeout, deadlock: the transaction is retried
+_TXN_ATTEMPTS = 5
+_DATABASE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+GROUP_CONCAT_MAX_LEN = 1 << 26  # 64 MiB; results beyond max_allowed_packet fall back to rows
 
 _SQL_TYPES = {
     "int64": "BIGINT",
     "float64": "DOUBLE",
     "string": f"VARCHAR({MAX_STRING_CHARS})",
     "json": "TEXT",
+    "bytes": f"VARBINARY({MAX_BYTES})",
 }
 # information_schema.COLUMNS.DATA_TYPE -> our column type, to check an existing table.
 _FROM_SQL_TYPE = {
@@ -70,6 +90,7 @@ _FROM_SQL_TYPE = {
     "text": "json",
     "mediumtext": "json",
     "longtext": "json",
+    "varbinary": "bytes",
 }
 # Binary collation for string keys: ids are case-sensitive. (Both MariaDB and MySQL pad
 # trailing spaces in this collation: "a" and "a " are the same key.)
@@ -94,6 +115,41 @@ def _translate(e: pymysql.err.MySQLError) -> Exception:
 
 def _is_connection_lost(e: BaseException) -> bool:
     return isinstance(e, OperationalError | InterfaceError) and bool(e.args) and e.args[0] in _CONNECTION_LOST
+
+
+def _placeholders(n: int) -> str:
+    """`(%s,%s,...)`: every value goes to the driver as a query parameter."""
+    return "(" + ",".join(["%s"] * n) + ")"
+
+
+def _upsert_sql(spec: TableSpec, newer_column: str | None) -> str:
+    """INSERT ... ON DUPLICATE KEY UPDATE for all columns of `spec`; with `newer_column`, a
+    stored row is replaced only when the new value is >= the stored one (assignments run left
+    to right, so the condition column is assigned last)."""
+    cols = list(spec.columns)
+    updates = [c for c in cols if c != spec.key] or [spec.key]
+    if newer_column is None:
+        sets = [f"{_q(c)}=VALUES({_q(c)})" for c in updates]
+    else:
+        n = _q(newer_column)
+        cond = f"({n} IS NULL OR VALUES({n}) >= {n})"
+        ordered = [c for c in updates if c != newer_column] + [newer_column]
+        sets = [f"{_q(c)}=IF({cond}, VALUES({_q(c)}), {_q(c)})" for c in ordered]
+    return (
+        f"INSERT INTO {_q(spec.name)} ({', '.join(_q(c) for c in cols)}) "
+        f"VALUES ({', '.join(['%s'] * len(cols))}) "
+        f"ON DUPLICATE KEY UPDATE {', '.join(sets)}"
+    )
+
+
+def _decode_row(spec: TableSpec, cols: list[str], row: tuple[Any, ...]) -> dict[str, Any]:
+    rec = dict(zip(cols, row, strict=True))
+    for c in cols:
+        if spec.columns[c] == "json" and rec[c] is not None:
+            rec[c] = json.loads(rec[c])
+        elif spec.columns[c] == "bytes" and rec[c] is not None:
+            rec[c] = bytes(rec[c])
+    return rec
 
 
 class MySQLOnlineStore(OnlineStore):
@@ -122,7 +178,8 @@ class MySQLOnlineStore(OnlineStore):
         Raises:
             ConnectionError: the server cannot be reached or refuses the login.
         """
-        validate_identifier(database, "database name")
+        if not isinstance(database, str) or not _DATABASE_RE.match(database):
+            raise ValueError(f"invalid database name {database!r}: must match {_DATABASE_RE.pattern}")
         if chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
         self._where = f"{user}@{host}:{port}/{database}"
@@ -139,6 +196,7 @@ class MySQLOnlineStore(OnlineStore):
             charset="utf8mb4",
             autocommit=True,
             local_infile=False,
+            init_command=f"SET SESSION group_concat_max_len = {GROUP_CONCAT_MAX_LEN}",
         )
         self._chunk_size = chunk_size
         self._lock = threading.Lock()
@@ -257,17 +315,16 @@ class MySQLOnlineStore(OnlineStore):
 
         self._run(op)
 
-    def write_batch(self, spec: TableSpec, rows: list[dict[str, Any]]) -> int:
+    def write_batch(
+        self, spec: TableSpec, rows: list[dict[str, Any]], *, newer_column: str | None = None
+    ) -> int:
+        newer = check_newer_column(spec, newer_column)
         prepared = prepare_rows(spec, rows)  # validates everything before any SQL is sent
+        if newer is not None:
+            prepared = latest_per_key(spec, prepared, newer)
         if not prepared:
             return 0
-        cols = list(spec.columns)
-        updates = [c for c in cols if c != spec.key] or [spec.key]
-        sql = (
-            f"INSERT INTO {_q(spec.name)} ({', '.join(_q(c) for c in cols)}) "
-            f"VALUES ({', '.join(['%s'] * len(cols))}) "
-            f"ON DUPLICATE KEY UPDATE {', '.join(f'{_q(c)}=VALUES({_q(c)})' for c in updates)}"
-        )
+        sql = _upsert_sql(spec, newer_column)
         step = self._chunk_size
 
         def op(conn: pymysql.connections.Connection) -> int:
@@ -299,10 +356,9 @@ class MySQLOnlineStore(OnlineStore):
         select = cols if offset == 0 else [spec.key, *cols]
         key_pos = select.index(spec.key)
         json_cols = [c for c in cols if spec.columns[c] == "json"]
-        sql = (
-            f"SELECT {', '.join(_q(c) for c in select)} FROM {_q(spec.name)} "
-            f"WHERE {_q(spec.key)} IN ({', '.join(['%s'] * len(wanted))})"
-        )
+        head = f"SELECT {', '.join(_q(c) for c in select)} FROM {_q(spec.name)} WHERE {_q(spec.key)} IN "
+
+        sql = head + _placeholders(len(wanted))
 
         def op(conn: pymysql.connections.Connection) -> tuple[tuple[Any, ...], ...]:
             with conn.cursor() as cur:
@@ -320,6 +376,109 @@ class MySQLOnlineStore(OnlineStore):
                     rec[c] = loads(v)
             out[row[key_pos]] = rec
         return out
+
+    def read_concat(self, spec: TableSpec, keys: Sequence[Any], column: str) -> bytes:
+        check_bytes_column(spec, column)
+        wanted = plain_string_keys(spec, keys)
+        if wanted is None:
+            wanted = list(dict.fromkeys(normalise_key(spec, k) for k in keys))
+        if not wanted:
+            return b""
+        col, table, key = _q(column), _q(spec.name), _q(spec.key)
+        head = f"SELECT GROUP_CONCAT({col} SEPARATOR ''), SUM(LENGTH({col})) FROM {table} WHERE {key} IN "
+
+        in_list = _placeholders(len(wanted))
+
+        def op(conn: pymysql.connections.Connection) -> bytes:
+            with conn.cursor() as cur:
+                cur.execute(head + in_list, wanted)
+                value, total = cur.fetchone()
+                if value is None:
+                    return b""
+                if total is not None and len(value) == int(total):
+                    return bytes(value)
+                # Cut short (group_concat_max_len / max_allowed_packet): read the rows instead.
+                cur.execute(f"SELECT {col} FROM {table} WHERE {key} IN {in_list}", wanted)
+                return b"".join(r[0] for r in cur.fetchall() if r[0] is not None)
+
+        return self._run(op)
+
+    def table_stats(self, spec: TableSpec, max_column: str | None = None) -> dict[str, Any]:
+        if max_column is not None:
+            check_columns(spec, [max_column])
+        top = f"MAX({_q(max_column)})" if max_column is not None else "NULL"
+
+        def op(conn: pymysql.connections.Connection) -> dict[str, Any]:
+            with conn.cursor() as cur:
+                cur.execute(f"SELECT COUNT(*), {top} FROM {_q(spec.name)}")
+                n, mx = cur.fetchone()
+            return {"rows": int(n), "max": mx}
+
+        return self._run(op)
+
+    def update_rows(
+        self,
+        reads: Sequence[tuple[TableSpec, Any]],
+        update: UpdateFn,
+        *,
+        once: tuple[TableSpec, dict[str, Any]] | None = None,
+    ) -> bool:
+        keys = [(spec, normalise_key(spec, k)) for spec, k in reads]
+        once_sql = once_values = None
+        if once is not None:
+            once_spec = once[0]
+            once_values = prepare_rows(once_spec, [once[1]])[0]
+            once_sql = (
+                f"INSERT INTO {_q(once_spec.name)} ({', '.join(_q(c) for c in once_spec.columns)}) "
+                f"VALUES ({', '.join(['%s'] * len(once_spec.columns))})"
+            )
+
+        def attempt(conn: pymysql.connections.Connection) -> bool:
+            with conn.cursor() as cur:
+                if once_sql is not None:
+                    try:
+                        cur.execute(once_sql, once_values)
+                    except pymysql.err.IntegrityError as e:
+                        if e.args and e.args[0] == _ER_DUP_ENTRY:
+                            return False
+                        raise
+                rows: list[dict[str, Any] | None] = []
+                for spec, k in keys:
+                    cols = list(spec.columns)
+                    cur.execute(
+                        f"SELECT {', '.join(_q(c) for c in cols)} FROM {_q(spec.name)} "
+                        f"WHERE {_q(spec.key)} = %s FOR UPDATE",
+                        (k,),
+                    )
+                    got = cur.fetchone()
+                    rows.append(None if got is None else _decode_row(spec, cols, got))
+                writes = [(spec, prepare_rows(spec, [row])) for spec, row in update(rows)]
+                for spec, prepared in writes:
+                    cur.executemany(_upsert_sql(spec, None), prepared)
+            return True
+
+        def op(conn: pymysql.connections.Connection) -> bool:
+            for n in range(_TXN_ATTEMPTS):
+                try:
+                    conn.begin()
+                    done = attempt(conn)
+                    if done:
+                        conn.commit()
+                    else:
+                        conn.rollback()
+                    return done
+                except BaseException as e:
+                    try:
+                        conn.rollback()
+                    except Exception:  # a lost connection rolls back on the server
+                        pass
+                    if isinstance(e, OperationalError) and e.args and e.args[0] in _RETRY_TXN:
+                        if n + 1 < _TXN_ATTEMPTS:
+                            continue
+                    raise
+            raise AssertionError("unreachable")
+
+        return self._run(op)
 
     def drop_table(self, spec: TableSpec) -> None:
         def op(conn: pymysql.connections.Connection) -> None:

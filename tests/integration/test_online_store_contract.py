@@ -294,3 +294,144 @@ def test_mysql_reconnects_after_server_restart(mariadb, mysql_store) -> None:
         if not mariadb.server.status()["running"]:
             mariadb.server.start()
         mysql_store.drop_table(spec)
+
+
+# --- packed rows, conditional upserts, read-modify-write (feature store) ------------------------
+
+PACKED = {"k": "string", "ts": "int64", "v": "bytes"}
+
+
+def test_bytes_round_trip_and_read_concat(store: OnlineStore) -> None:
+    spec = make_spec(store, "blobs", key="k", columns=PACKED)
+    blobs = {"a": b"\x00\x01'\";--", "b": bytes(range(256)), "c": b""}
+    store.write_batch(spec, [{"k": k, "ts": 1, "v": v} for k, v in blobs.items()])
+    assert store.read_batch(spec, ["a", "b", "c"], columns=["v"]) == {k: {"v": v} for k, v in blobs.items()}
+    got = store.read_concat(spec, ["b", "a", "zz", "a"], "v")  # order unspecified, duplicates read once
+    assert got in (blobs["a"] + blobs["b"], blobs["b"] + blobs["a"])
+    assert store.read_concat(spec, ["nope"], "v") == b""
+    assert store.read_concat(spec, [], "v") == b""
+    with pytest.raises(ValueError, match="not a bytes column"):
+        store.read_concat(spec, ["a"], "ts")
+    with pytest.raises(ValueError, match="bytes"):
+        store.write_batch(spec, [{"k": "x", "v": "text"}])
+
+
+def test_read_concat_is_one_query(store: OnlineStore) -> None:
+    spec = make_spec(store, "concat1", key="k", columns=PACKED)
+    store.write_batch(spec, [{"k": f"{i:06d}", "ts": i, "v": b"x" * 50} for i in range(1200)])
+    before = store.statement_count()
+    got = store.read_concat(spec, [f"{i:06d}" for i in range(1000)] + ["missing"], "v")
+    assert store.statement_count() - before == 1
+    assert got == b"x" * 50_000
+
+
+def test_conditional_upsert_keeps_newer_rows(store: OnlineStore) -> None:
+    spec = make_spec(store, "newer", key="k", columns=PACKED)
+    store.write_batch(spec, [{"k": "a", "ts": 10, "v": b"a10"}, {"k": "b", "ts": 10, "v": b"b10"}], newer_column="ts")
+    # a late row (older event time) does not replace; an equal time does (the later write wins)
+    store.write_batch(spec, [{"k": "a", "ts": 5, "v": b"a5"}, {"k": "b", "ts": 10, "v": b"b10bis"},
+                             {"k": "c", "ts": 1, "v": b"c1"}], newer_column="ts")
+    # within one batch: the largest time wins, ties go to the later row
+    store.write_batch(spec, [{"k": "d", "ts": 3, "v": b"d3"}, {"k": "d", "ts": 7, "v": b"d7"},
+                             {"k": "d", "ts": 2, "v": b"d2"}, {"k": "e", "ts": 4, "v": b"e4a"},
+                             {"k": "e", "ts": 4, "v": b"e4b"}], newer_column="ts")
+    got = store.read_batch(spec, ["a", "b", "c", "d", "e"], columns=["ts", "v"])
+    assert got == {"a": {"ts": 10, "v": b"a10"}, "b": {"ts": 10, "v": b"b10bis"}, "c": {"ts": 1, "v": b"c1"},
+                   "d": {"ts": 7, "v": b"d7"}, "e": {"ts": 4, "v": b"e4b"}}
+    with pytest.raises(ValueError, match="newer_column"):
+        store.write_batch(spec, [{"k": "a", "ts": 1}], newer_column="v")
+
+
+def test_table_stats(store: OnlineStore) -> None:
+    spec = make_spec(store, "stats", key="k", columns=PACKED)
+    assert store.table_stats(spec, "ts") == {"rows": 0, "max": None}
+    store.write_batch(spec, [{"k": str(i), "ts": i * 10, "v": b""} for i in range(5)])
+    assert store.table_stats(spec, "ts") == {"rows": 5, "max": 40}
+    assert store.table_stats(spec)["rows"] == 5
+
+
+def test_update_rows_is_atomic_and_once(store: OnlineStore) -> None:
+    spec = make_spec(store, "rmw", key="k", columns={"k": "string", "n": "int64"})
+    once = make_spec(store, "once", key="event_id", columns={"event_id": "string", "at": "int64"})
+    store.write_batch(spec, [{"k": "a", "n": 1}])
+
+    def add_one(rows):
+        a, b = rows
+        return [(spec, {"k": "a", "n": a["n"] + 1}), (spec, {"k": "b", "n": (b["n"] if b else 0) + 1})]
+
+    assert store.update_rows([(spec, "a"), (spec, "b")], add_one, once=(once, {"event_id": "e1", "at": 1})) is True
+    assert store.update_rows([(spec, "a"), (spec, "b")], add_one, once=(once, {"event_id": "e1", "at": 2})) is False
+    assert store.read_batch(spec, ["a", "b"], columns=["n"]) == {"a": {"n": 2}, "b": {"n": 1}}
+
+    def boom(rows):
+        raise RuntimeError("boom in update")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        store.update_rows([(spec, "a")], boom, once=(once, {"event_id": "e2", "at": 3}))
+    with pytest.raises(ValueError, match="column 'n'"):
+        store.update_rows([(spec, "a")], lambda rows: [(spec, {"k": "a", "n": "x"})], once=(once, {"event_id": "e3"}))
+    # neither failure left anything behind: the event ids are free, the rows unchanged
+    assert store.read_batch(once, ["e2", "e3"]) == {}
+    assert store.read_batch(spec, ["a"], columns=["n"]) == {"a": {"n": 2}}
+
+
+def test_upper_case_identifiers_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"'FN'.*\[a-z_\]"):
+        TableSpec("t", "id", {"id": "int64", "FN": "float64"})
+    with pytest.raises(ValueError, match="'Articles'"):
+        TableSpec("Articles", "id", {"id": "int64"})
+
+
+@pytest.mark.integration
+def test_mysql_update_rows_applies_a_concurrent_event_once(mariadb) -> None:
+    """Two connections apply the same event at once: exactly one applies it."""
+    prefix = f"c{uuid.uuid4().hex[:10]}_"
+    spec = TableSpec(prefix + "cnt", "k", {"k": "string", "n": "int64"})
+    once = TableSpec(prefix + "ev", "event_id", {"event_id": "string", "at": "int64"})
+    stores = [MySQLOnlineStore.from_config(mariadb.cfg, mariadb.password) for _ in range(2)]
+    try:
+        stores[0].ensure_table(spec)
+        stores[0].ensure_table(once)
+        barrier = threading.Barrier(2)
+        results: list[bool] = []
+
+        def bump(rows):
+            return [(spec, {"k": "a", "n": (rows[0]["n"] if rows[0] else 0) + 1})]
+
+        def worker(s: MySQLOnlineStore) -> None:
+            barrier.wait()
+            results.append(s.update_rows([(spec, "a")], bump, once=(once, {"event_id": "same", "at": 1})))
+
+        threads = [threading.Thread(target=worker, args=(s,)) for s in stores]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(results) == [False, True]
+        assert stores[0].read_batch(spec, ["a"], columns=["n"]) == {"a": {"n": 1}}
+    finally:
+        stores[0].drop_table(spec)
+        stores[0].drop_table(once)
+        for s in stores:
+            s.close()
+
+
+@pytest.mark.integration
+def test_mysql_read_concat_falls_back_to_rows_when_the_server_cuts_the_value(mysql_store) -> None:
+    spec = TableSpec(f"c{uuid.uuid4().hex[:10]}_cut", "k", PACKED)
+    mysql_store.ensure_table(spec)
+    try:
+        blobs = {f"k{i}": bytes([i]) * 300 for i in range(5)}
+        mysql_store.write_batch(spec, [{"k": k, "ts": 1, "v": v} for k, v in blobs.items()])
+
+        def shrink(conn) -> None:
+            with conn.cursor() as cur:
+                cur.execute("SET SESSION group_concat_max_len = 1000")
+
+        mysql_store._run(shrink)  # as if the result were longer than the server allows
+        before = mysql_store.statement_count()
+        got = mysql_store.read_concat(spec, list(blobs), "v")
+        assert mysql_store.statement_count() - before == 2  # the cut value, then the rows
+        assert sorted(got[i : i + 300] for i in range(0, len(got), 300)) == sorted(blobs.values())
+    finally:
+        mysql_store.drop_table(spec)

@@ -17,6 +17,11 @@ def _history():
         "mean_price": [0.02, float("nan")],
         "type_counts": [{"Dress": 2}, {}],
         "index_group_counts": [{"Ladieswear": 2}, {}],
+        "share_ladieswear": [1.0, 0.0],
+        "share_divided": [0.0, 0.0],
+        "share_menswear": [0.0, 0.0],
+        "share_baby_children": [0.0, 0.0],
+        "share_sport": [0.0, 0.0],
         "last_purchase": ["2020-01-02", None],
     })
 
@@ -61,3 +66,95 @@ def test_manifest_round_trip_and_missing_manifest_message(tmp_path):
     m.models["ranker"] = "models/ranker/ranker.cbm"
     write_manifest(wd, m)
     assert read_manifest(wd).models == {"ranker": "models/ranker/ranker.cbm"}
+
+
+# --- feature groups: versions, inserts, online/offline consistency ------------------------------
+
+from feature_store.offline import latest_per_key  # noqa: E402
+from feature_store.online.base import OnlineStore  # noqa: E402
+from feature_store.schema import Feature, FeatureGroup  # noqa: E402
+from feature_store.store import to_online_rows  # noqa: E402
+
+PRICES = FeatureGroup("prices", "item", (Feature("item", "string"), Feature("price", "float64"),
+                                         Feature("label", "string")))
+
+
+def _prices(items, prices, times, labels=None):
+    return pd.DataFrame({"item": items, "price": prices, "label": labels or [f"p{p}" for p in prices],
+                         "event_time": pd.to_datetime(times, format="ISO8601")})
+
+
+def assert_online_equals_latest_offline(fgv):
+    latest = latest_per_key(fgv.read(internal=True), "item", "event_time")
+    expected = {r["item"]: r for r in to_online_rows(fgv.group, latest)}
+    assert fgv.read_online(list(expected)) == expected
+    return expected
+
+
+def test_inserts_append_offline_by_event_date_and_upsert_latest_online(tmp_path):
+    fs = FeatureStore(Workdir.at(tmp_path), InMemoryOnlineStore())
+    fgv = fs.create_feature_group(PRICES)
+    fgv.insert(_prices(["a", "b", "a"], [1.0, 2.0, 3.0], ["2020-01-01", "2020-01-01", "2020-01-02"]))
+    # late-arriving row for a (older than the stored one), a tie for b (same time: later insert wins)
+    fgv.insert(_prices(["a", "b", "c"], [9.0, 4.0, 5.0], ["2020-01-01 12:00", "2020-01-01", "2020-01-03"]))
+    assert sorted(p.name for p in fgv.root.glob("event_date=*")) == [
+        "event_date=2020-01-01", "event_date=2020-01-02", "event_date=2020-01-03"]
+    assert [c["commit"] for c in fgv.offline.commits()] == [1, 2]
+    assert len(fgv.read()) == 6  # the offline store keeps every row
+    online = assert_online_equals_latest_offline(fgv)
+    assert {k: r["price"] for k, r in online.items()} == {"a": 3.0, "b": 4.0, "c": 5.0}
+    assert fgv.read(latest=True, as_of="2020-01-01 18:00").set_index("item")["price"].to_dict() == {
+        "a": 9.0, "b": 4.0}
+    assert pd.read_parquet(fgv.root).shape[0] == 6  # a plain hive-partitioned Parquet dataset
+
+
+def test_versions_coexist_with_their_own_schema(tmp_path):
+    fs = FeatureStore(Workdir.at(tmp_path), InMemoryOnlineStore())
+    v1 = fs.create_feature_group(PRICES)
+    v1.insert(_prices(["a"], [1.0], ["2020-01-01"]))
+    wider = FeatureGroup("prices", "item", (*PRICES.features, Feature("stock", "int64")))
+    v2 = fs.create_feature_group(wider)
+    v2.insert(_prices(["a"], [2.0], ["2020-01-02"]).assign(stock=[7]))
+    assert fs.versions("prices") == [1, 2]
+    assert fs.get_feature_group("prices", 1).read_online(["a"]) == {"a": {"item": "a", "price": 1.0, "label": "p1.0"}}
+    assert fs.get_feature_group("prices").read_online(["a"])["a"]["stock"] == 7
+    assert v2.ref.online_table == "fg_prices_v2" and v1.ref.offline_path.endswith("prices/v1")
+    with pytest.raises(ValueError, match="already exists"):
+        fs.create_feature_group(PRICES, version=1)
+    with pytest.raises(LookupError, match="no version 3"):
+        fs.get_feature_group("prices", 3)
+
+
+class FailingWrites(InMemoryOnlineStore):
+    def write_batch(self, spec, rows, *, newer_column=None):
+        if spec.name.startswith("fg_"):
+            raise ConnectionError("lost the connection mid-write")
+        return super().write_batch(spec, rows, newer_column=newer_column)
+
+
+def test_a_failed_online_write_leaves_the_offline_store_unchanged(tmp_path):
+    online: OnlineStore = FailingWrites()
+    fgv = FeatureStore(Workdir.at(tmp_path), online).create_feature_group(PRICES)
+    with pytest.raises(ConnectionError):
+        fgv.insert(_prices(["a"], [1.0], ["2020-01-01"]))
+    assert fgv.offline.commits() == [] and fgv.read().empty
+    assert not list(fgv.root.glob("event_date=*/*.parquet")) and not list(fgv.root.glob("_staging/*"))
+
+
+def test_describe_lists_versions_rows_and_freshness(tmp_path):
+    fs = FeatureStore(Workdir.at(tmp_path), InMemoryOnlineStore())
+    fgv = fs.create_feature_group(PRICES)
+    fgv.insert(_prices(["a", "b", "a"], [1.0, 2.0, 3.0], ["2020-01-01", "2020-01-01", "2020-01-02"]))
+    (row,) = fs.describe()
+    assert row["group"] == "prices" and row["version"] == 1 and row["offline_rows"] == 3
+    assert row["online_rows"] == 2 and row["online_max_event_time"] == "2020-01-02 00:00:00"
+    assert row["freshness_s"] > 0
+
+
+def test_registry_lets_another_store_instance_decode(tmp_path):
+    online = InMemoryOnlineStore()
+    ref = FeatureStore(Workdir.at(tmp_path), online).write("customer_history", _history(), progress=False)
+    from feature_store.store import _TABLES
+
+    _TABLES.clear()  # a fresh process: the definition comes from the online registry
+    assert read_online(online, ref, "customer_history", ["c1"], ["purchased"]) == {"c1": {"purchased": ["a2", "a1"]}}

@@ -1,0 +1,410 @@
+"""The packed online row: all features of one feature-group row in one bytes value.
+
+pymysql decodes every column of every result row in Python, so a 30-column row costs far more
+to read than one VARBINARY column (STACK.md). An online feature-group table therefore holds
+the key, the event time and ONE packed column; this module packs and unpacks it.
+
+Layout of a packed value (little-endian):
+
+    u16  length of the rest
+    head (one struct): u8 flags (bit 0: the text part is a JSON array), a u16 item count per
+         numeric list, the null bitmap as u64 words (bit i: feature i in schema order is
+         None), then the int64 ('q'), float64 ('d') and bool ('?') features in schema order
+    numeric lists: the values of each list_int64 / list_float64 feature
+    text part: UTF-8 of the key (int keys in decimal) and the string, list_string and json
+               features, joined by U+001F (list items joined by U+001E, json as JSON text)
+
+Each value carries its own length and key, so values concatenated in any order (what
+`OnlineStore.read_concat` returns) can be split and matched to keys without a result row per
+key. Decoding is one struct unpack per row plus, for all rows together, one UTF-8 decode and
+one split of their joined text parts; columns come from transposing (`zip(*rows)`) and
+stride slicing, in C. A row whose strings
+contain U+001E or U+001F (or a list that is exactly [""]) is stored with flag bit 0 set and its
+text part as a JSON array, so every value round-trips verbatim.
+
+Lists are bounded (`max_items`), strings by `max_chars`, json by `max_bytes`; the whole value
+by `MAX_PACKED_BYTES`, so rows stay small enough for NDB.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import struct
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from feature_store.online.base import MAX_BYTES, MAX_KEY_CHARS, encode_json
+
+MAX_PACKED_BYTES = MAX_BYTES
+SCALAR_NUMERIC = {"int64": "q", "float64": "d", "bool": "?"}
+NUMERIC_LISTS = {"list_int64": "q", "list_float64": "d"}
+TEXT_TYPES = ("string", "list_string", "json")
+CODEC_TYPES = (*SCALAR_NUMERIC, *NUMERIC_LISTS, *TEXT_TYPES)
+_SEP, _ITEM_SEP = "\x1f", "\x1e"
+_U16 = struct.Struct("<H")
+_Q = struct.Struct("<q")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_NA, _NAT = pd.NA, pd.NaT  # pandas' missing-value singletons count as null
+
+
+@dataclass(frozen=True)
+class Field:
+    """One packed feature: name, codec type and its bound (chars, items or bytes)."""
+
+    name: str
+    dtype: str
+    limit: int | None = None
+
+
+class CodecError(ValueError):
+    """A value cannot be packed (wrong type, out of bounds); the message names the feature."""
+
+
+class RowCodec:
+    """Packs rows of fixed schema `fields` keyed by a string or int64 key."""
+
+    def __init__(self, key_type: str, fields: Sequence[Field]):
+        if key_type not in ("string", "int64"):
+            raise ValueError(f"key type must be string or int64, not {key_type!r}")
+        for f in fields:
+            if f.dtype not in CODEC_TYPES:
+                raise ValueError(f"feature {f.name!r}: type {f.dtype!r} cannot be packed; one of {CODEC_TYPES}")
+        self.key_type = key_type
+        self.fields = list(fields)
+        self.names = [f.name for f in self.fields]
+        n = len(self.fields)
+        self._null_words = max(1, (n + 63) // 64)
+        self._scalars = [i for i, f in enumerate(self.fields) if f.dtype in SCALAR_NUMERIC]
+        self._lists = [i for i, f in enumerate(self.fields) if f.dtype in NUMERIC_LISTS]
+        self._texts = [i for i, f in enumerate(self.fields) if f.dtype in TEXT_TYPES]
+        self._head = struct.Struct(
+            "<B" + "H" * len(self._lists) + "Q" * self._null_words
+            + "".join(SCALAR_NUMERIC[self.fields[i].dtype] for i in self._scalars)
+        )
+        self._list_fmt = [NUMERIC_LISTS[self.fields[i].dtype] for i in self._lists]
+        # decode: values come out as scalars + lists + texts; `_order` puts them in schema order
+        storage = self._scalars + self._lists + self._texts
+        pos = {fi: p for p, fi in enumerate(storage)}
+        self._order = [pos[i] for i in range(n)]
+        self._text_post = [
+            (j, self.fields[i].dtype) for j, i in enumerate(self._texts) if self.fields[i].dtype != "string"
+        ]
+        self._defaults = tuple(_zero(self.fields[i].dtype) for i in self._scalars)
+        self._kind = ["scalar" if f.dtype in SCALAR_NUMERIC else ("list" if f.dtype in NUMERIC_LISTS else "text")
+                      for f in self.fields]
+        np_formats = {"q": "<i8", "d": "<f8", "?": "?"}
+        names = ["flags", *(f"c{j}" for j in range(len(self._lists))), *(f"n{w}" for w in range(self._null_words)),
+                 *(f"s{i}" for i in self._scalars)]
+        formats = ["u1", *(["<u2"] * len(self._lists)), *(["<u8"] * self._null_words),
+                   *(np_formats[SCALAR_NUMERIC[self.fields[i].dtype]] for i in self._scalars)]
+        offsets, at = [], 0
+        for fmt in formats:
+            offsets.append(at)
+            at += np.dtype(fmt).itemsize
+        if at != self._head.size:
+            raise AssertionError("head layout mismatch")
+        self._head_dtype = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": at})
+        self._scalar_fields = [self.fields[i] for i in self._scalars]
+        self._text_fields = [self.fields[i] for i in self._texts]
+        self._list_fields = [self.fields[i] for i in self._lists]
+
+    # encoding --------------------------------------------------------------------------
+    def encode(self, key: Any, row: Mapping[str, Any]) -> bytes:
+        """Pack one row (missing features are None).
+
+        Raises:
+            CodecError: naming the feature whose value has the wrong type or exceeds its bound.
+        """
+        return self.encode_values(key, [row.get(name) for name in self.names])
+
+    def encode_values(self, key: Any, values: Sequence[Any]) -> bytes:
+        """Pack one row given as values in schema order (None, NaN, pd.NA and NaT are null)."""
+        nulls = 0
+        bit = 1
+        for v in values:
+            if v is None or (type(v) is float and v != v) or v is _NA or v is _NAT:
+                nulls |= bit
+            bit <<= 1
+        get = values.__getitem__
+        scalars = []
+        for i, f, d in zip(self._scalars, self._scalar_fields, self._defaults, strict=True):
+            scalars.append(d if nulls >> i & 1 else _scalar(f, get(i)))
+        words = [(nulls >> (64 * w)) & 0xFFFFFFFFFFFFFFFF for w in range(self._null_words)]
+        parts = [b"", b""]
+        texts: list[Any] = [_check_key(key) if self.key_type == "string" else str(_check_int_key(key))]
+        plain = _SEP not in texts[0] and _ITEM_SEP not in texts[0]
+        counts = []
+        for i, f, fmt in zip(self._lists, self._list_fields, self._list_fmt, strict=True):
+            items = [] if nulls >> i & 1 else _numeric_list(f, get(i))
+            counts.append(len(items))
+            parts.append(struct.pack(f"<{len(items)}{fmt}", *items))
+        for i, f in zip(self._texts, self._text_fields, strict=True):
+            if nulls >> i & 1:
+                texts.append("" if f.dtype != "list_string" else [])
+                continue
+            t = _text_value(f, get(i))
+            if f.dtype == "string":
+                plain = plain and _SEP not in t and _ITEM_SEP not in t
+            elif f.dtype == "list_string":
+                plain = plain and t != [""] and not any(_SEP in x or _ITEM_SEP in x for x in t)
+            texts.append(t)
+        if plain:
+            text = _SEP.join(_ITEM_SEP.join(t) if type(t) is list else t for t in texts)
+        else:
+            text = json.dumps(texts, ensure_ascii=False, separators=(",", ":"))
+        parts[1] = self._head.pack(0 if plain else 1, *counts, *words, *scalars)
+        parts.append(text.encode("utf-8"))
+        length = sum(len(x) for x in parts)
+        if length + 2 > MAX_PACKED_BYTES:
+            raise CodecError(
+                f"packed row of key {key!r} is {length + 2} bytes, above the limit of {MAX_PACKED_BYTES}: "
+                "bound the long strings or lists of this group"
+            )
+        parts[0] = _U16.pack(length)
+        return b"".join(parts)
+
+    # decoding --------------------------------------------------------------------------
+    def decode(self, value: bytes) -> tuple[Any, dict[str, Any]]:
+        """(key, row) of one packed value."""
+        out = self.decode_concat(value)
+        if len(out) != 1:
+            raise ValueError(f"expected one packed row, found {len(out)}")
+        return next(iter(out.items()))
+
+    def decode_concat(self, buf: bytes) -> dict[Any, dict[str, Any]]:
+        """Split concatenated packed values and decode each: key -> {feature: value}."""
+        keys, cols = self.decode_columns(buf)
+        names = self.names
+        if not cols:
+            return {k: {} for k in keys}
+        return {k: dict(zip(names, vals, strict=True)) for k, vals in zip(keys, zip(*cols, strict=True), strict=True)}
+
+    def decode_columns(
+        self, buf: bytes, wanted: Collection[int] | None = None, arrays: bool = False
+    ) -> tuple[list[Any], list[Any]]:
+        """Split concatenated packed values: (keys, one column per feature in schema order),
+        rows in the order of `buf`.
+
+        Args:
+            buf: packed values, concatenated.
+            wanted: indexes of the features to decode (None: all); the others come back as None
+                instead of a column (numeric lists and json are the costly ones to decode).
+            arrays: numeric features as numpy arrays (float64 with NaN for nulls; int64, or
+                float64 when the column has a null; bool, or object when it has a null) instead
+                of lists of Python values with None for nulls.
+
+        The only per-row Python work is finding the row boundaries and slicing: the heads of all
+        rows are copied into one buffer and read as a numpy structured array; the text parts
+        are joined, decoded and split ONCE and sliced into columns by stride (rows in JSON form
+        are decoded one by one).
+        """
+        unpack_u16 = _U16.unpack_from
+        head_size = self._head.size
+        starts: list[int] = []
+        off, end_all = 0, len(buf)
+        while off < end_all:
+            starts.append(off)
+            off += 2 + unpack_u16(buf, off)[0]
+        if off != end_all:
+            raise ValueError("truncated packed value")
+        n_fields = len(self.fields)
+        n = len(starts)
+        if not n:
+            return [], [np.empty(0) if arrays and i in self._scalars else [] for i in range(n_fields)]
+        ends = [*starts[1:], end_all]
+        mv = memoryview(buf)
+        heads = np.frombuffer(b"".join([mv[a + 2 : a + 2 + head_size] for a in starts]), dtype=self._head_dtype)
+        n_lists = len(self._lists)
+        text_starts = [a + 2 + head_size for a in starts]
+        list_pos: list[list[int]] = []
+        if n_lists:
+            counts = [heads[f"c{j}"].tolist() for j in range(n_lists)]
+            pos = text_starts
+            for j in range(n_lists):
+                list_pos.append(pos)
+                pos = [p + 8 * c for p, c in zip(pos, counts[j], strict=True)]
+            text_starts = pos
+        flags = heads["flags"]
+        n_text = 1 + len(self._texts)
+        if not flags.any():
+            flat = b"\x1f".join([mv[a:b] for a, b in zip(text_starts, ends, strict=True)]).decode("utf-8").split(_SEP)
+            if len(flat) != n * n_text:
+                raise ValueError("corrupt packed values: unexpected number of text fields")
+            text_cols: list[Any] = [flat[j::n_text] for j in range(n_text)]
+        else:
+            rows = [json.loads(str(mv[a:b], "utf-8")) if f & 1 else str(mv[a:b], "utf-8").split(_SEP)
+                    for a, b, f in zip(text_starts, ends, flags.tolist(), strict=True)]
+            text_cols = [list(c) for c in zip(*rows, strict=True)]
+        keys = text_cols[0] if self.key_type == "string" else [int(k) for k in text_cols[0]]
+        cols: list[Any] = [None] * n_fields
+        null_words = [heads[f"n{w}"] for w in range(self._null_words)]
+        any_null = [int(np.bitwise_or.reduce(w)) for w in null_words]
+        for i in range(n_fields):
+            if wanted is not None and i not in wanted:
+                continue
+            w, bit = divmod(i, 64)
+            mask = (null_words[w] >> np.uint64(bit)) & np.uint64(1) if any_null[w] >> bit & 1 else None
+            kind = self._kind[i]
+            if kind == "scalar":
+                col = heads[f"s{i}"]
+                cols[i] = _numeric_column(col, mask, arrays)
+                continue
+            if kind == "list":
+                j = self._lists.index(i)
+                cj = counts[j]
+                flat = np.frombuffer(b"".join([mv[p : p + 8 * c] for p, c in zip(list_pos[j], cj, strict=True)]),
+                                     dtype="<i8" if self._list_fmt[j] == "q" else "<f8").tolist()
+                bounds = np.cumsum([0, *cj]).tolist()
+                col = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+            else:
+                j = self._texts.index(i)
+                col = text_cols[1 + j]
+                dtype = self.fields[i].dtype
+                if dtype == "list_string":
+                    col = [t if type(t) is list else (t.split(_ITEM_SEP) if t else []) for t in col]
+                elif dtype == "json":
+                    col = [json.loads(t) if t else None for t in col]
+            if mask is not None:
+                for r in np.flatnonzero(mask).tolist():
+                    col[r] = None
+            cols[i] = col
+        return keys, cols
+
+
+def _numeric_column(col: np.ndarray, mask: np.ndarray | None, arrays: bool) -> Any:
+    if not arrays:
+        out = col.tolist()
+        if mask is not None:
+            for r in np.flatnonzero(mask).tolist():
+                out[r] = None
+        return out
+    if mask is None:
+        return col.copy()
+    nulls = mask.astype(bool)
+    if col.dtype.kind == "b":
+        out = col.astype(object)
+        out[nulls] = None
+        return out
+    out = col.astype(np.float64)
+    out[nulls] = np.nan
+    return out
+
+
+def _zero(dtype: str) -> Any:
+    return False if dtype == "bool" else (0.0 if dtype == "float64" else 0)
+
+
+def _check_key(key: Any) -> str:
+    if not isinstance(key, str):
+        raise CodecError(f"key {key!r}: expected a str")
+    if len(key) > MAX_KEY_CHARS or len(key.encode("utf-8")) > 255:
+        raise CodecError(f"key {key[:20]!r}...: longer than {MAX_KEY_CHARS} characters")
+    return key
+
+
+def _check_int_key(key: Any) -> int:
+    if isinstance(key, bool) or not isinstance(key, numbers.Integral):
+        raise CodecError(f"key {key!r}: expected an integer")
+    return int(key)
+
+
+def _scalar(f: Field, v: Any) -> Any:
+    t = type(v)
+    if t is float and f.dtype == "float64":
+        if v - v != 0:  # inf (NaN is a null and never gets here)
+            raise CodecError(f"feature {f.name!r} (float64): infinite values cannot be stored")
+        return v
+    if t is int and f.dtype == "int64" and INT64_MIN <= v <= INT64_MAX:
+        return v
+    if f.dtype == "bool":
+        if isinstance(v, bool) or (isinstance(v, numbers.Integral) and int(v) in (0, 1)):
+            return bool(v)
+        raise CodecError(f"feature {f.name!r} (bool): got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise CodecError(f"feature {f.name!r} ({f.dtype}): expected a number, got {type(v).__name__}")
+    if f.dtype == "int64":
+        if not isinstance(v, numbers.Integral):
+            fv = float(v)
+            if not fv.is_integer():
+                raise CodecError(f"feature {f.name!r} (int64): {v!r} is not an integer")
+            v = int(fv)
+        v = int(v)
+        if not INT64_MIN <= v <= INT64_MAX:
+            raise CodecError(f"feature {f.name!r} (int64): {v} out of range")
+        return v
+    v = float(v)
+    if math.isinf(v):
+        raise CodecError(f"feature {f.name!r} (float64): infinite values cannot be stored")
+    return v
+
+
+def _numeric_list(f: Field, v: Any) -> list[Any]:
+    items = _as_list(f, v)
+    sub = Field(f.name, "int64" if f.dtype == "list_int64" else "float64")
+    out = []
+    for x in items:
+        if x is None or (isinstance(x, float) and math.isnan(x)):
+            raise CodecError(f"feature {f.name!r} ({f.dtype}): list items cannot be null")
+        out.append(_scalar(sub, x))
+    return out
+
+
+def _as_list(f: Field, v: Any) -> list[Any]:
+    tolist = getattr(v, "tolist", None)
+    if callable(tolist) and not isinstance(v, str | bytes):
+        v = tolist()
+    if not isinstance(v, list | tuple):
+        raise CodecError(f"feature {f.name!r} ({f.dtype}): expected a list, got {type(v).__name__}")
+    if f.limit is not None and len(v) > f.limit:
+        raise CodecError(f"feature {f.name!r} ({f.dtype}): {len(v)} items exceed the bound of {f.limit}")
+    if len(v) > 65_535:
+        raise CodecError(f"feature {f.name!r}: too many items")
+    return list(v)
+
+
+def _text_value(f: Field, v: Any) -> Any:
+    if f.dtype == "string":
+        if type(v) is str and v.isascii() and (f.limit is None or len(v) <= f.limit):
+            return v
+        if not isinstance(v, str):
+            raise CodecError(f"feature {f.name!r} (string): expected a str, got {type(v).__name__}")
+        if f.limit is not None and len(v) > f.limit:
+            raise CodecError(f"feature {f.name!r} (string): {len(v)} characters exceed the bound of {f.limit}")
+        _check_unicode(f, v)
+        return v
+    if f.dtype == "list_string":
+        items = _as_list(f, v)
+        for s in items:
+            if not isinstance(s, str):
+                raise CodecError(f"feature {f.name!r} (list_string): items must be str, got {type(s).__name__}")
+            _check_unicode(f, s)
+        return items
+    try:
+        text = encode_json(v)
+    except (TypeError, ValueError) as e:
+        raise CodecError(f"feature {f.name!r} (json): not JSON-serialisable: {e}") from None
+    if f.limit is not None and len(text.encode("utf-8")) > f.limit:
+        raise CodecError(f"feature {f.name!r} (json): JSON text exceeds the bound of {f.limit} bytes")
+    return text
+
+
+def _check_unicode(f: Field, s: str) -> None:
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CodecError(f"feature {f.name!r}: string is not valid Unicode (lone surrogate)") from None
+
+
+def split_packed(buf: bytes) -> Iterable[bytes]:
+    """The packed values of a concatenation, in order (for tests and tools)."""
+    off = 0
+    while off < len(buf):
+        (length,) = _U16.unpack_from(buf, off)
+        yield buf[off : off + 2 + length]
+        off += 2 + length

@@ -1,0 +1,277 @@
+"""Real-time writes: a purchase event updates the online rows it touches, once.
+
+    result = apply_purchase_event(fs, manifest.feature_groups, PurchaseEvent(
+        event_id="e-123", customer_id=c, article_id=a, price=0.0339, event_time="2020-09-23T10:00:00"))
+
+One event, in ONE online transaction (`OnlineStore.update_rows`):
+- records its `event_id` in `fs_applied_events`; an id seen before means the event was applied
+  already and nothing else happens (a retried event is not counted twice);
+- customer_history row: the article goes first in `purchased` (bounded to the group's limit),
+  count, mean price, counts and shares per product type and index group, last purchase day;
+- articles row: total sales, mean price, first-seen day, the daily sales counts and the 7/30-day
+  sums and trend derived from them, stock (minus one, not below zero) and in_stock.
+A customer without a history row gets one; an unknown article only updates the customer.
+The event's time becomes the rows' event time when it is newer.
+
+The event is also appended to the offline event log (`<offline_dir>/_events/purchases/<day>.jsonl`),
+even when it was a duplicate online (the log is read deduplicated by event id);
+`materialize_events` moves the logged events into the `transactions` group as one commit, so
+the next training dataset sees them. Sales windows advance per article when it sells: between
+events an article's sales_7d counts the 7 days up to its last sale day (`sales_day`), until the
+next batch build recomputes every article as of the build.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import time
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from common.artifacts import FeatureGroupRef
+from common.workdir import Workdir
+from feature_store.groups import INDEX_GROUPS, SALES_DAYS
+from feature_store.offline import to_event_times, to_micros
+from feature_store.online.base import MAX_KEY_CHARS, TableSpec
+from feature_store.schema import ONLINE_ROW_COLUMN, ONLINE_TIME_COLUMN
+
+APPLIED_EVENTS = TableSpec(
+    "fs_applied_events",
+    "event_id",
+    {"event_id": "string", "kind": "string", "event_time_us": "int64", "applied_us": "int64"},
+)
+
+
+@dataclass(frozen=True)
+class PurchaseEvent:
+    """One purchase. `event_id` is the idempotency key (any string of up to 64 characters)."""
+
+    event_id: str
+    customer_id: str
+    article_id: str
+    price: float
+    event_time: Any
+    sales_channel_id: int = 2
+
+    def check(self) -> None:
+        for name in ("event_id", "customer_id", "article_id"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v or len(v) > MAX_KEY_CHARS:
+                raise ValueError(f"purchase event: {name} must be a non-empty string of at most {MAX_KEY_CHARS} "
+                                 f"characters, got {v!r}")
+        if isinstance(self.price, bool) or not isinstance(self.price, int | float) or not math.isfinite(
+                self.price) or self.price < 0:
+            raise ValueError(f"purchase event {self.event_id!r}: price must be a finite number >= 0, got {self.price!r}")
+        if self.sales_channel_id not in (1, 2):
+            raise ValueError(f"purchase event {self.event_id!r}: sales_channel_id must be 1 or 2")
+        try:
+            to_event_times([self.event_time])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"purchase event {self.event_id!r}: bad event_time {self.event_time!r}: {e}") from None
+
+    @property
+    def timestamp(self) -> pd.Timestamp:
+        return to_event_times([self.event_time]).iloc[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"event_id": self.event_id, "customer_id": self.customer_id, "article_id": self.article_id,
+                "price": float(self.price), "t_dat": self.timestamp.isoformat(),
+                "sales_channel_id": int(self.sales_channel_id)}
+
+
+@dataclass
+class EventResult:
+    event_id: str
+    applied: bool  # False: the event id was applied before (nothing changed online)
+    online_ms: float
+    known_article: bool
+
+
+_READY: weakref.WeakSet = weakref.WeakSet()  # stores whose events table exists
+
+
+def apply_purchase_event(fs, refs: Mapping[str, FeatureGroupRef], event: PurchaseEvent, *,
+                         log: bool = True) -> EventResult:
+    """Apply one purchase to the online customer_history and articles rows (see the module doc).
+
+    Args:
+        fs: a FeatureStore with an online store (its workdir holds the event log).
+        refs: the manifest's feature groups (needs "customer_history" and "articles").
+        event: the purchase.
+        log: also append it to the offline event log.
+    Raises:
+        ValueError: an invalid event, or refs without online tables.
+    """
+    from feature_store.store import online_table
+
+    event.check()
+    store = fs.online
+    if store is None:
+        raise ValueError("apply_purchase_event needs a FeatureStore with an online store")
+    for name in ("customer_history", "articles"):
+        if name not in refs or refs[name].online_table is None:
+            raise ValueError(f"feature group {name!r} has no online table in the given references")
+    hist = online_table(store, refs["customer_history"].online_table)
+    arts = online_table(store, refs["articles"].online_table)
+    if store not in _READY:
+        store.ensure_table(APPLIED_EVENTS)
+        _READY.add(store)
+    ts = int(to_micros(pd.Series([event.timestamp]))[0])
+    day = event.timestamp.strftime("%Y-%m-%d")
+    known = {"article": False}
+
+    def update(rows: list[dict[str, Any] | None]) -> list[tuple[TableSpec, dict[str, Any]]]:
+        hist_row, art_row = rows
+        article = arts.codec.decode(art_row[ONLINE_ROW_COLUMN])[1] if art_row is not None else None
+        known["article"] = article is not None
+        old = hist.codec.decode(hist_row[ONLINE_ROW_COLUMN])[1] if hist_row is not None else {}
+        new_hist = updated_history(old, event, day, article or {}, hist.group.feature("purchased").limit)
+        writes = [(hist.spec, {hist.spec.key: event.customer_id, ONLINE_TIME_COLUMN: _newer(hist_row, ts),
+                               ONLINE_ROW_COLUMN: hist.codec.encode(event.customer_id, new_hist)})]
+        if article is not None:
+            new_art = updated_article(article, event, day)
+            writes.append((arts.spec, {arts.spec.key: event.article_id, ONLINE_TIME_COLUMN: _newer(art_row, ts),
+                                       ONLINE_ROW_COLUMN: arts.codec.encode(event.article_id, new_art)}))
+        return writes
+
+    t0 = time.perf_counter()
+    applied = store.update_rows(
+        [(hist.spec, event.customer_id), (arts.spec, event.article_id)],
+        update,
+        once=(APPLIED_EVENTS, {"event_id": event.event_id, "kind": "purchase", "event_time_us": ts,
+                               "applied_us": int(time.time() * 1e6)}),
+    )
+    online_ms = (time.perf_counter() - t0) * 1000
+    if log:
+        append_event_log(fs.wd, event)
+    return EventResult(event.event_id, applied, online_ms, known["article"])
+
+
+def _newer(row: Mapping[str, Any] | None, ts: int) -> int:
+    old = row.get(ONLINE_TIME_COLUMN) if row is not None else None
+    return ts if old is None else max(int(old), ts)
+
+
+def updated_history(old: Mapping[str, Any], event: PurchaseEvent, day: str, article: Mapping[str, Any],
+                    limit: int | None) -> dict[str, Any]:
+    """The customer_history row after one more purchase."""
+    n_old = int(old.get("n_purchases") or 0)
+    n = n_old + 1
+    mean_old = old.get("mean_price")
+    mean = float(event.price) if mean_old is None or n_old == 0 else (mean_old * n_old + float(event.price)) / n
+    purchased = [event.article_id, *(old.get("purchased") or [])]
+    if limit is not None:
+        purchased = purchased[:limit]
+    types = dict(old.get("type_counts") or {})
+    groups = dict(old.get("index_group_counts") or {})
+    if article.get("product_type_name") is not None:
+        types[article["product_type_name"]] = types.get(article["product_type_name"], 0) + 1
+    if article.get("index_group_name") is not None:
+        groups[article["index_group_name"]] = groups.get(article["index_group_name"], 0) + 1
+    last = old.get("last_purchase")
+    return {
+        "purchased": purchased,
+        "n_purchases": n,
+        "mean_price": mean,
+        "type_counts": types,
+        "index_group_counts": groups,
+        **{share: groups.get(g, 0) / n for g, share in INDEX_GROUPS.items()},
+        "last_purchase": day if last is None or day > last else last,
+    }
+
+
+def updated_article(old: Mapping[str, Any], event: PurchaseEvent, day: str) -> dict[str, Any]:
+    """The articles row after one more sale."""
+    row = dict(old)
+    total_old = int(row.get("sales_total") or 0)
+    price_old = row.get("price")
+    row["sales_total"] = total_old + 1
+    row["price"] = float(event.price) if price_old is None or total_old == 0 else (
+        (price_old * total_old + float(event.price)) / (total_old + 1))
+    if row.get("first_seen") is None or day < row["first_seen"]:
+        row["first_seen"] = day
+    daily = list(row.get("daily_sales") or [])
+    daily = (daily + [0] * SALES_DAYS)[:SALES_DAYS]
+    head = row.get("sales_day")
+    if head is None:
+        head = day
+    elif day > head:
+        shift = (pd.Timestamp(day) - pd.Timestamp(head)).days
+        daily = ([0] * shift + daily)[:SALES_DAYS]
+        head = day
+    ago = (pd.Timestamp(head) - pd.Timestamp(day)).days
+    if 0 <= ago < SALES_DAYS:
+        daily[ago] += 1
+    row["sales_day"] = head
+    row["daily_sales"] = daily
+    row["sales_7d"] = sum(daily[:7])
+    row["sales_30d"] = sum(daily)
+    row["sales_trend"] = sum(daily[:7]) - sum(daily[7:14])
+    stock = row.get("stock")
+    if stock is not None:
+        row["stock"] = max(float(stock) - 1.0, 0.0)
+        row["in_stock"] = row["stock"] > 0
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# The offline event log
+
+
+def event_log_dir(wd: Workdir) -> Path:
+    return wd.offline_dir / "_events" / "purchases"
+
+
+def append_event_log(wd: Workdir, event: PurchaseEvent, durable: bool = False) -> None:
+    """Append the event as one JSON line to the day's log (flushed; fsync'ed when `durable`)."""
+    d = event_log_dir(wd)
+    d.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(event.to_dict(), separators=(",", ":")) + "\n"
+    with open(d / f"{event.timestamp.strftime('%Y-%m-%d')}.jsonl", "a", encoding="utf-8") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.write(line)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read_event_log(wd: Workdir) -> pd.DataFrame:
+    """Logged purchases, one row per event id (the first logged), in log order."""
+    rows = []
+    d = event_log_dir(wd)
+    for p in sorted(d.glob("*.jsonl")) if d.is_dir() else []:
+        for line in p.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a crash
+    cols = ["event_id", "customer_id", "article_id", "price", "t_dat", "sales_channel_id"]
+    frame = pd.DataFrame(rows, columns=cols).drop_duplicates("event_id", keep="first").reset_index(drop=True)
+    frame["t_dat"] = to_event_times(frame["t_dat"]) if len(frame) else pd.Series([], dtype="datetime64[us]")
+    return frame
+
+
+def materialize_events(fs, version: int | None = None):
+    """Insert logged events not yet in the `transactions` group (version: latest) as one
+    commit; returns the InsertResult, or None when there was nothing new."""
+    fgv = fs.get_feature_group("transactions", version)
+    events = read_event_log(fs.wd)
+    if events.empty:
+        return None
+    have = fgv.read()
+    seen = set(have["event_id"].dropna()) if "event_id" in have.columns else set()
+    new = events[~events["event_id"].isin(seen)]
+    if new.empty:
+        return None
+    return fgv.insert(new.reset_index(drop=True), validation="strict")

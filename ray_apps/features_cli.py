@@ -1,0 +1,239 @@
+"""`rayrec features build | describe | validate`: the feature store from the command line.
+
+    rayrec features build    --workdir DIR [--data DIR] [--config C] [--db-port P]
+        compute the H&M feature groups from the raw data and write each as a new version
+        (offline Parquet + online tables); prints the new versions' references as JSON
+    rayrec features describe --workdir DIR [--json]
+        every group and version: online table, rows offline and online, last insert, freshness
+    rayrec features validate --workdir DIR [--data DIR] [--group NAME ...]
+        compute the groups and check them against their expectations without writing;
+        exit status 1 when a rule fails
+
+Registered by `ray_apps.cli` with `add_features_commands(subparsers)`; each command is a thin
+layer over a function tests call directly (`build_features`, `describe_features`, `validate_features`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from common.config import RayrecConfig, load_config
+from common.workdir import Workdir
+
+DEFAULT_WORKDIR = ".rayrec/demo"
+GROUP_ORDER = ("transactions", "customers", "articles", "customer_history")
+
+
+def add_features_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add `features build|describe|validate` to the `rayrec` parser."""
+    p = subparsers.add_parser("features", help="feature store: build | describe | validate")
+    sub = p.add_subparsers(dest="features_command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--workdir", default=DEFAULT_WORKDIR, help="run directory (default %(default)s)")
+        sp.add_argument("--config", help="YAML config (default: the run's saved config, else defaults)")
+        sp.add_argument("--db-port", type=int, help="local database port (overrides the config)")
+
+    build = sub.add_parser("build", help="compute the feature groups and write new versions")
+    common(build)
+    build.add_argument("--data", help="folder with the H&M CSVs (default: WORKDIR/data, generated when missing)")
+    build.add_argument("--group", action="append", choices=GROUP_ORDER, help="only these groups (repeatable)")
+    build.add_argument("--validation", choices=["strict", "always"], default="strict",
+                       help="strict: a failed rule writes nothing (default); always: write and report")
+    build.set_defaults(func=cmd_build)
+
+    desc = sub.add_parser("describe", help="groups, versions, row counts and freshness")
+    common(desc)
+    desc.add_argument("--json", action="store_true", help="one JSON object per group version")
+    desc.set_defaults(func=cmd_describe)
+
+    val = sub.add_parser("validate", help="check computed groups against their expectations (no writes)")
+    common(val)
+    val.add_argument("--data", help="folder with the H&M CSVs (default: WORKDIR/data)")
+    val.add_argument("--group", action="append", choices=GROUP_ORDER, help="only these groups (repeatable)")
+    val.set_defaults(func=cmd_validate)
+
+
+# ---------------------------------------------------------------------------------------------
+# functions (tested directly)
+
+
+def compute_groups(data_dir: Path, names: list[str] | None = None) -> dict[str, pd.DataFrame]:
+    """The H&M feature-group frames computed from the raw files, as of the end of the data."""
+    from feature_store.sources import load_hm
+    from feature_store.transforms import article_features, customer_features, customer_history
+
+    hm = load_hm(data_dir)
+    makers = {
+        "transactions": lambda: hm.transactions,
+        "customers": lambda: customer_features(hm.customers, hm.extras.get("postal_regions")),
+        "articles": lambda: article_features(hm.articles, hm.transactions, None, hm.extras),
+        "customer_history": lambda: customer_history(hm.transactions, hm.articles, None),
+    }
+    return {n: makers[n]() for n in (names or GROUP_ORDER)}
+
+
+def build_features(fs, data_dir: Path, names: list[str] | None = None, validation: str = "strict",
+                   event_time: Any = None) -> dict[str, Any]:
+    """Write every group (or `names`) as a new version; returns name -> FeatureGroupRef.
+
+    Snapshot groups (no event-time column) get `event_time`, default: now."""
+    from feature_store.groups import GROUPS
+
+    refs = {}
+    for name, frame in compute_groups(data_dir, names).items():
+        group = GROUPS[name]
+        fgv = fs.create_feature_group(group)
+        when = event_time if event_time is not None else pd.Timestamp.now(tz="UTC")
+        result = fgv.insert(frame, validation=validation, event_time=None if group.event_time in frame else when)
+        for line in result.report.summary_lines():
+            print(f"[features] {line}", flush=True)
+        refs[name] = fgv.ref
+    return refs
+
+
+def describe_features(fs) -> list[dict[str, Any]]:
+    return fs.describe()
+
+
+def validate_features(data_dir: Path, names: list[str] | None = None) -> dict[str, Any]:
+    """name -> ValidationReport of the computed frame (nothing is written)."""
+    from feature_store.groups import GROUPS
+    from feature_store.validation import validate
+
+    out = {}
+    now = pd.Timestamp.now(tz="UTC").tz_localize(None)
+    for name, frame in compute_groups(data_dir, names).items():
+        group = GROUPS[name]
+        if group.event_time not in frame.columns:
+            frame = frame.assign(**{group.event_time: now})
+        for f in group.features:
+            if f.optional and f.column not in frame.columns:
+                frame = frame.assign(**{f.column: None})
+        out[name] = validate(group, frame, "always")[0]
+    return out
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    cols = ["group", "version", "online_table", "offline_rows", "online_rows", "commits", "max_event_time",
+            "last_insert_at", "freshness_s"]
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) if cells else len(c) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def _config(args: argparse.Namespace, wd: Workdir) -> RayrecConfig:
+    over: dict = {}
+    if getattr(args, "db_port", None):
+        over["database"] = {"port": args.db_port}
+    if args.config:
+        return load_config(args.config, over)
+    if wd.config_path.is_file():
+        return load_config(wd.config_path, over)
+    return load_config(None, {"name": wd.root.name, **over})
+
+
+def _data_dir(args: argparse.Namespace, wd: Workdir, cfg: RayrecConfig, generate_missing: bool) -> Path:
+    from feature_store.sources import FILES, generate
+
+    if args.data:
+        return Path(args.data)
+    if not (wd.data_dir / FILES["transactions"]).exists():
+        if not generate_missing:
+            raise FileNotFoundError(f"no data in {wd.data_dir}: pass --data or run `rayrec features build` first")
+        d = cfg.data
+        generate(wd.data_dir, seed=d.seed, customers=d.customers, articles=d.articles, days=d.days, progress=True)
+    return wd.data_dir
+
+
+def _open_store(cfg: RayrecConfig, wd: Workdir, start_local: bool):
+    from feature_store.connect import open_online_store
+    from feature_store.local_db import LocalMariaDB
+
+    if cfg.database.local:
+        db = LocalMariaDB(wd, cfg.database)
+        if start_local:
+            db.start()
+        elif not db.status()["running"]:
+            return None
+    return open_online_store(cfg.database, wd)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from feature_store.store import FeatureStore
+
+    wd = Workdir.at(args.workdir)
+    cfg = _config(args, wd)
+    data = _data_dir(args, wd, cfg, generate_missing=True)
+    store = _open_store(cfg, wd, start_local=True)
+    try:
+        refs = build_features(FeatureStore(wd, store), data, args.group, args.validation)
+    finally:
+        if store is not None:
+            store.close()
+    print(json.dumps({n: r.model_dump() for n, r in refs.items()}, indent=2))
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from feature_store.store import FeatureStore
+
+    wd = Workdir.at(args.workdir)
+    cfg = _config(args, wd)
+    try:
+        store = _open_store(cfg, wd, start_local=False)
+    except (ConnectionError, RuntimeError) as e:
+        print(f"[features] online store not reachable ({e}): offline figures only", file=sys.stderr)
+        store = None
+    if store is None:
+        print("[features] online store not running: offline figures only", file=sys.stderr)
+    try:
+        rows = describe_features(FeatureStore(wd, store))
+    finally:
+        if store is not None:
+            store.close()
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+    elif rows:
+        print(format_table(rows))
+    else:
+        print(f"no feature groups in {wd.offline_dir}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    wd = Workdir.at(args.workdir)
+    cfg = _config(args, wd)
+    reports = validate_features(_data_dir(args, wd, cfg, generate_missing=False), args.group)
+    for report in reports.values():
+        for line in report.summary_lines():
+            print(line)
+    return 0 if all(r.ok for r in reports.values()) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ray_apps.features_cli features ...` (the same commands without `rayrec`)."""
+    p = argparse.ArgumentParser(prog="rayrec")
+    add_features_commands(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError, LookupError) as e:
+        print(f"rayrec: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

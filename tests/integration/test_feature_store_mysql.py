@@ -1,0 +1,187 @@
+"""The feature store against the real MariaDB: online/offline consistency, all-or-nothing
+inserts (validation failure, connection killed mid-write), verbatim values, one query per group,
+real-time events."""
+from __future__ import annotations
+
+import uuid
+
+import pandas as pd
+import pymysql
+import pytest
+
+from common.workdir import Workdir
+from feature_store.events import PurchaseEvent, apply_purchase_event
+from feature_store.feature_view import FeatureSelection, FeatureView
+from feature_store.offline import latest_per_key
+from feature_store.online.mysql import MySQLOnlineStore
+from feature_store.schema import Feature, FeatureGroup, in_range
+from feature_store.sources import generate, load_hm
+from feature_store.store import FeatureStore, read_online, to_online_rows
+from feature_store.transforms import article_features, customer_features, customer_history
+from feature_store.validation import ValidationFailed
+
+pytestmark = pytest.mark.integration
+
+TRICKY = ["it's", 'say "hi"', "a;b;c", "'; DROP TABLE fs_feature_groups; --", "SELECT * FROM x WHERE 1=1 OR ''=''",
+          "back\\slash \\' \\\"", "%s %(name)s {}", "NULL", "ünïcødé ✓ 🎉", "tab\tnew\nline", "\x1f\x1e separators"]
+
+
+def _group(name: str, **kw) -> FeatureGroup:
+    return FeatureGroup(name, "item", (Feature("item", "string"), Feature("price", "float64"),
+                                       Feature("label", "string"), Feature("tags", "list_string"),
+                                       Feature("meta", "json")), **kw)
+
+
+@pytest.fixture
+def store(mariadb):
+    s = MySQLOnlineStore.from_config(mariadb.cfg, mariadb.password, chunk_size=2)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def fs(store, tmp_path):
+    return FeatureStore(Workdir.at(tmp_path), store)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:8]}"
+
+
+def _frame(items, prices, times, labels=None):
+    return pd.DataFrame({"item": items, "price": prices, "label": labels or [f"l{p}" for p in prices],
+                         "tags": [[str(p)] for p in prices], "meta": [{"p": p} for p in prices],
+                         "event_time": pd.to_datetime(times, format="ISO8601")})
+
+
+def assert_consistent(fgv) -> dict:
+    latest = latest_per_key(fgv.read(internal=True), fgv.group.key, fgv.group.event_time)
+    expected = {r[fgv.group.key]: r for r in to_online_rows(fgv.group, latest)}
+    assert fgv.read_online(list(expected)) == expected
+    return expected
+
+
+def test_online_rows_equal_the_latest_offline_rows(fs):
+    fgv = fs.create_feature_group(_group(unique("cons")))
+    fgv.insert(_frame(["a", "b", "a", "c"], [1.0, 2.0, 3.0, 4.0], ["2020-01-01", "2020-01-01", "2020-01-02", "2020-01-05"]))
+    fgv.insert(_frame(["a", "b", "c"], [9.0, 5.0, None], ["2020-01-01T12:00", "2020-01-01", "2020-01-06"]))
+    fgv.insert(_frame(["d"], [7.0], ["2019-12-31"]))
+    got = assert_consistent(fgv)
+    assert {k: r["price"] for k, r in got.items()} == {"a": 3.0, "b": 5.0, "c": None, "d": 7.0}
+
+
+def test_hm_groups_online_equal_offline(fs, tmp_path):
+    data = tmp_path / "hm"
+    generate(data, seed=2, customers=150, articles=80, days=25)
+    hm = load_hm(data)
+    frames = {"customers": customer_features(hm.customers, hm.extras.get("postal_regions")),
+              "articles": article_features(hm.articles, hm.transactions, None, hm.extras),
+              "customer_history": customer_history(hm.transactions, hm.articles, None)}
+    for name, frame in frames.items():
+        ref = fs.write(name, frame, progress=False, validation="strict")
+        group = fs.get_feature_group(name, ref.version).group
+        rows = to_online_rows(group, frame)
+        assert read_online(fs.online, ref, name, [r[group.key] for r in rows]) == {r[group.key]: r for r in rows}
+
+
+def test_strict_failure_leaves_both_stores_untouched(fs):
+    fgv = fs.create_feature_group(_group(unique("strict"), expectations=(in_range("price", 0, 10),)))
+    fgv.insert(_frame(["a"], [1.0], ["2020-01-01"]))
+    with pytest.raises(ValidationFailed, match="price: range"):
+        fgv.insert(_frame(["a", "b"], [2.0, 50.0], ["2020-01-02", "2020-01-02"]))
+    assert len(fgv.offline.commits()) == 1 and len(fgv.read()) == 1
+    assert fgv.read_online(["a", "b"]) == {"a": {"item": "a", "price": 1.0, "label": "l1.0", "tags": ["1.0"],
+                                                 "meta": {"p": 1.0}}}
+
+
+def test_a_batch_interrupted_by_a_killed_connection_is_not_half_visible(fs, mariadb, monkeypatch):
+    fgv = fs.create_feature_group(_group(unique("killed")))
+    fgv.insert(_frame(["a"], [1.0], ["2020-01-01"]))
+    admin = pymysql.connect(host=mariadb.host, port=mariadb.port, user=mariadb.user,
+                            password=mariadb.password.encode(), database=mariadb.database, autocommit=True)
+    original = pymysql.cursors.Cursor.executemany
+    calls = {"n": 0}
+
+    def kill_mid_batch(cur, query, args):
+        calls["n"] += 1
+        if calls["n"] % 2 == 0 and "fg_killed" in query:  # the second chunk of each attempt
+            with admin.cursor() as c:
+                c.execute("KILL CONNECTION %s", (cur.connection.thread_id(),))
+        return original(cur, query, args)
+
+    monkeypatch.setattr(pymysql.cursors.Cursor, "executemany", kill_mid_batch)
+    items = [f"k{i}" for i in range(8)]
+    with pytest.raises(ConnectionError):
+        fgv.insert(_frame(items, [float(i) for i in range(8)], ["2020-01-02"] * 8))
+    monkeypatch.undo()
+    assert calls["n"] >= 4  # both attempts were cut after their first chunk
+    other = MySQLOnlineStore.from_config(mariadb.cfg, mariadb.password)
+    try:
+        fresh = FeatureStore(fs.wd, other).get_feature_group(fgv.name, fgv.version)
+        assert fresh.read_online(items) == {}  # no row of the batch is visible
+        assert len(fresh.offline.commits()) == 1 and len(fresh.read()) == 1
+        fgv.insert(_frame(items, [float(i) for i in range(8)], ["2020-01-02"] * 8))  # the retry succeeds
+        assert len(fresh.read_online(items)) == 8
+    finally:
+        other.close()
+        admin.close()
+
+
+def test_quotes_semicolons_and_sql_keywords_round_trip_verbatim(fs):
+    fgv = fs.create_feature_group(_group(unique("tricky")))
+    keys = [f"k{i}{t[:40]}" for i, t in enumerate(TRICKY)]
+    frame = pd.DataFrame({"item": keys, "price": [float(i) for i in range(len(TRICKY))], "label": TRICKY,
+                          "tags": [[t, t.upper()] for t in TRICKY], "meta": [{t: [t]} for t in TRICKY],
+                          "event_time": pd.Timestamp("2020-01-01")})
+    fgv.insert(frame)
+    got = fgv.read_online(keys + ["missing'; --"])
+    assert set(got) == set(keys)
+    for k, t in zip(keys, TRICKY, strict=True):
+        assert got[k]["label"] == t and got[k]["tags"] == [t, t.upper()] and got[k]["meta"] == {t: [t]}
+    offline = fgv.read()
+    assert offline["label"].tolist() == TRICKY
+
+
+@pytest.mark.parametrize("bad", ["Items", "items; drop table x", "it-ems", "1items", "ítems"])
+def test_names_outside_the_pattern_are_refused(fs, bad):
+    with pytest.raises(ValueError, match=r"must match \[a-z\]\[a-z0-9_\]\*"):
+        fs.create_feature_group(FeatureGroup(bad, "item", (Feature("item", "string"),)))
+    with pytest.raises(ValueError, match=r"must match \[a-z\]\[a-z0-9_\]\*"):
+        Feature(bad, "string")
+
+
+def test_feature_vectors_one_query_per_group(fs):
+    a = fs.create_feature_group(_group(unique("gfv_a")))
+    a.insert(_frame([f"i{i}" for i in range(300)], [float(i) for i in range(300)], ["2020-01-01"] * 300))
+    users = FeatureGroup(unique("gfv_u"), "uid", (Feature("uid", "int64"), Feature("age", "float64")))
+    u = fs.create_feature_group(users)
+    u.insert(pd.DataFrame({"uid": [1, 2], "age": [30.0, 40.0], "event_time": pd.Timestamp("2020-01-01")}))
+    fv = fs.create_feature_view(FeatureView(unique("v"), (FeatureSelection(a.name, ("price", "label")),
+                                                          FeatureSelection(users.name, ("age",)))))
+    fv.get_feature_vectors([{"item": "i0", "uid": 1}])  # warm: registry lookups
+    keys = [{"item": f"i{i}", "uid": 1 + i % 3} for i in range(250)] + [{"item": "nope", "uid": 1}]
+    before = fs.online.statement_count()
+    v = fv.get_feature_vectors(keys)
+    assert fs.online.statement_count() - before == 2
+    assert v.columns["price"][:4].tolist() == [0.0, 1.0, 2.0, 3.0] and v.columns["label"][-1] is None
+    assert v.status[:3] == ["complete", "complete", "missing"] and v.missing_groups[-1] == (a.name,)
+
+
+def test_purchase_event_on_mysql_applies_once(fs, tmp_path):
+    data = tmp_path / "hm2"
+    generate(data, seed=4, customers=60, articles=40, days=20)
+    hm = load_hm(data)
+    refs = {"articles": fs.write("articles", article_features(hm.articles, hm.transactions, None, hm.extras),
+                                 progress=False),
+            "customer_history": fs.write("customer_history", customer_history(hm.transactions, hm.articles, None),
+                                         progress=False)}
+    cid, aid = hm.transactions["customer_id"].iloc[0], hm.articles["article_id"].iloc[0]
+    before_h = read_online(fs.online, refs["customer_history"], "customer_history", [cid])[cid]
+    before_a = read_online(fs.online, refs["articles"], "articles", [aid])[aid]
+    ev = PurchaseEvent(unique("ev"), cid, aid, 0.02, pd.Timestamp.now(tz="UTC").isoformat())
+    assert apply_purchase_event(fs, refs, ev).applied
+    assert not apply_purchase_event(fs, refs, ev).applied
+    after_h = read_online(fs.online, refs["customer_history"], "customer_history", [cid])[cid]
+    after_a = read_online(fs.online, refs["articles"], "articles", [aid])[aid]
+    assert after_h["n_purchases"] == before_h["n_purchases"] + 1 and after_h["purchased"][0] == aid
+    assert after_a["sales_total"] == before_a["sales_total"] + 1 and after_a["sales_7d"] >= 1

@@ -1,0 +1,100 @@
+"""The packed online row: every type round-trips verbatim, rows concatenate and split."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from feature_store.codec import MAX_PACKED_BYTES, CodecError, Field, RowCodec, split_packed
+
+FIELDS = [
+    Field("i", "int64"),
+    Field("x", "float64"),
+    Field("b", "bool"),
+    Field("s", "string", 255),
+    Field("tags", "list_string", 10),
+    Field("counts", "list_int64", 30),
+    Field("w", "list_float64", 5),
+    Field("j", "json", 1000),
+]
+TRICKY = ["quote ' \" back\\slash", "a;b; DROP TABLE x;--", "SELECT * FROM t WHERE 1=1", "ünïcødé ✓ 🎉",
+          "sep\x1fin\x1ethe middle", "", "NULL", "%s %(x)s"]
+
+
+def _row(**over):
+    row = {"i": -(2**63), "x": 1 / 3, "b": True, "s": "plain", "tags": ["north", "south"], "counts": [0, 5, 2**40],
+           "w": [0.5, -1e300], "j": {"a": [1, 2.5, None], "b": "x"}}
+    row.update(over)
+    return row
+
+
+@pytest.mark.parametrize("key_type,key", [("string", "0108775015"), ("int64", -5), ("string", "k\x1fey")])
+def test_round_trip_of_every_type(key_type, key):
+    c = RowCodec(key_type, FIELDS)
+    for row in (_row(), {f.name: None for f in FIELDS}, _row(tags=[], counts=[], w=[], s="", j=[]),
+                _row(tags=[""]), _row(tags=["", "x", ""]), *(_row(s=t, tags=[t, t], j={"v": t}) for t in TRICKY)):
+        got_key, got = c.decode(c.encode(key, row))
+        assert got_key == key and got == row
+
+
+def test_concatenated_rows_decode_to_columns_in_buffer_order():
+    c = RowCodec("string", FIELDS)
+    rows = {f"k{i}": _row(i=i, s=TRICKY[i % len(TRICKY)], x=None if i % 3 == 0 else i / 2) for i in range(20)}
+    buf = b"".join(c.encode(k, r) for k, r in rows.items())
+    assert [c.decode(p)[0] for p in split_packed(buf)] == list(rows)
+    assert c.decode_concat(buf) == rows
+    keys, cols = c.decode_columns(buf, arrays=True)
+    assert keys == list(rows)
+    x = cols[1]
+    assert isinstance(x, np.ndarray) and x.dtype == np.float64 and math.isnan(x[0]) and x[1] == 0.5
+    assert cols[0].dtype == np.int64 and cols[0].tolist() == list(range(20))
+    keys, cols = c.decode_columns(buf, wanted={3})
+    assert cols[3] == [r["s"] for r in rows.values()] and cols[5] is None  # only wanted features decoded
+
+
+def test_nulls_in_numeric_array_columns():
+    c = RowCodec("string", [Field("n", "int64"), Field("b", "bool")])
+    buf = c.encode("a", {"n": 1, "b": True}) + c.encode("b", {"n": None, "b": None})
+    _, (n, b) = c.decode_columns(buf, arrays=True)
+    assert n.dtype == np.float64 and n[0] == 1 and math.isnan(n[1])
+    assert b.tolist() == [True, None]
+    _, (n, b) = c.decode_columns(buf)
+    assert n == [1, None] and b == [True, None] and type(n[0]) is int
+
+
+def test_empty_buffer_and_truncation():
+    c = RowCodec("string", FIELDS)
+    assert c.decode_columns(b"")[0] == []
+    packed = c.encode("a", _row())
+    with pytest.raises(ValueError, match="truncated"):
+        c.decode_columns(packed[:-3])
+
+
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        ({"i": 1.5}, r"'i' \(int64\)"),
+        ({"i": "7"}, r"'i' \(int64\)"),
+        ({"x": float("inf")}, r"'x' \(float64\)"),
+        ({"b": "yes"}, r"'b' \(bool\)"),
+        ({"s": "y" * 256}, r"'s' \(string\): 256 characters"),
+        ({"s": 5}, r"'s' \(string\)"),
+        ({"tags": ["a"] * 11}, r"'tags' \(list_string\): 11 items"),
+        ({"tags": [1]}, r"'tags' \(list_string\)"),
+        ({"counts": [1, None]}, r"'counts' \(list_int64\)"),
+        ({"j": {1, 2}}, r"'j' \(json\)"),
+        ({"j": {"t": "x" * 2000}}, r"'j' \(json\).*bound"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_feature(over, match):
+    with pytest.raises(CodecError, match=match):
+        RowCodec("string", FIELDS).encode("k", _row(**over))
+
+
+def test_row_size_is_bounded():
+    c = RowCodec("string", [Field(f"s{i}", "string", 2000) for i in range(10)])
+    with pytest.raises(CodecError, match=f"above the limit of {MAX_PACKED_BYTES}"):
+        c.encode("k", {f"s{i}": "x" * 2000 for i in range(10)})
+    with pytest.raises(CodecError, match="key"):
+        c.encode("k" * 65, {})

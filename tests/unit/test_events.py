@@ -1,0 +1,96 @@
+"""Real-time purchase events: online rows updated once per event id, offline log, materialisation."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from common.workdir import Workdir
+from feature_store.events import PurchaseEvent, apply_purchase_event, materialize_events, read_event_log
+from feature_store.groups import SALES_DAYS
+from feature_store.online.base import InMemoryOnlineStore
+from feature_store.store import FeatureStore
+
+ARTICLE = {
+    "article_id": "a1", "prod_name": "Tee", "product_type_name": "T-shirt", "index_group_name": "Divided",
+    "detail_desc": "soft", "price": 0.02, "sales_total": 3, "sales_7d": 2, "sales_30d": 3, "sales_trend": 1,
+    "first_seen": "2020-09-01", "sales_day": "2020-09-20", "daily_sales": [1, 1, 0, 0, 0, 0, 0, 0, 1] + [0] * 21,
+    "stock": 2.0, "in_stock": True, "min_age": 0, "regions": ["north"],
+}
+
+
+@pytest.fixture
+def setup(tmp_path):
+    from feature_store.groups import ARTICLE_INT_ATTRIBUTES, ARTICLE_NAME_ATTRIBUTES
+
+    fs = FeatureStore(Workdir.at(tmp_path), InMemoryOnlineStore())
+    art = {**{c: None for c in ARTICLE_NAME_ATTRIBUTES + ARTICLE_INT_ATTRIBUTES}, **ARTICLE}
+    refs = {"articles": fs.write("articles", pd.DataFrame([art]), progress=False, event_time="2020-09-21"),
+            "customer_history": fs.write("customer_history", pd.DataFrame([{
+                "customer_id": "c1", "purchased": ["a0"], "n_purchases": 1, "mean_price": 0.04,
+                "type_counts": {"Dress": 1}, "index_group_counts": {"Ladieswear": 1}, "share_ladieswear": 1.0,
+                "share_divided": 0.0, "share_menswear": 0.0, "share_baby_children": 0.0, "share_sport": 0.0,
+                "last_purchase": "2020-09-10"}]), progress=False, event_time="2020-09-21"),
+            "transactions": fs.write("transactions", pd.DataFrame({
+                "t_dat": pd.to_datetime(["2020-09-10"]), "customer_id": ["c1"], "article_id": ["a0"], "price": [0.04],
+                "sales_channel_id": [2]}), progress=False)}
+    return fs, refs
+
+
+def online(fs, refs, name, key):
+    return fs.get_feature_group(name, refs[name].version).read_online([key]).get(key)
+
+
+def test_a_purchase_updates_history_and_article_once(setup):
+    fs, refs = setup
+    ev = PurchaseEvent("e-1", "c1", "a1", 0.03, "2020-09-22T10:00:00", 1)
+    first = apply_purchase_event(fs, refs, ev)
+    again = apply_purchase_event(fs, refs, ev)  # a retry: not counted twice
+    assert first.applied and first.known_article and not again.applied
+    hist = online(fs, refs, "customer_history", "c1")
+    assert hist["purchased"] == ["a1", "a0"] and hist["n_purchases"] == 2
+    assert hist["mean_price"] == pytest.approx(0.035)
+    assert hist["type_counts"] == {"Dress": 1, "T-shirt": 1} and hist["index_group_counts"]["Divided"] == 1
+    assert hist["share_divided"] == 0.5 and hist["last_purchase"] == "2020-09-22"
+    art = online(fs, refs, "articles", "a1")
+    assert art["sales_total"] == 4 and art["stock"] == 1.0 and art["in_stock"] is True
+    assert art["sales_day"] == "2020-09-22" and art["daily_sales"][:4] == [1, 0, 1, 1]
+    assert len(art["daily_sales"]) == SALES_DAYS
+    assert art["sales_7d"] == 3 and art["sales_30d"] == 4  # the Sep 12 sale is now 10 days old
+    assert art["sales_trend"] == 3 - 1
+    assert art["price"] == pytest.approx((0.02 * 3 + 0.03) / 4)
+    log = read_event_log(fs.wd)
+    assert log["event_id"].tolist() == ["e-1"]  # logged twice, read once
+
+
+def test_events_for_unknown_customers_articles_and_stock(setup):
+    fs, refs = setup
+    for i in range(3):
+        apply_purchase_event(fs, refs, PurchaseEvent(f"s{i}", "c2", "a1", 0.02, "2020-09-22"))
+    assert online(fs, refs, "customer_history", "c2")["n_purchases"] == 3
+    art = online(fs, refs, "articles", "a1")
+    assert art["stock"] == 0.0 and art["in_stock"] is False  # never below zero
+    res = apply_purchase_event(fs, refs, PurchaseEvent("x", "c2", "unknown", 0.02, "2020-09-23"))
+    assert res.applied and not res.known_article
+    assert online(fs, refs, "customer_history", "c2")["purchased"][0] == "unknown"
+
+
+@pytest.mark.parametrize("bad,match", [({"event_id": ""}, "event_id"), ({"price": -1}, "price"),
+                                       ({"price": float("nan")}, "price"), ({"event_time": "not a date"}, "event_time"),
+                                       ({"sales_channel_id": 3}, "sales_channel_id")])
+def test_invalid_events_are_refused(setup, bad, match):
+    fs, refs = setup
+    kw = dict(event_id="e", customer_id="c1", article_id="a1", price=0.1, event_time="2020-09-22")
+    with pytest.raises(ValueError, match=match):
+        apply_purchase_event(fs, refs, PurchaseEvent(**{**kw, **bad}))
+
+
+def test_logged_events_reach_the_offline_transactions_once(setup):
+    fs, refs = setup
+    apply_purchase_event(fs, refs, PurchaseEvent("e-1", "c1", "a1", 0.03, "2020-09-22T10:00:00"))
+    apply_purchase_event(fs, refs, PurchaseEvent("e-2", "c3", "a1", 0.05, "2020-09-23T08:00:00"))
+    result = materialize_events(fs)
+    assert result.rows == 2
+    assert materialize_events(fs) is None  # idempotent
+    tx = fs.get_feature_group("transactions").read()
+    assert sorted(tx["event_id"].dropna()) == ["e-1", "e-2"] and len(tx) == 3
+    assert tx.set_index("event_id").loc["e-2", "t_dat"] == pd.Timestamp("2020-09-23 08:00:00")

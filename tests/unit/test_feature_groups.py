@@ -1,0 +1,106 @@
+"""Feature group definitions, names and validation on insert (with the in-memory online store)."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from common.workdir import Workdir
+from feature_store.groups import ARTICLES, CUSTOMER_HISTORY, CUSTOMERS, GROUPS, TRANSACTIONS
+from feature_store.online.base import InMemoryOnlineStore
+from feature_store.schema import Feature, FeatureGroup, allowed, in_range, not_null
+from feature_store.store import FeatureStore
+from feature_store.validation import ValidationFailed
+
+SHOP = FeatureGroup(
+    "shop",
+    "item_id",
+    (Feature("item_id", "string"), Feature("price", "float64"), Feature("color", "string"), Feature("n", "int64"),
+     Feature("tags", "list_string", limit=3)),
+    expectations=(in_range("price", 0, 100), allowed("color", ("red", "blue")), not_null("n")),
+)
+
+
+def shop_frame(**over) -> pd.DataFrame:
+    data = {"item_id": ["a", "b", "c"], "price": [1.0, 2.0, 3.0], "color": ["red", "blue", None], "n": [1, 2, 3],
+            "tags": [["x"], [], None], "event_time": pd.to_datetime(["2020-01-01", "2020-01-02", "2020-01-03"])}
+    data.update(over)
+    return pd.DataFrame(data)
+
+
+@pytest.mark.parametrize("bad", ["Articles", "1st", "a-b", "a b", "fg;drop table x", "x" * 64, "", "é"])
+def test_group_and_feature_names_outside_the_pattern_are_refused(bad):
+    with pytest.raises(ValueError, match=r"\[a-z\]\[a-z0-9_\]\*") as e:
+        FeatureGroup(bad, "k", (Feature("k", "string"),))
+    assert repr(bad) in str(e.value)
+    with pytest.raises(ValueError, match=r"invalid feature name"):
+        Feature(bad, "string")
+
+
+def test_group_definition_errors_are_named():
+    with pytest.raises(ValueError, match="primary key 'id' is not a feature"):
+        FeatureGroup("g", "id", (Feature("k", "string"),))
+    with pytest.raises(ValueError, match="online groups need"):
+        FeatureGroup("g", "k", (Feature("k", "float64"),))
+    with pytest.raises(ValueError, match="declared twice"):
+        FeatureGroup("g", "k", (Feature("k", "string"), Feature("k", "int64")))
+    with pytest.raises(ValueError, match="unknown type 'blob'"):
+        Feature("x", "blob")
+    with pytest.raises(ValueError, match="alias 'Other'"):
+        Feature("x", "string", alias="Other")
+    with pytest.raises(ValueError, match="expectation on unknown feature 'nope'"):
+        FeatureGroup("g", "k", (Feature("k", "string"),), expectations=(not_null("nope"),))
+
+
+def test_hm_groups():
+    assert len(ARTICLES.features) >= 21  # the key and at least 20 features
+    assert {"age", "age_group", "club_member_status", "fashion_news_frequency", "FN", "Active", "postal_bucket"} <= set(
+        CUSTOMERS.columns)
+    assert {"sales_7d", "sales_30d", "sales_trend", "price", "first_seen", "stock", "in_stock", "detail_desc"} <= set(
+        ARTICLES.columns)
+    assert {"n_purchases", "mean_price", "purchased", "share_ladieswear"} <= set(CUSTOMER_HISTORY.columns)
+    assert not TRANSACTIONS.online and TRANSACTIONS.event_time == "t_dat"
+    assert CUSTOMERS.feature("FN").name == "fn" and CUSTOMERS.key == "customer_id"
+    for g in GROUPS.values():
+        assert FeatureGroup.from_dict(g.to_dict()) == g
+        assert all(f.limit for f in g.features if f.dtype not in ("int64", "float64", "bool"))  # bounded
+
+
+def test_strict_failure_writes_nothing_anywhere(tmp_path):
+    online = InMemoryOnlineStore()
+    fgv = FeatureStore(Workdir.at(tmp_path), online).create_feature_group(SHOP)
+    bad = shop_frame(price=[1.0, 250.0, -3.0], color=["red", "green", "blue"], n=[1, None, 3])
+    with pytest.raises(ValidationFailed) as e:
+        fgv.insert(bad, validation="strict")
+    report = e.value.report
+    by_rule = {(f.feature, f.rule): f for f in report.failures}
+    assert by_rule[("price", "range [0, 100]")].failing_rows == 2
+    assert [x["value"] for x in by_rule[("price", "range [0, 100]")].examples] == [250.0, -3.0]
+    assert by_rule[("color", "allowed ['red', 'blue']")].examples == [{"row": 1, "value": "green"}]
+    assert by_rule[("n", "not_null")].failing_rows == 1
+    assert "price: range [0, 100]: 2 failing rows" in str(e.value)
+    assert fgv.offline.commits() == [] and fgv.read().empty
+    assert online.table_stats(fgv.spec)["rows"] == 0
+
+
+def test_always_policy_writes_and_reports(tmp_path):
+    fgv = FeatureStore(Workdir.at(tmp_path), InMemoryOnlineStore()).create_feature_group(SHOP)
+    frame = shop_frame(price=[1.0, "cheap", 500.0], item_id=["a", None, "c"], tags=[["x"], [], ["1", "2", "3", "4"]])
+    result = fgv.insert(frame, validation="always")
+    failures = {(f.feature, f.rule): f.failing_rows for f in result.report.failures}
+    assert failures[("price", "type float64")] == 1
+    assert failures[("price", "range [0, 100]")] == 1
+    assert failures[("item_id", "not_null (primary key)")] == 1
+    assert failures[("tags", "type list_string (limit 3)")] == 1
+    assert result.report.dropped_rows == 1 and result.rows == 2
+    rows = fgv.read_online(["a", "c"])
+    assert rows["c"]["price"] == 500.0 and rows["c"]["tags"] is None  # out of range kept; unstorable -> null
+
+
+def test_missing_event_time_and_columns_are_named(tmp_path):
+    fgv = FeatureStore(Workdir.at(tmp_path), InMemoryOnlineStore()).create_feature_group(SHOP)
+    with pytest.raises(ValueError, match="event-time column 'event_time'"):
+        fgv.insert(shop_frame().drop(columns=["event_time"]))
+    with pytest.raises(ValueError, match=r"lacks columns \['color'\]"):
+        fgv.insert(shop_frame().drop(columns=["color"]))
+    with pytest.raises(ValidationFailed, match="event_time: not_null timestamp"):
+        fgv.insert(shop_frame(event_time=[pd.Timestamp("2020-01-01"), None, pd.Timestamp("2020-01-01")]))

@@ -1,0 +1,79 @@
+"""`rayrec features build | describe | validate` as functions, and their argument parsing."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from common.workdir import Workdir
+from feature_store.online.base import InMemoryOnlineStore
+from feature_store.sources import generate
+from feature_store.store import FeatureStore
+from ray_apps.features_cli import (
+    add_features_commands,
+    build_features,
+    describe_features,
+    format_table,
+    main,
+    validate_features,
+)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hm")
+    generate(d, seed=5, customers=120, articles=60, days=20)
+    return d
+
+
+def test_build_then_describe(tmp_path, data_dir):
+    fs = FeatureStore(Workdir.at(tmp_path), InMemoryOnlineStore())
+    refs = build_features(fs, data_dir, event_time="2020-07-01")
+    assert set(refs) == {"transactions", "customers", "articles", "customer_history"}
+    assert refs["articles"].online_table == "fg_articles_v1" and refs["transactions"].online_table is None
+    build_features(fs, data_dir, names=["articles"])
+    rows = {(r["group"], r["version"]): r for r in describe_features(fs)}
+    assert set(rows) == {("transactions", 1), ("customers", 1), ("articles", 1), ("articles", 2),
+                         ("customer_history", 1)}
+    assert rows[("articles", 2)]["online_rows"] == rows[("articles", 2)]["offline_rows"] == 60
+    table = format_table(list(rows.values()))
+    assert "fg_articles_v2" in table and "freshness_s" in table.splitlines()[0]
+
+
+def test_validate_reports_without_writing(tmp_path, data_dir):
+    reports = validate_features(data_dir)
+    assert all(r.ok for r in reports.values()), {n: r.summary_lines() for n, r in reports.items()}
+    assert not (tmp_path / "feature_store").exists()
+
+
+def test_parser_registers_the_commands(tmp_path, capsys):
+    p = argparse.ArgumentParser(prog="rayrec")
+    add_features_commands(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(["features", "describe", "--workdir", str(tmp_path), "--json"])
+    assert args.features_command == "describe" and args.json
+    args = p.parse_args(["features", "build", "--workdir", str(tmp_path), "--group", "articles", "--validation",
+                         "always"])
+    assert args.group == ["articles"] and args.validation == "always"
+    with pytest.raises(SystemExit):
+        p.parse_args(["features", "build", "--group", "nope"])
+    assert main(["features", "describe", "--workdir", str(tmp_path / "empty"), "--json"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_hm_purchases_view_training_data_and_vectors(tmp_path, data_dir):
+    from feature_store.views import PURCHASES_VIEW
+
+    fs = FeatureStore(Workdir.at(tmp_path), InMemoryOnlineStore())
+    build_features(fs, data_dir, event_time="2019-01-01")  # snapshots older than every purchase
+    fv = fs.create_feature_view(PURCHASES_VIEW)
+    tx = fs.get_feature_group("transactions").read()
+    cut = tx["t_dat"].sort_values().iloc[len(tx) * 3 // 4]
+    td = fv.train_test_split(train_end=cut)
+    assert td.meta["rows"]["train"] + td.meta["rows"]["test"] == len(tx)
+    x = td.features("train")
+    assert {"age", "age_group__0", "article_price", "month_sin", "sales_channel_id"} <= set(x.columns)
+    assert x["article_price"].between(0, 1).all()
+    row = tx.iloc[0]
+    v = fv.get_feature_vectors([{"customer_id": row["customer_id"], "article_id": row["article_id"]}],
+                               request={"date": "2020-09-23", "sales_channel_id": 2})
+    assert v.status == ["complete"] and list(v.columns) == list(x.columns)
