@@ -10,6 +10,11 @@ Encoded query dict: one int64 array per name in QUERY_CATEGORICALS, the jagged h
 `hist_values` (int64, flat, article indices, most recent first) + `hist_lengths` (int32), and
 `dense` (float32, [n, N_QUERY_DENSE]: month sin/cos). Encoded item dict: one int64 array per name
 in ITEM_CATEGORICALS.
+
+Fixed-width form (training batches, Ray Data blocks): the same values as 2-D arrays, one row per
+example: `q_cat` [n, len(QUERY_CATEGORICALS)] and `i_cat` [n, len(ITEM_CATEGORICALS)] (int64,
+model order), `q_hist` [n, history_len] (int64, zero-padded after `q_hist_len` entries) and
+`q_dense`. `fixed_width_queries` / `fixed_width_items` convert; `from_fixed_width` converts back.
 """
 from __future__ import annotations
 
@@ -55,6 +60,7 @@ HIST_VALUES = "hist_values"
 HIST_LENGTHS = "hist_lengths"
 DENSE = "dense"
 N_QUERY_DENSE = 2  # month sin, month cos
+Q_CAT, Q_HIST, Q_HIST_LEN, Q_DENSE, I_CAT = "q_cat", "q_hist", "q_hist_len", "q_dense", "i_cat"
 
 # Categoricals whose vocabulary is learned from the data (strings); the rest have fixed encodings.
 _STRING_VOCABS = {
@@ -206,6 +212,48 @@ def take_rows(encoded: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.n
         row_start_out = np.cumsum(sel_len) - sel_len
         gather = np.repeat(starts[idx] - row_start_out, sel_len) + np.arange(total)
         out[HIST_VALUES] = encoded[HIST_VALUES][gather]
+    return out
+
+
+def fixed_width_queries(encoded: dict[str, np.ndarray], history_len: int) -> dict[str, np.ndarray]:
+    """Encoded queries as fixed-width columns (history zero-padded to `history_len`)."""
+    lengths = np.minimum(encoded[HIST_LENGTHS].astype(np.int64), history_len)
+    return {
+        Q_CAT: np.stack([encoded[f] for f in QUERY_CATEGORICALS], axis=1).astype(np.int64),
+        Q_HIST: pad_history(encoded[HIST_VALUES], encoded[HIST_LENGTHS], history_len),
+        Q_HIST_LEN: lengths.astype(np.int32),
+        Q_DENSE: np.ascontiguousarray(encoded[DENSE], dtype=np.float32),
+    }
+
+
+def fixed_width_items(encoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {I_CAT: np.stack([encoded[f] for f in ITEM_CATEGORICALS], axis=1).astype(np.int64)}
+
+
+def from_fixed_width(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Back to the jagged encoded dict(s) `QueryTower.inputs` / `ItemTower.inputs` take."""
+    out: dict[str, np.ndarray] = {}
+    if Q_CAT in columns:
+        out.update({f: columns[Q_CAT][:, j] for j, f in enumerate(QUERY_CATEGORICALS)})
+        lengths = columns[Q_HIST_LEN].astype(np.int32)
+        out[HIST_VALUES] = columns[Q_HIST][np.arange(columns[Q_HIST].shape[1]) < lengths[:, None]]
+        out[HIST_LENGTHS] = lengths
+        out[DENSE] = columns[Q_DENSE]
+    if I_CAT in columns:
+        out.update({f: columns[I_CAT][:, j] for j, f in enumerate(ITEM_CATEGORICALS)})
+    return out
+
+
+def pad_history(values: np.ndarray, lengths: np.ndarray, history_len: int) -> np.ndarray:
+    """Jagged history (flat values + lengths) -> [n, history_len] int64, zero-padded, truncated."""
+    lengths = lengths.astype(np.int64)
+    n = len(lengths)
+    starts = np.cumsum(lengths) - lengths
+    pos = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
+    rows = np.repeat(np.arange(n), lengths)
+    keep = pos < history_len
+    out = np.zeros((n, history_len), dtype=np.int64)
+    out[rows[keep], pos[keep]] = values[keep]
     return out
 
 

@@ -1,6 +1,9 @@
 """Two-tower features, model, loss and an in-process training run (no Ray cluster)."""
 from __future__ import annotations
 
+import contextlib
+import io
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +15,20 @@ from common.config import TwoTowerConfig
 from training.features import (
     HIST_LENGTHS,
     HIST_VALUES,
+    I_CAT,
     ITEM_ATTRIBUTE_COLUMNS,
     ITEM_CATEGORICALS,
+    Q_CAT,
+    Q_DENSE,
+    Q_HIST,
+    Q_HIST_LEN,
     QUERY_CATEGORICALS,
     FeatureVocab,
     encode_items,
     encode_queries,
+    fixed_width_items,
+    fixed_width_queries,
+    from_fixed_width,
     take_rows,
 )
 from training.two_tower.model import (
@@ -25,16 +36,24 @@ from training.two_tower.model import (
     QUERY_TOWER_FILE,
     VOCAB_FILE,
     TwoTower,
+    candidate_log_q,
     in_batch_softmax_loss,
     load_item_tower,
     load_query_tower,
     save_towers,
 )
 from training.two_tower.train import (
+    RunContext,
+    Trainable,
+    best_epoch,
     build_loop_config,
     encode_training_data,
+    local_batches,
+    progress_line,
     recall_at_k,
-    save_encoded,
+    run_training,
+    should_stop,
+    split_validation,
     train_local,
 )
 
@@ -186,20 +205,179 @@ def test_loss_removes_accidental_hits():
     assert torch.isfinite(qg.grad).all()
 
 
-def test_training_learns_group_structure(tmp_path: Path):
+def test_fixed_width_columns_round_trip_to_the_encoded_form(data):
+    frame, _, _, vocab = data
+    q_enc, i_enc = encode_queries(vocab, frame, CFG.history_len), encode_items(vocab, frame)
+    cols = {**fixed_width_queries(q_enc, CFG.history_len), **fixed_width_items(i_enc)}
+    n = len(frame)
+    assert cols[Q_CAT].shape == (n, len(QUERY_CATEGORICALS)) and cols[I_CAT].shape == (n, len(ITEM_CATEGORICALS))
+    assert cols[Q_HIST].shape == (n, CFG.history_len) and cols[Q_DENSE].shape == (n, 2)
+    back = from_fixed_width(cols)
+    for k, v in {**q_enc, **i_enc}.items():
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+
+def test_batch_inputs_give_the_same_embeddings_as_encoded_inputs(data):
+    frame, _, _, vocab = data
+    model = TwoTower.from_vocab(vocab, CFG).eval()
+    q_enc, i_enc = encode_queries(vocab, frame, CFG.history_len), encode_items(vocab, frame)
+    cols = {k: torch.from_numpy(v) for k, v in {**fixed_width_queries(q_enc, CFG.history_len),
+                                                 **fixed_width_items(i_enc)}.items()}
+    with torch.no_grad():
+        q_ref, i_ref = model(*model.query_tower.inputs(q_enc), *model.item_tower.inputs(i_enc))
+        q, i = model(*model.query_tower.batch_inputs(cols[Q_CAT], cols[Q_HIST], cols[Q_HIST_LEN], cols[Q_DENSE]),
+                     *model.item_tower.batch_inputs(cols[I_CAT]))
+    torch.testing.assert_close(q, q_ref)
+    torch.testing.assert_close(i, i_ref)
+
+
+def test_loss_with_extra_random_negatives():
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    cand = torch.nn.functional.normalize(torch.randn(7, 8), dim=1)  # 4 positives + 3 random negatives
+    ids = torch.tensor([10, 11, 12, 13, 20, 21, 22])
+    only_batch = in_batch_softmax_loss(q, cand[:4], ids[:4], 0.1)
+    with_neg = in_batch_softmax_loss(q, cand, ids, 0.1)
+    assert with_neg > only_batch  # more negatives: a larger softmax denominator
+    expected = torch.nn.functional.cross_entropy(q @ cand.T / 0.1, torch.arange(4))
+    torch.testing.assert_close(with_neg, expected)
+    # a random negative that is row 0's own article is an accidental hit: masked for row 0 only
+    hit_ids = torch.tensor([10, 11, 12, 13, 10, 21, 22])
+    masked = in_batch_softmax_loss(q, cand, hit_ids, 0.1)
+    logits = q @ cand.T / 0.1
+    logits[0, 4] = torch.finfo(logits.dtype).min
+    torch.testing.assert_close(masked, torch.nn.functional.cross_entropy(logits, torch.arange(4)))
+
+
+def test_candidate_log_q_mixes_in_batch_and_uniform_sampling():
+    probs = torch.tensor([0.0, 0.5, 0.3, 0.2])
+    ids = torch.tensor([1, 2, 3, 1])
+    plain = candidate_log_q(probs, ids, batch_size=3)
+    torch.testing.assert_close(plain, torch.log(probs[ids]) + np.log(3.0))  # plain logQ + a constant
+    mixed = candidate_log_q(probs, ids, batch_size=3, n_random=2, n_catalog=4)
+    torch.testing.assert_close(mixed, torch.log(3 * probs[ids] + 0.5))
+
+
+def test_early_stopping_rules():
+    hist = [{"epoch": e, "val_recall": r} for e, r in enumerate([0.1, 0.3, 0.3, 0.2, 0.25], start=1)]
+    assert best_epoch(hist) == 2  # the first of equal bests
+    assert not should_stop(hist[:3], patience=2)
+    assert should_stop(hist[:4], patience=2) and should_stop(hist, patience=3)
+    assert not should_stop(hist, patience=0)  # 0 = off
+    assert best_epoch([{"epoch": 1, "train_loss": 1.0}]) is None and not should_stop([{"epoch": 1}], 1)
+    line = progress_line({"epoch": 2, "train_loss": 3.25, "examples_per_s": 12345.6, "val_recall": 0.25,
+                          "epoch_s": 1.5}, epochs=10, val_k=100)
+    assert line == "[two_tower] epoch 2/10 loss 3.2500 12,346 examples/s recall@100 0.2500 1.5s"
+
+
+def test_validation_holdout_by_days():
+    days = pd.to_datetime(["2020-01-01", "2020-01-05", "2020-01-09", "2020-01-10"])
+    frame = pd.DataFrame({"t_dat": days, "x": range(4)})
+    train, val = split_validation(frame, None, CFG.model_copy(update={"val_days": 2}))
+    assert list(train["x"]) == [0, 1] and list(val["x"]) == [2, 3]  # the last 2 days: 9th and 10th
+    same, none = split_validation(frame, None, CFG)  # val_days 0: no validation
+    assert same is frame and none is None
+    with pytest.raises(ValueError, match="leaves no training or no validation rows"):
+        split_validation(frame, None, CFG.model_copy(update={"val_days": 30}))
+    with pytest.raises(ValueError, match="needs a 't_dat' column"):
+        split_validation(frame.drop(columns="t_dat"), None, CFG.model_copy(update={"val_days": 2}))
+
+
+def test_training_learns_group_structure_and_stops_early():
     frame, articles, customers = synthetic(2500, seed=3)
     train, val = frame.iloc[:2000], frame.iloc[2000:]
     vocab = FeatureVocab.fit(articles, customers)
-    cfg = CFG.model_copy(update={"epochs": 10})  # 32 steps per epoch -> 320 steps
-    groups, extra = encode_training_data(vocab, train, articles, cfg.history_len, val)
-    path = save_encoded(tmp_path / "enc.npz", groups, extra)
-    loop_config = build_loop_config(vocab, cfg, path, val_k=10, progress=False, threads=1)
-    model, history = train_local(loop_config)
-    assert [h["epoch"] for h in history] == list(range(1, 11))
+    # 32 steps per epoch; patience 2 stops once recall plateaus (it must still learn first)
+    cfg = CFG.model_copy(update={"epochs": 15, "val_k": 10, "early_stopping_patience": 2, "n_random_negatives": 16})
+    columns, side = encode_training_data(vocab, train, articles, cfg, val)
+    model, history = train_local(build_loop_config(vocab, cfg, progress=False, threads=1), columns, side)
+    epochs = [h["epoch"] for h in history]
+    assert epochs == list(range(1, len(history) + 1))
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    recall = recall_at_k(
-        model.query_tower, model.item_tower, groups["val_q"], extra["val_target"], groups["catalog"], 10
-    )
-    assert recall == pytest.approx(history[-1]["val_recall@10"])
+    assert all(h["examples_per_s"] > 0 for h in history)
+    if len(history) < cfg.epochs:  # stopped early: the last `patience` epochs did not beat the best
+        assert len(history) - best_epoch(history) == cfg.early_stopping_patience
+    recall = recall_at_k(model.query_tower, model.item_tower, side.val_q, side.val_target, side.catalog, 10)
+    assert recall == pytest.approx(history[-1]["val_recall"])
     random_recall = 10 / len(articles)  # 0.125; a perfect group model reaches 10 / 20 = 0.5
-    assert recall > 3 * random_recall, history
+    assert max(h["val_recall"] for h in history) > 3 * random_recall, history
+
+
+def _saved(blob: dict) -> dict:
+    """What a checkpoint file holds: the blob as torch.save wrote it at report time."""
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def test_resumed_run_matches_an_uninterrupted_one(data):
+    """Model, optimizer and history from an epoch-2 checkpoint: epochs 3-4 come out bit-identical."""
+    frame, articles, _, vocab = data
+    cfg = CFG.model_copy(update={"epochs": 4, "early_stopping_patience": 0})
+    columns, side = encode_training_data(vocab, frame, articles, cfg)
+    config = build_loop_config(vocab, cfg, progress=False, threads=1)
+    blobs: list[dict] = []
+    straight, straight_hist = run_training(config, local_batches(columns, cfg.batch_size, cfg.seed), side,
+                                           RunContext(report=lambda m, blob: blobs.append(_saved(blob))))
+    assert len(blobs) == 4 and blobs[1]["optimizer"]["state"]  # AdamW moments are in the checkpoint
+    resumed, hist = run_training(config, local_batches(columns, cfg.batch_size, cfg.seed), side,
+                                 RunContext(resume=blobs[1]))
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
+    assert [h["train_loss"] for h in hist] == [h["train_loss"] for h in straight_hist]
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+@contextlib.contextmanager
+def _world_of_one():
+    """A single-process gloo group, so TorchRec's DistributedModelParallel runs in the test process."""
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_table_wise_dmp_trains_and_checkpoints_full_tables(data):
+    """The sharded path: state scattered into TorchRec's table-wise shards and gathered back intact,
+    loss falls, and the checkpoint (untied tables) rebuilds a plain TwoTower for export."""
+    frame, articles, _, vocab = data
+    cfg = CFG.model_copy(update={"epochs": 3, "sharding": "table_wise", "early_stopping_patience": 0})
+    columns, side = encode_training_data(vocab, frame, articles, cfg, frame.iloc[:50])
+    with _world_of_one():
+        torch.manual_seed(0)
+        model = TwoTower.from_vocab(vocab, cfg, tie_history=False)
+        init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        trainable = Trainable(model, cfg, "table_wise", torch.device("cpu"), distributed=True)
+        assert "t_article_id:table_wise@0" in trainable.describe()
+        gathered = trainable.full_state()
+        assert gathered.keys() == init.keys()
+        for k, v in init.items():
+            torch.testing.assert_close(gathered[k], v, msg=k)
+        blobs: list[dict] = []
+        run = RunContext(distributed=True, report=lambda m, blob: blobs.append(_saved(blob)))
+        _, history = run_training(build_loop_config(vocab, cfg, progress=False, threads=1),
+                                  local_batches(columns, cfg.batch_size, cfg.seed), side, run)
+    assert [h["epoch"] for h in history] == [1, 2, 3] and history[-1]["train_loss"] < history[0]["train_loss"]
+    blob = blobs[-1]
+    assert blob["tie_history"] is False and blob["optimizer"] is None  # fused moments restart on resume
+    exported = TwoTower(blob["query_kwargs"], blob["item_kwargs"], tie_history=False)
+    exported.load_state_dict(blob["state_dict"])
+    hist_w = exported.query_tower.history_table.weight
+    assert not torch.equal(hist_w, init["query_tower.ebc.embedding_bags.t_hist_article_id.weight"])  # trained
+    q, i = _embed_both(exported, vocab, frame)
+    assert np.isfinite(q).all() and np.isfinite(i).all()
+
+
+def test_table_wise_needs_a_process_group(data):
+    frame, articles, _, vocab = data
+    cfg = CFG.model_copy(update={"sharding": "table_wise"})
+    columns, side = encode_training_data(vocab, frame, articles, cfg)
+    with pytest.raises(ValueError, match="needs a torch.distributed process group"):
+        train_local(build_loop_config(vocab, cfg, progress=False), columns, side)

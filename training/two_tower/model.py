@@ -5,6 +5,10 @@ customer's recent purchases, mean-pooled through the SAME article-id table the i
 tie is what lets serving fold a purchase made a second ago into the query embedding without
 retraining. The towers are saved and loaded separately: the item tower embeds the catalogue offline
 (index build), the query tower runs per request.
+
+Two input forms, one model: `inputs(encoded)` takes the jagged numpy dicts of `training.features`
+(serving, evaluation); `batch_inputs(...)` takes fixed-width torch tensors (training batches from
+Ray Data) on any device and builds the same KeyedJaggedTensor there.
 """
 from __future__ import annotations
 
@@ -66,6 +70,26 @@ def _kjt(encoded: dict[str, np.ndarray], keys: Sequence[str], jagged: dict[str, 
     )
 
 
+def padded_kjt(
+    keys: Sequence[str], cat: torch.Tensor, jagged: Sequence[tuple[str, torch.Tensor, torch.Tensor]] = ()
+) -> KeyedJaggedTensor:
+    """KJT from fixed-width tensors: `cat` [B, len(keys)] one id per row and feature, then each jagged
+    feature as (name, padded [B, L], lengths [B]); built on the tensors' device, no host sync."""
+    b = cat.shape[0]
+    values = [cat.t().reshape(-1)]
+    lengths = [torch.ones(b * cat.shape[1], dtype=torch.int32, device=cat.device)]
+    for _, padded, ln in jagged:
+        mask = torch.arange(padded.shape[1], device=padded.device).unsqueeze(0) < ln.unsqueeze(1)
+        values.append(padded[mask])
+        lengths.append(ln.to(torch.int32))
+    return KeyedJaggedTensor(
+        keys=[*keys, *(name for name, _, _ in jagged)],
+        values=torch.cat(values).to(torch.int64),
+        lengths=torch.cat(lengths),
+        stride=b,
+    )
+
+
 class _Tower(nn.Module):
     """Shared plumbing: constructor kwargs kept for export, chunked no-grad embedding for inference."""
 
@@ -76,12 +100,15 @@ class _Tower(nn.Module):
 
     @torch.no_grad()
     def embed(self, encoded: dict[str, np.ndarray], chunk: int = EMBED_CHUNK) -> np.ndarray:
-        """L2-normalised float32 embeddings, one row per encoded row."""
+        """L2-normalised float32 embeddings, one row per encoded row (computed on the tower's device)."""
         was_training = self.training
         self.eval()
         n = n_rows(encoded)
+        device = next(self.parameters()).device
         parts = [
-            self(*self.inputs(take_rows(encoded, np.arange(s, min(s + chunk, n))))).numpy()
+            self(*(x.to(device) for x in self.inputs(take_rows(encoded, np.arange(s, min(s + chunk, n))))))
+            .cpu()
+            .numpy()
             for s in range(0, n, chunk)
         ]
         self.train(was_training)
@@ -107,6 +134,7 @@ class QueryTower(_Tower):
             hidden_dims=list(hidden_dims), output_dim=output_dim, n_dense=n_dense,
         )
         self.features = [f for f in QUERY_CATEGORICALS if f in cardinalities]
+        self._cat_cols = [QUERY_CATEGORICALS.index(f) for f in self.features]
         tables = [_table(f, cardinalities[f], embedding_dim) for f in self.features]
         tables.append(_table(HIST_FEATURE, n_articles, embedding_dim, PoolingType.MEAN))
         self.ebc = EmbeddingBagCollection(tables=tables, device=torch.device("cpu"))
@@ -119,6 +147,13 @@ class QueryTower(_Tower):
     def inputs(self, encoded: dict[str, np.ndarray]) -> tuple[KeyedJaggedTensor, torch.Tensor]:
         kjt = _kjt(encoded, self.features, {HIST_FEATURE: (HIST_VALUES, HIST_LENGTHS)})
         return kjt, torch.from_numpy(np.ascontiguousarray(encoded[DENSE], dtype=np.float32))
+
+    def batch_inputs(
+        self, q_cat: torch.Tensor, q_hist: torch.Tensor, q_hist_len: torch.Tensor, q_dense: torch.Tensor
+    ) -> tuple[KeyedJaggedTensor, torch.Tensor]:
+        """Forward inputs from fixed-width tensors (see `training.features.fixed_width_queries`)."""
+        cat = q_cat if len(self._cat_cols) == q_cat.shape[1] else q_cat[:, self._cat_cols]
+        return padded_kjt(self.features, cat, [(HIST_FEATURE, q_hist, q_hist_len)]), q_dense.to(torch.float32)
 
     def forward(self, kjt: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         pooled = self.ebc(kjt).values()  # [B, n_tables * dim], table order
@@ -137,6 +172,7 @@ class ItemTower(_Tower):
             hidden_dims=list(hidden_dims), output_dim=output_dim,
         )
         self.features = [f for f in ITEM_CATEGORICALS if f in cardinalities]
+        self._cat_cols = [ITEM_CATEGORICALS.index(f) for f in self.features]
         tables = [_table(f, cardinalities[f], embedding_dim) for f in self.features]
         self.ebc = EmbeddingBagCollection(tables=tables, device=torch.device("cpu"))
         self.mlp = _mlp(embedding_dim * len(tables), hidden_dims, output_dim)
@@ -148,24 +184,37 @@ class ItemTower(_Tower):
     def inputs(self, encoded: dict[str, np.ndarray]) -> tuple[KeyedJaggedTensor]:
         return (_kjt(encoded, self.features, {}),)
 
+    def batch_inputs(self, i_cat: torch.Tensor) -> tuple[KeyedJaggedTensor]:
+        """Forward inputs from the fixed-width [B, len(ITEM_CATEGORICALS)] id tensor."""
+        cat = i_cat if len(self._cat_cols) == i_cat.shape[1] else i_cat[:, self._cat_cols]
+        return (padded_kjt(self.features, cat),)
+
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         return F.normalize(self.mlp(self.ebc(kjt).values()), dim=-1)
 
 
 class TwoTower(nn.Module):
-    """Both towers, with the history table tied to the item article-id table (one nn.Parameter)."""
+    """Both towers, with the history table tied to the item article-id table (one nn.Parameter).
 
-    def __init__(self, query_kwargs: dict[str, Any], item_kwargs: dict[str, Any]) -> None:
+    `tie_history=False` keeps two tables (same shape, separately trained): TorchRec's
+    DistributedModelParallel shards each EmbeddingBagCollection on its own and cannot share a
+    table between two of them, so the sharded path trains untied. Serving is unaffected: the
+    exported query tower always carries its own history table.
+    """
+
+    def __init__(self, query_kwargs: dict[str, Any], item_kwargs: dict[str, Any], tie_history: bool = True) -> None:
         super().__init__()
         self.query_tower = QueryTower(**query_kwargs)
         self.item_tower = ItemTower(**item_kwargs)
+        self.tie_history = tie_history
         if self.query_tower.history_table.weight.shape != self.item_tower.article_table.weight.shape:
             raise ValueError("history table and article table must have the same shape to be shared")
-        self.query_tower.history_table.weight = self.item_tower.article_table.weight
+        if tie_history:
+            self.query_tower.history_table.weight = self.item_tower.article_table.weight
 
     @classmethod
-    def from_vocab(cls, vocab: FeatureVocab, cfg: TwoTowerConfig) -> TwoTower:
-        return cls(*tower_kwargs(vocab, cfg))
+    def from_vocab(cls, vocab: FeatureVocab, cfg: TwoTowerConfig, tie_history: bool = True) -> TwoTower:
+        return cls(*tower_kwargs(vocab, cfg), tie_history=tie_history)
 
     def init_kwargs(self) -> tuple[dict[str, Any], dict[str, Any]]:
         return self.query_tower.init_kwargs, self.item_tower.init_kwargs
@@ -193,25 +242,36 @@ def in_batch_softmax_loss(
 ) -> torch.Tensor:
     """Sampled softmax over the batch's items, each query's own item is the positive.
 
-    Accidental hits (the same article at another position j != i) are masked out, so a popular
-    article is never pushed away from a query that bought it. `log_q` ([B], aligned with the batch
-    columns: log sampling probability of each column's article, e.g. `log_q_table[item_ids]`) is
-    subtracted from the logits to undo in-batch sampling's bias toward popular articles.
+    `q` is [B, d]; `i` is [B + K, d]: row r < B is query r's positive, any further rows are extra
+    negatives shared by every query (e.g. random catalogue articles). `item_ids` ([B + K]) are the
+    candidates' article ids. Accidental hits (query r's own article at another column) are masked
+    out, so a popular article is never pushed away from a query that bought it. `log_q` ([B + K],
+    aligned with the columns: log of how often each column's article is expected among the
+    candidates, see `candidate_log_q`) is subtracted from the logits to undo the sampling's bias
+    toward popular articles.
     """
+    b = q.shape[0]
     logits = (q @ i.T) / temperature
     if log_q is not None:
         logits = logits - log_q.to(logits.dtype).unsqueeze(0)
-    same = item_ids.unsqueeze(0) == item_ids.unsqueeze(1)
-    hits = same & ~torch.eye(len(item_ids), dtype=torch.bool, device=q.device)
+    hits = item_ids[:b].unsqueeze(1) == item_ids.unsqueeze(0)
+    hits[:, :b] &= ~torch.eye(b, dtype=torch.bool, device=q.device)
     logits = logits.masked_fill(hits, torch.finfo(logits.dtype).min)
-    return F.cross_entropy(logits, torch.arange(len(q), device=q.device))
+    return F.cross_entropy(logits, torch.arange(b, device=q.device))
 
 
-def sampling_log_probs(article_idx: np.ndarray, n_articles: int) -> np.ndarray:
-    """Per-article log sampling probability from training popularity (index = article row)."""
-    counts = np.bincount(article_idx, minlength=n_articles).astype(np.float64)
-    probs = np.maximum(counts, 1.0) / max(len(article_idx), 1)  # unseen never sampled; keep finite
-    return np.log(probs).astype(np.float32)
+def candidate_log_q(
+    probs: torch.Tensor, ids: torch.Tensor, batch_size: int, n_random: int = 0, n_catalog: int = 1
+) -> torch.Tensor:
+    """log(expected occurrences among the candidates) per candidate column (mixed negative sampling).
+
+    In-batch candidates are drawn by popularity (`probs`, per article row: B draws), the extra ones
+    uniformly from a catalogue of `n_catalog` (K draws), so article j is expected
+    B * p_j + K / n_catalog times. Without extra negatives this is log p_j + log B: the plain
+    logQ correction up to a constant, which the softmax ignores.
+    """
+    expected = batch_size * probs[ids] + (n_random / max(n_catalog, 1))
+    return torch.log(expected)
 
 
 # -- export -------------------------------------------------------------------------------------------

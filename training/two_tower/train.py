@@ -1,22 +1,38 @@
-"""Train the two-tower model with Ray Train (TorchTrainer, gloo on CPU).
+"""Train the two-tower model with Ray Train (TorchTrainer: gloo on CPU, nccl on GPU).
 
-Data flow: the driver fits the vocab, encodes everything once and writes one uncompressed `.npz`
-(train queries/items, the article catalogue, optional validation queries + targets, logQ table).
-Each worker loads the whole file (the path must be visible to every worker: one machine or shared
-storage). Every epoch draws a seeded global permutation and each rank takes its equal-sized slice,
-so ranks run the same number of steps (DDP needs that) and see different rows each epoch. Rank 0
-reports a checkpoint every epoch; the driver rebuilds the model from the last one and exports the
-towers.
+Data flow: the driver fits the vocab and encodes the training frame once into fixed-width columns
+(`training.features.fixed_width_*`), which go into the object store as a Ray Dataset of about a
+hundred blocks (`ray.data.from_arrow`: no Ray Data task ever runs, so training workers that hold
+every CPU of the cluster cannot starve the data pipeline). Every epoch the dataset's block order is
+reshuffled (seeded, different per epoch), `streaming_split` hands each worker an equal share (DDP
+needs the same number of steps on every rank) and each worker iterates it with
+`iter_torch_batches` through a local shuffle buffer. The article catalogue, the sampling
+probabilities and the validation queries travel once as one object-store reference.
+
+Each epoch ends with a `ray.train.report` of the metrics and rank 0's checkpoint (model, optimizer,
+history). A failed worker restarts the group from the last checkpoint (`FailureConfig`), a rerun
+with the same `run_name` resumes where the run stopped, and with validation data training stops
+after `early_stopping_patience` epochs without a better recall; the best epoch's checkpoint is the
+one exported.
+
+Sharding (`TwoTowerConfig.sharding`): data-parallel (DDP: every worker holds every table) is the
+CPU default; "table_wise" (and "auto" on GPU) wrap the model in TorchRec's
+DistributedModelParallel, which places whole tables on workers (CPU has no row-wise kernels).
+DMP cannot share one table between two EmbeddingBagCollections, so that path trains the history
+table untied from the article table.
 """
 from __future__ import annotations
 
 import math
+import os
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,27 +43,42 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
 
 from common.config import TwoTowerConfig
-from training.features import FeatureVocab, encode_items, encode_queries, n_rows, take_rows
+from training.features import (
+    I_CAT,
+    ITEM_CATEGORICALS,
+    Q_CAT,
+    Q_DENSE,
+    Q_HIST,
+    Q_HIST_LEN,
+    QUERY_CATEGORICALS,
+    FeatureVocab,
+    encode_items,
+    encode_queries,
+    fixed_width_items,
+    fixed_width_queries,
+)
 from training.two_tower.model import (
     ItemTower,
     QueryTower,
     TwoTower,
+    candidate_log_q,
     in_batch_softmax_loss,
-    sampling_log_probs,
     save_towers,
     tower_kwargs,
 )
 
 CHECKPOINT_FILE = "model.pt"
-DATA_GROUPS = ("train_q", "train_i", "catalog", "val_q")
-DEFAULT_VAL_K = 100
 DEFAULT_ID_DROPOUT = 0.05
+VAL_METRIC = "val_recall"
+ART_COL = ITEM_CATEGORICALS.index("article_id")
+CUST_COL = QUERY_CATEGORICALS.index("customer_id")
+CPU_ADAGRAD_LR_SCALE = 10.0  # DMP on CPU: fused sparse Adagrad lr = this x learning_rate
+MAX_BLOCKS = 128  # Ray Dataset blocks: enough for a per-epoch block shuffle, few enough to stay cheap
 
-Reporter = Callable[[dict[str, Any], TwoTower, list[dict[str, Any]]], None]
+Batch = dict[str, torch.Tensor]
+Reporter = Callable[[dict[str, Any], dict[str, Any] | None], None]  # (metrics, checkpoint blob on rank 0)
 
 
 @dataclass(frozen=True)
@@ -57,48 +88,85 @@ class TrainResult:
     vocab: Path
     history: list[dict[str, Any]]
     checkpoint_path: str | None = None
+    best_epoch: int | None = None
 
 
-# -- encoded data on disk ---------------------------------------------------------------------------
-def save_encoded(path: Path, groups: dict[str, dict[str, np.ndarray]], extra: dict[str, np.ndarray]) -> Path:
-    """One flat npz, keys `group/name`; uncompressed so loading is a plain read."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    flat = {f"{g}/{k}": v for g, enc in groups.items() for k, v in enc.items()}
-    np.savez(path, **flat, **extra)
-    return path
+@dataclass
+class SideData:
+    """What every rank needs besides the training stream: one object-store reference in Ray."""
+
+    catalog: dict[str, np.ndarray]  # encoded items (jagged form), every article once
+    probs: np.ndarray  # in-batch sampling probability per article row (training popularity)
+    val_q: dict[str, np.ndarray] | None = None  # encoded validation queries
+    val_target: np.ndarray | None = None  # article row each validation query bought
 
 
-def load_encoded(path: str | Path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
-    groups: dict[str, dict[str, np.ndarray]] = {}
-    extra: dict[str, np.ndarray] = {}
-    with np.load(path) as z:
-        for key in z.files:
-            group, _, name = key.partition("/")
-            if name:
-                groups.setdefault(group, {})[name] = z[key]
-            else:
-                extra[key] = z[key]
-    return groups, extra
+# -- encoding ---------------------------------------------------------------------------------------
+def split_validation(
+    train_frame: pd.DataFrame, val_frame: pd.DataFrame | None, cfg: TwoTowerConfig
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """An explicit validation frame wins; else `val_days > 0` holds out the frame's last days."""
+    if val_frame is not None or cfg.val_days == 0:
+        return train_frame, val_frame
+    if "t_dat" not in train_frame.columns:
+        raise ValueError("val_days needs a 't_dat' column in the training frame (or pass val_frame)")
+    start = train_frame["t_dat"].max() - pd.Timedelta(days=cfg.val_days - 1)
+    late = train_frame["t_dat"] >= start
+    if late.all() or not late.any():
+        raise ValueError(f"val_days={cfg.val_days} leaves no training or no validation rows")
+    return train_frame[~late], train_frame[late]
 
 
 def encode_training_data(
     vocab: FeatureVocab,
     train_frame: pd.DataFrame,
     articles_frame: pd.DataFrame,
-    history_len: int,
+    cfg: TwoTowerConfig,
     val_frame: pd.DataFrame | None = None,
-) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
-    """Everything the workers need, as arrays: train pairs, catalogue, validation, logQ table."""
-    groups = {
-        "train_q": encode_queries(vocab, train_frame, history_len),
-        "train_i": encode_items(vocab, train_frame),
-        "catalog": encode_items(vocab, articles_frame),
-    }
-    extra = {"log_q": sampling_log_probs(groups["train_i"]["article_id"], vocab.n_articles)}
+) -> tuple[dict[str, np.ndarray], SideData]:
+    """Fixed-width training columns, plus the catalogue, sampling probabilities and validation set."""
+    q = encode_queries(vocab, train_frame, cfg.history_len)
+    i = encode_items(vocab, train_frame)
+    columns = {**fixed_width_queries(q, cfg.history_len), **fixed_width_items(i)}
+    counts = np.bincount(i["article_id"], minlength=vocab.n_articles).astype(np.float64)
+    side = SideData(
+        catalog=encode_items(vocab, articles_frame),
+        probs=(np.maximum(counts, 1.0) / max(len(train_frame), 1)).astype(np.float32),  # unseen: finite
+    )
     if val_frame is not None and len(val_frame):
-        groups["val_q"] = encode_queries(vocab, val_frame, history_len)
-        extra["val_target"] = vocab.lookup("article_id", val_frame["article_id"])
-    return groups, extra
+        if len(val_frame) > cfg.val_max_rows:
+            val_frame = val_frame.sample(n=cfg.val_max_rows, random_state=cfg.seed)
+        side.val_q = encode_queries(vocab, val_frame, cfg.history_len)
+        side.val_target = vocab.lookup("article_id", val_frame["article_id"])
+    return columns, side
+
+
+def to_dataset(columns: dict[str, np.ndarray], min_block_rows: int) -> ray.data.Dataset:
+    """Fixed-width columns as an in-memory Ray Dataset (2-D columns as Ray's tensor extension)."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    n = len(columns[Q_HIST_LEN])
+    rows = max(min_block_rows, math.ceil(n / MAX_BLOCKS), 1)
+    tables = [
+        pa.table({k: ArrowTensorArray.from_numpy(v[s : s + rows]) if v.ndim > 1 else pa.array(v[s : s + rows])
+                  for k, v in columns.items()})
+        for s in range(0, n, rows)
+    ]
+    return ray.data.from_arrow(tables)
+
+
+def local_batches(columns: dict[str, np.ndarray], batch_size: int, seed: int) -> Callable[[int], Iterator[Batch]]:
+    """The in-process stand-in for a dataset shard: a seeded permutation per epoch."""
+    n = len(columns[Q_HIST_LEN])
+
+    def epoch_batches(epoch: int) -> Iterator[Batch]:
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        for s in range(0, n, batch_size):
+            idx = order[s : s + batch_size]
+            yield {k: torch.from_numpy(v[idx]) for k, v in columns.items()}
+
+    return epoch_batches
 
 
 # -- evaluation -------------------------------------------------------------------------------------
@@ -123,157 +191,462 @@ def recall_at_k(
     return hits / max(len(q), 1)
 
 
+def best_epoch(history: list[dict[str, Any]]) -> int | None:
+    """The (first) epoch with the highest validation recall; None without validation."""
+    scored = [(h[VAL_METRIC], -h["epoch"]) for h in history if VAL_METRIC in h]
+    return -max(scored)[1] if scored else None
+
+
+def should_stop(history: list[dict[str, Any]], patience: int) -> bool:
+    """Early stopping: `patience` epochs in a row without a better validation recall."""
+    best = best_epoch(history)
+    return bool(patience and best is not None and history[-1]["epoch"] - best >= patience)
+
+
+# -- model placement: DDP or TorchRec DMP ---------------------------------------------------------------
+def resolve_sharding(sharding: str, device: torch.device) -> str:
+    """"ddp" or "table_wise" as configured; "auto" is DMP with the planner's choice on GPU, DDP on CPU."""
+    if sharding == "auto":
+        return "planner" if device.type == "cuda" else "ddp"
+    return sharding
+
+
+class Trainable:
+    """The model as the loop sees it: forward net, optimizer, full (unsharded) state in and out."""
+
+    def __init__(self, model: TwoTower, cfg: TwoTowerConfig, mode: str, device: torch.device, distributed: bool):
+        self.model, self.mode, self.device = model, mode, device
+        if mode == "ddp":
+            self.net: torch.nn.Module = model
+            if distributed:
+                self.net = ray.train.torch.prepare_model(model)  # moves to the device, DDP when world > 1
+            else:
+                model.to(device)
+            self.opt: Any = torch.optim.AdamW(
+                self.net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True
+            )
+        else:
+            if not dist.is_initialized():
+                raise ValueError(f"sharding {cfg.sharding!r} uses TorchRec DistributedModelParallel, which needs a "
+                                 "torch.distributed process group (run it through train_two_tower)")
+            self.net, self.opt, self.plan = _build_dmp(model, cfg, mode, device)
+
+    def describe(self) -> str:
+        """How the tables are placed: one line for the progress output."""
+        if self.mode == "ddp":
+            return "data-parallel (every worker holds every table)"
+        placed = []
+        for module_sharding in self.plan.plan.values():
+            for table, ps in module_sharding.items():
+                placed.append(f"{table}:{ps.sharding_type}@{','.join(map(str, ps.ranks or []))}")
+        return f"DistributedModelParallel ({self.mode}): " + " ".join(sorted(placed))
+
+    @property
+    def towers(self) -> TwoTower:
+        return self.model
+
+    def full_state(self) -> dict[str, torch.Tensor] | None:
+        """The unsharded model state on rank 0 (None elsewhere); a collective under DMP."""
+        if self.mode == "ddp":
+            return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return _gather_dmp_state(self.net)
+
+    def load_full_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.mode == "ddp":
+            self.model.load_state_dict(state)
+        else:
+            _scatter_dmp_state(self.net, state)
+
+    def optimizer_state(self) -> dict[str, Any] | None:
+        """DDP: the AdamW state (identical on every rank). DMP: None (fused optimizer moments restart)."""
+        return self.opt.state_dict() if self.mode == "ddp" else None
+
+    def load_optimizer_state(self, state: dict[str, Any] | None) -> None:
+        if state is not None and self.mode == "ddp":
+            self.opt.load_state_dict(state)
+
+    def eval_model(self, state: dict[str, torch.Tensor] | None) -> TwoTower | None:
+        """A model for validation on rank 0: the live one under DDP, a CPU copy of `state` under DMP."""
+        if self.mode == "ddp":
+            return self.model
+        if state is None:
+            return None
+        q_kwargs, i_kwargs = self.model.init_kwargs()
+        copy = TwoTower(q_kwargs, i_kwargs, tie_history=False)
+        copy.load_state_dict(state)
+        return copy
+
+
+def _build_dmp(model: TwoTower, cfg: TwoTowerConfig, mode: str, device: torch.device):
+    """DistributedModelParallel over both towers' EmbeddingBagCollections; sparse Adam fused into backward."""
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.planner.types import ParameterConstraints
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # FBGEMM's CPU kernels only fuse Adagrad/SGD updates (Adam is GPU-only); Adagrad's effective step
+    # shrinks fast, so it starts from a larger rate.
+    sparse_opt, sparse_args = (
+        (torch.optim.Adam, {"lr": cfg.learning_rate}) if device.type == "cuda"
+        else (torch.optim.Adagrad, {"lr": cfg.learning_rate * CPU_ADAGRAD_LR_SCALE})
+    )
+    for ebc in (model.query_tower.ebc, model.item_tower.ebc):
+        apply_optimizer_in_backward(sparse_opt, ebc.parameters(), sparse_args)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    constraints = None
+    if mode == "table_wise":
+        tables = [c.name for tower in (model.query_tower, model.item_tower) for c in tower.ebc.embedding_bag_configs()]
+        constraints = {t: ParameterConstraints(sharding_types=["table_wise"]) for t in tables}
+    topology = Topology(world_size=world, compute_device=device.type, local_world_size=world)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    sharders = [EmbeddingBagCollectionSharder()]
+    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    net = DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders)
+    dense = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(net.named_parameters())),
+        lambda params: torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
+    )
+    _scatter_dmp_state(net, init_state)  # the same initial weights as the unsharded model (and as DDP)
+    return net, CombinedOptimizer([net.fused_optimizer, dense]), plan
+
+
+def _dmp_state(net: torch.nn.Module) -> dict[str, Any]:
+    return {k.removeprefix("_dmp_wrapped_module."): v for k, v in net.state_dict().items()}
+
+
+def _shards(value: Any) -> list[tuple[list[int], torch.Tensor]] | None:
+    """(offsets, tensor) of each local shard of a sharded state entry, None for a plain tensor."""
+    if hasattr(value, "local_shards"):
+        return [(list(s.metadata.shard_offsets), s.tensor) for s in value.local_shards()]
+    return None
+
+
+def _gather_dmp_state(net: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    rank = dist.get_rank()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sorted(_dmp_state(net).items()):
+        if _shards(value) is None:
+            out[key] = value.detach().cpu().clone()
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # ShardedTensor -> DTensor: TorchRec still returns the former
+            full = torch.zeros(value.size(), dtype=value.dtype) if rank == 0 else None
+            value.gather(dst=0, out=full)
+        if rank == 0:
+            out[key] = full
+    return out if rank == 0 else None
+
+
+@torch.no_grad()
+def _scatter_dmp_state(net: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a full state into the sharded model, each rank filling its own shards in place."""
+    for key, value in _dmp_state(net).items():
+        src = state[key]
+        shards = _shards(value)
+        if shards is None:
+            value.copy_(src)
+            continue
+        for offsets, tensor in shards:
+            region = src[tuple(slice(o, o + s) for o, s in zip(offsets, tensor.shape, strict=True))]
+            tensor.copy_(region.to(tensor.device, tensor.dtype))
+
+
 # -- the training loop ------------------------------------------------------------------------------
+@dataclass
+class RunContext:
+    """Where the loop runs: rank and world, device, and the hooks Ray Train (or a test) supplies."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    distributed: bool = False
+    report: Reporter | None = None
+    say: Callable[[str], None] | None = None
+    resume: dict[str, Any] | None = None  # a loaded checkpoint blob
+
+
 def run_training(
-    config: dict[str, Any], rank: int = 0, world_size: int = 1, report: Reporter | None = None
+    config: dict[str, Any], epoch_batches: Callable[[int], Iterable[Batch]], side: SideData, run: RunContext
 ) -> tuple[TwoTower, list[dict[str, Any]]]:
-    """The loop shared by Ray workers and in-process tests; returns the (unwrapped) model and history."""
+    """The loop shared by Ray workers and in-process tests; returns the unwrapped model and history."""
     cfg = TwoTowerConfig.model_validate(config["cfg"])
     torch.set_num_threads(int(config.get("threads") or 1))  # see train_two_tower: 1 thread per reserved core
-    torch.manual_seed(cfg.seed)  # same init on every rank; DDP broadcasts rank 0's weights anyway
-    groups, extra = load_encoded(config["data_path"])
-    train_q, train_i = groups["train_q"], groups["train_i"]
-    model = TwoTower(config["query_kwargs"], config["item_kwargs"])
-    start_epoch, history = _restore(model, config.get("resume_from"))
-    net: torch.nn.Module = model
-    if world_size > 1:
-        net = ray.train.torch.prepare_model(model)
-    # fused: one kernel over all parameters, 2x faster steps here when the id tables are large
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
-    log_q = torch.from_numpy(extra["log_q"]) if config.get("log_q", True) else None
-    id_dropout = float(config.get("id_dropout", DEFAULT_ID_DROPOUT))
-    per_rank = n_rows(train_q) // world_size
-    for epoch in range(start_epoch, cfg.epochs):
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    mode = resolve_sharding(cfg.sharding, run.device)
+    model = TwoTower(config["query_kwargs"], config["item_kwargs"], tie_history=mode == "ddp")
+    trainable = Trainable(model, cfg, mode, run.device, run.distributed)
+    if run.say is not None and run.rank == 0:
+        run.say(f"[two_tower] {run.world_size} worker(s) on {run.device.type}, {trainable.describe()}")
+    history: list[dict[str, Any]] = []
+    if run.resume is not None:
+        trainable.load_full_state(run.resume["state_dict"])
+        trainable.load_optimizer_state(run.resume.get("optimizer"))
+        history = list(run.resume["history"])
+    catalog_cat = torch.from_numpy(fixed_width_items(side.catalog)[I_CAT]).to(run.device)
+    catalog_cat = catalog_cat[catalog_cat[:, ART_COL] > 0]
+    probs = torch.from_numpy(side.probs).to(run.device) if config.get("log_q", True) else None
+    step = TrainStep(cfg, float(config.get("id_dropout", DEFAULT_ID_DROPOUT)), probs, catalog_cat, run)
+    for epoch in range(len(history), cfg.epochs):
+        if should_stop(history, cfg.early_stopping_patience):
+            break  # a resumed run that had already stopped
+        _maybe_fail(config.get("fail_once"), epoch, run.rank)
+        step.start_epoch(epoch)
         t0 = time.perf_counter()
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(n_rows(train_q))
-        shard = order[rank * per_rank : (rank + 1) * per_rank]
-        drop_rng = np.random.default_rng([cfg.seed, epoch, rank, 1])
-        loss_sum, steps = 0.0, 0
-        net.train()
-        for s in range(0, per_rank, cfg.batch_size):
-            idx = shard[s : s + cfg.batch_size]
-            loss = _step(net, opt, take_rows(train_q, idx), take_rows(train_i, idx), cfg, log_q, id_dropout, drop_rng)
-            loss_sum, steps = loss_sum + loss, steps + 1
-        metrics = {"epoch": epoch + 1, "train_loss": _mean_across_ranks(loss_sum, steps, world_size)}
-        if rank == 0 and "val_q" in groups:
-            k = int(config.get("val_k", DEFAULT_VAL_K))
-            metrics[f"val_recall@{k}"] = recall_at_k(
-                model.query_tower, model.item_tower, groups["val_q"], extra["val_target"], groups["catalog"], k
-            )
+        loss_sum, steps, rows = 0.0, 0, 0
+        trainable.net.train()
+        for batch in epoch_batches(epoch):
+            loss_sum += step(trainable, batch)
+            steps, rows = steps + 1, rows + len(batch[Q_HIST_LEN])
+        train_s = time.perf_counter() - t0
+        loss_sum, steps, rows = _sum_across_ranks([loss_sum, steps, rows], run)
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(steps, 1),
+            "examples_per_s": rows / max(train_s, 1e-9),
+            "train_s": round(train_s, 3),
+        }
+        state = trainable.full_state() if mode != "ddp" or run.rank == 0 else None
+        if side.val_q is not None:
+            metrics[VAL_METRIC] = _validate(trainable.eval_model(state), side, cfg.val_k, run)
         metrics["epoch_s"] = round(time.perf_counter() - t0, 3)
+        metrics["finished_at"] = round(time.time(), 3)
         history.append(metrics)
-        if rank == 0 and config.get("progress", True):
-            # the real stdout: Ray Train V2 patches print() and would show every line twice
-            print(_progress_line(metrics, cfg.epochs), file=sys.__stdout__, flush=True)
-        if report is not None:
-            report(metrics, model, history)
+        if run.say is not None and run.rank == 0:
+            run.say(progress_line(metrics, cfg.epochs, cfg.val_k))
+        if run.report is not None:
+            run.report(metrics, _checkpoint_blob(trainable, state, history) if run.rank == 0 else None)
+        if should_stop(history, cfg.early_stopping_patience):
+            if run.say is not None and run.rank == 0:
+                run.say(f"[two_tower] early stop: no better {VAL_METRIC} since epoch {best_epoch(history)}")
+            break
     return model, history
 
 
-def _step(
-    net: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    q_enc: dict[str, np.ndarray],
-    i_enc: dict[str, np.ndarray],
-    cfg: TwoTowerConfig,
-    log_q: torch.Tensor | None,
-    id_dropout: float,
-    rng: np.random.Generator,
-) -> float:
-    """One optimisation step. Some ids go to the unknown row 0, so cold customers/articles get a trained row."""
-    item_ids = torch.from_numpy(i_enc["article_id"].copy())  # true ids: masking and logQ ignore the dropout
-    if id_dropout > 0:
-        for enc, key in ((q_enc, "customer_id"), (i_enc, "article_id")):
-            enc[key] = np.where(rng.random(len(enc[key])) < id_dropout, 0, enc[key])
-    towers = net.module if hasattr(net, "module") else net
-    q, i = net(*towers.query_tower.inputs(q_enc), *towers.item_tower.inputs(i_enc))
-    batch_log_q = log_q[item_ids] if log_q is not None else None
-    loss = in_batch_softmax_loss(q, i, item_ids, cfg.temperature, batch_log_q)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return float(loss.detach())
+class TrainStep:
+    """One optimisation step on a fixed-width batch (+ optional random catalogue negatives)."""
+
+    def __init__(
+        self, cfg: TwoTowerConfig, id_dropout: float, probs: torch.Tensor | None, catalog_cat: torch.Tensor,
+        run: RunContext,
+    ) -> None:
+        self.cfg, self.id_dropout, self.probs, self.catalog_cat = cfg, id_dropout, probs, catalog_cat
+        self.rank = run.rank
+        self.gen = torch.Generator(device=run.device)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Reseed per (epoch, rank), so a run resumed from a checkpoint draws what it would have drawn."""
+        self.gen.manual_seed((self.cfg.seed * 1_000_003 + epoch) * 1_009 + self.rank)
+
+    def __call__(self, tr: Trainable, batch: Batch) -> float:
+        dev = tr.device
+        q_cat, i_cat = batch[Q_CAT].to(dev), batch[I_CAT].to(dev)
+        n_neg = self.cfg.n_random_negatives
+        if n_neg:
+            pick = torch.randint(len(self.catalog_cat), (n_neg,), generator=self.gen, device=dev)
+            i_cat = torch.cat([i_cat, self.catalog_cat[pick]])
+        item_ids = i_cat[:, ART_COL]  # true ids: masking and logQ ignore the id dropout below
+        q_in, i_in = q_cat, i_cat
+        if self.id_dropout > 0:  # some ids go to the unknown row 0, so cold customers/articles get a trained row
+            q_in, i_in = self._drop(q_cat, CUST_COL), self._drop(i_cat, ART_COL, rows=len(q_cat))
+        towers = tr.towers
+        q, i = tr.net(
+            *towers.query_tower.batch_inputs(q_in, batch[Q_HIST].to(dev), batch[Q_HIST_LEN].to(dev),
+                                             batch[Q_DENSE].to(dev)),
+            *towers.item_tower.batch_inputs(i_in),
+        )
+        log_q = None
+        if self.probs is not None:
+            log_q = candidate_log_q(self.probs, item_ids, len(q_cat), n_neg, len(self.catalog_cat))
+        loss = in_batch_softmax_loss(q, i, item_ids, self.cfg.temperature, log_q)
+        tr.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        tr.opt.step()
+        return float(loss.detach())
+
+    def _drop(self, cat: torch.Tensor, col: int, rows: int | None = None) -> torch.Tensor:
+        n = rows if rows is not None else len(cat)
+        out = cat.clone()
+        mask = torch.rand(n, generator=self.gen, device=cat.device) < self.id_dropout
+        out[:n, col] = out[:n, col].masked_fill(mask, 0)
+        return out
 
 
-def _mean_across_ranks(loss_sum: float, steps: int, world_size: int) -> float:
-    if world_size > 1 and dist.is_initialized():
-        t = torch.tensor([loss_sum, float(steps)], dtype=torch.float64)
+def _validate(model: TwoTower | None, side: SideData, k: int, run: RunContext) -> float:
+    """Recall@k on rank 0, shared with every rank so they all take the same early-stopping decision."""
+    value = 0.0
+    if run.rank == 0 and model is not None:
+        assert side.val_q is not None and side.val_target is not None
+        value = recall_at_k(model.query_tower, model.item_tower, side.val_q, side.val_target, side.catalog, k)
+    if run.world_size > 1 and dist.is_initialized():
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.broadcast(t, src=0)
+        value = float(t[0])
+    return value
+
+
+def _sum_across_ranks(values: list[float], run: RunContext) -> list[float]:
+    if run.world_size > 1 and dist.is_initialized():
+        t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t)
-        loss_sum, steps = float(t[0]), int(t[1])
-    return loss_sum / max(steps, 1)
+        return [float(x) for x in t]
+    return values
 
 
-def _progress_line(metrics: dict[str, Any], epochs: int) -> str:
-    extra = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_"))
+def _maybe_fail(hook: dict[str, Any] | None, epoch: int, rank: int) -> None:
+    """Test hook: fail once, on `rank` at the start of `epoch` (0-based), remembered by a marker file."""
+    if not hook or epoch != hook["epoch"] or rank != hook["rank"]:
+        return
+    marker = Path(hook["marker"])
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"failed at epoch {epoch} on rank {rank}, pid {os.getpid()}\n")
+    raise RuntimeError(f"injected worker failure at epoch {epoch + 1} (test hook)")
+
+
+def progress_line(metrics: dict[str, Any], epochs: int, val_k: int) -> str:
+    val = f" recall@{val_k} {metrics[VAL_METRIC]:.4f}" if VAL_METRIC in metrics else ""
     return (
         f"[two_tower] epoch {metrics['epoch']}/{epochs} loss {metrics['train_loss']:.4f} "
-        f"{extra}{' ' if extra else ''}{metrics['epoch_s']:.1f}s"
+        f"{metrics['examples_per_s']:,.0f} examples/s{val} {metrics['epoch_s']:.1f}s"
     )
 
 
-def _checkpoint_blob(model: TwoTower, history: list[dict[str, Any]]) -> dict[str, Any]:
-    q_kwargs, i_kwargs = model.init_kwargs()
-    return {"state_dict": model.state_dict(), "query_kwargs": q_kwargs, "item_kwargs": i_kwargs, "history": history}
+# -- checkpoints ------------------------------------------------------------------------------------
+def _checkpoint_blob(
+    tr: Trainable, state: dict[str, torch.Tensor] | None, history: list[dict[str, Any]]
+) -> dict[str, Any]:
+    q_kwargs, i_kwargs = tr.model.init_kwargs()
+    return {
+        "state_dict": state, "optimizer": tr.optimizer_state(), "history": list(history),
+        "query_kwargs": q_kwargs, "item_kwargs": i_kwargs, "tie_history": tr.model.tie_history,
+    }
 
 
-def _restore(model: TwoTower, checkpoint_dir: str | None) -> tuple[int, list[dict[str, Any]]]:
-    """Resume after a worker failure: weights and history from the checkpoint, fresh optimizer moments."""
-    if not checkpoint_dir:
-        return 0, []
-    blob = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    model.load_state_dict(blob["state_dict"])
-    return len(blob["history"]), list(blob["history"])
+def load_checkpoint(checkpoint_dir: str | Path) -> dict[str, Any]:
+    return torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
 def model_from_checkpoint(checkpoint_dir: str | Path) -> tuple[TwoTower, list[dict[str, Any]]]:
-    blob = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    model = TwoTower(blob["query_kwargs"], blob["item_kwargs"])
+    blob = load_checkpoint(checkpoint_dir)
+    model = TwoTower(blob["query_kwargs"], blob["item_kwargs"], tie_history=blob.get("tie_history", True))
     model.load_state_dict(blob["state_dict"])
     return model.eval(), list(blob["history"])
 
 
+# -- Ray Train entry point --------------------------------------------------------------------------
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: rank/world from the context, every epoch a report with rank 0's checkpoint."""
+    """Rank/world/device from Ray Train, the dataset shard, every epoch a report with rank 0's checkpoint."""
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read-only batches
+    warnings.filterwarnings("ignore", message="Please use DTensor instead")  # TorchRec's sharded state
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    resume = ray.train.get_checkpoint()
+    device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
+    side: SideData = ray.get(config["side_ref"])
+    shard = ray.train.get_dataset_shard("train")
+    cfg = TwoTowerConfig.model_validate(config["cfg"])
+    queue = config.get("progress_queue")
 
-    def report(metrics: dict[str, Any], model: TwoTower, history: list[dict[str, Any]]) -> None:
-        if rank != 0:
+    def epoch_batches(epoch: int) -> Iterable[Batch]:
+        return shard.iter_torch_batches(
+            batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.shuffle_buffer_rows or None,
+            local_shuffle_seed=cfg.seed * 10_000 + epoch * 100 + rank, device=device,
+        )
+
+    def report(metrics: dict[str, Any], blob: dict[str, Any] | None) -> None:
+        if blob is None:
             ray.train.report(metrics, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save(_checkpoint_blob(model, history), Path(tmp) / CHECKPOINT_FILE)
+            torch.save(blob, Path(tmp) / CHECKPOINT_FILE)
             ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                 checkpoint_dir_name=f"epoch_{metrics['epoch']:03d}",
             )
 
-    if resume is not None:
-        with resume.as_directory() as d:
-            run_training({**config, "resume_from": d}, rank, world_size, report)
-    else:
-        run_training(config, rank, world_size, report)
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resume = load_checkpoint(d)
+    run = RunContext(
+        rank=rank, world_size=world_size, device=device, distributed=True, report=report,
+        say=(lambda line: queue.put(line)) if queue is not None else None, resume=resume,
+    )
+    run_training(config, epoch_batches, side, run)
 
 
-def train_local(config: dict[str, Any]) -> tuple[TwoTower, list[dict[str, Any]]]:
+def train_local(
+    config: dict[str, Any], columns: dict[str, np.ndarray], side: SideData
+) -> tuple[TwoTower, list[dict[str, Any]]]:
     """The same loop in this process, without Ray (tests, quick experiments)."""
-    return run_training(config, rank=0, world_size=1, report=None)
+    cfg = TwoTowerConfig.model_validate(config["cfg"])
+    say = (lambda line: print(line, flush=True)) if config.get("progress", True) else None
+    return run_training(config, local_batches(columns, cfg.batch_size, cfg.seed), side, RunContext(say=say))
 
 
 # -- driver -----------------------------------------------------------------------------------------
 def build_loop_config(
-    vocab: FeatureVocab, cfg: TwoTowerConfig, data_path: Path, *, log_q: bool = True,
-    id_dropout: float = DEFAULT_ID_DROPOUT, val_k: int = DEFAULT_VAL_K, progress: bool = True,
-    threads: int | None = None,
+    vocab: FeatureVocab, cfg: TwoTowerConfig, *, log_q: bool = True, id_dropout: float = DEFAULT_ID_DROPOUT,
+    progress: bool = True, threads: int | None = None,
 ) -> dict[str, Any]:
     """The plain-dict config every worker receives (picklable, no frames)."""
     q_kwargs, i_kwargs = tower_kwargs(vocab, cfg)
     return {
-        "cfg": cfg.model_dump(), "data_path": str(data_path), "query_kwargs": q_kwargs, "item_kwargs": i_kwargs,
-        "log_q": log_q, "id_dropout": id_dropout, "val_k": val_k, "progress": progress, "threads": threads,
+        "cfg": cfg.model_dump(), "query_kwargs": q_kwargs, "item_kwargs": i_kwargs, "log_q": log_q,
+        "id_dropout": id_dropout, "progress": progress, "threads": threads,
     }
+
+
+def _use_gpu(cfg: TwoTowerConfig) -> bool:
+    if cfg.device == "auto":
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return cfg.device == "cuda"
+
+
+def _cpus_per_worker(cfg: TwoTowerConfig) -> float:
+    """The configured CPUs per worker, scaled down so that every worker fits the cluster (never a hang)."""
+    total = ray.cluster_resources().get("CPU", 1.0)
+    fit = math.floor(100 * total / cfg.num_workers) / 100
+    if fit < cfg.cpus_per_worker:
+        print(f"[two_tower] {cfg.num_workers} workers x {cfg.cpus_per_worker} CPU do not fit {total:g} CPUs: "
+              f"{fit:g} CPU each", flush=True)
+    return max(min(cfg.cpus_per_worker, fit), 0.01)
+
+
+class _ProgressPrinter:
+    """Prints the workers' progress lines on the driver (worker stdout may not reach it)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.queue = None
+        if enabled:
+            from ray.util.queue import Queue
+
+            self.queue = Queue(actor_options={"num_cpus": 0})
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._pump, daemon=True)
+            self._thread.start()
+
+    def _pump(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self._stop.is_set() or not self.queue.empty():
+            try:
+                print(self.queue.get(timeout=0.5), file=sys.stdout, flush=True)
+            except Empty:
+                continue
+            except Exception:  # noqa: BLE001  (the queue actor is gone: nothing left to print)
+                return
+
+    def close(self) -> None:
+        if self.queue is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+            self.queue.shutdown()
 
 
 def train_two_tower(
@@ -288,46 +661,85 @@ def train_two_tower(
     *,
     log_q: bool = True,
     id_dropout: float = DEFAULT_ID_DROPOUT,
-    val_k: int = DEFAULT_VAL_K,
     run_name: str | None = None,
-    cpus_per_worker: float = 1.0,
+    fail_once_at_epoch: int | None = None,
 ) -> TrainResult:
-    """Fit vocab, encode, train on Ray Train workers, export the towers from the last checkpoint.
+    """Fit vocab, encode, train on Ray Train workers, export the best epoch's towers.
 
-    Each worker runs as many torch threads as the CPUs it reserves (`cpus_per_worker`, default 1): on a
-    shared 2-core box two intra-op threads per process were 20% faster when idle but 5-10x slower as
+    A rerun with the same `run_name` and `storage_dir` resumes from that run's last checkpoint.
+    Each worker runs as many torch threads as the CPUs it reserves (`cfg.cpus_per_worker`, default 1): on
+    a shared 2-core box two intra-op threads per process were 20% faster when idle but 5-10x slower as
     soon as anything else ran, so one thread per reserved core is the robust default.
+    `fail_once_at_epoch` is a test hook: the last worker raises once at the start of that epoch (1-based).
     """
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    train_frame, val_frame = split_validation(train_frame, val_frame, cfg)
     vocab = FeatureVocab.fit(articles_frame, customers_frame)
-    groups, extra = encode_training_data(vocab, train_frame, articles_frame, cfg.history_len, val_frame)
+    columns, side = encode_training_data(vocab, train_frame, articles_frame, cfg, val_frame)
     name = run_name or f"two_tower_{datetime.now(UTC):%Y%m%d_%H%M%S}_{uuid.uuid4().hex[:6]}"
-    data_path = save_encoded(Path(storage_dir).resolve() / "inputs" / f"{name}.npz", groups, extra)
+    storage = Path(storage_dir).resolve()
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False)
-    threads = max(1, math.floor(cpus_per_worker))
+    use_gpu = _use_gpu(cfg)
+    cpus = _cpus_per_worker(cfg)
+    from ray.data import RandomSeedConfig
+
+    dataset = to_dataset(columns, min_block_rows=cfg.batch_size).randomize_block_order(
+        seed=RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True)  # a new block order every epoch
+    )
+    dataset.context.enable_progress_bars = False  # the per-epoch progress line says what matters
+    del columns
+    printer = _ProgressPrinter(progress)
+    loop_config = build_loop_config(vocab, cfg, log_q=log_q, id_dropout=id_dropout, progress=progress,
+                                    threads=max(1, math.floor(cpus)))
+    loop_config.update(side_ref=ray.put(side), use_gpu=use_gpu, progress_queue=printer.queue)
+    if fail_once_at_epoch is not None:
+        loop_config["fail_once"] = {"epoch": fail_once_at_epoch - 1, "rank": cfg.num_workers - 1,
+                                    "marker": str(storage / name / "injected_failure")}
+    has_val = side.val_q is not None
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=build_loop_config(
-            vocab, cfg, data_path, log_q=log_q, id_dropout=id_dropout, val_k=val_k, progress=progress, threads=threads
-        ),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=False, resources_per_worker={"CPU": cpus_per_worker}
-        ),
-        torch_config=TorchConfig(backend="gloo"),
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=(
+            {"CPU": cpus, "GPU": 1} if use_gpu else {"CPU": cpus})),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        datasets={"train": dataset},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
-            storage_path=str(Path(storage_dir).resolve()), name=name, checkpoint_config=CheckpointConfig(num_to_keep=2)
+            storage_path=str(storage),
+            name=name,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(  # the best epoch, and always the latest (for resuming)
+                num_to_keep=1,
+                checkpoint_score_attribute=VAL_METRIC if has_val else None,
+                checkpoint_score_order="max",
+            ),
         ),
     )
     try:
         result = trainer.fit()
     finally:
-        data_path.unlink(missing_ok=True)
+        printer.close()
     if result.error is not None:
         raise RuntimeError(f"two-tower training failed: {result.error}") from result.error
     if result.checkpoint is None:
         raise RuntimeError("two-tower training finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
-        model, history = model_from_checkpoint(d)
+        history = list(load_checkpoint(d)["history"])
+    best, epoch = _best_checkpoint(result, has_val)
+    with best.as_directory() as d:
+        model, _ = model_from_checkpoint(d)
     paths = save_towers(model, vocab, cfg, out_dir)
-    return TrainResult(paths["query_tower"], paths["item_tower"], paths["vocab"], history, result.checkpoint.path)
+    return TrainResult(paths["query_tower"], paths["item_tower"], paths["vocab"], history, best.path, epoch)
+
+
+def _best_checkpoint(result: Any, has_val: bool) -> tuple[Any, int | None]:
+    """The kept checkpoint with the highest validation recall (earliest on ties), else the latest."""
+    scored = [(m[VAL_METRIC], -m["epoch"], c) for c, m in (result.best_checkpoints or []) if VAL_METRIC in m]
+    if not has_val or not scored:
+        return result.checkpoint, None
+    recall, neg_epoch, checkpoint = max(scored, key=lambda t: (t[0], t[1]))
+    return checkpoint, -neg_epoch
 
