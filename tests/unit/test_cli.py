@@ -23,11 +23,15 @@ def test_unknown_command_exits_with_usage():
         main(["nope"])
 
 
-def test_serve_without_a_run_names_the_missing_manifest(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("RAYREC_DB_PASSWORD", "unused")
-    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):  # the CLI sets them; restore after
-        monkeypatch.delenv(var, raising=False)
+def test_serve_without_a_run_names_the_missing_manifest(tmp_path):
+    """In a subprocess: `serve` sets Ray's auth variables, which Ray reads once per process."""
+    import os
+    import subprocess
+    import sys
+
     cfg = tmp_path / "c.yaml"
     cfg.write_text("database: {local: false}\n")
-    assert main(["serve", "start", "--workdir", str(tmp_path / "run"), "--config", str(cfg)]) == 2
-    assert "manifest" in capsys.readouterr().err
+    env = {**os.environ, "RAYREC_DB_PASSWORD": "unused"}
+    out = subprocess.run([sys.executable, "-m", "ray_apps.cli", "serve", "start", "--workdir", str(tmp_path / "run"),
+                          "--config", str(cfg)], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2 and "manifest" in out.stderr
