@@ -68,8 +68,11 @@ def ray_cluster():
     ray.shutdown()
 
 
-def test_index_build_on_a_run_serves_the_new_version(tmp_path, ray_cluster, capsys):
+def test_index_build_on_a_run_serves_the_new_version(tmp_path, ray_cluster, capsys, monkeypatch):
     from ray_apps.index_cli import main
+
+    # Ray is already up in this process: the CLI's token set-up would only leak env into later tests.
+    monkeypatch.setattr("ray_apps.ray_auth.use_ray_token", lambda wd: None)
     from training.index import ItemFilter, ItemIndex
 
     wd = Workdir.at(tmp_path / "run")
