@@ -1,7 +1,9 @@
-"""The Serve application: ingress -> query encoder -> retriever -> filter -> ranker.
+"""The Serve application: ingress -> query encoder -> retriever -> filter + ranker.
 
 `build_app(args)` is the only place that knows the graph's shape. Deployments are thin: they
-load artifacts named in the run's manifest and call the plain stage classes in `stages/`.
+load artifacts named in the run's manifest and call the plain stage classes in `stages/`. The
+business rules (training/filters.py) run in the ranking deployment, before the model, so both
+share one batched read of the candidates' article features and the request saves a hop.
 """
 
 import datetime as dt
@@ -71,11 +73,9 @@ class RetrieverDeployment:
     """Top-n articles by vector from the index version named in the manifest."""
 
     def __init__(self, workdir: str):
-        from training.index import ItemIndex
+        from training.index import LiveItemIndex
 
-        wd, manifest = _load(workdir)
-        ref = manifest.index
-        self.index = ItemIndex(str(wd.resolve(ref.uri)), ref.table, ref.version)
+        self.index = LiveItemIndex(workdir)  # follows `rayrec index promote|rollback` without a restart
 
     def retrieve(self, vector: list[float], n: int) -> Candidates:
         ids, scores = self.index.search(vector, n)
@@ -83,31 +83,34 @@ class RetrieverDeployment:
 
 
 @serve.deployment
-class FilterDeployment:
-    """Business rules over candidates; today: drop what the customer already bought."""
-
-    def apply(self, cands: Candidates, purchased: list[str]) -> Candidates:
-        from ray_apps.stages.filters import drop_purchased
-
-        return drop_purchased(cands, purchased)
-
-
-@serve.deployment
 class RankerDeployment:
-    """Reads candidate article features online (one query) and orders them with CatBoost."""
+    """Business rules, features, CatBoost and diversity for one request's candidates.
+
+    Reads the candidates' article rows online in one query, shared by the rules and the ranker
+    (one hop instead of a filter hop plus a ranker hop: hops are what costs on small machines).
+    """
 
     def __init__(self, workdir: str):
-        from ray_apps.stages.online import OnlineFeatures
-        from ray_apps.stages.ranking import Ranker
+        from ray_apps.stages.ranking import OnlineRanker, ranking_stage
 
         wd, manifest = _load(workdir)
-        self.features = OnlineFeatures(_online(wd), manifest)
-        self.ranker = Ranker(wd.resolve(manifest.models["ranker"]))
+        self.cfg = load_config(wd.config_path)
+        self.ranker = OnlineRanker(_online(wd), manifest, ranking_stage(wd, manifest, self.cfg))
 
-    def rank(self, cands: Candidates, ctx: QueryContext, k: int) -> list[dict[str, Any]]:
-        articles = self.features.articles(cands.article_ids)
-        items = self.ranker.rank(cands, ctx.customer, ctx.history, articles, ctx.sales_channel, k)
-        return [i.model_dump() for i in items]
+    def fetch_policy(self) -> dict[str, Any]:
+        """The run's filter settings, which decide how many candidates to retrieve."""
+        return self.cfg.filters.model_dump()
+
+    def rank(self, cands: Candidates, ctx: QueryContext, k: int, filters: dict[str, Any] | None,
+             day: dt.date) -> dict[str, Any]:
+        from training.filters import RequestFilters
+
+        t0 = time.perf_counter()
+        out = self.ranker.rank(cands, ctx.customer, ctx.history, channel=ctx.sales_channel, now=day, k=k,
+                               request=RequestFilters.from_dict(filters))
+        return {"items": [{"article_id": a, "score": s} for a, s in zip(out.article_ids, out.scores, strict=True)],
+                "removed": out.removed, "n_candidates": out.n_candidates, "n_after_filter": out.n_after_filter,
+                "n_ranked": out.n_ranked, "stage_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
 
 api = FastAPI(title="rayrec", version="0.1.0",
@@ -129,10 +132,11 @@ def jsonable(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, encoder: DeploymentHandle, retriever: DeploymentHandle, filt: DeploymentHandle,
+    def __init__(self, encoder: DeploymentHandle, retriever: DeploymentHandle,
                  ranker: DeploymentHandle, n_candidates: int):
-        self.encoder, self.retriever, self.filt, self.ranker = encoder, retriever, filt, ranker
+        self.encoder, self.retriever, self.ranker = encoder, retriever, ranker
         self.n_candidates = n_candidates
+        self.filter_cfg = None  # the run's FilterConfig, asked of the ranker on the first request
 
     @api.post("/v1/recommend", response_model=RecommendResponse)
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
@@ -141,22 +145,43 @@ class Ingress:
         channel = req.context.sales_channel or 2
         ctx: QueryContext = await self.encoder.encode.remote(req.customer_id, day.month, channel)
         t.append(time.perf_counter())
-        # Ask for enough candidates that k remain after the already-bought filter.
-        n = min(self.n_candidates + len(ctx.purchased), 2000)
-        cands: Candidates = await self.retriever.retrieve.remote(ctx.vector, n)
+        # Retrieval over-fetches so that k candidates survive the business rules; the rules and the
+        # ranker run fused in one call. Too few survivors: retrieve more, unless retrieval ran dry.
+        from training.filters import bought_within, fetch_size, next_fetch
+
+        if self.filter_cfg is None:
+            from common.config import FilterConfig
+
+            self.filter_cfg = FilterConfig.model_validate(await self.ranker.fetch_policy.remote())
+        fcfg = self.filter_cfg
+        filters = req.filters.model_dump() if req.filters is not None else None
+        n = fetch_size(self.n_candidates, len(bought_within(ctx.history, fcfg.bought_lookback)), fcfg)
+        retrieve_s, fetches = 0.0, []
+        while True:
+            t0 = time.perf_counter()
+            cands: Candidates = await self.retriever.retrieve.remote(ctx.vector, n)
+            retrieve_s += time.perf_counter() - t0
+            ranked = await self.ranker.rank.remote(cands, ctx, req.k, filters, day)
+            fetches.append({"asked": n, "retrieved": len(cands.article_ids), "kept": ranked["n_after_filter"]})
+            n = next_fetch(n, len(cands.article_ids), ranked["n_after_filter"], req.k, fcfg)
+            if n is None:
+                break
         t.append(time.perf_counter())
-        kept: Candidates = await self.filt.apply.remote(cands, ctx.purchased)
-        kept = Candidates(article_ids=kept.article_ids[: self.n_candidates], scores=kept.scores[: self.n_candidates])
-        t.append(time.perf_counter())
-        items = await self.ranker.rank.remote(kept, ctx, req.k)
-        t.append(time.perf_counter())
+        items = ranked["items"]
+        warnings = []
+        if len(items) < req.k:
+            warnings.append(f"only {len(items)} of k={req.k} articles passed the filters: retrieved "
+                            f"{ranked['n_candidates']}, removed {ranked['removed']}")
         debug = None
         if req.debug:
-            stages = ["encode_ms", "retrieve_ms", "filter_ms", "rank_ms"]
-            debug = {s: round((b - a) * 1000, 2) for s, a, b in zip(stages, t, t[1:], strict=False)}
-            debug.update(n_retrieved=len(cands.article_ids), n_after_filter=len(kept.article_ids),
-                         known_customer=ctx.known_customer)
-        return RecommendResponse(request_id=uuid.uuid4().hex, customer_id=req.customer_id, items=items, debug=debug)
+            total_ms = (t[2] - t[1]) * 1000
+            debug = {"encode_ms": round((t[1] - t[0]) * 1000, 2), "retrieve_ms": round(retrieve_s * 1000, 2),
+                     "filter_rank_ms": round(total_ms - retrieve_s * 1000, 2), "rank_stage_ms": ranked["stage_ms"],
+                     "n_retrieved": ranked["n_candidates"], "n_after_filter": ranked["n_after_filter"],
+                     "n_ranked": ranked["n_ranked"], "filter_removed": ranked["removed"], "fetches": fetches,
+                     "known_customer": ctx.known_customer}
+        return RecommendResponse(request_id=uuid.uuid4().hex, customer_id=req.customer_id, items=items,
+                                 warnings=warnings, debug=debug)
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -177,7 +202,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return Ingress.options(**opts).bind(
         QueryEncoderDeployment.options(**opts).bind(workdir),
         RetrieverDeployment.options(**opts).bind(workdir),
-        FilterDeployment.options(**opts).bind(),
         RankerDeployment.options(**opts).bind(workdir),
         cfg.serve.n_candidates,
     )

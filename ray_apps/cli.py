@@ -159,11 +159,13 @@ def parser() -> argparse.ArgumentParser:
     common(stop)
     stop.set_defaults(func=cmd_stop)
 
+    from ray_apps.batch_cli import add_batch_commands
     from ray_apps.features_cli import add_features_commands
     from ray_apps.index_cli import add_index_commands  # these import DEFAULT_WORKDIR from here
 
     add_features_commands(sub)
     add_index_commands(sub)
+    add_batch_commands(sub)
     return p
 
 

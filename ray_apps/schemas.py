@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 
 class Context(BaseModel):
@@ -15,11 +15,22 @@ class Context(BaseModel):
     sales_channel: Literal[1, 2] | None = Field(None, description="1 = store, 2 = online; 2 when absent")
 
 
+class Filters(BaseModel):
+    """Request-level filters, applied after the business rules (stock, age, region, bought)."""
+
+    model_config = ConfigDict(extra="forbid")
+    index_groups: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] | None = Field(
+        None, min_length=1, max_length=50, description="Only articles of these index groups, e.g. ['Menswear']")
+    max_price: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                    description="Only articles at most this price (the data's price units)")
+
+
 class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     customer_id: str = Field(..., min_length=1, max_length=64, strict=True)
     k: int = Field(12, ge=1, le=100, strict=True)
     context: Context = Context()
+    filters: Filters | None = None
     debug: bool = Field(False, strict=True)
 
 
@@ -32,6 +43,7 @@ class RecommendResponse(BaseModel):
     request_id: str
     customer_id: str
     items: list[ScoredItem]
+    warnings: list[str] = Field(default_factory=list, description="e.g. fewer than k articles passed the filters")
     debug: dict[str, Any] | None = None
 
 

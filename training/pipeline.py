@@ -23,11 +23,23 @@ from feature_store.store import FeatureStore
 from feature_store.transforms import article_features, customer_features, customer_history
 from feature_store.views import RETRIEVAL_VIEW_VERSION, query_frame, retrieval_frame
 from training import evaluate as ev
-from training.features import encode_queries
+from training.features import encode_items, encode_queries
 from training.index import ItemIndex, build_index
 from training.plots import plot_metrics, plot_training
-from training.ranker import candidates_long, fit_ranker, join_features, rank_lists, save_ranker
-from training.two_tower.model import load_query_tower
+from training.ranker import (
+    TrainedRankers,
+    build_classifier_data,
+    build_ranking_data,
+    evaluation_lists,
+    fit_classifier,
+    fit_ranker,
+    plot_importance,
+    ranking_report,
+    rows_as_of,
+    save_ranker,
+    training_cutoffs,
+)
+from training.two_tower.model import load_item_tower, load_query_tower
 from training.two_tower.train import train_two_tower
 
 
@@ -185,18 +197,49 @@ def run_pipeline(
     return manifest
 
 
-def train_ranker(cfg, wd, raw: Raw, train_tx, customers_fg, item_ids, item_vecs, channel):
-    """Label window = the last `test_days` of the training period; features as of its start."""
-    fit_tx, label_tx, label_start = ev.time_split(train_tx, cfg.eval.test_days)
-    truth = ev.ground_truth(label_tx, cfg.ranker.max_train_customers, seed=cfg.ranker.seed)
-    cids = sorted(truth)
-    hist = customer_history(fit_tx, raw.articles, label_start)
-    arts = article_features(raw.articles, fit_tx, label_start, raw.extras)
-    cands, scores = retrieve(wd.two_tower_dir, item_ids, item_vecs, customers_fg, hist, cids, label_start.month,
-                             channel, cfg.ranker.n_candidates, cfg.two_tower.history_len)
-    frame = join_features(candidates_long(cids, cands, scores), customers_fg, hist, arts, channel)
-    labels = np.array([a in truth[c] for c, a in zip(frame["customer_id"], frame["article_id"], strict=True)], int)
-    return fit_ranker(frame, labels, cfg.ranker, train_dir=wd.ranker_path.parent / "catboost_info")
+def train_ranker(cfg, wd, raw: Raw, train_tx, customers_fg, item_ids, item_vecs, channel) -> TrainedRankers:
+    """CatBoostRanker on hard negatives: weekly cut-offs at the end of the training window, the
+    retrieval top-N as of each cut-off, labels = the following week's purchases. The candidates
+    come from a two-tower trained before the first cut-off (`ranker.retrieval_for_training`).
+    With `ranker.compare_classifier`, also the Hopsworks demo's classifier on random negatives."""
+    label_days = cfg.eval.test_days
+    first_cut = min(training_cutoffs(train_tx, cfg.ranker.n_cutoffs, label_days))
+    model_dir, vecs = wd.two_tower_dir, item_vecs
+    if cfg.ranker.retrieval_for_training == "refit":
+        with step(f"ranker: two-tower on purchases before {first_cut.date()} (leak-free candidates)"):
+            model_dir = wd.ranker_path.parent / "retrieval_before_cutoff"
+            before = train_tx[train_tx["t_dat"] < first_cut]
+            if before["customer_id"].nunique() < 2:
+                raise ValueError(f"no purchases before the ranker's first cut-off {first_cut.date()}: lower "
+                                 "ranker.n_cutoffs or set ranker.retrieval_for_training: served")
+            arts = article_features(raw.articles, before, first_cut, raw.extras)
+            view = retrieval_frame(before, customers_fg, arts, cfg.two_tower.history_len)
+            train_two_tower(view, arts, customers_fg, cfg.two_tower, model_dir, wd.ray_dir / "train_ranker_retrieval")
+            item_tower, item_vocab = load_item_tower(model_dir)
+            vecs = item_tower.embed(encode_items(item_vocab, arts.set_index("article_id").loc[item_ids].reset_index()))
+    tower, vocab = load_query_tower(model_dir)
+
+    def candidates(cids: list[str], hist: pd.DataFrame, as_of: pd.Timestamp):
+        return retrieve(model_dir, item_ids, vecs, customers_fg, hist, cids, as_of.month, channel,
+                        cfg.ranker.n_candidates, cfg.two_tower.history_len)
+
+    def score_all(cids: list[str], hist: pd.DataFrame, as_of: pd.Timestamp):
+        purchased = dict(zip(hist["customer_id"], hist["purchased"], strict=True))
+        q = query_frame(cids, customers_fg, purchased, as_of.month, channel, cfg.two_tower.history_len)
+        qv = tower.embed(encode_queries(vocab, q, cfg.two_tower.history_len))
+        return qv @ vecs.T, item_ids, [set(purchased.get(c, [])) for c in cids]
+
+    data = build_ranking_data(raw.articles, train_tx, customers_fg, raw.extras, candidates, cfg.ranker, channel,
+                              label_days=label_days)
+    ranker = fit_ranker(data, cfg.ranker, train_dir=wd.ranker_path.parent / "catboost_info")
+    ranker.info["retrieval_for_training"] = cfg.ranker.retrieval_for_training
+    plot_importance(ranker.importance(), wd.reports_dir / "ranker_importance.png")
+    classifier = None
+    if cfg.ranker.compare_classifier:
+        cdata = build_classifier_data(raw.articles, train_tx, customers_fg, raw.extras, score_all, cfg.ranker,
+                                      channel, label_days=label_days)
+        classifier = fit_classifier(cdata, cfg.ranker)
+    return TrainedRankers(ranker, classifier)
 
 
 def evaluate_all(cfg, wd, raw: Raw, split: Split, customers_fg, item_ids, item_vecs, channel, ranker):
@@ -211,11 +254,11 @@ def evaluate_all(cfg, wd, raw: Raw, split: Split, customers_fg, item_ids, item_v
     cands, scores = retrieve(wd.two_tower_dir, item_ids, item_vecs, customers_fg, hist, cids, split.month, channel,
                              k, cfg.two_tower.history_len)
     retrieval = dict(zip(cids, cands, strict=True))
-    arts = article_features(raw.articles, train_tx, cutoff, raw.extras)
-    n = cfg.ranker.n_candidates
-    ranked = rank_lists(ranker, cids, [c[:n] for c in cands], [s[:n] for s in scores], customers_fg, hist, arts,
-                        channel)
-    lists.update(retrieval=retrieval, ranked=ranked)
+    state = rows_as_of(raw.articles, train_tx, customers_fg, raw.extras, cutoff, cids)
+    ranking = evaluation_lists(ranker, cfg.ranker, cfg.filters, state, cids, cands, scores, channel)
+    lists.update(retrieval=retrieval, ranked=ranking["ranked"])
+    if "ranked_classifier" in ranking:
+        lists["ranked_classifier"] = ranking["ranked_classifier"]
     out: dict = {m: ev.evaluate_lists(v, truth, n_items=len(item_ids)) for m, v in lists.items()}
     out["models"] = list(lists)
     out["n_eval_customers"] = len(truth)
@@ -226,8 +269,13 @@ def evaluate_all(cfg, wd, raw: Raw, split: Split, customers_fg, item_ids, item_v
         "cutoff": str(cutoff.date()) if cutoff is not None else None,
         "filter": "articles the customer bought in training are removed from every list except 'repeat'",
     }
+    out["ranking"] = ranking_report({"popularity": lists["popularity"], "retrieval": retrieval, **ranking}, truth,
+                                    ranker)
+    out["ranking"]["importance_png"] = wd.relative(wd.reports_dir / "ranker_importance.png")
     for model in lists:
         print(f"[eval] {model:18s} " + " ".join(f"{m}={v:.4f}" for m, v in out[model].items()), flush=True)
+    for name, m in out["ranking"]["metrics"].items():
+        print(f"[eval] ranking {name:18s} " + " ".join(f"{k}={v:.4f}" for k, v in m.items()), flush=True)
     for line in out["comparison"]["summary"]:
         print(f"[eval] {line}", flush=True)
     return out

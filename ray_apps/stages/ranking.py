@@ -1,26 +1,61 @@
-"""Ranking: score filtered candidates with the CatBoost ranker on online features."""
+"""Filtering and ranking of one request's candidates on online features.
+
+One articles-group query per request (the candidates plus the customer's recent purchases,
+only the columns the rules and features read) is shared by the business rules and the ranker;
+the customer's rows are those the query encoder already read. The work itself is
+`training.ranker.RankingStage`, the same code batch recommendations and evaluation run.
+"""
 from __future__ import annotations
 
-from pathlib import Path
+import datetime as dt
 from typing import Any
 
-import numpy as np
+from common.artifacts import Manifest
+from common.config import RayrecConfig
+from common.workdir import Workdir
+from feature_store.online.base import OnlineStore
+from feature_store.store import read_online
+from ray_apps.schemas import Candidates
+from training.filters import RequestFilters
+from training.ranker import Ranked, RankerModel, RankingStage
 
-from ray_apps.schemas import Candidates, ScoredItem
-from training.ranker import load_ranker, score
-from training.ranking_features import candidate_frame
+
+def item_vectors(wd: Workdir, manifest: Manifest) -> dict[str, Any]:
+    """Article id -> vector of the served index version (for the MMR diversity rule)."""
+    from training.index import ItemIndex
+
+    ref = manifest.index
+    ids, vecs = ItemIndex(str(wd.resolve(ref.uri)), ref.table, ref.version).vectors()
+    return dict(zip(ids, vecs, strict=True))
 
 
-class Ranker:
-    def __init__(self, model_path: Path):
-        self.model = load_ranker(model_path)
+def ranking_stage(wd: Workdir, manifest: Manifest, cfg: RayrecConfig) -> RankingStage:
+    """The run's ranker with the run's filter, diversity and candidate settings."""
+    model = RankerModel.load(wd.resolve(manifest.models["ranker"]))
+    vectors = item_vectors(wd, manifest) if cfg.ranker.diversity.rule == "mmr" else None
+    return RankingStage(model, cfg.ranker, cfg.filters, cfg.serve.n_candidates, vectors)
 
-    def rank(self, cands: Candidates, customer: dict[str, Any] | None, history: dict[str, Any] | None,
-             articles: dict[str, dict[str, Any]], channel: int, k: int) -> list[ScoredItem]:
-        if not cands.article_ids:
-            return []
-        frame = candidate_frame(customer, history, [articles.get(a) for a in cands.article_ids],
-                                cands.article_ids, cands.scores, channel)
-        s = score(self.model, frame)
-        order = np.argsort(-s, kind="stable")[:k]
-        return [ScoredItem(article_id=cands.article_ids[i], score=float(s[i])) for i in order]
+
+class OnlineRanker:
+    """Business rules + ranker + diversity for one request, reading articles online once."""
+
+    def __init__(self, store: OnlineStore, manifest: Manifest, stage: RankingStage):
+        self.store = store
+        self.articles_ref = manifest.feature_groups["articles"]
+        self.stage = stage
+
+    def rank(
+        self,
+        cands: Candidates,
+        customer: dict[str, Any] | None,
+        history: dict[str, Any] | None,
+        *,
+        channel: int,
+        now: dt.date,
+        k: int,
+        request: RequestFilters | None = None,
+    ) -> Ranked:
+        keys = self.stage.article_keys(cands.article_ids, history)
+        articles = read_online(self.store, self.articles_ref, "articles", keys, self.stage.article_columns(request))
+        return self.stage.run(customer, history, cands.article_ids, cands.scores, articles, channel=channel, now=now,
+                              k=k, request=request)

@@ -138,3 +138,94 @@ def test_bad_requests_get_422_naming_the_field(served, body, field):
 def test_healthz(served):
     _, url = served
     assert httpx.get(f"{url}/healthz", timeout=10).json() == {"status": "ok"}
+
+
+# -- filtering, ranking and batch recommendations (issue #9) -----------------------------------
+
+
+def _articles_group(wd: Workdir) -> pd.DataFrame:
+    ref = read_manifest(wd).feature_groups["articles"]
+    return pd.read_parquet(wd.resolve(ref.offline_path)).set_index("article_id")
+
+
+def _recommend(url: str, body: dict) -> dict:
+    r = httpx.post(f"{url}/v1/recommend", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_ranking_metrics_and_importance_are_reported(served):
+    wd, _ = served
+    metrics = json.loads(wd.metrics_path.read_text())
+    ranking = metrics["ranking"]
+    for name in ("popularity", "retrieval", "ranked", "ranked_classifier", "retrieval_filtered", "served"):
+        assert set(ranking["metrics"][name]) == {"map@12", "ndcg@12"}
+    assert "ranked_vs_retrieval_map@12" in ranking and "classifier_vs_retrieval_map@12" in ranking
+    assert ranking["ranker"]["groups"] > 0 and len(ranking["ranker"]["cutoffs"]) == 2
+    assert ranking["ranker"]["retrieval_for_training"] == "refit"
+    assert (wd.root / ranking["importance_png"]).is_file()
+
+
+def test_request_filters_over_http(served):
+    wd, url = served
+    arts = _articles_group(wd)
+    _, tx = _raw(wd)
+    cid = tx["customer_id"].value_counts().index[0]
+    group = arts["index_group_name"].value_counts().index[0]
+    out = _recommend(url, {"customer_id": cid, "k": 5, "filters": {"index_groups": [group]}, "debug": True})
+    assert len(out["items"]) == 5 and out["warnings"] == []
+    assert {arts.loc[i["article_id"], "index_group_name"] for i in out["items"]} == {group}
+    assert out["debug"]["filter_removed"]["index_group"] > 0
+    cheap = float(arts["price"].quantile(0.5))
+    out = _recommend(url, {"customer_id": cid, "k": 5, "filters": {"max_price": cheap}})
+    assert all(arts.loc[i["article_id"], "price"] <= cheap for i in out["items"])
+
+
+def test_too_strict_filters_return_fewer_items_and_say_so(served):
+    _, url = served
+    out = _recommend(url, {"customer_id": "not-a-customer", "k": 12, "filters": {"max_price": 1e-9}, "debug": True})
+    assert out["items"] == []
+    assert "only 0 of k=12" in out["warnings"][0]
+    assert len(out["debug"]["fetches"]) >= 2  # it asked retrieval for more before giving up
+
+
+@pytest.mark.parametrize(("filters", "field"), [({"colour": "red"}, "filters.colour"),
+                                                ({"max_price": -1}, "filters.max_price"),
+                                                ({"index_groups": []}, "filters.index_groups")])
+def test_bad_filters_get_422_naming_the_field(served, filters, field):
+    _, url = served
+    r = httpx.post(f"{url}/v1/recommend", json={"customer_id": "x", "filters": filters}, timeout=30)
+    assert r.status_code == 422, r.text
+    assert field in r.json()["message"]
+
+
+def test_recommend_batch_agrees_with_http(served, monkeypatch, capsys):
+    import argparse
+
+    from ray_apps.batch_cli import add_batch_commands
+
+    wd, url = served
+    _, tx = _raw(wd)
+    buyers = tx["customer_id"].value_counts()
+    cids = [buyers.index[0], buyers.index[len(buyers) // 2], "not-a-customer"]
+    http = {c: _recommend(url, {"customer_id": c, "k": 12, "context": {"date": "2020-10-01", "sales_channel": 1}})
+            for c in cids}
+    ids_file = wd.root / "batch_customers.txt"
+    ids_file.write_text("\n".join(cids) + "\n")
+    # The command turns on Ray token auth for its own Ray; this process's Ray is already up, and
+    # changing the auth variables under it would break later `ray.init`s in this test session.
+    monkeypatch.setattr("ray_apps.ray_auth.use_ray_token", lambda wd: None)
+    parser = argparse.ArgumentParser()
+    add_batch_commands(parser.add_subparsers())
+    out = wd.root / "batch.parquet"
+    args = parser.parse_args(["recommend-batch", "--workdir", str(wd.root), "--k", "12", "--out", str(out),
+                              "--customers", str(ids_file), "--date", "2020-10-01", "--channel", "1"])
+    assert args.func(args) == 0
+    assert "36 rows for 3 customers" in capsys.readouterr().out
+    got = pd.read_parquet(out)
+    assert list(got.columns) == ["customer_id", "rank", "article_id", "score"]
+    for c in cids:
+        mine = got[got["customer_id"] == c].sort_values("rank")
+        assert mine["rank"].tolist() == list(range(1, 13))
+        assert mine["article_id"].tolist() == [i["article_id"] for i in http[c]["items"]]
+        assert mine["score"].tolist() == pytest.approx([i["score"] for i in http[c]["items"]], abs=1e-9)

@@ -2,12 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.config import RankerConfig
 from ray_apps.schemas import Candidates, RecommendRequest
 from ray_apps.stages.filters import drop_purchased
 from training.index import TABLE_NAME, ItemIndex, to_index_rows
-from training.ranker import fit_ranker, load_ranker, save_ranker, score
-from training.ranking_features import RANKER_FEATURES, candidate_frame, ranking_features
 
 
 def test_drop_purchased_keeps_order_and_scores():
@@ -22,58 +19,6 @@ def test_request_schema_rejects_bad_input():
                 {"customer_id": "x", "extra": 1}, {"customer_id": ""}):
         with pytest.raises(ValueError):
             RecommendRequest.model_validate(bad)
-
-
-def _cands(n=20, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = [f"a{i}" for i in range(n)]
-    arts = [{"price": float(rng.random()), "sales_7d": int(rng.integers(50)), "sales_total": 100,
-             "product_type_name": "Dress" if i % 2 else "Socks", "index_group_name": "Ladieswear"} for i in range(n)]
-    return ids, arts, rng.random(n)
-
-
-def test_candidate_frame_and_features_for_unknown_customer():
-    ids, arts, scores = _cands()
-    frame = candidate_frame(None, None, arts, ids, scores, 2)
-    x = ranking_features(frame)
-    assert list(x.columns) == RANKER_FEATURES and len(x) == len(ids)
-    assert (x["type_affinity"] == 0).all() and x["retrieval_rank"].tolist() == list(range(len(ids)))
-
-
-def test_type_affinity_reflects_history():
-    ids, arts, scores = _cands()
-    hist = {"n_purchases": 4, "mean_price": 0.5, "type_counts": {"Dress": 3, "Socks": 1}, "index_group_counts": {}}
-    x = ranking_features(candidate_frame({"age": 30.0}, hist, arts, ids, scores, 1))
-    assert x.loc[1, "type_affinity"] == pytest.approx(0.75) and x.loc[0, "type_affinity"] == pytest.approx(0.25)
-
-
-def test_ranker_learns_type_affinity(tmp_path):
-    """Positives are the candidates of the customer's favourite type: the ranker must find them."""
-    rng = np.random.default_rng(0)
-    frames, labels = [], []
-    for c in range(200):
-        ids, arts, scores = _cands(20, seed=c)
-        fav = "Dress" if c % 2 else "Socks"
-        hist = {"n_purchases": 10, "mean_price": 0.5, "type_counts": {fav: 9}, "index_group_counts": {}}
-        f = candidate_frame({"age": 30.0}, hist, arts, ids, scores, 1).assign(customer_id=f"c{c}")
-        frames.append(f)
-        labels.append(((f["product_type_name"] == fav) & (rng.random(20) < 0.3)).astype(int).to_numpy())
-    frame = pd.concat(frames, ignore_index=True)
-    model = fit_ranker(frame, np.concatenate(labels), RankerConfig(iterations=30), progress=False)
-    path = save_ranker(model, tmp_path / "r.cbm")
-    ids, arts, scores = _cands(20, seed=999)
-    hist = {"n_purchases": 10, "mean_price": 0.5, "type_counts": {"Dress": 9}, "index_group_counts": {}}
-    test = candidate_frame({"age": 30.0}, hist, arts, ids, scores, 1)
-    s = score(load_ranker(path), test)
-    top = test.iloc[np.argsort(-s)[:5]]
-    assert (top["product_type_name"] == "Dress").all()
-
-
-def test_ranker_without_positives_is_a_clear_error():
-    ids, arts, scores = _cands()
-    frame = candidate_frame(None, None, arts, ids, scores, 1).assign(customer_id="c")
-    with pytest.raises(ValueError, match="no positive labels"):
-        fit_ranker(frame, np.zeros(len(frame), int), RankerConfig(iterations=5), progress=False)
 
 
 def test_item_index_returns_exact_top_k_and_pinned_version(tmp_path):

@@ -1,0 +1,100 @@
+"""The ranker's one feature path against the real MariaDB online store.
+
+Training builds feature vectors from the offline feature-group frames as of a cut-off; serving
+builds them from the rows the online store returns. With the store holding the same as-of
+state, both must give the same vector for every (customer, article, time).
+"""
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from common.artifacts import new_manifest
+from common.config import FilterConfig, RankerConfig
+from common.workdir import Workdir
+from feature_store.online.mysql import MySQLOnlineStore
+from feature_store.sources import generate, load_hm
+from feature_store.store import FeatureStore, read_online
+from feature_store.transforms import article_features, customer_features, customer_history
+from ray_apps.schemas import Candidates
+from ray_apps.stages.ranking import OnlineRanker
+from training.ranker import RankingStage, rows_as_of
+
+pytestmark = pytest.mark.integration
+
+
+class _ByRank:
+    """Stand-in model: keeps retrieval order (the vectors are what these tests are about)."""
+
+    def predict(self, block, thread_count=1):
+        return -np.arange(len(block), dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def as_of_state(mariadb, tmp_path_factory):
+    """Tiny data; the three serving groups as of a past cut-off, offline and in MariaDB."""
+    root = tmp_path_factory.mktemp("ranking_online")
+    generate(root / "data", seed=7, customers=150, articles=90, days=35)
+    hm = load_hm(root / "data")
+    as_of = hm.transactions["t_dat"].max() - pd.Timedelta(days=6)
+    before = hm.transactions[hm.transactions["t_dat"] < as_of]
+    customers_fg = customer_features(hm.customers, hm.extras.get("postal_regions"))
+    store = MySQLOnlineStore.from_config(mariadb.cfg, mariadb.password)
+    fs = FeatureStore(Workdir.at(root / "wd"), store)
+    manifest = new_manifest("ranking-online")
+    for name, frame in (("customers", customers_fg),
+                        ("articles", article_features(hm.articles, before, as_of, hm.extras)),
+                        ("customer_history", customer_history(before, hm.articles, as_of))):
+        manifest.feature_groups[name] = fs.write(name, frame, progress=False)
+    buyers = before["customer_id"].value_counts().index.tolist()
+    never = sorted(set(customers_fg["customer_id"]) - set(buyers))
+    cids = [*buyers[:6], *never[:2], "not-a-customer"]
+    offline = rows_as_of(hm.articles, before, customers_fg, hm.extras, as_of, cids)
+    try:
+        yield store, manifest, offline, cids, sorted(hm.articles["article_id"]), as_of
+    finally:
+        store.close()
+
+
+def test_offline_and_online_feature_vectors_are_equal(as_of_state):
+    store, manifest, offline, cids, article_ids, as_of = as_of_state
+    refs = manifest.feature_groups
+    stage = RankingStage(_ByRank(), RankerConfig(), FilterConfig(), n_rank=40)
+    rng = np.random.default_rng(0)
+    checked = 0
+    for cid in cids:
+        cands = [*rng.choice(article_ids, 39, replace=False).tolist(), "0999999999"]  # one unknown article
+        scores = np.sort(rng.random(len(cands)))[::-1]
+        cust = read_online(store, refs["customers"], "customers", [cid]).get(cid)
+        hist = read_online(store, refs["customer_history"], "customer_history", [cid]).get(cid)
+        arts = read_online(store, refs["articles"], "articles", stage.article_keys(cands, hist),
+                           stage.article_columns())
+        on = stage.prepare(cust, hist, cands, scores, arts, channel=1, now=as_of.date())
+        off = stage.prepare(offline.customers.get(cid), offline.history.get(cid), cands, scores, offline.articles,
+                            channel=1, now=as_of.date())
+        assert on.ids == off.ids and on.stats.removed == off.stats.removed
+        np.testing.assert_array_equal(on.block.num, off.block.num)  # NaN == NaN here
+        assert on.block.cat.tolist() == off.block.cat.tolist()
+        checked += len(on.ids)
+    assert checked > 100
+
+
+def test_filter_and_rank_read_the_articles_group_once_per_request(as_of_state):
+    store, manifest, offline, cids, article_ids, as_of = as_of_state
+    refs = manifest.feature_groups
+    ranker = OnlineRanker(store, manifest, RankingStage(_ByRank(), RankerConfig(), FilterConfig(), n_rank=30))
+    cid = cids[0]
+    cust = read_online(store, refs["customers"], "customers", [cid]).get(cid)
+    hist = read_online(store, refs["customer_history"], "customer_history", [cid]).get(cid)
+    cands = Candidates(article_ids=article_ids[:60], scores=list(np.linspace(1, 0, 60)))
+    ranker.rank(cands, cust, hist, channel=2, now=dt.date(2020, 9, 1), k=12)  # warm: registry lookup cached
+    before = store.statement_count()
+    out = ranker.rank(cands, cust, hist, channel=2, now=dt.date(2020, 9, 1), k=12)
+    assert store.statement_count() - before == 1
+    assert len(out.article_ids) == 12 and out.n_candidates == 60
+    bought = set(hist["purchased"])
+    assert not bought & set(out.article_ids)
+    assert out.removed["already_bought"] == len(bought & set(cands.article_ids))
