@@ -12,7 +12,7 @@ from common.workdir import Workdir
 DEFAULT_WORKDIR = ".rayrec/demo"
 
 
-def _config(args: argparse.Namespace, wd: Workdir) -> RayrecConfig:
+def resolve_config(args: argparse.Namespace, wd: Workdir) -> RayrecConfig:
     """--config, else the run's saved config, else defaults; --db-port overrides the port."""
     over: dict = {}
     if getattr(args, "db_port", None):
@@ -28,7 +28,7 @@ def cmd_db(args: argparse.Namespace) -> int:
     from feature_store.local_db import LocalMariaDB
 
     wd = Workdir.at(args.workdir)
-    db = LocalMariaDB(wd, _config(args, wd).database)
+    db = LocalMariaDB(wd, resolve_config(args, wd).database)
     if args.action == "start":
         print(json.dumps(db.start()))
     elif args.action == "stop":
@@ -57,7 +57,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from feature_store.local_db import LocalMariaDB
     from training.pipeline import run_pipeline
 
-    cfg = _config(args, wd)
+    cfg = resolve_config(args, wd)
     if cfg.database.local:
         LocalMariaDB(wd, cfg.database).start()
     store = open_online_store(cfg.database, wd)
@@ -78,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.action == "stop":
         print("serving stopped" if local.stop(wd) else "serving was not running")
         return 0
-    cfg = _config(args, wd)
+    cfg = resolve_config(args, wd)
     if cfg.database.local:
         from feature_store.local_db import LocalMariaDB
 
@@ -117,7 +117,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from ray_apps import local
 
     print("serving stopped" if local.stop(wd) else "serving was not running")
-    print("database stopped" if LocalMariaDB(wd, _config(args, wd).database).stop() else "database was not running")
+    print("database stopped" if LocalMariaDB(wd, resolve_config(args, wd).database).stop() else "database was not running")
     return 0
 
 

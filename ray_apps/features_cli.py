@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from common.config import RayrecConfig, load_config
+from common.config import RayrecConfig
 from common.workdir import Workdir
 
 DEFAULT_WORKDIR = ".rayrec/demo"
@@ -134,14 +134,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _config(args: argparse.Namespace, wd: Workdir) -> RayrecConfig:
-    over: dict = {}
-    if getattr(args, "db_port", None):
-        over["database"] = {"port": args.db_port}
-    if args.config:
-        return load_config(args.config, over)
-    if wd.config_path.is_file():
-        return load_config(wd.config_path, over)
-    return load_config(None, {"name": wd.root.name, **over})
+    from ray_apps.cli import resolve_config  # the CLI's one config rule (lazy: cli registers us)
+
+    return resolve_config(args, wd)
 
 
 def _data_dir(args: argparse.Namespace, wd: Workdir, cfg: RayrecConfig, generate_missing: bool) -> Path:
