@@ -47,7 +47,7 @@ stop: ## stop the app, Ray and the local database
 	@if [ -x $(BIN)/rayrec ]; then $(BIN)/rayrec stop --workdir $(WORKDIR); fi
 
 bench: install mariadb ## run the benchmarks (JSON lines on stdout)
-	@for b in benchmarks/*.py; do echo "# $$b" >&2; $(BIN)/python $$b || exit 1; done
+	@for b in benchmarks/[!_]*.py; do echo "# $$b" >&2; $(BIN)/python $$b || exit 1; done
 
 lint: install ## ruff
 	$(BIN)/ruff check .
