@@ -20,8 +20,6 @@ All on the generated H&M-shaped data set (default size = the demo's), split as t
 from __future__ import annotations
 
 import argparse
-import contextlib
-import socket
 import statistics
 import sys
 import tempfile
@@ -48,6 +46,7 @@ from training.two_tower.train import (  # noqa: E402
     TrainStep,
     encode_training_data,
     local_batches,
+    single_process_group,
     train_two_tower,
 )
 
@@ -119,21 +118,6 @@ def prepare(data_dir: Path, customers: int, articles: int, days: int, history_le
     custs = customer_features(hm.customers, hm.extras.get("postal_regions"))
     view = retrieval_frame(train_tx, custs, arts, history_len)
     return hm, train_tx, test_tx, cutoff, arts, custs, view
-
-
-@contextlib.contextmanager
-def single_process_group():
-    """A world-of-one gloo group, so DistributedModelParallel runs in this process."""
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 # -- cases ----------------------------------------------------------------------------------------------

@@ -1,9 +1,7 @@
 """Two-tower features, model, loss and an in-process training run (no Ray cluster)."""
 from __future__ import annotations
 
-import contextlib
 import io
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +51,7 @@ from training.two_tower.train import (
     recall_at_k,
     run_training,
     should_stop,
+    single_process_group,
     split_validation,
     train_local,
 )
@@ -329,28 +328,13 @@ def test_resumed_run_matches_an_uninterrupted_one(data):
         torch.testing.assert_close(a, b, msg=k)
 
 
-@contextlib.contextmanager
-def _world_of_one():
-    """A single-process gloo group, so TorchRec's DistributedModelParallel runs in the test process."""
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_table_wise_dmp_trains_and_checkpoints_full_tables(data):
     """The sharded path: state scattered into TorchRec's table-wise shards and gathered back intact,
     loss falls, and the checkpoint (untied tables) rebuilds a plain TwoTower for export."""
     frame, articles, _, vocab = data
     cfg = CFG.model_copy(update={"epochs": 3, "sharding": "table_wise", "early_stopping_patience": 0})
     columns, side = encode_training_data(vocab, frame, articles, cfg, frame.iloc[:50])
-    with _world_of_one():
+    with single_process_group():
         torch.manual_seed(0)
         model = TwoTower.from_vocab(vocab, cfg, tie_history=False)
         init = {k: v.detach().clone() for k, v in model.state_dict().items()}

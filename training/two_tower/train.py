@@ -23,8 +23,10 @@ table untied from the article table.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import socket
 import sys
 import tempfile
 import threading
@@ -743,3 +745,16 @@ def _best_checkpoint(result: Any, has_val: bool) -> tuple[Any, int | None]:
     recall, neg_epoch, checkpoint = max(scored, key=lambda t: (t[0], t[1]))
     return checkpoint, -neg_epoch
 
+
+
+@contextlib.contextmanager
+def single_process_group() -> Iterator[None]:
+    """A world-of-one gloo group, so DistributedModelParallel runs in this process (tests, benchmarks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
