@@ -157,13 +157,36 @@ class EvalConfig(_Strict):
 
 
 class ServeConfig(_Strict):
-    """HTTP binding and per-stage sizes for the Serve app."""
+    """HTTP binding, graph shape, sizes, timeouts and admission control of the Serve app.
+
+    `topology`: "fused" runs every stage in one deployment (no hops between replicas: the
+    fastest on small machines); "split" runs encoder, retriever and ranker as deployments of
+    their own that scale independently. Past `max_ongoing_requests` per replica plus
+    `max_queued_requests` waiting, requests get an immediate 503 with Retry-After instead of
+    queueing until they time out. The API key, when its environment variable is set, is
+    required on every endpoint but the health checks.
+    """
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     n_candidates: int = Field(100, ge=1, le=1000)
-    num_cpus: float = Field(0.25, gt=0)
-
+    topology: Literal["fused", "split"] = "fused"
+    num_cpus: float = Field(0.5, gt=0)
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(2, gt=0)
+    max_ongoing_requests: int = Field(4, ge=1)
+    max_queued_requests: int = Field(8, ge=-1)
+    retry_after_s: float = Field(1.0, ge=0)
+    # The online store: a call waits at most db_timeout_s; after a failure it is skipped for
+    # db_retry_s (answers come from the last good data or popularity, flagged degraded).
+    db_timeout_s: float = Field(0.5, gt=0)
+    db_retry_s: float = Field(1.0, gt=0)
+    stage_timeout_s: float = Field(2.0, gt=0)
+    api_key_env: str = Field("RAYREC_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_batch_events: int = Field(500, ge=1)
+    prediction_log: bool = True
 
 class RayrecConfig(_Strict):
     """Root of the config tree."""

@@ -55,6 +55,10 @@ class Workdir:
     def ranker_path(self) -> Path:
         return self.models_dir / "ranker" / "ranker.cbm"
 
+    @property
+    def popularity_path(self) -> Path:
+        return self.models_dir / "popularity.json"
+
     # index, ray, reports --------------------------------------------------------------
     @property
     def index_dir(self) -> Path:
@@ -78,6 +82,15 @@ class Workdir:
     @property
     def metrics_path(self) -> Path:
         return self.reports_dir / "metrics.json"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def predictions_dir(self) -> Path:
+        """Serving's prediction log (JSON lines per day), joined later with events."""
+        return self.logs_dir / "predictions"
 
     @property
     def manifest_path(self) -> Path:

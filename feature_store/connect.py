@@ -23,5 +23,7 @@ def db_password(cfg: DatabaseConfig, wd: Workdir) -> str:
     )
 
 
-def open_online_store(cfg: DatabaseConfig, wd: Workdir) -> MySQLOnlineStore:
-    return MySQLOnlineStore.from_config(cfg, db_password(cfg, wd))
+def open_online_store(cfg: DatabaseConfig, wd: Workdir, **timeouts: float) -> MySQLOnlineStore:
+    """Connect; `timeouts` (connect_timeout, read_timeout, write_timeout in seconds) bound how
+    long a call may wait on the server (serving sets them short, so a slow store degrades)."""
+    return MySQLOnlineStore.from_config(cfg, db_password(cfg, wd), **timeouts)

@@ -231,24 +231,57 @@ def event_log_dir(wd: Workdir) -> Path:
 
 def append_event_log(wd: Workdir, event: PurchaseEvent, durable: bool = False) -> None:
     """Append the event as one JSON line to the day's log (flushed; fsync'ed when `durable`)."""
-    d = event_log_dir(wd)
-    d.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(event.to_dict(), separators=(",", ":")) + "\n"
-    with open(d / f"{event.timestamp.strftime('%Y-%m-%d')}.jsonl", "a", encoding="utf-8") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            f.write(line)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    append_log_lines(event_log_dir(wd), [(event.timestamp, event.to_dict())], durable)
 
 
-def read_event_log(wd: Workdir) -> pd.DataFrame:
-    """Logged purchases, one row per event id (the first logged), in log order."""
+def append_log_lines(folder: Path, records: list[tuple[pd.Timestamp, dict[str, Any]]], durable: bool) -> None:
+    """Append records as JSON lines to `<folder>/<day>.jsonl` (one file per record's day):
+    one locked write per file, then one fsync per file when `durable`, so a batch of events
+    costs one disk flush rather than one per event."""
+    by_day: dict[str, list[str]] = {}
+    for ts, rec in records:
+        by_day.setdefault(ts.strftime("%Y-%m-%d"), []).append(json.dumps(rec, separators=(",", ":")) + "\n")
+    folder.mkdir(parents=True, exist_ok=True)
+    for day, lines in by_day.items():
+        with open(folder / f"{day}.jsonl", "a", encoding="utf-8") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                f.write("".join(lines))
+                f.flush()
+                if durable:
+                    os.fsync(f.fileno())
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# Events that do not change features (view, click, add_to_cart): logged for training and for
+# joining with the prediction log, in their own folder next to the purchases.
+INTERACTION_TYPES = ("view", "click", "add_to_cart")
+
+
+def interaction_log_dir(wd: Workdir) -> Path:
+    return wd.offline_dir / "_events" / "interactions"
+
+
+def append_interactions(wd: Workdir, records: list[dict[str, Any]], durable: bool = True) -> None:
+    """Log non-purchase events: dicts with event_id, customer_id, article_id, type, ts."""
+    for r in records:
+        if r.get("type") not in INTERACTION_TYPES:
+            raise ValueError(f"interaction event {r.get('event_id')!r}: type must be one of {INTERACTION_TYPES}")
+    append_log_lines(interaction_log_dir(wd), [(to_event_times([r["ts"]]).iloc[0], r) for r in records], durable)
+
+
+def read_interactions(wd: Workdir) -> pd.DataFrame:
+    """Logged views, clicks and add-to-carts, one row per event id (the first logged)."""
+    cols = ["event_id", "customer_id", "article_id", "type", "ts"]
+    rows = _read_jsonl(interaction_log_dir(wd))
+    frame = pd.DataFrame(rows, columns=cols).drop_duplicates("event_id", keep="first").reset_index(drop=True)
+    frame["ts"] = to_event_times(frame["ts"]) if len(frame) else pd.Series([], dtype="datetime64[us]")
+    return frame
+
+
+def _read_jsonl(d: Path) -> list[dict[str, Any]]:
     rows = []
-    d = event_log_dir(wd)
     for p in sorted(d.glob("*.jsonl")) if d.is_dir() else []:
         for line in p.read_text(encoding="utf-8").splitlines():
             if line.strip():
@@ -256,6 +289,12 @@ def read_event_log(wd: Workdir) -> pd.DataFrame:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError:
                     continue  # a line cut short by a crash
+    return rows
+
+
+def read_event_log(wd: Workdir) -> pd.DataFrame:
+    """Logged purchases, one row per event id (the first logged), in log order."""
+    rows = _read_jsonl(event_log_dir(wd))
     cols = ["event_id", "customer_id", "article_id", "price", "t_dat", "sales_channel_id"]
     frame = pd.DataFrame(rows, columns=cols).drop_duplicates("event_id", keep="first").reset_index(drop=True)
     frame["t_dat"] = to_event_times(frame["t_dat"]) if len(frame) else pd.Series([], dtype="datetime64[us]")

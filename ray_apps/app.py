@@ -1,219 +1,665 @@
-"""The Serve application: ingress -> query encoder -> retriever -> filter + ranker.
+"""The Serve application: the HTTP API over one run's stages, fused or split.
 
-`build_app(args)` is the only place that knows the graph's shape. Deployments are thin: they
-load artifacts named in the run's manifest and call the plain stage classes in `stages/`. The
-business rules (training/filters.py) run in the ranking deployment, before the model, so both
-share one batched read of the candidates' article features and the request saves a hop.
+`build_app(args)` is the only place that knows the graph's shape:
+
+- `fused` (default): one deployment holds every stage (`service.Recommender`) and answers
+  without a hop between replicas; on small machines hops are what costs.
+- `split`: the ingress orchestrates three stage deployments (encoder, retriever, ranker), each
+  autoscaling on its own; query encoding is batched across requests with `@serve.batch`.
+
+The orchestration (`Orchestrator`) is written once over `Calls`, either in-process calls or
+deployment handles, so both topologies answer the same way. Admission control is Serve's own:
+`max_ongoing_requests` per replica plus `max_queued_requests` waiting, then an immediate 503 with
+`Retry-After`. Hot reload: a new `user_config: {workdir: ...}` on the ingress switches to another
+run (new models and index) once it is loaded; requests in flight finish on the old one.
 """
 
+import asyncio
 import datetime as dt
+import hashlib
+import hmac
+import os
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from common.artifacts import Manifest, read_manifest
-from common.config import load_config
+from common.artifacts import read_manifest
+from common.config import FilterConfig, ServeConfig, load_config
 from common.workdir import Workdir
-from ray_apps.schemas import Candidates, QueryContext, RecommendRequest, RecommendResponse
+from ray_apps.schemas import (
+    Candidates,
+    Event,
+    EventBatch,
+    EventsResponse,
+    QueryContext,
+    RecommendRequest,
+    RecommendResponse,
+    SearchRequest,
+    SearchResponse,
+    SimilarResponse,
+)
+from ray_apps.service import Recommender, UnknownArticle
 
 APP_NAME = "rayrec"
+EXEMPT_PATHS = {"/healthz", "/readyz", "/"}  # health checks, and the web page (it asks for the key)
+PUBLIC_PREFIXES = ("/ui/",)  # the page's static assets: no data behind them
 
 
 class AppArgs(BaseModel):
-    """Arguments of `build_app`, as given in the Serve config YAML."""
+    """Arguments of `build_app`, as given in the Serve config YAML; unset ones come from the
+    run's config (`serve:` section)."""
 
     model_config = ConfigDict(extra="forbid")
     workdir: str = Field(..., description="The pipeline run to serve (holds manifest.json)")
-    num_cpus: float = Field(0.25, gt=0, description="CPUs per replica of each deployment")
-    max_replicas: int = Field(2, ge=1)
+    topology: str | None = Field(None, pattern="^(fused|split)$")
+    num_cpus: float | None = Field(None, gt=0, description="CPUs per replica of each deployment")
+    min_replicas: int | None = Field(None, ge=1)
+    max_replicas: int | None = Field(None, ge=1)
+    max_ongoing_requests: int | None = Field(None, ge=1)
+    max_queued_requests: int | None = Field(None, ge=-1)
+    user_config: dict[str, Any] | None = Field(
+        None, description="The ingress's user_config: {workdir: PATH} switches to that run without a restart")
 
 
-def _load(workdir: str) -> tuple[Workdir, Manifest]:
-    wd = Workdir.at(workdir)
-    return wd, read_manifest(wd)
+# ---------------------------------------------------------------------------------------------
+# Calls: the stages, in-process or behind deployment handles
 
 
-def _online(wd: Workdir):
-    from feature_store.connect import open_online_store
+class LocalCalls:
+    """Stages in this process (fused topology)."""
 
-    return open_online_store(load_config(wd.config_path).database, wd)
+    def __init__(self, rec: Recommender):
+        self.rec = rec
+
+    async def encode(self, customer_id: str, month: int, channel: int) -> QueryContext:
+        return self.rec.encode(customer_id, month, channel)
+
+    async def retrieve(self, vector, n):
+        return self.rec.retrieve(vector, n)
+
+    async def rank(self, cands, ctx, k, filters, day):
+        return self.rec.rank(cands, ctx, k, filters, day)
+
+    async def popular(self, ctx, k, filters, age):
+        return self.rec.popular(ctx, k, filters, age)
+
+    async def fetch_policy(self):
+        return self.rec.fetch_policy()
+
+    async def similar(self, article_id, k):
+        return self.rec.similar(article_id, k)
+
+    async def search_pool(self, query, vector, n):
+        return self.rec.search_pool(query, vector, n)
+
+    async def record_events(self, events):
+        return self.rec.record_events(events)
+
+    async def known_articles(self, ids):
+        return self.rec.known_articles(ids)
+
+    async def ready(self):
+        return self.rec.ready()
+
+    async def version(self):
+        return self.rec.version
 
 
-@serve.deployment
-class QueryEncoderDeployment:
-    """Reads the customer's profile and history online and encodes the query."""
+class RemoteCalls:
+    """Stages behind deployment handles (split topology). Every call names the run, so a stage
+    replica serves the run the ingress serves, loading it on first use (hot reload)."""
 
-    def __init__(self, workdir: str):
-        from ray_apps.stages.encoder import QueryEncoder
-        from ray_apps.stages.online import OnlineFeatures
+    def __init__(self, encoder: DeploymentHandle, retriever: DeploymentHandle, ranker: DeploymentHandle,
+                 workdir: str, timeout_s: float):
+        self.h = {"encoder": encoder, "retriever": retriever, "ranker": ranker}
+        self.workdir = workdir
+        self.timeout_s = timeout_s
 
-        wd, manifest = _load(workdir)
-        cfg = load_config(wd.config_path)
-        self.features = OnlineFeatures(_online(wd), manifest)
-        self.encoder = QueryEncoder(wd.two_tower_dir, cfg.two_tower.history_len)
+    async def _call(self, stage: str, method: str, *args: Any) -> Any:
+        resp = self.h[stage].call.remote(self.workdir, method, *args)
+        out = await asyncio.wait_for(_await(resp), self.timeout_s)
+        if isinstance(out, dict) and out.get("__error__") == "unknown_article":
+            raise UnknownArticle(out["message"])
+        return out
 
-    def encode(self, customer_id: str, month: int, channel: int) -> QueryContext:
-        customer, history = self.features.customer(customer_id)
-        purchased = list((history or {}).get("purchased") or [])
-        vec = self.encoder.encode(customer_id, customer, purchased, month, channel)
-        return QueryContext(customer_id=customer_id, known_customer=customer is not None, customer=customer,
-                            history=history, purchased=purchased, vector=vec.tolist(), sales_channel=channel)
+    async def encode(self, customer_id, month, channel):
+        return await asyncio.wait_for(_await(self.h["encoder"].encode.remote(self.workdir, customer_id, month,
+                                                                              channel)), self.timeout_s)
+
+    async def retrieve(self, vector, n):
+        return await self._call("retriever", "retrieve", vector, n)
+
+    async def rank(self, cands, ctx, k, filters, day):
+        return await self._call("ranker", "rank", cands, ctx, k, filters, day)
+
+    async def popular(self, ctx, k, filters, age):
+        return await self._call("ranker", "popular", ctx, k, filters, age)
+
+    async def fetch_policy(self):
+        return await self._call("ranker", "fetch_policy")
+
+    async def similar(self, article_id, k):
+        return await self._call("retriever", "similar", article_id, k)
+
+    async def search_pool(self, query, vector, n):
+        return await self._call("retriever", "search_pool", query, vector, n)
+
+    async def record_events(self, events):
+        return await self._call("encoder", "record_events", events)
+
+    async def known_articles(self, ids):
+        return await self._call("retriever", "known_articles", ids)
+
+    async def ready(self):
+        checks = await asyncio.gather(*[self._call(s, "ready") for s in self.h])
+        return {s: c for s, c in zip(self.h, checks, strict=True)} | {"ready": all(c["ready"] for c in checks)}
+
+    async def version(self):
+        return await self._call("retriever", "version_info")
 
 
-@serve.deployment
-class RetrieverDeployment:
-    """Top-n articles by vector from the index version named in the manifest."""
-
-    def __init__(self, workdir: str):
-        from training.index import LiveItemIndex
-
-        self.index = LiveItemIndex(workdir)  # follows `rayrec index promote|rollback` without a restart
-
-    def retrieve(self, vector: list[float], n: int) -> Candidates:
-        ids, scores = self.index.search(vector, n)
-        return Candidates(article_ids=ids, scores=[float(s) for s in scores])
+async def _await(resp: Any) -> Any:
+    return await resp
 
 
-@serve.deployment
-class RankerDeployment:
-    """Business rules, features, CatBoost and diversity for one request's candidates.
+# ---------------------------------------------------------------------------------------------
+# Orchestration: the same for both topologies
 
-    Reads the candidates' article rows online in one query, shared by the rules and the ranker
-    (one hop instead of a filter hop plus a ranker hop: hops are what costs on small machines).
-    """
 
-    def __init__(self, workdir: str):
-        from ray_apps.stages.ranking import OnlineRanker, ranking_stage
+class Orchestrator:
+    """recommend / search / similar / events over `Calls`, with fallbacks and timings."""
 
-        wd, manifest = _load(workdir)
-        self.cfg = load_config(wd.config_path)
-        self.ranker = OnlineRanker(_online(wd), manifest, ranking_stage(wd, manifest, self.cfg))
+    def __init__(self, calls: LocalCalls | RemoteCalls, n_candidates: int, metrics):
+        self.calls = calls
+        self.n_candidates = n_candidates
+        self.metrics = metrics
+        self.filter_cfg: FilterConfig | None = None
 
-    def fetch_policy(self) -> dict[str, Any]:
-        """The run's filter settings, which decide how many candidates to retrieve."""
-        return self.cfg.filters.model_dump()
+    async def _policy(self) -> FilterConfig:
+        if self.filter_cfg is None:
+            self.filter_cfg = FilterConfig.model_validate(await self.calls.fetch_policy())
+        return self.filter_cfg
 
-    def rank(self, cands: Candidates, ctx: QueryContext, k: int, filters: dict[str, Any] | None,
-             day: dt.date) -> dict[str, Any]:
-        from training.filters import RequestFilters
+    async def _encode(self, customer_id: str, day: dt.date, channel: int) -> QueryContext:
+        try:
+            return await self.calls.encode(customer_id, day.month, channel)
+        except TimeoutError:
+            self.metrics.fallback("encode_timeout")
+            return QueryContext(customer_id=customer_id, known_customer=False, customer=None, history=None,
+                                purchased=[], vector=[], sales_channel=channel, degraded=True)
+
+    async def recommend(self, req: RecommendRequest) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The answer (response fields) and the debug/log details."""
+        from training.filters import bought_within, fetch_size, next_fetch
+        from training.popularity import is_cold
 
         t0 = time.perf_counter()
-        out = self.ranker.rank(cands, ctx.customer, ctx.history, channel=ctx.sales_channel, now=day, k=k,
-                               request=RequestFilters.from_dict(filters))
-        return {"items": [{"article_id": a, "score": s} for a, s in zip(out.article_ids, out.scores, strict=True)],
-                "removed": out.removed, "n_candidates": out.n_candidates, "n_after_filter": out.n_after_filter,
-                "n_ranked": out.n_ranked, "stage_ms": round((time.perf_counter() - t0) * 1000, 2)}
+        day = req.context.date or dt.date.today()
+        channel = req.context.sales_channel or 2
+        filters = req.filters.model_dump() if req.filters is not None else None
+        ctx = await self._encode(req.customer_id, day, channel)
+        t_enc = time.perf_counter()
+        self.metrics.stage_ms("encode", (t_enc - t0) * 1000)
+        timings: dict[str, float] = {"encode_ms": round((t_enc - t0) * 1000, 2)}
+        if ctx.degraded or is_cold(ctx.customer, ctx.history):
+            reason = "store_unavailable" if ctx.degraded else "cold_start"
+            return await self._popular(ctx, req.k, filters, req.context.age, reason, timings, t_enc)
+        fcfg = await self._policy()
+        n = fetch_size(self.n_candidates, len(bought_within(ctx.history, fcfg.bought_lookback)), fcfg)
+        retrieve_s, rank_s, fetches = 0.0, 0.0, []
+        while True:
+            t1 = time.perf_counter()
+            cands: Candidates = await self.calls.retrieve(ctx.vector, n)
+            t2 = time.perf_counter()
+            try:
+                ranked = await self.calls.rank(cands, ctx, req.k, filters, day)
+            except TimeoutError:
+                ranked = {"unavailable": "ranking timed out"}
+            t3 = time.perf_counter()
+            retrieve_s, rank_s = retrieve_s + t2 - t1, rank_s + t3 - t2
+            if "unavailable" in ranked:
+                timings |= {"retrieve_ms": round(retrieve_s * 1000, 2), "rank_ms": round(rank_s * 1000, 2)}
+                return await self._popular(ctx.model_copy(update={"degraded": True}), req.k, filters,
+                                           req.context.age, "store_unavailable", timings, t3)
+            fetches.append({"asked": n, "retrieved": len(cands.article_ids), "kept": ranked["n_after_filter"]})
+            n = next_fetch(n, len(cands.article_ids), ranked["n_after_filter"], req.k, fcfg)
+            if n is None:
+                break
+        self.metrics.stage_ms("retrieve", retrieve_s * 1000)
+        self.metrics.stage_ms("filter_rank", rank_s * 1000)
+        self._count(ranked)
+        timings |= {"retrieve_ms": round(retrieve_s * 1000, 2), "filter_rank_ms": round(rank_s * 1000, 2),
+                    "rank_stage_ms": ranked["stage_ms"]}
+        details = {**timings, "n_retrieved": ranked["n_candidates"], "n_after_filter": ranked["n_after_filter"],
+                   "n_ranked": ranked["n_ranked"], "filter_removed": ranked["removed"], "fetches": fetches,
+                   "known_customer": ctx.known_customer}
+        return {"items": ranked["items"], "source": "ranked", "degraded": False}, details
+
+    async def _popular(self, ctx: QueryContext, k: int, filters: dict[str, Any] | None, age: int | None,
+                       reason: str, timings: dict[str, float], t_start: float):
+        self.metrics.fallback(reason)
+        pop = await self.calls.popular(ctx, k, filters, age)
+        ms = (time.perf_counter() - t_start) * 1000
+        self.metrics.stage_ms("popular", ms)
+        self._count(pop)
+        details = {**timings, "popular_ms": round(ms, 2), "fallback": reason, "age_group": pop.get("age_group"),
+                   "n_retrieved": pop["n_candidates"], "n_after_filter": pop["n_after_filter"], "n_ranked": 0,
+                   "filter_removed": pop["removed"], "known_customer": ctx.known_customer}
+        return {"items": pop["items"], "source": "popular", "degraded": bool(ctx.degraded or pop["degraded"])}, details
+
+    def _count(self, out: dict[str, Any]) -> None:
+        self.metrics.candidates("retrieved", out.get("n_candidates", 0))
+        self.metrics.candidates("after_filter", out.get("n_after_filter", 0))
+        for rule, n in (out.get("removed") or {}).items():
+            self.metrics.filtered(rule, n)
+
+    async def search(self, req: SearchRequest) -> tuple[dict[str, Any], dict[str, Any]]:
+        t0 = time.perf_counter()
+        day = req.context.date or dt.date.today()
+        channel = req.context.sales_channel or 2
+        if req.customer_id:
+            ctx = await self._encode(req.customer_id, day, channel)
+        else:
+            ctx = QueryContext(customer_id="", known_customer=False, customer=None, history=None, purchased=[],
+                               vector=[], sales_channel=channel)
+        if req.context.age is not None and ctx.customer is None:
+            ctx = ctx.model_copy(update={"customer": {"age": float(req.context.age)}})
+        t1 = time.perf_counter()
+        pool = await self.calls.search_pool(req.query, ctx.vector or None, self.n_candidates)
+        t2 = time.perf_counter()
+        ranked = await self.calls.rank(pool, ctx, req.k, None, day) if pool.article_ids else {
+            "items": [], "removed": {}, "n_candidates": 0, "n_after_filter": 0, "n_ranked": 0, "stage_ms": 0.0}
+        t3 = time.perf_counter()
+        degraded = ctx.degraded
+        if "unavailable" in ranked:
+            # Without article rows the stock and age rules cannot be checked: show nothing rather
+            # than something the rules would have removed.
+            self.metrics.fallback("store_unavailable")
+            degraded = True
+            ranked = {"items": [], "removed": {}, "n_candidates": len(pool.article_ids), "n_after_filter": 0,
+                      "n_ranked": 0, "stage_ms": 0.0}
+        for stage, a, b in (("encode", t0, t1), ("search", t1, t2), ("filter_rank", t2, t3)):
+            self.metrics.stage_ms(stage, (b - a) * 1000)
+        details = {"encode_ms": round((t1 - t0) * 1000, 2), "search_ms": round((t2 - t1) * 1000, 2),
+                   "filter_rank_ms": round((t3 - t2) * 1000, 2), "n_retrieved": len(pool.article_ids),
+                   "n_after_filter": ranked["n_after_filter"], "n_ranked": ranked["n_ranked"],
+                   "filter_removed": ranked["removed"], "known_customer": ctx.known_customer}
+        return {"items": ranked["items"], "source": "ranked", "degraded": degraded}, details
 
 
-api = FastAPI(title="rayrec", version="0.1.0",
-              description="Real-time recommendations: retrieval, filtering and ranking on Ray Serve.")
+# ---------------------------------------------------------------------------------------------
+# HTTP
+
+
+api = FastAPI(title="rayrec", version="0.2.0",
+              description="Real-time recommendations, search and events: retrieval, filtering and ranking on "
+                          "Ray Serve. When an API key is configured, send it as `X-API-Key` (or `Authorization: "
+                          "Bearer`).")
 
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     """422 with FastAPI's detail list plus one line naming each bad field."""
     errors = exc.errors()
-    msg = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in errors)
+    msg = "; ".join(f"{_field(e['loc'])}: {e['msg']}" for e in errors)
     return JSONResponse(status_code=422, content={"message": msg, "detail": jsonable(errors)})
+
+
+def _field(loc: tuple | list) -> str:
+    """`body.context.date` -> `context.date`: the location kind is not part of the field's name."""
+    parts = list(loc)
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:]
+    return ".".join(str(p) for p in parts) or "body"
 
 
 def jsonable(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: (v if k in ("loc", "msg", "type") else str(v)) for k, v in e.items()} for e in errors]
 
 
+@api.middleware("http")
+async def _guard(request: Request, call_next):
+    """API key (all but the health checks) and the body size limit, before any parsing."""
+    state = request.app.state
+    if getattr(state, "api_key_sha256", None) and request.url.path not in EXEMPT_PATHS \
+            and not request.url.path.startswith(PUBLIC_PREFIXES):
+        given = request.headers.get("x-api-key") or _bearer(request.headers.get("authorization"))
+        if not given or not hmac.compare_digest(_sha256(given), state.api_key_sha256):
+            return JSONResponse(status_code=401, content={"message": "missing or wrong API key: send X-API-Key"},
+                                headers={"WWW-Authenticate": "ApiKey"})
+    limit = getattr(state, "max_body_bytes", None)
+    length = request.headers.get("content-length")
+    if limit and length is not None and length.isdigit() and int(length) > limit:
+        return JSONResponse(status_code=413, content={"message": f"request body of {length} bytes is over the "
+                                                                 f"limit of {limit} bytes"})
+    if limit and length is None and request.method in ("POST", "PUT", "PATCH"):
+        body = await request.body()  # chunked: read (Starlette caches it for the handler) and measure
+        if len(body) > limit:
+            return JSONResponse(status_code=413, content={"message": f"request body over the limit of {limit} "
+                                                                     "bytes"})
+    return await call_next(request)
+
+
+def _bearer(value: str | None) -> str | None:
+    if value and value.lower().startswith("bearer "):
+        return value[7:].strip()
+    return None
+
+
+def _sha256(s: str) -> str:
+    return hashlib.sha256(s.encode("utf-8")).hexdigest()
+
+
+def _now_utc() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def _plain(feats: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Feature values as JSON numbers/strings (NaN -> None)."""
+    if feats is None:
+        return None
+    out = {}
+    for k, v in feats.items():
+        if isinstance(v, float) and v != v:
+            v = None
+        elif hasattr(v, "item"):
+            v = v.item()
+        out[k] = v
+    return out
+
+
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, encoder: DeploymentHandle, retriever: DeploymentHandle,
-                 ranker: DeploymentHandle, n_candidates: int):
-        self.encoder, self.retriever, self.ranker = encoder, retriever, ranker
-        self.n_candidates = n_candidates
-        self.filter_cfg = None  # the run's FilterConfig, asked of the ranker on the first request
+    """HTTP ingress; in the fused topology it also runs every stage."""
+
+    def __init__(self, workdir: str, stages: dict[str, DeploymentHandle] | None, api_key_sha256: str | None):
+        from ray_apps.metrics import ServeMetrics
+
+        self.metrics = ServeMetrics()
+        self.stages = stages
+        self.rec: Recommender | None = None
+        self.plog = None
+        api.state.api_key_sha256 = api_key_sha256
+        self._switch(workdir)
+
+    def _switch(self, workdir: str) -> None:
+        """Load a run and start answering from it (the old one is closed after the swap)."""
+        from training.feedback import PredictionLog
+
+        wd = Workdir.at(workdir)
+        cfg = load_config(wd.config_path).serve
+        old = self.rec
+        if self.stages is None:
+            rec = Recommender(str(wd.root), self.metrics)
+            rec.warm()
+            calls: LocalCalls | RemoteCalls = LocalCalls(rec)
+        else:
+            rec = None
+            calls = RemoteCalls(self.stages["encoder"], self.stages["retriever"], self.stages["ranker"],
+                                str(wd.root), cfg.stage_timeout_s)
+        api.state.max_body_bytes = cfg.max_body_bytes
+        self.cfg: ServeConfig = cfg
+        self.workdir = str(wd.root)
+        self.manifest = read_manifest(wd)
+        self.orch = Orchestrator(calls, cfg.n_candidates, self.metrics)
+        self.rec = rec
+        old_log, self.plog = self.plog, PredictionLog(wd.predictions_dir) if cfg.prediction_log else None
+        if old_log is not None:
+            old_log.close()
+        if old is not None:
+            old.close()
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Hot reload: `{workdir: PATH}` switches to that run once it is loaded."""
+        target = user_config.get("workdir")
+        if target and str(Workdir.at(target).root) != self.workdir:
+            if self.stages is not None:  # warm one replica of each stage before switching
+                await asyncio.gather(*[_await(h.call.remote(str(Workdir.at(target).root), "warm"))
+                                       for h in self.stages.values()])
+            await asyncio.to_thread(self._switch, target)
+
+    def _model(self) -> dict[str, Any]:
+        idx = self.manifest.index
+        return {"run": self.manifest.run_name, "created_at": self.manifest.created_at,
+                "index_version": idx.version if idx else None}
+
+    def _log(self, request_id: str, endpoint: str, customer_id: str, result: dict[str, Any],
+             details: dict[str, Any]) -> None:
+        if self.plog is None:
+            return
+        self.plog.log({"request_id": request_id, "ts": _now_utc().isoformat(), "customer_id": customer_id,
+                       "endpoint": endpoint, "model": self._model(), "index_version": self._model()["index_version"],
+                       "source": result["source"], "degraded": result["degraded"],
+                       "items": [{"article_id": it["article_id"], "position": i, "score": it["score"],
+                                  "features": _plain(it.get("features"))} for i, it in enumerate(result["items"])],
+                       "n_retrieved": details.get("n_retrieved"), "n_after_filter": details.get("n_after_filter")})
+
+    def _warnings(self, k: int, result: dict[str, Any], details: dict[str, Any]) -> list[str]:
+        out = []
+        if result["degraded"]:
+            out.append("the online store is unavailable: answered from the last good data or popularity")
+        if len(result["items"]) < k:
+            out.append(f"only {len(result['items'])} of k={k} articles passed the filters: retrieved "
+                       f"{details.get('n_retrieved')}, removed {details.get('filter_removed')}")
+        return out
+
+    def _unavailable(self, endpoint: str) -> JSONResponse:
+        self.metrics.request(endpoint, "timeout")
+        return JSONResponse(status_code=503, content={"message": "a serving stage did not answer in time; retry"},
+                            headers={"Retry-After": str(max(1, round(self.cfg.retry_after_s)))})
 
     @api.post("/v1/recommend", response_model=RecommendResponse)
-    async def recommend(self, req: RecommendRequest) -> RecommendResponse:
-        t = [time.perf_counter()]
-        day = req.context.date or dt.date.today()
-        channel = req.context.sales_channel or 2
-        ctx: QueryContext = await self.encoder.encode.remote(req.customer_id, day.month, channel)
-        t.append(time.perf_counter())
-        # Retrieval over-fetches so that k candidates survive the business rules; the rules and the
-        # ranker run fused in one call. Too few survivors: retrieve more, unless retrieval ran dry.
-        from training.filters import bought_within, fetch_size, next_fetch
+    async def recommend(self, req: RecommendRequest) -> RecommendResponse | JSONResponse:
+        t0 = time.perf_counter()
+        try:
+            result, details = await self.orch.recommend(req)
+        except TimeoutError:
+            return self._unavailable("recommend")
+        rid = uuid.uuid4().hex
+        self._log(rid, "recommend", req.customer_id, result, details)
+        details["total_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+        self.metrics.stage_ms("recommend_total", details["total_ms"])
+        self.metrics.request("recommend", "degraded" if result["degraded"] else "ok")
+        return RecommendResponse(request_id=rid, customer_id=req.customer_id,
+                                 items=[{"article_id": i["article_id"], "score": i["score"]} for i in result["items"]],
+                                 source=result["source"], degraded=result["degraded"], model=self._model(),
+                                 warnings=self._warnings(req.k, result, details), debug=details if req.debug else None)
 
-        if self.filter_cfg is None:
-            from common.config import FilterConfig
+    @api.post("/v1/search", response_model=SearchResponse)
+    async def search(self, req: SearchRequest) -> SearchResponse | JSONResponse:
+        t0 = time.perf_counter()
+        try:
+            result, details = await self.orch.search(req)
+        except TimeoutError:
+            return self._unavailable("search")
+        rid = uuid.uuid4().hex
+        self._log(rid, "search", req.customer_id or "", result, details)
+        details["total_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+        self.metrics.request("search", "degraded" if result["degraded"] else "ok")
+        return SearchResponse(request_id=rid, customer_id=req.customer_id or "", query=req.query,
+                              items=[{"article_id": i["article_id"], "score": i["score"]} for i in result["items"]],
+                              source="ranked", degraded=result["degraded"], model=self._model(),
+                              warnings=self._warnings(req.k, result, details) if result["degraded"] else [],
+                              debug=details if req.debug else None)
 
-            self.filter_cfg = FilterConfig.model_validate(await self.ranker.fetch_policy.remote())
-        fcfg = self.filter_cfg
-        filters = req.filters.model_dump() if req.filters is not None else None
-        n = fetch_size(self.n_candidates, len(bought_within(ctx.history, fcfg.bought_lookback)), fcfg)
-        retrieve_s, fetches = 0.0, []
-        while True:
-            t0 = time.perf_counter()
-            cands: Candidates = await self.retriever.retrieve.remote(ctx.vector, n)
-            retrieve_s += time.perf_counter() - t0
-            ranked = await self.ranker.rank.remote(cands, ctx, req.k, filters, day)
-            fetches.append({"asked": n, "retrieved": len(cands.article_ids), "kept": ranked["n_after_filter"]})
-            n = next_fetch(n, len(cands.article_ids), ranked["n_after_filter"], req.k, fcfg)
-            if n is None:
-                break
-        t.append(time.perf_counter())
-        items = ranked["items"]
-        warnings = []
-        if len(items) < req.k:
-            warnings.append(f"only {len(items)} of k={req.k} articles passed the filters: retrieved "
-                            f"{ranked['n_candidates']}, removed {ranked['removed']}")
-        debug = None
-        if req.debug:
-            total_ms = (t[2] - t[1]) * 1000
-            debug = {"encode_ms": round((t[1] - t[0]) * 1000, 2), "retrieve_ms": round(retrieve_s * 1000, 2),
-                     "filter_rank_ms": round(total_ms - retrieve_s * 1000, 2), "rank_stage_ms": ranked["stage_ms"],
-                     "n_retrieved": ranked["n_candidates"], "n_after_filter": ranked["n_after_filter"],
-                     "n_ranked": ranked["n_ranked"], "filter_removed": ranked["removed"], "fetches": fetches,
-                     "known_customer": ctx.known_customer}
-        return RecommendResponse(request_id=uuid.uuid4().hex, customer_id=req.customer_id, items=items,
-                                 warnings=warnings, debug=debug)
+    @api.get("/v1/items/{article_id}/similar", response_model=SimilarResponse)
+    async def similar(self, article_id: str, k: int = Query(12, ge=1, le=100)) -> SimilarResponse | JSONResponse:
+        try:
+            cands = await self.orch.calls.similar(article_id, k)
+        except UnknownArticle as e:
+            self.metrics.request("similar", "not_found")
+            return JSONResponse(status_code=404, content={"message": str(e)})
+        self.metrics.request("similar", "ok")
+        return SimilarResponse(request_id=uuid.uuid4().hex, article_id=article_id, model=self._model(),
+                               items=[{"article_id": a, "score": s} for a, s in zip(cands.article_ids, cands.scores,
+                                                                                     strict=True)])
+
+    @api.post("/v1/events", response_model=EventsResponse)
+    async def event(self, ev: Event) -> EventsResponse | JSONResponse:
+        return await self._events([ev])
+
+    @api.post("/v1/events/batch", response_model=EventsResponse)
+    async def events(self, batch: EventBatch) -> EventsResponse | JSONResponse:
+        if len(batch.events) > self.cfg.max_batch_events:
+            return JSONResponse(status_code=422, content={
+                "message": f"events: at most {self.cfg.max_batch_events} events per batch, got {len(batch.events)}"})
+        return await self._events(batch.events)
+
+    async def _events(self, events: list[Event]) -> EventsResponse | JSONResponse:
+        ids = [e.event_id for e in events]
+        if len(set(ids)) != len(ids):
+            return JSONResponse(status_code=422, content={"message": "events: event_id repeated within the batch"})
+        known = await self.orch.calls.known_articles([e.article_id for e in events])
+        unknown = sorted({e.article_id for e in events} - set(known))
+        if unknown:
+            self.metrics.request("events", "not_found")
+            return JSONResponse(status_code=404, content={"message": f"unknown article_id {unknown[:5]}: not in the "
+                                                                     "served catalogue; nothing was stored"})
+        now = _now_utc()
+        rows = [e.model_dump() | {"ts": (e.ts.astimezone(dt.UTC).replace(tzinfo=None) if e.ts and e.ts.tzinfo
+                                         else (e.ts or now)).isoformat()} for e in events]
+        results = await self.orch.calls.record_events(rows)
+        self.metrics.request("events", "ok")
+        return EventsResponse(results=results)
+
+    @api.get("/v1/customers/{customer_id}")
+    async def customer(self, customer_id: str) -> dict[str, Any]:
+        """The customer's profile and recent purchases as serving sees them (for people, not models)."""
+        ctx = await self.orch._encode(customer_id, dt.date.today(), 2)
+        prof = ctx.customer or {}
+        return {"customer_id": customer_id, "known": ctx.known_customer, "degraded": ctx.degraded,
+                "profile": {k: prof.get(k) for k in ("age", "age_group", "club_member_status",
+                                                     "fashion_news_frequency", "region") if k in prof},
+                "purchased": ctx.purchased[:20], "n_purchases": (ctx.history or {}).get("n_purchases", 0)}
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        try:
+            checks = await self.orch.calls.ready()
+        except Exception as e:  # noqa: BLE001 - a stage that cannot answer is not ready
+            checks = {"ready": False, "error": f"{type(e).__name__}: {e}"}
+        return JSONResponse(status_code=200 if checks.get("ready") else 503, content=checks | {"model": self._model()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Split topology: one stage class, deployed three times
+
+
+@serve.deployment
+class Stage:
+    """Runs `Recommender` methods for the run each call names (the two most recent kept)."""
+
+    KEEP = 2
+
+    def __init__(self, workdir: str, role: str):
+        from ray_apps.metrics import ServeMetrics
+
+        self.metrics = ServeMetrics()
+        self.role = role
+        self.runs: dict[str, Recommender] = {}
+        self._get(workdir)
+
+    def _get(self, workdir: str) -> Recommender:
+        rec = self.runs.get(workdir)
+        if rec is None:
+            rec = Recommender(workdir, self.metrics)
+            rec.warm(self.role)
+            self.runs[workdir] = rec
+            while len(self.runs) > self.KEEP:
+                self.runs.pop(next(iter(self.runs))).close()
+        return rec
+
+    def call(self, workdir: str, method: str, *args: Any) -> Any:
+        rec = self._get(workdir)
+        if method == "warm":
+            return None  # _get loaded it
+        if method == "version_info":
+            return rec.version
+        if method == "ready":
+            return rec.ready(self.role)
+        try:
+            return getattr(rec, method)(*args)
+        except UnknownArticle as e:
+            return {"__error__": "unknown_article", "message": str(e)}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def encode(self, workdirs: list[str], customer_ids: list[str], months: list[int],
+                     channels: list[int]) -> list[QueryContext]:
+        """Query encoding for every request waiting, in one forward pass per run."""
+        out: list[QueryContext | None] = [None] * len(customer_ids)
+        for wd in dict.fromkeys(workdirs):
+            pos = [i for i, w in enumerate(workdirs) if w == wd]
+            ctxs = self._get(wd).encode_many([(customer_ids[i], months[i], channels[i]) for i in pos])
+            for i, c in zip(pos, ctxs, strict=True):
+                out[i] = c
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the app
+
+
+def deployment_options(s: ServeConfig, a: AppArgs) -> dict[str, Any]:
+    """Replica sizes, autoscaling and admission control (see ServeConfig)."""
+    return {
+        "ray_actor_options": {"num_cpus": a.num_cpus or s.num_cpus},
+        "autoscaling_config": {"min_replicas": a.min_replicas or s.min_replicas,
+                               "max_replicas": max(a.max_replicas or s.max_replicas, a.min_replicas or s.min_replicas),
+                               "target_ongoing_requests": s.target_ongoing_requests},
+        "max_ongoing_requests": a.max_ongoing_requests or s.max_ongoing_requests,
+        "max_queued_requests": a.max_queued_requests if a.max_queued_requests is not None else s.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
+    }
+
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """Build the graph from Serve config args (`workdir`, sizes); validated up front."""
+    """Build the graph from Serve config args (`workdir`, topology, sizes); validated up front.
+
+    The API key is read here from the environment variable the run's config names and passed
+    on only as its SHA-256, so the key itself is never part of a deployment's config.
+    """
     a = AppArgs.model_validate(args)
-    wd, manifest = _load(a.workdir)  # fail here, not in a replica, when the run is incomplete
+    wd = Workdir.at(a.workdir)
+    manifest = read_manifest(wd)  # fail here, not in a replica, when the run is incomplete
     if manifest.index is None or "ranker" not in manifest.models:
         raise ValueError(f"{wd.manifest_path}: run is incomplete (no index or ranker)")
-    cfg = load_config(wd.config_path)
+    s = load_config(wd.config_path).serve
+    topology = a.topology or s.topology
+    key = os.environ.get(s.api_key_env)
+    key_hash = _sha256(key) if key else None
+    opts = deployment_options(s, a)
     workdir = str(wd.root)
-    opts = {"ray_actor_options": {"num_cpus": a.num_cpus},
-            "autoscaling_config": {"min_replicas": 1, "max_replicas": a.max_replicas,
-                                   "target_ongoing_requests": 4}}
-    return Ingress.options(**opts).bind(
-        QueryEncoderDeployment.options(**opts).bind(workdir),
-        RetrieverDeployment.options(**opts).bind(workdir),
-        RankerDeployment.options(**opts).bind(workdir),
-        cfg.serve.n_candidates,
-    )
+    ingress_opts = opts | ({"user_config": a.user_config} if a.user_config else {})
+    if topology == "fused":
+        return Ingress.options(**ingress_opts).bind(workdir, None, key_hash)
+    stage_opts = opts | {"max_queued_requests": -1}  # admission control happens once, at the ingress
+    stages = {name: Stage.options(name=f"{name}_stage", **stage_opts).bind(workdir, name)
+              for name in ("encoder", "retriever", "ranker")}
+    return Ingress.options(**ingress_opts).bind(workdir, stages, key_hash)
 
 
-def serve_config(workdir: Path, host: str, port: int) -> dict[str, Any]:
+def serve_config(workdir: Path, host: str, port: int, topology: str | None = None) -> dict[str, Any]:
     """A Serve config that `serve deploy` accepts, for this workdir."""
+    args: dict[str, Any] = {"workdir": str(workdir)}
+    if topology:
+        args["topology"] = topology
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": host, "port": port},
         "applications": [
-            {"name": APP_NAME, "route_prefix": "/", "import_path": "ray_apps.app:build_app",
-             "args": {"workdir": str(workdir)}}
+            {"name": APP_NAME, "route_prefix": "/", "import_path": "ray_apps.app:build_app", "args": args}
         ],
     }

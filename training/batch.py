@@ -27,6 +27,8 @@ from common.artifacts import read_manifest
 from common.config import DatabaseConfig, load_config
 from common.workdir import Workdir
 from training.filters import bought_within, fetch_size, next_fetch
+from training.popularity import is_cold, load_popularity, popular_ids, popular_ranked
+from training.ranker import Ranked
 
 OUTPUT_SCHEMA = pa.schema([("customer_id", pa.string()), ("rank", pa.int32()), ("article_id", pa.string()),
                            ("score", pa.float64())])
@@ -62,6 +64,8 @@ class BatchRecommender:
         model = RankerModel.load(wd.resolve(manifest.models["ranker"]))
         self.stage = RankingStage(model, cfg.ranker, cfg.filters, cfg.serve.n_candidates, vectors)
         self.filters = cfg.filters
+        self.popularity = load_popularity(wd.resolve(manifest.models["popularity"])) \
+            if "popularity" in manifest.models else None
         self.n_rank = cfg.serve.n_candidates
         self.k = k
         self.day = dt.date.fromisoformat(day)
@@ -83,12 +87,20 @@ class BatchRecommender:
         cids = [str(c) for c in batch["customer_id"]]
         customers = read_online(self.store, self.refs["customers"], "customers", cids)
         histories = read_online(self.store, self.refs["customer_history"], "customer_history", cids)
-        vecs = {c: self.encode(c, customers.get(c), histories.get(c)) for c in cids}
         columns = self.stage.article_columns()
         articles: dict[str, Any] = {}
-        pending = {c: fetch_size(self.n_rank, len(bought_within(histories.get(c), self.filters.bought_lookback)),
-                                 self.filters) for c in cids}
         results = {}
+        cold = [c for c in cids if self.popularity is not None and is_cold(customers.get(c), histories.get(c))]
+        if cold:  # as serving: popular articles for a customer with nothing to personalise on
+            ids = popular_ids(self.popularity, None)
+            articles.update(read_online(self.store, self.refs["articles"], "articles", ids, columns))
+            for c in cold:
+                pop = popular_ranked(self.popularity, None, None, articles, self.filters, self.k)
+                results[c] = Ranked([i["article_id"] for i in pop["items"]], [i["score"] for i in pop["items"]])
+        warm = [c for c in cids if c not in results]
+        vecs = {c: self.encode(c, customers.get(c), histories.get(c)) for c in warm}
+        pending = {c: fetch_size(self.n_rank, len(bought_within(histories.get(c), self.filters.bought_lookback)),
+                                 self.filters) for c in warm}
         while pending:  # fetch rounds, as the HTTP ingress does per request
             cands = {c: self.index.search(vecs[c], n) for c, n in pending.items()}
             need = {a for c, (ids, _) in cands.items() for a in self.stage.article_keys(ids, histories.get(c))}

@@ -26,6 +26,7 @@ from training import evaluate as ev
 from training.features import encode_items, encode_queries
 from training.index import ItemIndex, build_index
 from training.plots import plot_metrics, plot_training
+from training.popularity import popular_articles, save_popularity
 from training.ranker import (
     TrainedRankers,
     build_classifier_data,
@@ -176,6 +177,8 @@ def run_pipeline(
         built = build_index(arts_path, wd.two_tower_dir, wd.index_dir)
         manifest.index = IndexRef(uri=wd.relative(wd.index_dir), table=built.table, version=built.version,
                                   dim=built.dim, n_rows=built.n_rows)
+    pop = popular_articles(train_tx, frames["customers"])
+    manifest.models["popularity"] = wd.relative(save_popularity(pop, wd.popularity_path))
     item_ids, item_vecs = ItemIndex(built.uri, built.table, built.version).vectors()
     channel = main_channel(train_tx)
     with step("ranker (CatBoost on retrieval candidates)"):

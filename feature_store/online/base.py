@@ -392,6 +392,10 @@ class OnlineStore(ABC):
     def list_tables(self) -> list[str]:
         """Returns: the names of the tables in the store, sorted."""
 
+    def ping(self) -> None:
+        """Raise when the store cannot be reached (readiness checks)."""
+        self.list_tables()
+
     @abstractmethod
     def close(self) -> None:
         """Release the connection; further calls are not allowed (idempotent)."""

@@ -497,6 +497,14 @@ class MySQLOnlineStore(OnlineStore):
 
         return self._run(op)
 
+    def ping(self) -> None:
+        def op(conn: pymysql.connections.Connection) -> None:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+                cur.fetchall()
+
+        self._run(op)
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

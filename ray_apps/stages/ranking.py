@@ -55,7 +55,26 @@ class OnlineRanker:
         k: int,
         request: RequestFilters | None = None,
     ) -> Ranked:
+        return self.rank_explained(cands, customer, history, channel=channel, now=now, k=k, request=request)[0]
+
+    def rank_explained(
+        self,
+        cands: Candidates,
+        customer: dict[str, Any] | None,
+        history: dict[str, Any] | None,
+        *,
+        channel: int,
+        now: dt.date,
+        k: int,
+        request: RequestFilters | None = None,
+    ) -> tuple[Ranked, list[dict[str, Any]]]:
+        """`rank`, plus the feature values of each returned article (for the prediction log)."""
         keys = self.stage.article_keys(cands.article_ids, history)
         articles = read_online(self.store, self.articles_ref, "articles", keys, self.stage.article_columns(request))
-        return self.stage.run(customer, history, cands.article_ids, cands.scores, articles, channel=channel, now=now,
-                              k=k, request=request)
+        prep = self.stage.prepare(customer, history, cands.article_ids, cands.scores, articles, channel=channel,
+                                  now=now, request=request)
+        ranked = self.stage.finish(prep, self.stage.model.predict(prep.block), k)
+        pos = {a: i for i, a in enumerate(prep.ids)}
+        frame = prep.block.take([pos[a] for a in ranked.article_ids]).to_frame() if ranked.article_ids else None
+        feats = frame.to_dict("records") if frame is not None else []
+        return ranked, feats

@@ -108,11 +108,23 @@ def test_recommend_returns_k_unbought_existing_articles(served):
             assert r.json()["debug"]["n_after_filter"] >= 12
 
 
-def test_unknown_customer_still_gets_recommendations(served):
-    _, url = served
-    r = httpx.post(f"{url}/v1/recommend", json={"customer_id": "not-a-customer", "k": 5}, timeout=60)
+def test_unknown_customer_gets_popular_articles_for_the_age_group(served):
+    from training.popularity import load_popularity
+
+    wd, url = served
+    pop = load_popularity(wd.popularity_path)
+    arts = _articles_group(wd)
+    r = httpx.post(f"{url}/v1/recommend", json={"customer_id": "not-a-customer", "k": 5, "debug": True}, timeout=60)
     assert r.status_code == 200, r.text
-    assert len(r.json()["items"]) == 5
+    out = r.json()
+    assert out["source"] == "popular" and not out["degraded"] and out["debug"]["fallback"] == "cold_start"
+    assert len(out["items"]) == 5 and {i["article_id"] for i in out["items"]} <= set(pop["overall"])
+    # an age given in the context picks that age group's list, minus what a 17-year-old may not buy
+    teen = _recommend(url, {"customer_id": "new-teen", "k": 5, "context": {"age": 17}, "debug": True})
+    assert teen["debug"]["age_group"] == "0-18"
+    assert [i["article_id"] for i in teen["items"]] == [a for a in pop["by_age_group"]["0-18"]
+                                                      if a in {i["article_id"] for i in teen["items"]}]
+    assert all((arts.loc[i["article_id"], "min_age"] or 0) <= 17 for i in teen["items"])
 
 
 @pytest.mark.parametrize(
@@ -182,8 +194,10 @@ def test_request_filters_over_http(served):
 
 
 def test_too_strict_filters_return_fewer_items_and_say_so(served):
-    _, url = served
-    out = _recommend(url, {"customer_id": "not-a-customer", "k": 12, "filters": {"max_price": 1e-9}, "debug": True})
+    wd, url = served
+    _, tx = _raw(wd)
+    cid = tx["customer_id"].value_counts().index[0]
+    out = _recommend(url, {"customer_id": cid, "k": 12, "filters": {"max_price": 1e-9}, "debug": True})
     assert out["items"] == []
     assert "only 0 of k=12" in out["warnings"][0]
     assert len(out["debug"]["fetches"]) >= 2  # it asked retrieval for more before giving up
@@ -229,3 +243,276 @@ def test_recommend_batch_agrees_with_http(served, monkeypatch, capsys):
         assert mine["rank"].tolist() == list(range(1, 13))
         assert mine["article_id"].tolist() == [i["article_id"] for i in http[c]["items"]]
         assert mine["score"].tolist() == pytest.approx([i["score"] for i in http[c]["items"]], abs=1e-9)
+
+
+# -- the full HTTP API (issue #7) --------------------------------------------------------------
+
+
+def _buyer(wd: Workdir, rank: int = 0) -> str:
+    _, tx = _raw(wd)
+    return tx["customer_id"].value_counts().index[rank]
+
+
+def test_similar_items_and_unknown_article_is_404(served):
+    wd, url = served
+    aid = sorted(_raw(wd)[0])[0]
+    r = httpx.get(f"{url}/v1/items/{aid}/similar", params={"k": 5}, timeout=30)
+    assert r.status_code == 200, r.text
+    items = r.json()["items"]
+    assert len(items) == 5 and aid not in {i["article_id"] for i in items}
+    assert [i["score"] for i in items] == sorted((i["score"] for i in items), reverse=True)
+    r = httpx.get(f"{url}/v1/items/no-such-article/similar", timeout=30)
+    assert r.status_code == 404 and "no-such-article" in r.json()["message"]
+    assert httpx.get(f"{url}/v1/items/{aid}/similar", params={"k": 0}, timeout=30).status_code == 422
+
+
+def test_search_is_personalised_and_ranked(served):
+    wd, url = served
+    arts = _articles_group(wd)
+    word = arts["product_type_name"].value_counts().index[0]
+    cid = _buyer(wd)
+    r = httpx.post(f"{url}/v1/search", json={"query": word, "customer_id": cid, "k": 5, "debug": True}, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    ids = [i["article_id"] for i in out["items"]]
+    assert 0 < len(ids) <= 5 and set(ids) <= set(arts.index)
+    assert sum(arts.loc[a, "product_type_name"] == word for a in ids) >= len(ids) // 2  # it is a text search
+    _, tx = _raw(wd)
+    assert not set(ids) & set(tx.loc[tx["customer_id"] == cid, "article_id"])  # the rules still apply
+    anon = httpx.post(f"{url}/v1/search", json={"query": word, "k": 5}, timeout=60)
+    assert anon.status_code == 200 and anon.json()["items"]
+    bad = httpx.post(f"{url}/v1/search", json={"query": "", "k": 5}, timeout=60)
+    assert bad.status_code == 422 and "query" in bad.json()["message"]
+
+
+def test_purchase_event_excludes_the_article_and_moves_the_query(served):
+    from feature_store.events import read_event_log
+
+    wd, url = served
+    cid = _buyer(wd, 3)
+    before = _recommend(url, {"customer_id": cid, "k": 12, "context": {"date": "2020-10-01"}})
+    top = before["items"][0]["article_id"]
+    ev = {"event_id": "buy-e2e-1", "customer_id": cid, "article_id": top, "type": "purchase",
+          "ts": "2020-10-01T12:00:00"}
+    r = httpx.post(f"{url}/v1/events", json=ev, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["results"] == [{"event_id": "buy-e2e-1", "type": "purchase", "applied": True, "pending": False}]
+    after = _recommend(url, {"customer_id": cid, "k": 12, "context": {"date": "2020-10-01"}})
+    assert top not in {i["article_id"] for i in after["items"]}
+    assert [i["article_id"] for i in after["items"]] != [i["article_id"] for i in before["items"]][1:]  \
+        or [i["score"] for i in after["items"]] != [i["score"] for i in before["items"]][1:]
+    # the retried event changes nothing and is logged once for training
+    again = httpx.post(f"{url}/v1/events", json=ev, timeout=30).json()["results"][0]
+    assert again["applied"] is False
+    log = read_event_log(wd)
+    assert (log["event_id"] == "buy-e2e-1").sum() == 1 and log.set_index("event_id").loc["buy-e2e-1", "article_id"] == top
+    prof = httpx.get(f"{url}/v1/customers/{cid}", timeout=30).json()
+    assert prof["known"] and prof["purchased"][0] == top
+
+
+def test_event_batch_logs_interactions_and_rejects_bad_events(served):
+    from feature_store.events import read_interactions
+
+    wd, url = served
+    cid, aid = _buyer(wd, 5), sorted(_raw(wd)[0])[1]
+    batch = {"events": [{"event_id": f"v-{t}", "customer_id": cid, "article_id": aid, "type": t}
+                        for t in ("view", "click", "add_to_cart")]}
+    r = httpx.post(f"{url}/v1/events/batch", json=batch, timeout=30)
+    assert r.status_code == 200, r.text
+    assert [x["type"] for x in r.json()["results"]] == ["view", "click", "add_to_cart"]
+    logged = read_interactions(wd)
+    assert {"v-view", "v-click", "v-add_to_cart"} <= set(logged["event_id"])
+    r = httpx.post(f"{url}/v1/events", json={"event_id": "x1", "customer_id": cid, "article_id": "nope",
+                                             "type": "purchase"}, timeout=30)
+    assert r.status_code == 404 and "nope" in r.json()["message"]
+    assert "x1" not in set(read_interactions(wd)["event_id"])
+    for body, field in (({"event_id": "x", "customer_id": cid, "article_id": aid, "type": "like"}, "type"),
+                        ({"event_id": "x", "customer_id": cid, "article_id": aid, "type": "view", "ts": "soon"}, "ts"),
+                        ({"customer_id": cid, "article_id": aid, "type": "view"}, "event_id")):
+        r = httpx.post(f"{url}/v1/events", json=body, timeout=30)
+        assert r.status_code == 422 and field in r.json()["message"], r.text
+
+
+def test_body_over_the_limit_is_refused(served):
+    _, url = served
+    r = httpx.post(f"{url}/v1/recommend", content=b'{"customer_id": "' + b"x" * 1_100_000 + b'"}',
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and "limit" in r.json()["message"]
+
+
+def test_readyz_reports_models_index_and_database(served):
+    _, url = served
+    r = httpx.get(f"{url}/readyz", timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["ready"] and r.json()["database"] and r.json()["index"] and r.json()["models"]
+
+
+def test_prediction_log_joins_with_later_events(served):
+    import time
+
+    from feature_store.events import read_event_log, read_interactions
+    from training.feedback import labelled_impressions, read_predictions
+
+    wd, url = served
+    cid = _buyer(wd, 7)
+    shown = _recommend(url, {"customer_id": cid, "k": 6})
+    rid, bought = shown["request_id"], shown["items"][2]["article_id"]
+    r = httpx.post(f"{url}/v1/events", json={"event_id": "buy-log-1", "customer_id": cid, "article_id": bought,
+                                             "type": "purchase"}, timeout=30)
+    assert r.status_code == 200
+    deadline = time.time() + 20
+    while time.time() < deadline:  # the log is written by a background thread
+        preds = read_predictions(wd.predictions_dir)
+        if len(preds) and rid in set(preds["request_id"]):
+            break
+        time.sleep(0.5)
+    mine = preds[preds["request_id"] == rid]
+    assert mine["article_id"].tolist() == [i["article_id"] for i in shown["items"]]
+    assert {"f_retrieval_score", "f_price_ratio", "f_product_type_name"} <= set(preds.columns)
+    assert mine["model"].iloc[0]["run"] == "e2e"
+    joined = labelled_impressions(mine, read_event_log(wd), read_interactions(wd))
+    assert joined.set_index("article_id")["bought"].to_dict() == {a: int(a == bought) for a in mine["article_id"]}
+
+
+def test_store_down_answers_degraded_then_recovers(served, mariadb):
+    import time
+
+    wd, url = served
+    cid = _buyer(wd, 1)
+    ok = _recommend(url, {"customer_id": cid, "k": 12})  # its rows are now the last good ones
+    assert not ok["degraded"]
+    mariadb.server.stop()
+    try:
+        t0 = time.time()
+        answers = [httpx.post(f"{url}/v1/recommend", json={"customer_id": cid, "k": 12}, timeout=30)
+                   for _ in range(5)]
+        assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+        assert all(r.json()["degraded"] and r.json()["source"] == "popular" for r in answers)
+        bought = set(_raw(wd)[1].query("customer_id == @cid")["article_id"])
+        assert not bought & {i["article_id"] for i in answers[-1].json()["items"]}  # last good history
+        assert time.time() - t0 < 15  # no request waits for a dead server more than once per pause
+        ev = {"event_id": "buy-outage-1", "customer_id": cid, "article_id": ok["items"][0]["article_id"],
+              "type": "purchase"}
+        r = httpx.post(f"{url}/v1/events", json=ev, timeout=30)
+        assert r.status_code == 200 and r.json()["results"][0]["pending"] is True  # logged, applied later
+        assert httpx.get(f"{url}/readyz", timeout=30).status_code == 503
+    finally:
+        mariadb.server.start()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        r = httpx.post(f"{url}/v1/recommend", json={"customer_id": cid, "k": 12}, timeout=30)
+        if r.status_code == 200 and not r.json()["degraded"]:
+            break
+        time.sleep(0.5)
+    assert r.status_code == 200 and not r.json()["degraded"] and r.json()["source"] == "ranked"
+    # the pending purchase is applied by the next event call that reaches the store
+    httpx.post(f"{url}/v1/events", json={"event_id": "view-after", "customer_id": cid,
+                                         "article_id": ev["article_id"], "type": "view"}, timeout=30)
+    prof = httpx.get(f"{url}/v1/customers/{cid}", timeout=30).json()
+    assert prof["purchased"][0] == ev["article_id"]
+
+
+def _copy_run(wd: Workdir, name: str) -> Workdir:
+    """Another run with the same models and index, named `name` in its manifest."""
+    import shutil
+
+    dst = Workdir.at(wd.root.parent / name)
+    shutil.copytree(wd.root, dst.root, ignore=shutil.ignore_patterns("ray", "db", "logs"))
+    m = read_manifest(dst)
+    dst.manifest_path.write_text(m.model_copy(update={"run_name": name}).model_dump_json(indent=2))
+    return dst
+
+
+def test_hot_reload_switches_runs_without_failed_requests(served):
+    import threading
+
+    from ray import serve
+
+    from ray_apps.app import APP_NAME, build_app
+
+    wd, url = served
+    v2 = _copy_run(wd, "run-v2")
+    args = {"workdir": str(wd.root), "user_config": {"workdir": str(wd.root)}}
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+    cid, seen, failures, stop = _buyer(wd), [], [], threading.Event()
+
+    def hammer():
+        with httpx.Client(timeout=30) as c:
+            while not stop.is_set():
+                r = c.post(f"{url}/v1/recommend", json={"customer_id": cid, "k": 5})
+                (seen.append(r.json()["model"]["run"]) if r.status_code == 200 else failures.append(r.text))
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        serve.run(build_app(args | {"user_config": {"workdir": str(v2.root)}}), name=APP_NAME, route_prefix="/",
+                  blocking=False)
+        import time
+
+        deadline = time.time() + 60
+        while time.time() < deadline and (not seen or seen[-1] != "run-v2"):
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        t.join()
+    assert failures == []
+    assert "e2e" in seen and seen[-1] == "run-v2"
+    serve.run(build_app({"workdir": str(wd.root)}), name=APP_NAME, route_prefix="/", blocking=False)
+
+
+@pytest.fixture(scope="module")
+def served_split(served):
+    """The same run as the split topology (encoder, retriever, ranker deployments), with an API key."""
+    import os
+
+    from ray import serve
+
+    from ray_apps.app import APP_NAME, build_app
+
+    wd, url = served
+    os.environ["RAYREC_API_KEY"] = "e2e-secret-key"
+    try:
+        serve.run(build_app({"workdir": str(wd.root), "topology": "split"}), name=APP_NAME, route_prefix="/",
+                  blocking=False)
+    finally:
+        os.environ.pop("RAYREC_API_KEY")
+    return wd, url
+
+
+KEY = {"X-API-Key": "e2e-secret-key"}
+
+
+def test_api_key_is_required_except_for_health_checks(served_split):
+    _, url = served_split
+    body = {"customer_id": "anyone", "k": 3}
+    assert httpx.post(f"{url}/v1/recommend", json=body, timeout=30).status_code == 401
+    assert httpx.post(f"{url}/v1/recommend", json=body, headers={"X-API-Key": "wrong"}, timeout=30).status_code == 401
+    assert httpx.get(f"{url}/v1/items/x/similar", timeout=30).status_code == 401
+    assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
+    assert httpx.get(f"{url}/readyz", timeout=60).status_code in (200, 503)  # no 401
+    r = httpx.post(f"{url}/v1/recommend", json=body, headers={"Authorization": "Bearer e2e-secret-key"}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_split_topology_answers_like_fused(served_split):
+    wd, url = served_split
+    assert httpx.get(f"{url}/readyz", headers=KEY, timeout=60).json()["ready"]
+    _, tx = _raw(wd)
+    for cid in (_buyer(wd, 2), "not-a-customer"):
+        r = httpx.post(f"{url}/v1/recommend", json={"customer_id": cid, "k": 12, "debug": True}, headers=KEY,
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        items = [i["article_id"] for i in r.json()["items"]]
+        assert len(set(items)) == 12
+        assert not set(items) & set(tx.loc[tx["customer_id"] == cid, "article_id"])
+    aid = sorted(_raw(wd)[0])[0]
+    assert len(httpx.get(f"{url}/v1/items/{aid}/similar", headers=KEY, timeout=30).json()["items"]) == 12
+    assert httpx.get(f"{url}/v1/items/nope/similar", headers=KEY, timeout=30).status_code == 404
+    # concurrent requests share query-encoding batches and all succeed
+    import concurrent.futures as cf
+
+    cids = list(tx["customer_id"].unique()[:16])
+    with cf.ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda c: httpx.post(f"{url}/v1/recommend", json={"customer_id": c, "k": 5},
+                                                   headers=KEY, timeout=60).status_code, cids))
+    assert codes == [200] * len(cids)

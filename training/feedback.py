@@ -1,0 +1,141 @@
+"""The prediction log: what serving showed, joined later with what customers then did.
+
+Serving appends one JSON line per answered request to `<workdir>/logs/predictions/<day>.jsonl`:
+
+    {"request_id", "ts", "customer_id", "endpoint", "model", "index_version", "source",
+     "degraded", "items": [{"article_id", "position", "score", "features": {...}}],
+     "candidates": [[article_id, ranker score], ...]}
+
+`items` are the articles shown, with the ranker's feature values for each (the features used);
+`candidates` are every ranked candidate with its score. Writes go through a bounded queue to a
+background thread, so logging never slows a request; when the queue is full a record is
+dropped and counted rather than blocking. `labelled_impressions` joins shown items with the
+click and purchase events that followed, the training data of a ranker learned from feedback.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from feature_store.offline import to_event_times
+
+LABEL_WINDOW = pd.Timedelta(days=7)
+
+
+class PredictionLog:
+    """Appends records to day files from a background thread (flushed every `flush_s`)."""
+
+    def __init__(self, folder: Path, max_queue: int = 10_000, flush_s: float = 0.5):
+        self.folder = Path(folder)
+        self.dropped = 0
+        self.written = 0
+        self._q: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=max_queue)
+        self._flush_s = flush_s
+        self._thread = threading.Thread(target=self._run, daemon=True, name="prediction-log")
+        self._thread.start()
+
+    def log(self, record: Mapping[str, Any]) -> bool:
+        """Queue one record; False (and counted) when the queue is full."""
+        try:
+            self._q.put_nowait(dict(record))
+            return True
+        except queue.Full:
+            self.dropped += 1
+            return False
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued and stop the thread."""
+        self._q.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        done = False
+        while not done:
+            batch: list[dict[str, Any]] = []
+            try:
+                item = self._q.get(timeout=self._flush_s)
+                while True:
+                    if item is None:
+                        done = True
+                        break
+                    batch.append(item)
+                    item = self._q.get_nowait()
+            except queue.Empty:
+                pass
+            if batch:
+                try:
+                    self._write(batch)
+                except OSError as e:  # a full disk must not take serving down
+                    self.dropped += len(batch)
+                    print(f"[prediction-log] dropped {len(batch)} records: {e}", flush=True)
+
+    def _write(self, batch: list[dict[str, Any]]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        by_day: dict[str, list[str]] = {}
+        for rec in batch:
+            by_day.setdefault(str(rec.get("ts", ""))[:10] or "unknown", []).append(
+                json.dumps(rec, separators=(",", ":"), default=str) + "\n")
+        for day, lines in by_day.items():
+            with open(self.folder / f"{day}.jsonl", "a", encoding="utf-8") as f:
+                f.write("".join(lines))
+        self.written += len(batch)
+
+
+def read_predictions(folder: Path) -> pd.DataFrame:
+    """One row per shown item: request_id, ts, customer_id, article_id, position, score,
+    model, index_version, source, degraded, and one `f_<name>` column per logged feature."""
+    rows = []
+    for p in sorted(Path(folder).glob("*.jsonl")) if Path(folder).is_dir() else []:
+        for line in p.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            base = {k: rec.get(k) for k in ("request_id", "ts", "customer_id", "endpoint", "model",
+                                             "index_version", "source", "degraded")}
+            for it in rec.get("items", []):
+                feats = {f"f_{k}": v for k, v in (it.get("features") or {}).items()}
+                rows.append({**base, "article_id": it["article_id"], "position": it["position"],
+                             "score": it["score"], **feats})
+    frame = pd.DataFrame(rows)
+    if len(frame):
+        frame["ts"] = to_event_times(frame["ts"])
+    return frame
+
+
+def labelled_impressions(shown: pd.DataFrame, purchases: pd.DataFrame, interactions: pd.DataFrame,
+                         window: pd.Timedelta = LABEL_WINDOW) -> pd.DataFrame:
+    """Shown items with labels: `clicked` / `bought` is 1 when the same customer clicked (or
+    added to cart) / bought the same article within `window` after it was shown.
+
+    Args:
+        shown: `read_predictions` output.
+        purchases: `feature_store.events.read_event_log` (customer_id, article_id, t_dat).
+        interactions: `feature_store.events.read_interactions` (customer_id, article_id, type, ts).
+    """
+    out = shown.copy()
+    if out.empty:
+        return out.assign(clicked=pd.Series(dtype="int64"), bought=pd.Series(dtype="int64"))
+    clicks = interactions[interactions["type"].isin(["click", "add_to_cart"])].rename(columns={"ts": "t"}) \
+        if len(interactions) else pd.DataFrame(columns=["customer_id", "article_id", "t"])
+    buys = purchases.rename(columns={"t_dat": "t"}) if len(purchases) else pd.DataFrame(
+        columns=["customer_id", "article_id", "t"])
+    out["clicked"] = _followed(out, clicks[["customer_id", "article_id", "t"]], window)
+    out["bought"] = _followed(out, buys[["customer_id", "article_id", "t"]], window)
+    return out
+
+
+def _followed(shown: pd.DataFrame, events: pd.DataFrame, window: pd.Timedelta) -> pd.Series:
+    """1 where an event of the same (customer, article) came within `window` after the showing."""
+    if events.empty:
+        return pd.Series(0, index=shown.index, dtype="int64")
+    ev = events.assign(t=to_event_times(events["t"]))
+    m = shown[["customer_id", "article_id", "ts"]].reset_index().merge(ev, on=["customer_id", "article_id"])
+    hit = m[(m["t"] >= m["ts"]) & (m["t"] <= m["ts"] + window)]["index"].unique()
+    return pd.Series(shown.index.isin(hit).astype("int64"), index=shown.index)
