@@ -106,6 +106,12 @@ class LocalCalls:
     async def known_articles(self, ids):
         return self.rec.known_articles(ids)
 
+    async def sample_customers(self, n):
+        return self.rec.sample_customers(n)
+
+    async def article_details(self, ids):
+        return self.rec.article_details(ids)
+
     async def ready(self):
         return self.rec.ready()
 
@@ -157,6 +163,12 @@ class RemoteCalls:
 
     async def known_articles(self, ids):
         return await self._call("retriever", "known_articles", ids)
+
+    async def sample_customers(self, n):
+        return await self._call("encoder", "sample_customers", n)
+
+    async def article_details(self, ids):
+        return await self._call("ranker", "article_details", ids)
 
     async def ready(self):
         checks = await asyncio.gather(*[self._call(s, "ready") for s in self.h])
@@ -530,6 +542,20 @@ class Ingress:
         results = await self.orch.calls.record_events(rows)
         self.metrics.request("events", "ok")
         return EventsResponse(results=results)
+
+    @api.get("/v1/items")
+    async def items(self, ids: str = Query(..., min_length=1, max_length=7000,
+                                           description="Comma-separated article ids (at most 100)")) -> dict[str, Any]:
+        """Display attributes of articles: name, type, colour, index group, price, stock."""
+        wanted = [a.strip() for a in ids.split(",") if a.strip()]
+        if len(wanted) > 100:
+            return JSONResponse(status_code=422, content={"message": "ids: at most 100 article ids"})
+        return {"items": await self.orch.calls.article_details(wanted)}
+
+    @api.get("/v1/customers")
+    async def customers(self, n: int = Query(20, ge=1, le=200)) -> dict[str, list[str]]:
+        """Some customers to try (those with the most purchases)."""
+        return {"customer_ids": await self.orch.calls.sample_customers(n)}
 
     @api.get("/v1/customers/{customer_id}")
     async def customer(self, customer_id: str) -> dict[str, Any]:

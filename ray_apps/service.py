@@ -381,6 +381,28 @@ class Recommender:
             rows = {a: r for a, r in self.snapshot.items() if a in set(article_ids)}
         return {a: float(r["price"]) for a, r in rows.items() if r.get("price") is not None}
 
+    DETAIL_COLUMNS = ("prod_name", "product_type_name", "colour_group_name", "index_group_name",
+                      "garment_group_name", "price", "stock", "min_age", "detail_desc")
+
+    def article_details(self, article_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Display attributes of articles (for people: the web page, debugging)."""
+        from feature_store.store import read_online
+
+        ids = list(dict.fromkeys(article_ids))
+        try:
+            return self.guard.call(lambda: read_online(self.store(), self.manifest.feature_groups["articles"],
+                                                       "articles", ids, list(self.DETAIL_COLUMNS)))
+        except StoreUnavailable:
+            return {a: {c: r.get(c) for c in self.DETAIL_COLUMNS} for a, r in self.snapshot.items() if a in set(ids)}
+
+    def sample_customers(self, n: int) -> list[str]:
+        """Customers with purchases (most purchases first), from the run's offline history group."""
+        from feature_store.store import FeatureStore
+
+        ref = self.manifest.feature_groups["customer_history"]
+        hist = FeatureStore(self.wd, None).get_feature_group("customer_history", ref.version).read(latest=True)
+        return hist.sort_values("n_purchases", ascending=False)["customer_id"].astype(str).head(n).tolist()
+
     def known_articles(self, article_ids: Sequence[str]) -> set[str]:
         """Which of these ids the served index holds."""
         have = set()

@@ -333,6 +333,17 @@ def test_event_batch_logs_interactions_and_rejects_bad_events(served):
         assert r.status_code == 422 and field in r.json()["message"], r.text
 
 
+def test_customer_samples_and_article_details(served):
+    wd, url = served
+    ids = httpx.get(f"{url}/v1/customers", params={"n": 3}, timeout=30).json()["customer_ids"]
+    assert len(ids) == 3 and ids[0] == _buyer(wd)
+    arts = _articles_group(wd)
+    a, b = sorted(arts.index)[:2]
+    got = httpx.get(f"{url}/v1/items", params={"ids": f"{a},{b},nope"}, timeout=30).json()["items"]
+    assert set(got) == {a, b} and got[a]["prod_name"] == arts.loc[a, "prod_name"]
+    assert httpx.get(f"{url}/v1/items", params={"ids": ",".join(["x"] * 101)}, timeout=30).status_code == 422
+
+
 def test_body_over_the_limit_is_refused(served):
     _, url = served
     r = httpx.post(f"{url}/v1/recommend", content=b'{"customer_id": "' + b"x" * 1_100_000 + b'"}',
