@@ -49,7 +49,9 @@ def served(mariadb, tmp_path_factory):
         "serve": {"n_candidates": 50},
     })
     store = MySQLOnlineStore.from_config(cfg.database, mariadb.password)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    metrics_port = free_tcp_port()
+    os.environ["RAYREC_E2E_METRICS_PORT"] = str(metrics_port)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     try:
         run_pipeline(cfg, wd, None, store)
         port = free_tcp_port()
@@ -342,6 +344,32 @@ def test_customer_samples_and_article_details(served):
     got = httpx.get(f"{url}/v1/items", params={"ids": f"{a},{b},nope"}, timeout=30).json()["items"]
     assert set(got) == {a, b} and got[a]["prod_name"] == arts.loc[a, "prod_name"]
     assert httpx.get(f"{url}/v1/items", params={"ids": ",".join(["x"] * 101)}, timeout=30).status_code == 422
+
+
+def test_serving_metrics_reach_rays_prometheus_endpoint(served):
+    import os
+    import re
+    import time
+    from pathlib import Path
+
+    wd, url = served
+    _recommend(url, {"customer_id": _buyer(wd), "k": 5})
+    _recommend(url, {"customer_id": "not-a-customer", "k": 5})
+    metrics_url = f"http://127.0.0.1:{os.environ['RAYREC_E2E_METRICS_PORT']}/metrics"
+    # every rayrec series the Grafana dashboard queries (the cache one only moves while degraded)
+    dash = json.loads((Path(__file__).resolve().parents[2] / "ops/grafana/rayrec.json").read_text())
+    wanted = {n for p in dash["panels"] for t in p["targets"]
+              for n in re.findall(r"(ray_rayrec_[a-z_]+)", t["expr"])} - {"ray_rayrec_cache_total"}
+    assert len(wanted) >= 6
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:  # Ray exports every few seconds
+        text = httpx.get(metrics_url, timeout=10).text
+        if all(w in text for w in wanted):
+            break
+        time.sleep(2)
+    missing = sorted(w for w in wanted if w not in text)
+    assert not missing, f"not exported: {missing}; have {sorted(set(re.findall(r'ray_rayrec_[a-z_]+', text)))}"
+    assert 'stage="encode"' in text and 'reason="cold_start"' in text and 'rule="already_bought"' in text
 
 
 def test_body_over_the_limit_is_refused(served):
