@@ -65,6 +65,7 @@ class AppArgs(BaseModel):
     max_replicas: int | None = Field(None, ge=1)
     max_ongoing_requests: int | None = Field(None, ge=1)
     max_queued_requests: int | None = Field(None, ge=-1)
+    n_candidates: int | None = Field(None, ge=1, le=1000, description="Candidates ranked per request")
     user_config: dict[str, Any] | None = Field(
         None, description="The ingress's user_config: {workdir: PATH} switches to that run without a restart")
 
@@ -74,46 +75,50 @@ class AppArgs(BaseModel):
 
 
 class LocalCalls:
-    """Stages in this process (fused topology)."""
+    """Stages in this process (fused topology). Stage work runs in worker threads so the
+    replica's event loop stays free for Serve's own work and for requests waiting on I/O."""
 
     def __init__(self, rec: Recommender):
         self.rec = rec
 
-    async def encode(self, customer_id: str, month: int, channel: int) -> QueryContext:
-        return self.rec.encode(customer_id, month, channel)
+    async def _run(self, method: str, *args: Any) -> Any:
+        return await asyncio.to_thread(getattr(self.rec, method), *args)
+
+    async def encode(self, customer_id, month, channel):
+        return await self._run("encode", customer_id, month, channel)
 
     async def retrieve(self, vector, n):
-        return self.rec.retrieve(vector, n)
+        return self.rec.retrieve(vector, n)  # exact top-n in numpy: shorter than a thread hop
 
     async def rank(self, cands, ctx, k, filters, day):
-        return self.rec.rank(cands, ctx, k, filters, day)
+        return await self._run("rank", cands, ctx, k, filters, day)
 
     async def popular(self, ctx, k, filters, age):
-        return self.rec.popular(ctx, k, filters, age)
+        return await self._run("popular", ctx, k, filters, age)
 
     async def fetch_policy(self):
         return self.rec.fetch_policy()
 
     async def similar(self, article_id, k):
-        return self.rec.similar(article_id, k)
+        return await self._run("similar", article_id, k)
 
     async def search_pool(self, query, vector, n):
-        return self.rec.search_pool(query, vector, n)
+        return await self._run("search_pool", query, vector, n)
 
     async def record_events(self, events):
-        return self.rec.record_events(events)
+        return await self._run("record_events", events)
 
     async def known_articles(self, ids):
-        return self.rec.known_articles(ids)
+        return await self._run("known_articles", ids)
 
     async def sample_customers(self, n):
-        return self.rec.sample_customers(n)
+        return await self._run("sample_customers", n)
 
     async def article_details(self, ids):
-        return self.rec.article_details(ids)
+        return await self._run("article_details", ids)
 
     async def ready(self):
-        return self.rec.ready()
+        return await self._run("ready")
 
     async def version(self):
         return self.rec.version
@@ -393,13 +398,15 @@ def _plain(feats: dict[str, Any] | None) -> dict[str, Any] | None:
 class Ingress:
     """HTTP ingress; in the fused topology it also runs every stage."""
 
-    def __init__(self, workdir: str, stages: dict[str, DeploymentHandle] | None, api_key_sha256: str | None):
+    def __init__(self, workdir: str, stages: dict[str, DeploymentHandle] | None, api_key_sha256: str | None,
+                 n_candidates: int | None = None):
         from ray_apps.metrics import ServeMetrics
 
         self.metrics = ServeMetrics()
         self.stages = stages
         self.rec: Recommender | None = None
         self.plog = None
+        self.n_candidates = n_candidates
         api.state.api_key_sha256 = api_key_sha256
         self._switch(workdir)
 
@@ -411,7 +418,7 @@ class Ingress:
         cfg = load_config(wd.config_path).serve
         old = self.rec
         if self.stages is None:
-            rec = Recommender(str(wd.root), self.metrics)
+            rec = Recommender(str(wd.root), self.metrics, n_candidates=self.n_candidates)
             rec.warm()
             calls: LocalCalls | RemoteCalls = LocalCalls(rec)
         else:
@@ -422,7 +429,7 @@ class Ingress:
         self.cfg: ServeConfig = cfg
         self.workdir = str(wd.root)
         self.manifest = read_manifest(wd)
-        self.orch = Orchestrator(calls, cfg.n_candidates, self.metrics)
+        self.orch = Orchestrator(calls, self.n_candidates or cfg.n_candidates, self.metrics)
         self.rec = rec
         old_log, self.plog = self.plog, PredictionLog(wd.predictions_dir) if cfg.prediction_log else None
         if old_log is not None:
@@ -590,18 +597,19 @@ class Stage:
 
     KEEP = 2
 
-    def __init__(self, workdir: str, role: str):
+    def __init__(self, workdir: str, role: str, n_candidates: int | None = None):
         from ray_apps.metrics import ServeMetrics
 
         self.metrics = ServeMetrics()
         self.role = role
+        self.n_candidates = n_candidates
         self.runs: dict[str, Recommender] = {}
         self._get(workdir)
 
     def _get(self, workdir: str) -> Recommender:
         rec = self.runs.get(workdir)
         if rec is None:
-            rec = Recommender(workdir, self.metrics)
+            rec = Recommender(workdir, self.metrics, n_candidates=self.n_candidates)
             rec.warm(self.role)
             self.runs[workdir] = rec
             while len(self.runs) > self.KEEP:
@@ -670,11 +678,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     workdir = str(wd.root)
     ingress_opts = opts | ({"user_config": a.user_config} if a.user_config else {})
     if topology == "fused":
-        return Ingress.options(**ingress_opts).bind(workdir, None, key_hash)
+        return Ingress.options(**ingress_opts).bind(workdir, None, key_hash, a.n_candidates)
     stage_opts = opts | {"max_queued_requests": -1}  # admission control happens once, at the ingress
-    stages = {name: Stage.options(name=f"{name}_stage", **stage_opts).bind(workdir, name)
+    stages = {name: Stage.options(name=f"{name}_stage", **stage_opts).bind(workdir, name, a.n_candidates)
               for name in ("encoder", "retriever", "ranker")}
-    return Ingress.options(**ingress_opts).bind(workdir, stages, key_hash)
+    return Ingress.options(**ingress_opts).bind(workdir, stages, key_hash, a.n_candidates)
 
 
 def serve_config(workdir: Path, host: str, port: int, topology: str | None = None) -> dict[str, Any]:

@@ -92,10 +92,14 @@ class Recommender:
     """The stages of one pipeline run, in this process. Thread-safe for concurrent requests
     except where noted (the online store serialises its own calls)."""
 
-    def __init__(self, workdir: str, metrics: Metrics | None = None, follow_index: bool = True):
+    def __init__(self, workdir: str, metrics: Metrics | None = None, follow_index: bool = True,
+                 n_candidates: int | None = None):
         self.wd = Workdir.at(workdir)
         self.manifest: Manifest = read_manifest(self.wd)
-        self.cfg: RayrecConfig = load_config(self.wd.config_path)
+        cfg = load_config(self.wd.config_path)
+        if n_candidates is not None:  # candidates ranked per request, instead of the run's setting
+            cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"n_candidates": n_candidates})})
+        self.cfg: RayrecConfig = cfg
         self.metrics: Metrics = metrics or NullMetrics()
         self.guard = StoreGuard(self.cfg.serve.db_retry_s)
         self.customers = LastGood()

@@ -1,0 +1,325 @@
+"""Open-loop HTTP load on the Serve app, per topology, against the same pipeline in-process.
+
+Requests are sent on a fixed schedule (rate r: request i leaves at i/r seconds) whether or not
+earlier ones have answered, and latency counts from the scheduled time, so a server that falls
+behind shows it (no coordinated omission). The mix is mostly recommend, some similar, search
+and events. Each topology (fused, split) and Serve variant (default proxy; HAProxy ingress:
+RAY_SERVE_ENABLE_HA_PROXY=1; throughput-optimized: RAY_SERVE_THROUGHPUT_OPTIMIZED=1) runs on a
+fresh local Ray. The same recommend pipeline called in-process without Serve gives the baseline
+(`ratio_vs_in_process` = served p50 / in-process p50). After the rates, an overload case offers
+twice the highest rate that held the target (p99 <= 50 ms, no errors) and reports the goodput.
+
+JSON lines, e.g.
+    {"bench": "serve_load", "topology": "fused", "variant": "default", "target_rps": 100,
+     "achieved_rps": .., "p50_ms": .., "p95_ms": .., "p99_ms": .., "error_rate": .., ...}
+    {"bench": "serve_load", "case": "overload", "topology": ..., "offered_rps": .., "goodput_rps": ..,
+     "share_503": .., "ratio_vs_sustainable": ..}
+    {"bench": "serve_load", "case": "in_process", "p50_ms": .., "p99_ms": ..}
+
+Usage: python benchmarks/serve_load.py [--workdir RUN] [--rates 25 50 100 150 200] [--duration 8]
+       [--topologies fused split] [--variants default haproxy throughput] [--candidates 200]
+Without --workdir it builds a small pipeline run in a temp folder (with its own MariaDB).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit  # noqa: E402
+
+from common.config import load_config  # noqa: E402
+from common.workdir import Workdir  # noqa: E402
+
+TARGET_P99_MS = 50.0
+VARIANT_ENV = {"default": {}, "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
+               "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
+MIX = (("recommend", 0.80), ("similar", 0.08), ("search", 0.07), ("event", 0.05))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The run to serve
+
+
+def small_run(root: Path) -> Workdir:
+    """A pipeline run sized to build in a few minutes here, with its own local MariaDB."""
+    from feature_store.connect import open_online_store
+    from feature_store.local_db import LocalMariaDB
+    from training.pipeline import run_pipeline
+
+    wd = Workdir.at(root / "run")
+    cfg = load_config(None, {
+        "name": "serve-load", "data": {"customers": 3000, "articles": 1500, "days": 60, "seed": 0},
+        "database": {"port": free_port(), "password_env": "RAYREC_BENCH_UNSET"},
+        "two_tower": {"epochs": 3}, "ranker": {"iterations": 100, "compare_classifier": False},
+        "eval": {"split": "none"}})
+    LocalMariaDB(wd, cfg.database).start()
+    store = open_online_store(cfg.database, wd)
+    try:
+        run_pipeline(cfg, wd, None, store)
+    finally:
+        store.close()
+    return wd
+
+
+def ensure_db(wd: Workdir) -> None:
+    cfg = load_config(wd.config_path)
+    if cfg.database.local:
+        from feature_store.local_db import LocalMariaDB
+
+        LocalMariaDB(wd, cfg.database).start()
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+
+
+@dataclass
+class Sample:
+    kind: str
+    status: int
+    ms: float
+    debug: dict = field(default_factory=dict)
+
+
+def pick(r: float) -> str:
+    """The request kind for a uniform draw r in [0, 1) (MIX's shares)."""
+    acc = 0.0
+    for name, share in MIX:
+        acc += share
+        if r < acc:
+            return name
+    return MIX[-1][0]
+
+
+class Payloads:
+    """Request bodies drawn from the run's customers and articles (seeded)."""
+
+    def __init__(self, wd: Workdir, seed: int = 0):
+        import pandas as pd
+
+        from common.artifacts import read_manifest
+        from feature_store.store import FeatureStore
+
+        m = read_manifest(wd)
+        fs = FeatureStore(wd, None)
+        hist = fs.get_feature_group("customer_history", m.feature_groups["customer_history"].version).read(latest=True)
+        arts = fs.get_feature_group("articles", m.feature_groups["articles"].version).read(latest=True)
+        self.customers = hist["customer_id"].astype(str).tolist()
+        self.articles = arts["article_id"].astype(str).tolist()
+        self.words = pd.Series(arts["product_type_name"].dropna().astype(str)).unique().tolist()
+        self.rng = random.Random(seed)
+
+    def draw(self) -> tuple[str, str, str, dict | None]:
+        """(kind, method, path, json body)."""
+        kind = pick(self.rng.random())
+        cid = self.rng.choice(self.customers)
+        if kind == "recommend":
+            return kind, "POST", "/v1/recommend", {"customer_id": cid, "k": 12, "debug": True,
+                                                   "context": {"date": "2020-10-01"}}
+        if kind == "similar":
+            return kind, "GET", f"/v1/items/{self.rng.choice(self.articles)}/similar?k=12", None
+        if kind == "search":
+            return kind, "POST", "/v1/search", {"query": self.rng.choice(self.words), "customer_id": cid, "k": 12}
+        etype = "purchase" if self.rng.random() < 0.2 else "view"
+        return kind, "POST", "/v1/events", {"event_id": uuid.uuid4().hex, "customer_id": cid,
+                                            "article_id": self.rng.choice(self.articles), "type": etype}
+
+
+async def open_loop(url: str, payloads: Payloads, rate: float, duration: float) -> tuple[list[Sample], float]:
+    """Send rate*duration requests on schedule; returns the samples and the wall time taken."""
+    import httpx
+
+    n = int(rate * duration)
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=500)
+    async with httpx.AsyncClient(base_url=url, timeout=10.0, limits=limits) as client:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+
+        async def one(i: int) -> Sample:
+            kind, method, path, body = payloads.draw()
+            due = t0 + i / rate
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            try:
+                r = await client.request(method, path, json=body)
+                status = r.status_code
+                dbg = (r.json().get("debug") or {}) if kind == "recommend" and status == 200 else {}
+            except httpx.HTTPError:
+                status, dbg = 599, {}
+            return Sample(kind, status, (loop.time() - due) * 1000, dbg)
+
+        samples = await asyncio.gather(*[one(i) for i in range(n)])
+        return list(samples), loop.time() - t0
+
+
+def summarise(samples: list[Sample], wall_s: float) -> dict:
+    rec = [s for s in samples if s.kind == "recommend"]
+    ok = [s for s in samples if 200 <= s.status < 300]
+    lat = np.array([s.ms for s in rec if 200 <= s.status < 300]) if rec else np.array([])
+    stages = {}
+    for key in ("encode_ms", "retrieve_ms", "filter_rank_ms", "rank_stage_ms"):
+        vals = [s.debug[key] for s in rec if key in s.debug]
+        if vals:
+            stages[f"{key[:-3]}_p50_ms"] = float(np.median(vals))
+    return {
+        "requests": len(samples), "achieved_rps": len(ok) / wall_s,
+        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+        "p95_ms": float(np.percentile(lat, 95)) if len(lat) else None,
+        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+        "error_rate": 1 - len(ok) / max(1, len(samples)),
+        "share_503": sum(s.status == 503 for s in samples) / max(1, len(samples)),
+        "all_endpoints_p99_ms": float(np.percentile([s.ms for s in ok], 99)) if ok else None,
+        **stages,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving
+
+
+def start_app(wd: Workdir, topology: str, variant: str, candidates: int) -> tuple[str, object]:
+    """A fresh local Ray with the variant's environment, the app deployed on a free port."""
+    for env in VARIANT_ENV.values():
+        for k in env:
+            os.environ.pop(k, None)
+    os.environ.update(VARIANT_ENV[variant])
+    import ray
+    from ray import serve
+
+    from ray_apps.app import APP_NAME, build_app
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"workdir": str(wd.root), "topology": topology, "n_candidates": candidates}),
+              name=APP_NAME, route_prefix="/", blocking=False)
+    return f"http://127.0.0.1:{port}", serve
+
+
+def stop_app() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def warm_up(url: str, payloads: Payloads, n: int = 30) -> None:
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=60) as c:
+        for _ in range(n):
+            _, method, path, body = payloads.draw()
+            c.request(method, path, json=body)
+
+
+def in_process(wd: Workdir, payloads: Payloads, candidates: int, n: int = 200) -> dict:
+    """The recommend pipeline called directly (no Serve, no HTTP): the baseline."""
+    from ray_apps.app import LocalCalls, Orchestrator
+    from ray_apps.metrics import NullMetrics
+    from ray_apps.schemas import RecommendRequest
+    from ray_apps.service import Recommender
+
+    rec = Recommender(str(wd.root), follow_index=False, n_candidates=candidates)
+    rec.warm()
+    orch = Orchestrator(LocalCalls(rec), candidates, NullMetrics())
+    reqs = [RecommendRequest(customer_id=payloads.rng.choice(payloads.customers), k=12,
+                             context={"date": "2020-10-01"}) for _ in range(n + 20)]
+
+    async def go() -> list[float]:
+        out = []
+        for i, r in enumerate(reqs):
+            t0 = time.perf_counter()
+            await orch.recommend(r)
+            if i >= 20:
+                out.append((time.perf_counter() - t0) * 1000)
+        return out
+
+    ms = asyncio.run(go())
+    rec.close()
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "requests": n}
+
+
+def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, rates: list[float], duration: float,
+                 candidates: int, base_p50: float) -> None:
+    try:
+        url, _ = start_app(wd, topology, variant, candidates)
+    except Exception as e:  # noqa: BLE001 - a variant that does not start is reported, not fatal
+        emit("serve_load", topology=topology, variant=variant, error=f"did not start: {type(e).__name__}: {e}")
+        stop_app()
+        return
+    try:
+        warm_up(url, payloads)
+        held = None
+        for rate in rates:
+            samples, wall = asyncio.run(open_loop(url, payloads, rate, duration))
+            row = summarise(samples, wall)
+            ok = row["p99_ms"] is not None and row["p99_ms"] <= TARGET_P99_MS and row["error_rate"] == 0
+            held = (rate, row["achieved_rps"]) if ok else held
+            ratio = row["p50_ms"] / base_p50 if row["p50_ms"] else None
+            emit("serve_load", topology=topology, variant=variant, target_rps=rate, duration_s=duration,
+                 candidates=candidates, **row, held_target=ok, ratio_vs_in_process=ratio)
+            if row["error_rate"] > 0.5:
+                break  # far past capacity: higher rates say nothing new
+        base_rate, base_achieved = held or (rates[0], None)
+        offered = 2 * base_rate
+        samples, wall = asyncio.run(open_loop(url, payloads, offered, duration))
+        row = summarise(samples, wall)
+        goodput = row["achieved_rps"]
+        emit("serve_load", case="overload", topology=topology, variant=variant, offered_rps=offered,
+             sustainable_rps=base_achieved, goodput_rps=goodput, share_503=row["share_503"],
+             error_rate=row["error_rate"], p99_ms=row["p99_ms"],
+             ratio_vs_sustainable=(goodput / base_achieved) if base_achieved else None)
+    finally:
+        stop_app()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", help="a pipeline run to serve (default: build a small one in a temp folder)")
+    ap.add_argument("--rates", type=float, nargs="+", default=[25, 50, 100, 150, 200])
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds per rate")
+    ap.add_argument("--topologies", nargs="+", default=["fused", "split"], choices=["fused", "split"])
+    ap.add_argument("--variants", nargs="+", default=["default", "haproxy"], choices=list(VARIANT_ENV))
+    ap.add_argument("--candidates", type=int, default=200)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="rayrec-serve-load-") as tmp:
+        if a.workdir:
+            wd = Workdir.at(a.workdir)
+            ensure_db(wd)
+        else:
+            wd = small_run(Path(tmp))
+            import ray
+
+            ray.shutdown()
+        payloads = Payloads(wd)
+        base = in_process(wd, payloads, a.candidates)
+        emit("serve_load", case="in_process", candidates=a.candidates, **base)
+        for variant in a.variants:
+            for topology in a.topologies:
+                run_topology(wd, payloads, topology, variant, a.rates, a.duration, a.candidates, base["p50_ms"])
+        if not a.workdir:
+            from feature_store.local_db import LocalMariaDB
+
+            LocalMariaDB(wd, load_config(wd.config_path).database).stop()
+
+
+if __name__ == "__main__":
+    main()
