@@ -109,6 +109,7 @@ class Recommender:
         self._ranker = None
         self._fs = None
         self._pending: list[Any] = []  # purchases logged but not yet applied online (store was down)
+        self._events_lock = threading.Lock()  # one event batch at a time: the pending list is shared
 
     # --- parts, loaded on first use -------------------------------------------------------------
     @property
@@ -332,6 +333,10 @@ class Recommender:
 
         Returns: per event {event_id, type, applied (False: seen before), pending}.
         """
+        with self._events_lock:
+            return self._record_events(events)
+
+    def _record_events(self, events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         from feature_store.events import PurchaseEvent, append_interactions, append_log_lines, event_log_dir
 
         purchases = [e for e in events if e["type"] == "purchase"]
