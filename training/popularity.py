@@ -22,8 +22,9 @@ DEFAULT_TOP = 300
 
 def popular_articles(tx: pd.DataFrame, customers: pd.DataFrame, days: int = DEFAULT_DAYS,
                      top: int = DEFAULT_TOP) -> dict[str, Any]:
-    """Article ids by sales in the last `days` days of `tx` (all-time sales break ties and fill
-    up to `top`), overall and for each age group of the buyers."""
+    """Article ids by sales in the last `days` days of `tx`, filled up to `top` by all-time
+    sales, overall; and for each age group of the buyers, the group's last-week sales filled
+    up by the overall list (so a small group still gets `top` articles)."""
     if tx.empty:
         return {"as_of": None, "days": days, "overall": [], "by_age_group": {}}
     end = tx["t_dat"].max()
@@ -33,14 +34,17 @@ def popular_articles(tx: pd.DataFrame, customers: pd.DataFrame, days: int = DEFA
     buyer_group = pd.Series(age_group(recent["customer_id"].map(groups).to_numpy()), index=recent.index)
     by_group = {}
     for g, part in recent.groupby(buyer_group, dropna=True):
-        by_group[str(g)] = _ranked(part["article_id"], recent["article_id"], top)
+        by_group[str(g)] = _fill(list(part["article_id"].value_counts().index[:top]), overall, top)
     return {"as_of": str(end.date()), "days": days, "overall": overall, "by_age_group": by_group}
 
 
 def _ranked(primary: pd.Series, fill: pd.Series, top: int) -> list[str]:
-    first = list(primary.value_counts().index[:top])
+    return _fill(list(primary.value_counts().index[:top]), list(fill.value_counts().index), top)
+
+
+def _fill(first: list[str], more: list[str], top: int) -> list[str]:
     seen = set(first)
-    return first + [a for a in fill.value_counts().index if a not in seen][: max(0, top - len(first))]
+    return first + [a for a in more if a not in seen][: max(0, top - len(first))]
 
 
 def save_popularity(pop: Mapping[str, Any], path: Path) -> Path:

@@ -1,0 +1,107 @@
+"""Plain parts of serving: the store circuit breaker, the last-good cache, popularity, the
+prediction log and its join with later events (no Ray, no database)."""
+import json
+import time
+
+import pandas as pd
+import pytest
+
+from common.config import FilterConfig
+from ray_apps.service import LastGood, StoreGuard, StoreUnavailable
+from training.feedback import PredictionLog, labelled_impressions, read_predictions
+from training.popularity import is_cold, popular_articles, popular_ranked
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_store_guard_pauses_after_a_failure_then_retries_by_itself():
+    clock, calls = Clock(), []
+    guard = StoreGuard(retry_s=1.0, clock=clock)
+
+    def down():
+        calls.append(1)
+        raise ConnectionError("refused")
+
+    with pytest.raises(StoreUnavailable, match="refused"):
+        guard.call(down)
+    with pytest.raises(StoreUnavailable, match="paused"):
+        guard.call(down)  # refused without touching the store
+    assert len(calls) == 1 and guard.open
+    clock.t += 1.01
+    assert guard.call(lambda: "back") == "back" and not guard.open
+    with pytest.raises(ValueError):  # a bug is not an outage: it propagates and does not trip
+        guard.call(lambda: (_ for _ in ()).throw(ValueError("bad")))
+    assert not guard.open
+
+
+def test_last_good_keeps_the_most_recent_rows_within_its_size():
+    lg = LastGood(size=2)
+    lg.put("a", 1)
+    lg.put("b", 2)
+    lg.get("a")
+    lg.put("a", 3)
+    lg.put("c", 4)
+    assert lg.get("b") is None and lg.get("a") == 3 and lg.get("c") == 4
+
+
+def _tx():
+    rows = [("2020-09-01", "old", "A")] * 5 + [("2020-09-20", "kid", "B")] * 3 + [("2020-09-21", "adult", "C")] * 3 \
+        + [("2020-09-21", "kid", "C")]
+    tx = pd.DataFrame(rows, columns=["t_dat", "customer_id", "article_id"])
+    tx["t_dat"] = pd.to_datetime(tx["t_dat"])
+    customers = pd.DataFrame({"customer_id": ["old", "kid", "adult"], "age": [70.0, 15.0, 30.0]})
+    return tx, customers
+
+
+def test_popular_articles_are_last_weeks_per_age_group_filled_by_all_time():
+    tx, customers = _tx()
+    pop = popular_articles(tx, customers, days=7, top=3)
+    assert pop["overall"] == ["C", "B", "A"]  # last week's sales first, all-time fills up
+    assert pop["by_age_group"]["0-18"] == ["B", "C", "A"] and pop["by_age_group"]["26-35"] == ["C", "B", "A"]
+    assert pop["as_of"] == "2020-09-21"
+
+
+def test_popular_ranked_applies_the_business_rules():
+    tx, customers = _tx()
+    pop = popular_articles(tx, customers, days=7, top=3)
+    rows = {"B": {"stock": 0.0}, "C": {"min_age": 18}, "A": {"stock": 5.0}}
+    out = popular_ranked(pop, {"age": 15.0}, {"purchased": []}, rows, FilterConfig(), k=3)
+    assert [i["article_id"] for i in out["items"]] == ["A"]  # B sold out, C age-restricted for a 15-year-old
+    assert out["removed"]["sold_out"] == 1 and out["removed"]["age_restricted"] == 1
+    adult = popular_ranked(pop, {"age": 30.0}, {"purchased": ["A"]}, rows, FilterConfig(), k=3)
+    assert [i["article_id"] for i in adult["items"]] == ["C"]  # A already bought
+    assert is_cold(None, None) and is_cold(None, {"purchased": []}) and not is_cold(None, {"purchased": ["A"]})
+
+
+def test_prediction_log_writes_in_the_background_and_joins_with_events(tmp_path):
+    log = PredictionLog(tmp_path / "p", flush_s=0.05)
+    for rid, items in (("r1", ["A", "B", "C"]), ("r2", ["D"])):
+        assert log.log({"request_id": rid, "ts": "2020-09-22T10:00:00", "customer_id": "c1", "source": "ranked",
+                        "items": [{"article_id": a, "position": i, "score": 1.0 - i, "features": {"price": 0.1}}
+                                  for i, a in enumerate(items)]})
+    log.close()
+    shown = read_predictions(tmp_path / "p")
+    assert shown["request_id"].tolist() == ["r1", "r1", "r1", "r2"] and "f_price" in shown.columns
+    buys = pd.DataFrame({"customer_id": ["c1", "c1"], "article_id": ["B", "D"],
+                         "t_dat": pd.to_datetime(["2020-09-23", "2020-10-30"])})  # D: too late
+    clicks = pd.DataFrame({"customer_id": ["c1"], "article_id": ["A"], "type": ["click"],
+                           "ts": pd.to_datetime(["2020-09-22T10:01:00"])})
+    out = labelled_impressions(shown, buys, clicks).set_index("article_id")
+    assert out["bought"].to_dict() == {"A": 0, "B": 1, "C": 0, "D": 0}
+    assert out["clicked"].to_dict() == {"A": 1, "B": 0, "C": 0, "D": 0}
+
+
+def test_prediction_log_drops_and_counts_when_full(tmp_path):
+    log = PredictionLog(tmp_path / "p", max_queue=1, flush_s=5)
+    results = [log.log({"request_id": str(i), "ts": "2020-09-22T00:00:00", "items": []}) for i in range(50)]
+    assert not all(results) and log.dropped == results.count(False)
+    log.close()
+    lines = (tmp_path / "p" / "2020-09-22.jsonl").read_text().splitlines()
+    assert len(lines) == results.count(True) and json.loads(lines[0])["request_id"] == "0"
+    time.sleep(0)
