@@ -78,13 +78,16 @@ class LocalCalls:
     """Stages in this process (fused topology). Stage work runs in worker threads so the
     replica's event loop stays free for Serve's own work and for requests waiting on I/O."""
 
-    def __init__(self, rec: Recommender):
+    def __init__(self, rec: Recommender, encode: Any = None):
         self.rec = rec
+        self._encode = encode  # a batched encoder (@serve.batch) shared by concurrent requests
 
     async def _run(self, method: str, *args: Any) -> Any:
         return await asyncio.to_thread(getattr(self.rec, method), *args)
 
     async def encode(self, customer_id, month, channel):
+        if self._encode is not None:
+            return await self._encode(customer_id, month, channel)
         return await self._run("encode", customer_id, month, channel)
 
     async def retrieve(self, vector, n):
@@ -420,7 +423,7 @@ class Ingress:
         if self.stages is None:
             rec = Recommender(str(wd.root), self.metrics, n_candidates=self.n_candidates)
             rec.warm()
-            calls: LocalCalls | RemoteCalls = LocalCalls(rec)
+            calls: LocalCalls | RemoteCalls = LocalCalls(rec, self._encode_batch)
         else:
             rec = None
             calls = RemoteCalls(self.stages["encoder"], self.stages["retriever"], self.stages["ranker"],
@@ -436,6 +439,12 @@ class Ingress:
             old_log.close()
         if old is not None:
             old.close()
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
+    async def _encode_batch(self, customer_ids: list[str], months: list[int], channels: list[int]
+                            ) -> list[QueryContext]:
+        """Query encoding of every request waiting: one read per feature group, one forward pass."""
+        return await asyncio.to_thread(self.rec.encode_many, list(zip(customer_ids, months, channels, strict=True)))
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Hot reload: `{workdir: PATH}` switches to that run once it is loaded."""

@@ -216,42 +216,31 @@ class Recommender:
     def encode(self, customer_id: str, month: int, channel: int) -> QueryContext:
         """Read the customer's rows online and encode the query; from the last good rows (or
         as an unknown customer) flagged `degraded` when the store is unavailable."""
-        from ray_apps.stages.online import OnlineFeatures
-
-        degraded = False
-        try:
-            customer, history = self.guard.call(
-                lambda: OnlineFeatures(self.store(), self.manifest).customer(customer_id))
-            self.customers.put(customer_id, (customer, history))
-        except StoreUnavailable:
-            degraded = True
-            cached = self.customers.get(customer_id)
-            self.metrics.cache("customers", cached is not None)
-            customer, history = cached if cached is not None else (None, None)
-        purchased = list((history or {}).get("purchased") or [])
-        vec = self.encoder.encode(customer_id, customer, purchased, month, channel)
-        return QueryContext(customer_id=customer_id, known_customer=customer is not None, customer=customer,
-                            history=history, purchased=purchased, vector=vec.tolist(), sales_channel=channel,
-                            degraded=degraded)
+        return self.encode_many([(customer_id, month, channel)])[0]
 
     def encode_many(self, requests: Sequence[tuple[str, int, int]]) -> list[QueryContext]:
-        """`encode` for several requests with one forward pass of the query tower (@serve.batch)."""
+        """`encode` for several requests: one read per feature group, one forward pass of the
+        query tower (what @serve.batch hands over)."""
         import pandas as pd
 
         from feature_store.views import query_row
         from ray_apps.stages.online import OnlineFeatures
         from training.features import encode_queries
 
+        ids = list(dict.fromkeys(r[0] for r in requests))
+        degraded = False
+        try:
+            found = self.guard.call(lambda: OnlineFeatures(self.store(), self.manifest).customers(ids))
+            for c, rows in found.items():
+                self.customers.put(c, rows)
+        except StoreUnavailable:
+            degraded = True
+            found = {c: self.customers.get(c) or (None, None) for c in ids}
+            for c in ids:
+                self.metrics.cache("customers", self.customers.get(c) is not None)
         rows, ctxs = [], []
         for customer_id, month, channel in requests:
-            degraded = False
-            try:
-                customer, history = self.guard.call(
-                    lambda c=customer_id: OnlineFeatures(self.store(), self.manifest).customer(c))
-                self.customers.put(customer_id, (customer, history))
-            except StoreUnavailable:
-                degraded = True
-                customer, history = self.customers.get(customer_id) or (None, None)
+            customer, history = found[customer_id]
             purchased = list((history or {}).get("purchased") or [])
             rows.append(query_row(customer, customer_id, purchased[: self.encoder.history_len], month, channel))
             ctxs.append((customer_id, customer, history, purchased, channel, degraded))

@@ -19,5 +19,11 @@ class OnlineFeatures:
         hist = read_online(self.store, self.refs["customer_history"], "customer_history", [customer_id])
         return prof.get(customer_id), hist.get(customer_id)
 
+    def customers(self, customer_ids: list[str]) -> dict[str, tuple[dict[str, Any] | None, dict[str, Any] | None]]:
+        """`customer` for many ids with one query per group (batched query encoding)."""
+        prof = read_online(self.store, self.refs["customers"], "customers", customer_ids)
+        hist = read_online(self.store, self.refs["customer_history"], "customer_history", customer_ids)
+        return {c: (prof.get(c), hist.get(c)) for c in customer_ids}
+
     def articles(self, article_ids: list[str]) -> dict[str, dict[str, Any]]:
         return read_online(self.store, self.refs["articles"], "articles", article_ids)
