@@ -192,7 +192,7 @@ const STAGES = [
   ["retrieve_ms", "retrieve (index)"],
   ["search_ms", "search (index)"],
   ["filter_rank_ms", "filter + rank"],
-  ["rank_stage_ms", "  of which in the ranker"],
+  ["rank_stage_ms", "of which in the ranker", "sub"],
   ["popular_ms", "popular fallback"],
   ["total_ms", "total in the app"],
 ];
@@ -204,8 +204,8 @@ const COUNTS = [
 
 function renderLatency(title, debug, clientMs) {
   const rows = [];
-  for (const [key, label] of STAGES) {
-    if (typeof debug[key] === "number") rows.push(row(label, `${fmt(debug[key], 1)} ms`, key));
+  for (const [key, label, cls] of STAGES) {
+    if (typeof debug[key] === "number") rows.push(row(label, `${fmt(debug[key], 1)} ms`, key, cls));
   }
   rows.push(row("round trip (browser)", `${fmt(clientMs, 1)} ms`, "client_ms"));
   for (const [key, label] of COUNTS) {
@@ -221,8 +221,8 @@ function renderLatency(title, debug, clientMs) {
   $("latency").replaceChildren(el("div", { class: "muted" }, title), el("table", {}, el("tbody", {}, rows)));
 }
 
-function row(label, value, key) {
-  return el("tr", { "data-key": key }, el("th", {}, label), el("td", {}, value));
+function row(label, value, key, cls) {
+  return el("tr", { "data-key": key, class: cls }, el("th", {}, label), el("td", {}, value));
 }
 
 // ---------------------------------------------------------------------------------------------
