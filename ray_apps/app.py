@@ -47,6 +47,7 @@ from ray_apps.schemas import (
     SimilarResponse,
 )
 from ray_apps.service import Recommender, UnknownArticle
+from ray_apps.web import mount_ui
 
 APP_NAME = "rayrec"
 EXEMPT_PATHS = {"/healthz", "/readyz", "/"}  # health checks, and the web page (it asks for the key)
@@ -323,6 +324,7 @@ api = FastAPI(title="rayrec", version="0.2.0",
               description="Real-time recommendations, search and events: retrieval, filtering and ranking on "
                           "Ray Serve. When an API key is configured, send it as `X-API-Key` (or `Authorization: "
                           "Bearer`).")
+mount_ui(api)
 
 
 @api.exception_handler(RequestValidationError)

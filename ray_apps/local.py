@@ -23,6 +23,7 @@ from ray_apps.app import APP_NAME, build_app, serve_config
 from ray_apps.ray_auth import use_ray_token
 
 RAY_PORT = 6390
+METRICS_PORT = 8080  # Prometheus metrics of Ray and Serve: http://127.0.0.1:8080/metrics (the web page links it)
 
 
 def _ray_bin() -> str:
@@ -45,7 +46,7 @@ def start_ray(wd: Workdir) -> None:
     if _listening("127.0.0.1", RAY_PORT):
         return
     cmd = [_ray_bin(), "start", "--head", "--num-cpus=2", f"--port={RAY_PORT}", "--node-ip-address=127.0.0.1",
-           "--include-dashboard=false", "--disable-usage-stats"]
+           "--include-dashboard=false", "--disable-usage-stats", f"--metrics-export-port={METRICS_PORT}"]
     if wd.ray_temp_dir is not None:
         cmd.append(f"--temp-dir={wd.ray_temp_dir}")
     log = wd.ray_dir / "ray_start.log"
