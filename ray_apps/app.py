@@ -50,7 +50,8 @@ from ray_apps.service import Recommender, UnknownArticle
 from ray_apps.web import mount_ui
 
 APP_NAME = "rayrec"
-EXEMPT_PATHS = {"/healthz", "/readyz", "/"}  # health checks, and the web page (it asks for the key)
+# Health checks, the web page (it asks for the key) and the API's documentation: no data behind them.
+EXEMPT_PATHS = {"/healthz", "/readyz", "/", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
 PUBLIC_PREFIXES = ("/ui/",)  # the page's static assets: no data behind them
 
 

@@ -529,6 +529,7 @@ def test_api_key_is_required_except_for_health_checks(served_split):
     assert httpx.get(f"{url}/v1/items/x/similar", timeout=30).status_code == 401
     assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
     assert httpx.get(f"{url}/readyz", timeout=60).status_code in (200, 503)  # no 401
+    assert httpx.get(f"{url}/openapi.json", timeout=30).status_code == 200  # the docs hold no data
     r = httpx.post(f"{url}/v1/recommend", json=body, headers={"Authorization": "Bearer e2e-secret-key"}, timeout=60)
     assert r.status_code == 200, r.text
 
