@@ -247,7 +247,8 @@ def load_dataset(cfg: DatasetConfig) -> Dataset:
     if items is None:
         items = pd.DataFrame({"article_id": sorted(tx["article_id"].unique())})
     if tx.empty:
-        raise DataError(f"{spec.interactions.path}: no interactions left after loading ({report.summary_lines()})")
+        raise DataError(f"{spec.interactions.path}: no interactions left after loading: "
+                        + "; ".join(report.summary_lines()))
     roles = _roles(spec)
     return Dataset(spec.name, items, users, tx, {}, report, roles)
 
@@ -327,9 +328,13 @@ def _header(path: Path, f: FileSpec) -> list[str]:
         return list(f.names)
     if not f.has_header():
         raise DatasetConfigError(f"{path}: a file without a header line needs `names: [...]` in its config")
-    with open(path, encoding=f.encoding, errors="replace") as fh:
-        first = fh.readline().rstrip("\r\n")
-    return [c.strip().strip('"') for c in first.split(_sep(f))]
+    sep = _sep(f)
+    try:
+        head = pd.read_csv(path, sep=re.escape(sep) if len(sep) > 1 else sep, nrows=0, encoding=f.encoding,
+                           engine="python" if len(sep) > 1 else "c")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DatasetConfigError(f"{path}: cannot read the header line: {exc}") from exc
+    return [str(c) for c in head.columns]
 
 
 def _sep(f: FileSpec) -> str:
@@ -355,9 +360,9 @@ class _FileTable(_Table):
 
     @staticmethod
     def _read(path: Path, f: FileSpec) -> pd.DataFrame:
-        if f.fmt() == "parquet":
+        if f.fmt() == "parquet":  # typed columns as text, so one set of parsers checks every format
             frame = pd.read_parquet(path)
-            return frame.astype(object).where(frame.notna(), None).astype("string").astype(object)
+            return frame.astype(str).where(frame.notna(), None)
         sep = _sep(f)
         kwargs: dict[str, Any] = dict(sep=sep, dtype=str, keep_default_na=False, na_values=[""],
                                       skip_blank_lines=False, encoding=f.encoding)
