@@ -176,7 +176,7 @@ def customer_history(
     )
 
 
-HISTORY_COLUMNS = ["customer_id", "purchased", "n_purchases", "mean_price", "type_counts", "last_purchase"]
+GENERIC_HISTORY_COLUMNS = ["customer_id", "purchased", "n_purchases", "mean_price", "type_counts", "last_purchase"]
 
 
 def _generic_history(transactions: pd.DataFrame, articles: pd.DataFrame, as_of: pd.Timestamp | None,
@@ -195,7 +195,7 @@ def _generic_history(transactions: pd.DataFrame, articles: pd.DataFrame, as_of: 
             "type_counts": {str(k): v for k, v in Counter(g[type_column].dropna()).items()} if type_column else {},
             "last_purchase": g["t_dat"].iloc[-1].strftime("%Y-%m-%d"),
         })
-    return pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+    return pd.DataFrame(rows, columns=GENERIC_HISTORY_COLUMNS)
 
 
 def histories_before(transactions: pd.DataFrame, history_len: int) -> pd.Series:

@@ -56,11 +56,10 @@ CATEGORICAL_FEATURES = [
 FEATURES = NUMERIC_FEATURES + CATEGORICAL_FEATURES
 MISSING_CATEGORY = "NA"
 
-# What vectorisation reads from each online feature group (filters may read more).
+# What H&M vectorisation reads from the customer groups (filters may read more); articles:
+# `RankerFeatures.article_columns`.
 CUSTOMER_COLUMNS = ("age", "club_member_status")
 HISTORY_COLUMNS = ("purchased", "n_purchases", "mean_price", "type_counts", "index_group_counts", "last_purchase")
-ARTICLE_COLUMNS = ("price", "sales_7d", "sales_total", "sales_trend", "product_type_name", "index_group_name",
-                   "garment_group_name", "colour_group_name")
 
 
 # Computed from the request, the retrieval scores and the aggregates (not a column of one row).
