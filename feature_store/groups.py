@@ -17,6 +17,8 @@ articles, `daily_sales` SALES_DAYS days.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from feature_store.on_demand import AGE_GROUPS, POSTAL_BUCKETS
 from feature_store.schema import Expectation, Feature, FeatureGroup, allowed, in_range, not_null
 
@@ -149,5 +151,50 @@ TRANSACTIONS = FeatureGroup(
 
 GROUPS: dict[str, FeatureGroup] = {g.name: g for g in (CUSTOMERS, ARTICLES, CUSTOMER_HISTORY, TRANSACTIONS)}
 
-__all__ = ["GROUPS", "CUSTOMERS", "ARTICLES", "CUSTOMER_HISTORY", "TRANSACTIONS", "FeatureGroup", "Feature",
+# The articles group's features every dataset has: sales aggregates and the filter columns.
+_ARTICLE_COMMON = ("price", "sales_total", "sales_7d", "sales_30d", "sales_trend", "first_seen", "sales_day",
+                   "daily_sales", "stock", "in_stock", "min_age", "regions")
+
+
+def dataset_groups(roles: Any = None) -> dict[str, FeatureGroup]:
+    """The four groups for a dataset's roles (`feature_store.dataset.Roles`; None or H&M: GROUPS).
+
+    A dataset config's customers group holds its declared customer columns; its articles group
+    the declared item columns (text up to 2,000 characters) plus the sales aggregates and the
+    (null) filter columns; its history counts purchases per type and has no index groups.
+    """
+    if roles is None or roles.is_hm:
+        return GROUPS
+    customers = FeatureGroup(
+        "customers", "customer_id",
+        (Feature("customer_id", "string", limit=64),
+         *(Feature(c, "string") for c in roles.user_categorical),
+         *(Feature(c, "float64") for c in roles.user_numeric)),
+        description="Customer attributes declared in the dataset config.",
+    )
+    declared = [*(Feature(c, "string") for c in roles.item_categorical),
+                *(Feature(c, "float64") for c in roles.item_numeric),
+                *(Feature(c, "string", limit=2000) for c in roles.item_text)]
+    articles = FeatureGroup(
+        "articles", "article_id",
+        (Feature("article_id", "string", limit=64), *declared,
+         *(ARTICLES.feature(c) for c in _ARTICLE_COMMON)),
+        description="Item attributes declared in the dataset config, sales aggregates, filter columns.",
+        expectations=tuple(e for e in ARTICLES.expectations if e.feature in _ARTICLE_COMMON),
+    )
+    history = FeatureGroup(
+        "customer_history", "customer_id",
+        tuple(f for f in CUSTOMER_HISTORY.features
+              if f.name not in INDEX_GROUPS.values() and f.name != "index_group_counts"),
+        description="Purchases (most recent first) and aggregates.",
+        expectations=(in_range("n_purchases", 0, None), in_range("mean_price", 0, None)),
+    )
+    transactions = FeatureGroup(
+        "transactions", "customer_id", TRANSACTIONS.features, event_time="t_dat", online=False,
+        description="Interactions, offline only: the spine of training datasets.",
+        expectations=(not_null("article_id"), in_range("price", 0, None)),
+    )
+    return {g.name: g for g in (customers, articles, history, transactions)}
+
+__all__ = ["GROUPS", "dataset_groups", "CUSTOMERS", "ARTICLES", "CUSTOMER_HISTORY", "TRANSACTIONS", "FeatureGroup", "Feature",
            "Expectation", "MAX_PURCHASED", "SALES_DAYS", "INDEX_GROUPS"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -470,16 +470,17 @@ class FeatureStore:
 
     # the pipeline's entry point ---------------------------------------------------------------
     def write(self, name: str, frame: pd.DataFrame, progress: bool = True, event_time: Any = None,
-              validation: str = "always") -> FeatureGroupRef:
-        """Write `frame` as a new version of the H&M group `name` (offline and, for online
-        groups, online) and return its manifest reference.
+              validation: str = "always", groups: Mapping[str, FeatureGroup] | None = None) -> FeatureGroupRef:
+        """Write `frame` as a new version of group `name` of `groups` (default: the H&M groups)
+        (offline and, for online groups, online) and return its manifest reference.
 
         Frames without an event-time column get `event_time` (default: now, the time the
         features were computed). Validation "always" writes and prints failed rules.
         """
-        if name not in GROUPS:
-            raise ValueError(f"unknown feature group {name!r}; one of {sorted(GROUPS)}")
-        group = GROUPS[name]
+        groups = GROUPS if groups is None else groups
+        if name not in groups:
+            raise ValueError(f"unknown feature group {name!r}; one of {sorted(groups)}")
+        group = groups[name]
         if group.event_time not in frame.columns and event_time is None:
             event_time = pd.Timestamp.now(tz="UTC")
         fgv = self.create_feature_group(group)

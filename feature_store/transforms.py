@@ -1,12 +1,16 @@
-"""Feature engineering: raw H&M tables -> feature group frames, computed *as of* a time.
+"""Feature engineering: raw tables -> feature group frames, computed *as of* a time.
 
 One function per feature group. Each takes the raw tables and a cut-off and uses only
 transactions strictly before it, so the same code produces point-in-time correct training
 features (as of a past cut-off) and the online features served now (as of the end of data).
+The raw tables are H&M's or a dataset config's canonical ones (`feature_store.dataset`);
+`roles` None means H&M, whose attributes, age groups, regions and index-group shares are
+derived here; a dataset config's declared columns are carried as they are.
 """
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -39,9 +43,12 @@ def before(transactions: pd.DataFrame, as_of: pd.Timestamp | None) -> pd.DataFra
     return transactions[transactions["t_dat"] < as_of]
 
 
-def customer_features(customers: pd.DataFrame, regions: pd.DataFrame | None = None) -> pd.DataFrame:
+def customer_features(customers: pd.DataFrame, regions: pd.DataFrame | None = None, roles: Any = None
+                      ) -> pd.DataFrame:
     """The customers group: profile columns, age group, postal-code bucket and the region the
-    postal code maps to."""
+    postal code maps to (a dataset config: its declared customer columns)."""
+    if roles is not None and not roles.is_hm:
+        return customers[["customer_id", *roles.user_categorical, *roles.user_numeric]].reset_index(drop=True)
     out = customers[["customer_id", *CUSTOMER_COLUMNS]].copy()
     out["age_group"] = age_group(out["age"])
     out["postal_bucket"] = postal_bucket(out["postal_code"])
@@ -57,17 +64,19 @@ def article_features(
     transactions: pd.DataFrame,
     as_of: pd.Timestamp | None,
     extras: dict[str, pd.DataFrame] | None = None,
+    roles: Any = None,
 ) -> pd.DataFrame:
     """The articles group as of the cut-off: every attribute, the sales aggregates and stock.
 
     Sales windows end at the cut-off (exclusive; the day after the last transaction when
     `as_of` is None): `daily_sales[i]` counts the sales of day `sales_day - i`, sales_7d and
     sales_30d sum its first 7 and 30 days, sales_trend is the last 7 days minus the 7 before.
-    Attributes missing from `articles` are filled with None.
+    Attributes missing from `articles` are filled with None. Without stock / age / region
+    tables (every dataset config) those columns are null: the business rules let them pass.
     """
     tx = before(transactions, as_of)
     end = tx["t_dat"].max().normalize() + pd.Timedelta(days=1) if as_of is None and len(tx) else as_of
-    attrs = ["prod_name", *ARTICLE_INT_ATTRIBUTES, *ARTICLE_NAME_ATTRIBUTES, "detail_desc"]
+    attrs = article_attributes(roles)
     out = articles[["article_id", *[c for c in attrs if c in articles.columns]]].copy()
     for c in attrs:
         if c not in out.columns:
@@ -123,12 +132,22 @@ def _with_extras(out: pd.DataFrame, extras: dict[str, pd.DataFrame]) -> pd.DataF
     return out
 
 
+def article_attributes(roles: Any = None) -> list[str]:
+    """The articles group's attribute columns: H&M's, or a dataset config's declared ones."""
+    if roles is not None and not roles.is_hm:
+        return list(dict.fromkeys([*roles.item_categorical, *roles.item_numeric, *roles.item_text]))
+    return ["prod_name", *ARTICLE_INT_ATTRIBUTES, *ARTICLE_NAME_ATTRIBUTES, "detail_desc"]
+
+
 def customer_history(
-    transactions: pd.DataFrame, articles: pd.DataFrame, as_of: pd.Timestamp | None
+    transactions: pd.DataFrame, articles: pd.DataFrame, as_of: pd.Timestamp | None, roles: Any = None
 ) -> pd.DataFrame:
     """The customer_history group: purchases (most recent first, the last MAX_PURCHASED) and
     aggregates: count, mean price, counts per product type and index group, the share of
-    purchases in each H&M index group, the last purchase day."""
+    purchases in each H&M index group, the last purchase day. A dataset config's history counts
+    purchases per value of its type column (`Roles.type_column`) and has no index groups."""
+    if roles is not None and not roles.is_hm:
+        return _generic_history(transactions, articles, as_of, roles.type_column)
     tx = before(transactions, as_of).merge(
         articles[["article_id", "product_type_name", "index_group_name"]], on="article_id", how="left"
     )
@@ -155,6 +174,28 @@ def customer_history(
         columns=["customer_id", "purchased", "n_purchases", "mean_price", "type_counts",
                  "index_group_counts", *INDEX_GROUPS.values(), "last_purchase"],
     )
+
+
+GENERIC_HISTORY_COLUMNS = ["customer_id", "purchased", "n_purchases", "mean_price", "type_counts", "last_purchase"]
+
+
+def _generic_history(transactions: pd.DataFrame, articles: pd.DataFrame, as_of: pd.Timestamp | None,
+                     type_column: str | None) -> pd.DataFrame:
+    tx = before(transactions, as_of)
+    if type_column:
+        tx = tx.merge(articles[["article_id", type_column]], on="article_id", how="left")
+    tx = tx.sort_values(["customer_id", "t_dat"], kind="stable")
+    rows = []
+    for cid, g in tx.groupby("customer_id", sort=False):
+        rows.append({
+            "customer_id": cid,
+            "purchased": g["article_id"].tolist()[::-1][:MAX_PURCHASED],
+            "n_purchases": len(g),
+            "mean_price": float(g["price"].mean()) if g["price"].notna().any() else None,
+            "type_counts": {str(k): v for k, v in Counter(g[type_column].dropna()).items()} if type_column else {},
+            "last_purchase": g["t_dat"].iloc[-1].strftime("%Y-%m-%d"),
+        })
+    return pd.DataFrame(rows, columns=GENERIC_HISTORY_COLUMNS)
 
 
 def histories_before(transactions: pd.DataFrame, history_len: int) -> pd.Series:

@@ -7,6 +7,8 @@ so the two-tower encoder sees one feature path in training and in serving.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import pandas as pd
 
 from feature_store.feature_view import FeatureSelection, FeatureView
@@ -20,16 +22,27 @@ QUERY_COLUMNS = ["customer_id", "age", "club_member_status", "fashion_news_frequ
 ITEM_COLUMNS = ["article_id", *ARTICLE_CATEGORICALS, "price"]
 
 
+def view_columns(roles: Any = None) -> tuple[list[str], list[str]]:
+    """(query columns, item columns) of the retrieval view: H&M's, or a dataset config's roles."""
+    if roles is None or roles.is_hm:
+        return QUERY_COLUMNS, ITEM_COLUMNS
+    query = ["customer_id", *roles.user_categorical, *roles.user_numeric, "sales_channel_id", "month", "history"]
+    item = ["article_id", *roles.item_categorical, *roles.item_numeric, "price"]
+    return query, item
+
+
 def retrieval_frame(
-    transactions: pd.DataFrame, customers_fg: pd.DataFrame, articles_fg: pd.DataFrame, history_len: int
+    transactions: pd.DataFrame, customers_fg: pd.DataFrame, articles_fg: pd.DataFrame, history_len: int,
+    roles: Any = None,
 ) -> pd.DataFrame:
     """Purchases joined with customer, context, point-in-time history and article features."""
+    query_cols, item_cols = view_columns(roles)
     spine = transactions[["t_dat", "customer_id", "article_id", "sales_channel_id"]].copy()
     spine["month"] = spine["t_dat"].dt.month.astype("int64")
     spine["history"] = histories_before(spine, history_len)
     out = spine.merge(customers_fg, on="customer_id", how="left", validate="many_to_one")
-    out = out.merge(articles_fg[ITEM_COLUMNS], on="article_id", how="left", validate="many_to_one")
-    return out[["t_dat", *QUERY_COLUMNS, *[c for c in ITEM_COLUMNS]]].reset_index(drop=True)
+    out = out.merge(articles_fg[item_cols], on="article_id", how="left", validate="many_to_one")
+    return out[["t_dat", *query_cols, *item_cols]].reset_index(drop=True)
 
 
 def query_frame(
@@ -39,6 +52,7 @@ def query_frame(
     month: int,
     channel: dict[str, int] | int,
     history_len: int,
+    roles: Any = None,
 ) -> pd.DataFrame:
     """Query rows for customers at one moment (evaluation): same columns as the view's query side."""
     base = pd.DataFrame({"customer_id": customer_ids})
@@ -48,14 +62,15 @@ def query_frame(
     out["sales_channel_id"] = (
         [channel.get(c, 1) for c in customer_ids] if isinstance(channel, dict) else channel
     )
-    return out[QUERY_COLUMNS]
+    return out[view_columns(roles)[0]]
 
 
 def query_row(customer: dict | None, customer_id: str, history: list[str], month: int, channel: int) -> dict:
-    """One query row at serving time, from the online customer features and request context."""
+    """One query row at serving time, from the online customer features and request context
+    (every profile column the customer row has: the vocab picks the ones its towers read)."""
     row = {c: None for c in QUERY_COLUMNS}
     if customer:
-        row.update({k: customer.get(k) for k in ("age", "club_member_status", "fashion_news_frequency", "FN", "Active")})
+        row.update({k: v for k, v in customer.items() if k != "customer_id"})
     row.update(customer_id=customer_id, history=list(history), month=int(month), sales_channel_id=int(channel))
     return row
 

@@ -49,8 +49,14 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
+    from feature_store.dataset import check_columns, load_dataset_config
     from ray_apps.ray_auth import use_ray_token
 
+    if args.data and args.dataset:
+        raise ValueError("give --data (a folder of H&M CSVs) or --dataset (a dataset config), not both")
+    dataset = load_dataset_config(args.dataset) if args.dataset else None
+    if dataset is not None and dataset.dataset.hm is None:
+        check_columns(dataset)  # a wrong column name fails here, before the workdir, database or Ray
     wd = Workdir.at(args.workdir)
     use_ray_token(wd)  # the pipeline's own Ray instance keeps its token in the workdir too
     from feature_store.connect import open_online_store
@@ -62,7 +68,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         LocalMariaDB(wd, cfg.database).start()
     store = open_online_store(cfg.database, wd)
     try:
-        run_pipeline(cfg, wd, Path(args.data) if args.data else None, store)
+        run_pipeline(cfg, wd, Path(args.data) if args.data else None, store, dataset)
     finally:
         store.close()
     return 0
@@ -148,6 +154,7 @@ def parser() -> argparse.ArgumentParser:
     pipe = sub.add_parser("pipeline", help="data -> features -> models -> index -> metrics")
     common(pipe)
     pipe.add_argument("--data", help="folder with the H&M CSVs (default: generate into WORKDIR/data)")
+    pipe.add_argument("--dataset", help="dataset config YAML mapping your files to roles (see configs/datasets/)")
     pipe.set_defaults(func=cmd_pipeline)
 
     srv = sub.add_parser("serve", help="serve a run locally: start | stop")

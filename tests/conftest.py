@@ -91,3 +91,87 @@ def mariadb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDBHandle]
         yield handle
     finally:
         handle.server.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# A MovieLens-style dataset (bring your own data)
+
+GENRES = ("Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Animation", "Thriller")
+OCCUPATIONS = 8
+
+MOVIELENS_CONFIG = """\
+dataset:
+  name: movielens-mini
+  users:
+    path: users.dat
+    format: dat
+    names: [UserID, Gender, Age, Occupation, Zip-code]
+    columns: {id: UserID, categorical: [Gender, Age, Occupation]}
+  items:
+    path: movies.dat
+    format: dat
+    encoding: latin-1
+    names: [MovieID, Title, Genres]
+    columns: {id: MovieID, categorical: [Genres], text: [Title]}
+  interactions:
+    path: ratings.dat
+    format: dat
+    names: [UserID, MovieID, Rating, Timestamp]
+    user: UserID
+    item: MovieID
+    timestamp: {column: Timestamp, format: unix_s}
+    rating: {column: Rating, min_positive: 4}
+"""
+
+
+def write_movielens(root: Path, users: int = 300, movies: int = 240, per_user: int = 30, days: int = 60,
+                    seed: int = 0) -> Path:
+    """Write users.dat, movies.dat, ratings.dat (MovieLens 1M layout, '::' separated, no header)
+    and dataset.yaml into `root`; returns the config's path.
+
+    Planted signal: each user's favourite genre follows from occupation and gender; most of a
+    user's ratings are of that genre and mostly 4-5, the rest popular movies of any genre rated
+    mostly 1-3, so the positives (rating >= 4) of a user stay in one genre, which popularity
+    cannot know and a model of the user's attributes and history can.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    gender = rng.choice(["F", "M"], size=users)
+    occupation = rng.integers(0, OCCUPATIONS, size=users)
+    age = rng.choice([1, 18, 25, 35, 45, 50, 56], size=users)
+    favourite = (occupation + (gender == "M") * 3) % len(GENRES)
+    genre = np.arange(movies) % len(GENRES)
+    second = (genre + 1 + rng.integers(0, len(GENRES) - 1, size=movies)) % len(GENRES)
+    pop = rng.zipf(1.6, size=movies).clip(max=50).astype(float)
+    with open(root / "users.dat", "w", encoding="latin-1") as f:
+        for u in range(users):
+            f.write(f"{u + 1}::{gender[u]}::{age[u]}::{occupation[u]}::{10000 + u % 97}\n")
+    with open(root / "movies.dat", "w", encoding="latin-1") as f:
+        for m in range(movies):
+            genres = "|".join(sorted({GENRES[genre[m]], GENRES[second[m]]})) if m % 3 == 0 else GENRES[genre[m]]
+            f.write(f"{m + 1}::Movie {m + 1} é ({1980 + m % 40})::{genres}\n")
+    start = 956_703_932  # 2000-04-25, as MovieLens 1M
+    with open(root / "ratings.dat", "w", encoding="latin-1") as f:
+        for u in range(users):
+            liked = np.flatnonzero(genre == favourite[u])
+            fav = rng.choice(liked, size=min(int(per_user * 0.6), len(liked)), replace=False,
+                             p=pop[liked] / pop[liked].sum())
+            rest = np.setdiff1d(np.arange(movies), fav)
+            other = rng.choice(rest, size=per_user - len(fav), replace=False, p=pop[rest] / pop[rest].sum())
+            movies_u = rng.permutation(np.concatenate([fav, other]))
+            times = np.sort(rng.integers(0, days * 86400, size=len(movies_u)))
+            for m, t in zip(movies_u, times, strict=True):
+                good = rng.random() < (0.9 if genre[m] == favourite[u] else 0.15)
+                rating = rng.integers(4, 6) if good else rng.integers(1, 4)
+                f.write(f"{u + 1}::{m + 1}::{rating}::{start + int(t)}\n")
+    path = root / "dataset.yaml"
+    path.write_text(MOVIELENS_CONFIG)
+    return path
+
+
+@pytest.fixture(scope="session")
+def movielens_writer():
+    """`write_movielens`, for tests that size their own MovieLens-style dataset."""
+    return write_movielens

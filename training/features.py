@@ -6,14 +6,15 @@ Index 0 is reserved in every vocabulary for unknown or missing values: an id uns
 maps to row 0 instead of failing, and the trainer drops some ids to 0 so that row learns a
 sensible "anonymous" embedding.
 
-Encoded query dict: one int64 array per name in QUERY_CATEGORICALS, the jagged history as
+The features are the vocab's `query_features` / `item_features`: H&M's (QUERY_CATEGORICALS,
+ITEM_CATEGORICALS) or those a dataset config declares (`dataset_features`).
+Encoded query dict: one int64 array per query feature, the jagged history as
 `hist_values` (int64, flat, article indices, most recent first) + `hist_lengths` (int32), and
-`dense` (float32, [n, N_QUERY_DENSE]: month sin/cos). Encoded item dict: one int64 array per name
-in ITEM_CATEGORICALS.
+`dense` (float32, [n, N_QUERY_DENSE]: month sin/cos). Encoded item dict: one int64 array per item
+feature.
 
 Fixed-width form (training batches, Ray Data blocks): the same values as 2-D arrays, one row per
-example: `q_cat` [n, len(QUERY_CATEGORICALS)] and `i_cat` [n, len(ITEM_CATEGORICALS)] (int64,
-model order), `q_hist` [n, history_len] (int64, zero-padded after `q_hist_len` entries) and
+example: `q_cat` [n, n query features] and `i_cat` [n, n item features] (int64, model order), `q_hist` [n, history_len] (int64, zero-padded after `q_hist_len` entries) and
 `q_dense`. `fixed_width_queries` / `fixed_width_items` convert; `from_fixed_width` converts back.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-VOCAB_FORMAT = 1
+VOCAB_FORMAT = 2  # 2: the feature lists travel in the file (1: H&M, still read)
 
 # Input columns, as delivered by the feature store (see the retrieval training frame contract).
 QUERY_PROFILE_COLUMNS = ["customer_id", "age", "club_member_status", "fashion_news_frequency", "FN", "Active"]
@@ -62,36 +63,100 @@ DENSE = "dense"
 N_QUERY_DENSE = 2  # month sin, month cos
 Q_CAT, Q_HIST, Q_HIST_LEN, Q_DENSE, I_CAT = "q_cat", "q_hist", "q_hist_len", "q_dense", "i_cat"
 
-# Categoricals whose vocabulary is learned from the data (strings); the rest have fixed encodings.
-_STRING_VOCABS = {
-    "customer_id": "customers",
-    "club_member_status": "customers",
-    "fashion_news_frequency": "customers",
-    "article_id": "articles",
-    **{c: "articles" for c in ITEM_ATTRIBUTE_COLUMNS},
-}
+# How each encoded feature is computed from its column: "string" (learned vocabulary), "age" /
+# "price" (the H&M fixed age edges / price quantiles), "bucket" (quantile edges of a declared numeric
+# column), "flag" (0 missing, 1 == 1.0, 2 other) and "channel" (the sales channel codes).
+# (feature name, input column, kind); the id comes first in each tower (the trainer relies on it).
+FeatureSpec = tuple[str, str, str]
+HM_QUERY_FEATURES: list[FeatureSpec] = [
+    ("customer_id", "customer_id", "string"),
+    ("age_bucket", "age", "age"),
+    ("club_member_status", "club_member_status", "string"),
+    ("fashion_news_frequency", "fashion_news_frequency", "string"),
+    ("FN", "FN", "flag"),
+    ("Active", "Active", "flag"),
+    ("sales_channel_id", "sales_channel_id", "channel"),
+]
+HM_ITEM_FEATURES: list[FeatureSpec] = [
+    ("article_id", "article_id", "string"),
+    *((c, c, "string") for c in ITEM_ATTRIBUTE_COLUMNS),
+    ("price_bucket", "price", "price"),
+]
+_SOURCE = {"customer_id": "customers", "article_id": "articles"}
 DEFAULT_AGE_EDGES = [20.0, 25.0, 30.0, 35.0, 40.0, 45.0, 50.0, 55.0, 60.0]
 SALES_CHANNELS = [1, 2]
 _FLAG_SIZE = 3  # FN / Active: 0 missing, 1 == 1.0, 2 any other value
+N_NUMERIC_BUCKETS = 10
+
+
+def dataset_features(roles: Any) -> tuple[list[FeatureSpec], list[FeatureSpec]]:
+    """Query and item features for a dataset's declared roles (`feature_store.dataset.Roles`)."""
+    if roles is None or roles.is_hm:
+        return list(HM_QUERY_FEATURES), list(HM_ITEM_FEATURES)
+    query: list[FeatureSpec] = [("customer_id", "customer_id", "string")]
+    query += [(c, c, "string") for c in roles.user_categorical]
+    query += [(f"{c}_bucket", c, "bucket") for c in roles.user_numeric]
+    if roles.has_channel:
+        query.append(("sales_channel_id", "sales_channel_id", "channel"))
+    item: list[FeatureSpec] = [("article_id", "article_id", "string")]
+    item += [(c, c, "string") for c in roles.item_categorical]
+    item += [(f"{c}_bucket", c, "bucket") for c in roles.item_numeric]
+    if roles.has_price:
+        item.append(("price_bucket", "price", "price"))
+    for specs in (query, item):
+        names = [n for n, _, _ in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"feature names clash: {names}")
+    return query, item
+
+
+def query_columns(vocab: FeatureVocab) -> list[str]:
+    """Profile and context columns the query features read (besides month and history)."""
+    return list(dict.fromkeys(col for _, col, _ in vocab.query_features))
+
+
+def item_columns(vocab_or_features: FeatureVocab | list[FeatureSpec]) -> list[str]:
+    feats = vocab_or_features.item_features if isinstance(vocab_or_features, FeatureVocab) else vocab_or_features
+    return list(dict.fromkeys(col for _, col, _ in feats))
 
 
 @dataclass
 class FeatureVocab:
-    """Every lookup table the encoders need; JSON-serialisable so serving can load it without torch."""
+    """Every lookup table the encoders need; JSON-serialisable so serving can load it without torch.
+
+    `query_features` / `item_features` are the towers' features in model order (H&M's by default;
+    a dataset config's declared roles otherwise), so a run's vocab.json says what its towers read.
+    """
 
     strings: dict[str, list[str]]
     age_edges: list[float] = field(default_factory=lambda: list(DEFAULT_AGE_EDGES))
     price_edges: list[float] = field(default_factory=list)
     sales_channels: list[int] = field(default_factory=lambda: list(SALES_CHANNELS))
+    query_features: list[FeatureSpec] = field(default_factory=lambda: list(HM_QUERY_FEATURES))
+    item_features: list[FeatureSpec] = field(default_factory=lambda: list(HM_ITEM_FEATURES))
+    numeric_edges: dict[str, list[float]] = field(default_factory=dict)
     _index_cache: dict[str, pd.Index] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # -- fitting and persistence ------------------------------------------------------------
     @classmethod
-    def fit(cls, articles: pd.DataFrame, customers: pd.DataFrame, n_price_buckets: int = 10) -> FeatureVocab:
-        """Learn string vocabularies (sorted, so a refit on the same data gives the same ids) and price edges."""
+    def fit(cls, articles: pd.DataFrame, customers: pd.DataFrame, n_price_buckets: int = 10,
+            roles: Any = None, channels: Sequence[int] | None = None) -> FeatureVocab:
+        """Learn string vocabularies (sorted, so a refit on the same data gives the same ids), price
+        edges and the edges of declared numeric columns; `roles` None: the H&M features.
+        `channels`: the sales-channel codes (default H&M's 1 and 2)."""
+        query, item = dataset_features(roles)
         frames = {"articles": articles, "customers": customers}
-        strings = {col: _sorted_unique(frames[src][col]) for col, src in _STRING_VOCABS.items()}
-        return cls(strings=strings, price_edges=_quantile_edges(articles["price"], n_price_buckets))
+        strings, edges = {}, {}
+        for specs, src in ((query, "customers"), (item, "articles")):
+            for name, col, kind in specs:
+                if kind == "string":
+                    strings[name] = _sorted_unique(frames[_SOURCE.get(col, src)][col])
+                elif kind == "bucket":
+                    edges[name] = _quantile_edges(frames[src][col], N_NUMERIC_BUCKETS)
+        channels = sorted({int(c) for c in channels}) if channels is not None else list(SALES_CHANNELS)
+        price = articles["price"] if "price" in articles.columns else pd.Series([], dtype=float)
+        return cls(strings=strings, price_edges=_quantile_edges(price, n_price_buckets), sales_channels=channels,
+                   query_features=query, item_features=item, numeric_edges=edges)
 
     def save(self, path: str | Path) -> Path:
         p = Path(path)
@@ -102,6 +167,9 @@ class FeatureVocab:
             "age_edges": self.age_edges,
             "price_edges": self.price_edges,
             "sales_channels": self.sales_channels,
+            "query_features": [list(f) for f in self.query_features],
+            "item_features": [list(f) for f in self.item_features],
+            "numeric_edges": self.numeric_edges,
         }
         p.write_text(json.dumps(payload))
         return p
@@ -109,13 +177,16 @@ class FeatureVocab:
     @classmethod
     def load(cls, path: str | Path) -> FeatureVocab:
         raw: dict[str, Any] = json.loads(Path(path).read_text())
-        if raw.get("format") != VOCAB_FORMAT:
+        if raw.get("format") not in (1, VOCAB_FORMAT):
             raise ValueError(f"{path}: unsupported vocab format {raw.get('format')!r}")
         return cls(
             strings={k: list(v) for k, v in raw["strings"].items()},
             age_edges=[float(x) for x in raw["age_edges"]],
             price_edges=[float(x) for x in raw["price_edges"]],
             sales_channels=[int(x) for x in raw["sales_channels"]],
+            query_features=[tuple(f) for f in raw.get("query_features", HM_QUERY_FEATURES)],  # type: ignore[misc]
+            item_features=[tuple(f) for f in raw.get("item_features", HM_ITEM_FEATURES)],  # type: ignore[misc]
+            numeric_edges={k: [float(x) for x in v] for k, v in raw.get("numeric_edges", {}).items()},
         )
 
     # -- sizes ------------------------------------------------------------------------------
@@ -123,20 +194,32 @@ class FeatureVocab:
         """Rows an embedding table for `feature` needs, including the unknown row 0."""
         if feature in self.strings:
             return len(self.strings[feature]) + 1
-        fixed = {
-            "age_bucket": len(self.age_edges) + 2,
-            "price_bucket": len(self.price_edges) + 2,
-            "sales_channel_id": len(self.sales_channels) + 1,
-            "FN": _FLAG_SIZE,
-            "Active": _FLAG_SIZE,
+        kind = {n: k for n, _, k in (*self.query_features, *self.item_features)}.get(feature)
+        sizes = {
+            "age": len(self.age_edges) + 2,
+            "price": len(self.price_edges) + 2,
+            "channel": len(self.sales_channels) + 1,
+            "flag": _FLAG_SIZE,
+            "bucket": len(self.numeric_edges.get(feature, [])) + 2,
         }
-        return fixed[feature]
+        if kind is None:  # the H&M names, for vocabs built by hand
+            kind = {"age_bucket": "age", "price_bucket": "price", "sales_channel_id": "channel", "FN": "flag",
+                    "Active": "flag"}[feature]
+        return sizes[kind]
+
+    @property
+    def query_names(self) -> list[str]:
+        return [n for n, _, _ in self.query_features]
+
+    @property
+    def item_names(self) -> list[str]:
+        return [n for n, _, _ in self.item_features]
 
     def query_cardinalities(self) -> dict[str, int]:
-        return {f: self.cardinality(f) for f in QUERY_CATEGORICALS}
+        return {f: self.cardinality(f) for f in self.query_names}
 
     def item_cardinalities(self) -> dict[str, int]:
-        return {f: self.cardinality(f) for f in ITEM_CATEGORICALS}
+        return {f: self.cardinality(f) for f in self.item_names}
 
     @property
     def n_articles(self) -> int:
@@ -153,34 +236,40 @@ class FeatureVocab:
         codes = index.get_indexer(_as_strings(values))
         return (codes + 1).astype(np.int64)
 
+    def encode_feature(self, spec: FeatureSpec, frame: pd.DataFrame) -> np.ndarray:
+        """One feature's int64 codes for the rows of `frame` (a missing column: all unknown)."""
+        name, col, kind = spec
+        values = _col(frame, col, len(frame))
+        if kind == "string":
+            return self.lookup(name, values)
+        if kind == "age":
+            return _bucketize(values, self.age_edges)
+        if kind == "price":
+            return _bucketize(values, self.price_edges)
+        if kind == "bucket":
+            return _bucketize(values, self.numeric_edges.get(name, []))
+        if kind == "flag":
+            return _flag(values)
+        if kind == "channel":
+            return _fixed_codes(values, self.sales_channels)
+        raise ValueError(f"unknown feature kind {kind!r} of {name!r}")
+
 
 # -- encoders -------------------------------------------------------------------------------------
 def encode_queries(vocab: FeatureVocab, frame: pd.DataFrame, history_len: int) -> dict[str, np.ndarray]:
     """Encode query rows (profile + request context + history). Missing context columns count as unknown."""
     n = len(frame)
-    out: dict[str, np.ndarray] = {
-        "customer_id": vocab.lookup("customer_id", frame["customer_id"]),
-        "age_bucket": _bucketize(_col(frame, "age", n), vocab.age_edges),
-        "club_member_status": vocab.lookup("club_member_status", _col(frame, "club_member_status", n)),
-        "fashion_news_frequency": vocab.lookup("fashion_news_frequency", _col(frame, "fashion_news_frequency", n)),
-        "FN": _flag(_col(frame, "FN", n)),
-        "Active": _flag(_col(frame, "Active", n)),
-        "sales_channel_id": _fixed_codes(_col(frame, "sales_channel_id", n), vocab.sales_channels),
-        DENSE: _month_dense(_col(frame, "month", n)),
-    }
+    out: dict[str, np.ndarray] = {name: vocab.encode_feature((name, col, kind), frame)
+                                  for name, col, kind in vocab.query_features}
+    out[DENSE] = _month_dense(_col(frame, "month", n))
     hist = frame[HISTORY_COLUMN] if HISTORY_COLUMN in frame.columns else pd.Series([[]] * n)
     out[HIST_VALUES], out[HIST_LENGTHS] = encode_history(vocab, hist, history_len)
     return out
 
 
 def encode_items(vocab: FeatureVocab, frame: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Encode article rows (id + attributes + price bucket)."""
-    n = len(frame)
-    out = {"article_id": vocab.lookup("article_id", frame["article_id"])}
-    for col in ITEM_ATTRIBUTE_COLUMNS:
-        out[col] = vocab.lookup(col, _col(frame, col, n))
-    out["price_bucket"] = _bucketize(_col(frame, "price", n), vocab.price_edges)
-    return out
+    """Encode article rows (id + attributes + buckets)."""
+    return {name: vocab.encode_feature((name, col, kind), frame) for name, col, kind in vocab.item_features}
 
 
 def encode_history(
@@ -215,11 +304,16 @@ def take_rows(encoded: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.n
     return out
 
 
+def categorical_names(encoded: dict[str, np.ndarray]) -> list[str]:
+    """The one-id-per-row features of an encoded dict, in model (insertion) order."""
+    return [k for k in encoded if k not in (HIST_VALUES, HIST_LENGTHS, DENSE)]
+
+
 def fixed_width_queries(encoded: dict[str, np.ndarray], history_len: int) -> dict[str, np.ndarray]:
     """Encoded queries as fixed-width columns (history zero-padded to `history_len`)."""
     lengths = np.minimum(encoded[HIST_LENGTHS].astype(np.int64), history_len)
     return {
-        Q_CAT: np.stack([encoded[f] for f in QUERY_CATEGORICALS], axis=1).astype(np.int64),
+        Q_CAT: np.stack([encoded[f] for f in categorical_names(encoded)], axis=1).astype(np.int64),
         Q_HIST: pad_history(encoded[HIST_VALUES], encoded[HIST_LENGTHS], history_len),
         Q_HIST_LEN: lengths.astype(np.int32),
         Q_DENSE: np.ascontiguousarray(encoded[DENSE], dtype=np.float32),
@@ -227,20 +321,21 @@ def fixed_width_queries(encoded: dict[str, np.ndarray], history_len: int) -> dic
 
 
 def fixed_width_items(encoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {I_CAT: np.stack([encoded[f] for f in ITEM_CATEGORICALS], axis=1).astype(np.int64)}
+    return {I_CAT: np.stack([encoded[f] for f in categorical_names(encoded)], axis=1).astype(np.int64)}
 
 
-def from_fixed_width(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def from_fixed_width(columns: dict[str, np.ndarray], query_names: Sequence[str] = QUERY_CATEGORICALS,
+                     item_names: Sequence[str] = ITEM_CATEGORICALS) -> dict[str, np.ndarray]:
     """Back to the jagged encoded dict(s) `QueryTower.inputs` / `ItemTower.inputs` take."""
     out: dict[str, np.ndarray] = {}
     if Q_CAT in columns:
-        out.update({f: columns[Q_CAT][:, j] for j, f in enumerate(QUERY_CATEGORICALS)})
+        out.update({f: columns[Q_CAT][:, j] for j, f in enumerate(query_names)})
         lengths = columns[Q_HIST_LEN].astype(np.int32)
         out[HIST_VALUES] = columns[Q_HIST][np.arange(columns[Q_HIST].shape[1]) < lengths[:, None]]
         out[HIST_LENGTHS] = lengths
         out[DENSE] = columns[Q_DENSE]
     if I_CAT in columns:
-        out.update({f: columns[I_CAT][:, j] for j, f in enumerate(ITEM_CATEGORICALS)})
+        out.update({f: columns[I_CAT][:, j] for j, f in enumerate(item_names)})
     return out
 
 

@@ -71,11 +71,55 @@ AnnType = Literal["IVF_SQ", "IVF_PQ", "IVF_HNSW_SQ"]
 Engine = Literal["exact", "ann"]
 
 
+@dataclass(frozen=True)
+class IndexColumns:
+    """The item table's attribute columns: H&M's by default, a dataset config's via `index_columns`.
+
+    strings: attribute columns kept for prefilters and display; bitmap: those given a bitmap
+    index; fts: full-text (BM25) columns; text: the columns whose MiniLM vector is stored (None:
+    H&M's `article_text`; empty: no text vector)."""
+
+    strings: tuple[str, ...] = STRING_ATTRIBUTES
+    bitmap: tuple[str, ...] = BITMAP_COLUMNS
+    fts: tuple[str, ...] = FTS_COLUMNS
+    text: tuple[str, ...] | None = None
+
+    @property
+    def is_hm(self) -> bool:
+        return self == HM_INDEX
+
+    def text_of(self, frame: pd.DataFrame) -> list[str]:
+        """The text embedded per article."""
+        from training.text_embed import article_text
+
+        if self.text is None:
+            return article_text(frame)
+        parts = [frame[c].fillna("").astype(str).str.strip() for c in self.text]
+        return [". ".join(x for x in row if x) for row in zip(*parts, strict=True)] if parts else [""] * len(frame)
+
+    def text_inputs(self) -> list[str]:
+        from training.text_embed import TEXT_FIELDS
+
+        return list(TEXT_FIELDS) if self.text is None else list(self.text)
+
+
+HM_INDEX = IndexColumns()
+
+
+def index_columns(roles: Any = None) -> IndexColumns:
+    """The item table for a dataset's roles (`feature_store.dataset.Roles`; None or H&M: HM_INDEX)."""
+    if roles is None or roles.is_hm:
+        return HM_INDEX
+    strings = tuple(dict.fromkeys([*roles.item_categorical, *roles.item_text]))
+    bitmap = (roles.type_column,) if roles.type_column else ()
+    return IndexColumns(strings, (*bitmap, "price_band", "in_stock"), tuple(roles.item_text), tuple(roles.item_text))
+
+
 # ---------------------------------------------------------------------------------------------
 # The table, declared once
 
 
-def item_schema(dim: int, text_dim: int | None = None) -> pa.Schema:
+def item_schema(dim: int, text_dim: int | None = None, strings: Sequence[str] = STRING_ATTRIBUTES) -> pa.Schema:
     """The LanceDB item table: id, attributes for prefilters and display, the item-tower vector
     and (when built with text) the MiniLM text vector.
 
@@ -84,7 +128,7 @@ def item_schema(dim: int, text_dim: int | None = None) -> pa.Schema:
     PRICE_BANDS-1 by price quantiles of the build. min_age: 0 when unrestricted.
     """
     fields = [pa.field("article_id", pa.string(), nullable=False)]
-    fields += [pa.field(c, pa.string()) for c in STRING_ATTRIBUTES]
+    fields += [pa.field(c, pa.string()) for c in strings]
     fields += [
         pa.field("price", pa.float64()),
         pa.field("price_band", pa.int32()),
@@ -108,7 +152,7 @@ def price_band_edges(prices: Sequence[float] | np.ndarray, bands: int = PRICE_BA
 
 def _regions(value: Any) -> list[str] | None:
     """A regions cell from the feature group (JSON text or a list) as a list, None if unknown."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):  # None, NaN, pd.NA
         return None
     if isinstance(value, str):
         value = json.loads(value) if value.strip() else None
@@ -118,24 +162,24 @@ def _regions(value: Any) -> list[str] | None:
 
 
 def to_index_rows(batch: pd.DataFrame, vecs: np.ndarray, text_vecs: np.ndarray | None = None,
-                  price_edges: Sequence[float] | None = None) -> pa.Table:
+                  price_edges: Sequence[float] | None = None, columns: IndexColumns = HM_INDEX) -> pa.Table:
     """Rows of the item table for a frame of articles (articles feature group columns)."""
-    missing = [c for c in ("article_id", "prod_name", "product_type_name", "index_group_name",
-                           "garment_group_name", "colour_group_name", "price", "stock", "min_age")
-               if c not in batch]
+    required = ["article_id", "prod_name", "product_type_name", "index_group_name", "garment_group_name",
+                "colour_group_name"] if columns.is_hm else ["article_id", *columns.strings]
+    missing = [c for c in (*required, "price", "stock", "min_age") if c not in batch]
     if missing:
         raise ValueError(f"articles frame lacks column(s) {missing} needed by the item index")
     if len(vecs) != len(batch) or (text_vecs is not None and len(text_vecs) != len(batch)):
         raise ValueError(f"{len(batch)} articles but {len(vecs)} vectors")
     frame = batch.reset_index(drop=True)
     for col, default in OPTIONAL_DEFAULTS.items():
-        if col not in frame:
+        if col not in frame and (col in columns.strings or col == "regions"):
             frame[col] = [default] * len(frame)
     price = pd.to_numeric(frame["price"], errors="coerce").astype("float64")
     edges = list(price_edges) if price_edges is not None else price_band_edges(price)
     stock = pd.to_numeric(frame["stock"], errors="coerce")
     cols: dict[str, pa.Array] = {"article_id": pa.array(frame["article_id"].astype(str).tolist(), pa.string())}
-    for c in STRING_ATTRIBUTES:
+    for c in columns.strings:
         cols[c] = pa.array(frame[c].fillna("").astype(str).tolist(), pa.string())
     cols["price"] = pa.array(price.tolist(), pa.float64())
     cols["price_band"] = pa.array(np.searchsorted(np.asarray(edges, float), price.fillna(0).to_numpy(),
@@ -150,7 +194,7 @@ def to_index_rows(batch: pd.DataFrame, vecs: np.ndarray, text_vecs: np.ndarray |
         tv = np.ascontiguousarray(text_vecs, dtype=np.float32)
         cols[TEXT_VECTOR_COLUMN] = pa.FixedSizeListArray.from_arrays(pa.array(tv.ravel(), pa.float32()), tv.shape[1])
         text_dim = tv.shape[1]
-    return pa.table(cols, schema=item_schema(vecs.shape[1], text_dim))
+    return pa.table(cols, schema=item_schema(vecs.shape[1], text_dim, columns.strings))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,6 +452,7 @@ class BuildRecord(BaseModel):
     ann: AnnRecord | None = None
     text_ann: AnnRecord | None = None
     price_edges: list[float] = []
+    fts_columns: list[str] = list(FTS_COLUMNS)
     built_at: str
     seconds: float
     rows_per_s: float
@@ -457,7 +502,8 @@ def file_sha256(path: str | Path) -> str | None:
 class ItemEmbedder:
     """Callable for Ray Data `map_batches`: loads the item tower once per actor."""
 
-    def __init__(self, model_dir: str, price_edges: Sequence[float] | None = None):
+    def __init__(self, model_dir: str, price_edges: Sequence[float] | None = None,
+                 columns: IndexColumns = HM_INDEX):
         import torch
 
         from training.two_tower.model import load_item_tower
@@ -465,27 +511,27 @@ class ItemEmbedder:
         torch.set_num_threads(1)
         self.tower, self.vocab = load_item_tower(Path(model_dir))
         self.price_edges = list(price_edges) if price_edges is not None else None
+        self.columns = columns
 
     def __call__(self, batch: pd.DataFrame) -> pa.Table:
         from training.features import encode_items
 
         vecs = self.tower.embed(encode_items(self.vocab, batch)).astype(np.float32)
-        return to_index_rows(batch, vecs, price_edges=self.price_edges)
+        return to_index_rows(batch, vecs, price_edges=self.price_edges, columns=self.columns)
 
 
 class TextVectorizer:
     """Callable for Ray Data `map_batches`: adds the MiniLM vector of each article's text."""
 
-    def __init__(self, threads: int = 2):
+    def __init__(self, threads: int = 2, columns: IndexColumns = HM_INDEX):
         from training.text_embed import TextEmbedder
 
         self.embedder = TextEmbedder(threads=threads)
+        self.columns = columns
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from training.text_embed import TEXT_FIELDS, article_text
-
-        frame = batch.select(list(TEXT_FIELDS)).to_pandas()
-        tv = self.embedder.encode(article_text(frame))
+        frame = batch.select(self.columns.text_inputs()).to_pandas()
+        tv = self.embedder.encode(self.columns.text_of(frame))
         col = pa.FixedSizeListArray.from_arrays(pa.array(tv.ravel(), pa.float32()), tv.shape[1])
         return batch.append_column(pa.field(TEXT_VECTOR_COLUMN, col.type), col)
 
@@ -504,9 +550,10 @@ class IndexBuild:
 
 def build_index(articles_path: Path, model_dir: Path, uri: Path, progress: bool = True, *, text: bool = True,
                 ann: AnnType | Literal["auto", "none"] = "auto", target_recall: float = TARGET_RECALL,
-                batch_size: int = 2048) -> IndexBuild:
+                batch_size: int = 2048, columns: IndexColumns = HM_INDEX) -> IndexBuild:
     """Embed the articles (offline feature group Parquet) with Ray Data into a new table version,
-    index it, and record the build. Serving is not switched: promote the returned version."""
+    index it, and record the build. Serving is not switched: promote the returned version.
+    `columns`: the table's attributes (a dataset without text columns gets no text vector)."""
     import lancedb
     import pyarrow.parquet as pq
     import ray
@@ -516,10 +563,12 @@ def build_index(articles_path: Path, model_dir: Path, uri: Path, progress: bool 
     price_edges = price_band_edges(pq.read_table(str(articles_path), columns=["price"])["price"].to_numpy())
     ds = ray.data.read_parquet(str(articles_path))
     # Fractional CPUs: on a 2-CPU node a 1-CPU actor starves Ray Data's read tasks (STACK.md).
-    ds = ds.map_batches(ItemEmbedder, fn_constructor_args=(str(model_dir), price_edges), batch_format="pandas",
+    text = text and columns.text != ()
+    ds = ds.map_batches(ItemEmbedder, fn_constructor_args=(str(model_dir), price_edges, columns),
+                        batch_format="pandas",
                         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
     if text:
-        ds = ds.map_batches(TextVectorizer, batch_format="pyarrow", batch_size=256,
+        ds = ds.map_batches(TextVectorizer, fn_constructor_args=(2, columns), batch_format="pyarrow", batch_size=256,
                             compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
     counter = {"n": 0}
     batches = _stream(ds, counter, t0, say)
@@ -534,7 +583,7 @@ def build_index(articles_path: Path, model_dir: Path, uri: Path, progress: bool 
     say(f"{n} articles written in {t_embed:.1f}s ({n / max(t_embed, 1e-9):.0f} rows/s); indexing")
     dim = schema.field(VECTOR_COLUMN).type.list_size
     text_dim = schema.field(TEXT_VECTOR_COLUMN).type.list_size if TEXT_VECTOR_COLUMN in schema.names else None
-    create_attribute_indexes(tbl)
+    create_attribute_indexes(tbl, columns)
     ann_rec = text_rec = None
     plan = None if ann == "none" else choose_ann(n, dim, ann)
     if plan is not None:
@@ -548,7 +597,7 @@ def build_index(articles_path: Path, model_dir: Path, uri: Path, progress: bool 
     engine = choose_engine(n, int(dim), ann_rec)
     secs = time.time() - t0
     rec = BuildRecord(version=int(tbl.version), n_rows=n, dim=int(dim), text_dim=text_dim, engine=engine,
-                      ann=ann_rec, text_ann=text_rec, price_edges=price_edges,
+                      ann=ann_rec, text_ann=text_rec, price_edges=price_edges, fts_columns=list(columns.fts),
                       built_at=datetime.now(UTC).isoformat(timespec="seconds"), seconds=round(secs, 2),
                       rows_per_s=round(n / max(t_embed, 1e-9), 1),
                       item_tower_sha256=file_sha256(Path(model_dir) / _item_tower_file()))
@@ -580,16 +629,16 @@ def _chain(first: pa.RecordBatch, rest: Iterator[pa.RecordBatch]) -> Iterator[pa
         yield b if b.schema == first.schema else b.cast(first.schema)
 
 
-def create_attribute_indexes(tbl: Any) -> None:
+def create_attribute_indexes(tbl: Any, columns: IndexColumns = HM_INDEX) -> None:
     """Scalar indexes for prefilters and id lookups, and BM25 full-text indexes."""
     from lancedb.index import FTS, Bitmap, BTree, LabelList
 
     tbl.create_index("article_id", config=BTree())
-    for col in BITMAP_COLUMNS:
+    for col in columns.bitmap:
         tbl.create_index(col, config=Bitmap())
     tbl.create_index("min_age", config=BTree())
     tbl.create_index("regions", config=LabelList())
-    for col in FTS_COLUMNS:
+    for col in columns.fts:
         tbl.create_index(col, config=FTS())
 
 
@@ -773,12 +822,13 @@ class ItemIndex:
 
     def text_search(self, query_text: str, k: int, where: str | ItemFilter | None = None
                     ) -> tuple[list[str], np.ndarray]:
-        """BM25 full-text matches over prod_name and detail_desc, best first."""
+        """BM25 full-text matches over the text columns (H&M: prod_name and detail_desc), best first."""
         from lancedb.query import MultiMatchQuery
 
-        if not query_text.strip():
+        fts = self.record.fts_columns if self.record else list(FTS_COLUMNS)
+        if not query_text.strip() or not fts:
             return [], np.zeros(0, np.float32)
-        q = self.table.search(MultiMatchQuery(query_text, list(FTS_COLUMNS)), query_type="fts")
+        q = self.table.search(MultiMatchQuery(query_text, fts), query_type="fts")
         clause = _where(where)
         if clause:
             q = q.where(clause, prefilter=True)

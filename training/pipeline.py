@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +17,16 @@ import yaml
 from common.artifacts import IndexRef, Manifest, new_manifest, write_json, write_manifest
 from common.config import RayrecConfig
 from common.workdir import Workdir
+from feature_store.dataset import HM_ROLES, DatasetConfig, Roles, hm_dataset_config, load_dataset
+from feature_store.groups import dataset_groups
 from feature_store.online.base import OnlineStore
-from feature_store.sources import FILES, generate, load_hm
+from feature_store.sources import FILES, generate
 from feature_store.store import FeatureStore
 from feature_store.transforms import article_features, customer_features, customer_history
 from feature_store.views import RETRIEVAL_VIEW_VERSION, query_frame, retrieval_frame
 from training import evaluate as ev
 from training.features import encode_items, encode_queries
-from training.index import ItemIndex, build_index
+from training.index import ItemIndex, build_index, index_columns
 from training.plots import plot_metrics, plot_training
 from training.popularity import popular_articles, save_popularity
 from training.ranker import (
@@ -54,10 +56,14 @@ def step(name: str):
 
 @dataclass
 class Raw:
+    """The canonical tables (see feature_store.dataset) and the roles of their columns."""
+
     articles: pd.DataFrame
     customers: pd.DataFrame
     transactions: pd.DataFrame
     extras: dict[str, pd.DataFrame]
+    roles: Roles = HM_ROLES
+    name: str = "hm"
 
 
 @dataclass
@@ -87,31 +93,36 @@ def make_split(tx: pd.DataFrame, cfg: RayrecConfig) -> Split:
     return Split("none", tx, tx.iloc[:0], None, last_month)
 
 
-def prepare_data(cfg: RayrecConfig, wd: Workdir, data_dir: Path | None) -> Raw:
-    """Load the user's files, or generate H&M-shaped data into the workdir."""
-    if data_dir is None:
-        data_dir = wd.data_dir
-        if not (data_dir / FILES["transactions"]).exists():
-            d = cfg.data
-            generate(data_dir, seed=d.seed, customers=d.customers, articles=d.articles, days=d.days, progress=True)
-    hm = load_hm(Path(data_dir))
-    for line in hm.report.summary_lines():
+def prepare_data(cfg: RayrecConfig, wd: Workdir, data_dir: Path | None, dataset: DatasetConfig | None = None) -> Raw:
+    """Load a dataset config's files, the user's H&M files, or generate H&M-shaped data into the workdir."""
+    if dataset is None:
+        if data_dir is None:
+            data_dir = wd.data_dir
+            if not (data_dir / FILES["transactions"]).exists():
+                d = cfg.data
+                generate(data_dir, seed=d.seed, customers=d.customers, articles=d.articles, days=d.days,
+                         progress=True)
+        dataset = hm_dataset_config(Path(data_dir))
+    data = load_dataset(dataset)
+    for line in data.report.summary_lines():
         print(f"[data] {line}", flush=True)
-    write_json(wd.reports_dir / "data_report.json", hm.report.to_dict())
-    return Raw(hm.articles, hm.customers, hm.transactions, hm.extras)
+    write_json(wd.reports_dir / "data_report.json", data.report.to_dict())
+    return Raw(data.articles, data.customers, data.transactions, data.extras, data.roles, data.name)
 
 
 def write_feature_groups(fs: FeatureStore, raw: Raw, manifest: Manifest) -> dict[str, pd.DataFrame]:
     """Serving-time groups (as of the end of the data) offline and online; transactions offline."""
     regions = raw.extras.get("postal_regions")
+    roles = raw.roles
     frames = {
         "transactions": raw.transactions,
-        "customers": customer_features(raw.customers, regions),
-        "articles": article_features(raw.articles, raw.transactions, None, raw.extras),
-        "customer_history": customer_history(raw.transactions, raw.articles, None),
+        "customers": customer_features(raw.customers, regions, roles),
+        "articles": article_features(raw.articles, raw.transactions, None, raw.extras, roles),
+        "customer_history": customer_history(raw.transactions, raw.articles, None, roles),
     }
+    groups = dataset_groups(roles)
     for name, frame in frames.items():
-        manifest.feature_groups[name] = fs.write(name, frame)
+        manifest.feature_groups[name] = fs.write(name, frame, groups=groups)
     return frames
 
 
@@ -123,11 +134,12 @@ def main_channel(tx: pd.DataFrame) -> dict[str, int]:
 def retrieve(
     model_dir: Path, item_ids: list[str], item_vecs: np.ndarray, customers_fg: pd.DataFrame,
     history: pd.DataFrame, customer_ids: list[str], month: int, channel: dict[str, int], k: int, history_len: int,
+    roles: Roles = HM_ROLES,
 ) -> tuple[list[list[str]], list[np.ndarray]]:
     """Batch retrieval as serving does it: query tower, exact top-k, already-bought removed."""
     tower, vocab = load_query_tower(model_dir)
     purchased = dict(zip(history["customer_id"], history["purchased"], strict=True))
-    q = query_frame(customer_ids, customers_fg, purchased, month, channel, history_len)
+    q = query_frame(customer_ids, customers_fg, purchased, month, channel, history_len, roles)
     qv = tower.embed(encode_queries(vocab, q, history_len))
     pos = {a: i for i, a in enumerate(item_ids)}
     exclude = [np.array([pos[a] for a in purchased.get(c, []) if a in pos], dtype=np.int64) for c in customer_ids]
@@ -136,9 +148,12 @@ def retrieve(
 
 
 def run_pipeline(
-    cfg: RayrecConfig, wd: Workdir, data_dir: Path | None = None, online: OnlineStore | None = None
+    cfg: RayrecConfig, wd: Workdir, data_dir: Path | None = None, online: OnlineStore | None = None,
+    dataset: DatasetConfig | None = None,
 ) -> Manifest:
-    """Run every step; the manifest is written only when all of them succeeded."""
+    """Run every step; the manifest is written only when all of them succeeded.
+
+    The data: `dataset` (a dataset config), else the H&M files in `data_dir`, else generated."""
     import ray
 
     wd.root.mkdir(parents=True, exist_ok=True)
@@ -146,7 +161,8 @@ def run_pipeline(
     manifest = new_manifest(cfg.name)
     t_all = time.time()
     with step("data"):
-        raw = prepare_data(cfg, wd, data_dir)
+        raw = prepare_data(cfg, wd, data_dir, dataset)
+        manifest.extra["dataset"] = {"name": raw.name, "roles": asdict(raw.roles)}
     with step("feature groups (offline Parquet + online tables)"):
         fs = FeatureStore(wd, online)
         frames = write_feature_groups(fs, raw, manifest)
@@ -154,8 +170,8 @@ def run_pipeline(
     train_tx = split.train
     print(f"[split] {split.describe()}", flush=True)
     with step("retrieval training data (point-in-time view)"):
-        arts_cut = article_features(raw.articles, train_tx, split.as_of, raw.extras)
-        view = retrieval_frame(train_tx, frames["customers"], arts_cut, cfg.two_tower.history_len)
+        arts_cut = article_features(raw.articles, train_tx, split.as_of, raw.extras, raw.roles)
+        view = retrieval_frame(train_tx, frames["customers"], arts_cut, cfg.two_tower.history_len, raw.roles)
         view_dir = wd.views_dir / "retrieval" / f"v{RETRIEVAL_VIEW_VERSION}"
         view_dir.mkdir(parents=True, exist_ok=True)
         view.to_parquet(view_dir / "train.parquet", index=False)
@@ -167,14 +183,14 @@ def run_pipeline(
     with step("two-tower training (Ray Train)"):
         t_fit = time.time()
         result = train_two_tower(view, arts_cut, frames["customers"], cfg.two_tower, wd.two_tower_dir,
-                                 wd.ray_dir / "train")
+                                 wd.ray_dir / "train", roles=raw.roles)
         fit_s = round(time.time() - t_fit, 1)
         for name in ("query_tower", "item_tower", "vocab"):
             manifest.models[name] = wd.relative(getattr(result, name))
         plot_training(result.history, wd.reports_dir / "training.png")
     with step("item index (Ray Data -> LanceDB)"):
         arts_path = wd.resolve(manifest.feature_groups["articles"].offline_path)
-        built = build_index(arts_path, wd.two_tower_dir, wd.index_dir)
+        built = build_index(arts_path, wd.two_tower_dir, wd.index_dir, columns=index_columns(raw.roles))
         manifest.index = IndexRef(uri=wd.relative(wd.index_dir), table=built.table, version=built.version,
                                   dim=built.dim, n_rows=built.n_rows)
     pop = popular_articles(train_tx, frames["customers"])
@@ -190,6 +206,7 @@ def run_pipeline(
         else:
             metrics = evaluate_all(cfg, wd, raw, split, frames["customers"], item_ids, item_vecs, channel, ranker)
             plot_metrics({m: metrics[m] for m in metrics["models"]}, wd.reports_dir / "recall.png")
+        metrics["dataset"] = raw.name
         metrics["data_range"] = {"first_day": str(raw.transactions["t_dat"].min().date()),
                                  "last_day": str(raw.transactions["t_dat"].max().date())}
         metrics["timing_s"] = {"pipeline": round(time.time() - t_all, 1), "two_tower_fit": fit_s}
@@ -215,32 +232,33 @@ def train_ranker(cfg, wd, raw: Raw, train_tx, customers_fg, item_ids, item_vecs,
             if before["customer_id"].nunique() < 2:
                 raise ValueError(f"no purchases before the ranker's first cut-off {first_cut.date()}: lower "
                                  "ranker.n_cutoffs or set ranker.retrieval_for_training: served")
-            arts = article_features(raw.articles, before, first_cut, raw.extras)
-            view = retrieval_frame(before, customers_fg, arts, cfg.two_tower.history_len)
-            train_two_tower(view, arts, customers_fg, cfg.two_tower, model_dir, wd.ray_dir / "train_ranker_retrieval")
+            arts = article_features(raw.articles, before, first_cut, raw.extras, raw.roles)
+            view = retrieval_frame(before, customers_fg, arts, cfg.two_tower.history_len, raw.roles)
+            train_two_tower(view, arts, customers_fg, cfg.two_tower, model_dir, wd.ray_dir / "train_ranker_retrieval",
+                            roles=raw.roles)
             item_tower, item_vocab = load_item_tower(model_dir)
             vecs = item_tower.embed(encode_items(item_vocab, arts.set_index("article_id").loc[item_ids].reset_index()))
     tower, vocab = load_query_tower(model_dir)
 
     def candidates(cids: list[str], hist: pd.DataFrame, as_of: pd.Timestamp):
         return retrieve(model_dir, item_ids, vecs, customers_fg, hist, cids, as_of.month, channel,
-                        cfg.ranker.n_candidates, cfg.two_tower.history_len)
+                        cfg.ranker.n_candidates, cfg.two_tower.history_len, raw.roles)
 
     def score_all(cids: list[str], hist: pd.DataFrame, as_of: pd.Timestamp):
         purchased = dict(zip(hist["customer_id"], hist["purchased"], strict=True))
-        q = query_frame(cids, customers_fg, purchased, as_of.month, channel, cfg.two_tower.history_len)
+        q = query_frame(cids, customers_fg, purchased, as_of.month, channel, cfg.two_tower.history_len, raw.roles)
         qv = tower.embed(encode_queries(vocab, q, cfg.two_tower.history_len))
         return qv @ vecs.T, item_ids, [set(purchased.get(c, [])) for c in cids]
 
     data = build_ranking_data(raw.articles, train_tx, customers_fg, raw.extras, candidates, cfg.ranker, channel,
-                              label_days=label_days)
+                              label_days=label_days, roles=raw.roles)
     ranker = fit_ranker(data, cfg.ranker, train_dir=wd.ranker_path.parent / "catboost_info")
     ranker.info["retrieval_for_training"] = cfg.ranker.retrieval_for_training
     plot_importance(ranker.importance(), wd.reports_dir / "ranker_importance.png")
     classifier = None
     if cfg.ranker.compare_classifier:
         cdata = build_classifier_data(raw.articles, train_tx, customers_fg, raw.extras, score_all, cfg.ranker,
-                                      channel, label_days=label_days)
+                                      channel, label_days=label_days, roles=raw.roles)
         classifier = fit_classifier(cdata, cfg.ranker)
     return TrainedRankers(ranker, classifier)
 
@@ -250,14 +268,14 @@ def evaluate_all(cfg, wd, raw: Raw, split: Split, customers_fg, item_ids, item_v
     train_tx, cutoff = split.train, split.as_of
     truth = ev.ground_truth(split.test, cfg.eval.max_customers, seed=cfg.eval.seed)
     cids = sorted(truth)
-    hist = customer_history(train_tx, raw.articles, cutoff)
+    hist = customer_history(train_tx, raw.articles, cutoff, raw.roles)
     purchased = dict(zip(hist["customer_id"], hist["purchased"], strict=True))
     k = max(100, cfg.ranker.n_candidates)
     lists = baseline_lists(cfg, train_tx, cids, purchased, k)
     cands, scores = retrieve(wd.two_tower_dir, item_ids, item_vecs, customers_fg, hist, cids, split.month, channel,
-                             k, cfg.two_tower.history_len)
+                             k, cfg.two_tower.history_len, raw.roles)
     retrieval = dict(zip(cids, cands, strict=True))
-    state = rows_as_of(raw.articles, train_tx, customers_fg, raw.extras, cutoff, cids)
+    state = rows_as_of(raw.articles, train_tx, customers_fg, raw.extras, cutoff, cids, raw.roles)
     ranking = evaluation_lists(ranker, cfg.ranker, cfg.filters, state, cids, cands, scores, channel)
     lists.update(retrieval=retrieval, ranked=ranking["ranked"])
     if "ranked_classifier" in ranking:

@@ -32,13 +32,12 @@ from common.config import FilterConfig, RankerConfig
 from training.diversity import rerank
 from training.filters import FilterContext, RequestFilters, apply_rules, build_rules, columns_needed
 from training.ranking_features import (
-    ARTICLE_COLUMNS,
-    CATEGORICAL_FEATURES,
-    FEATURES,
-    NUMERIC_FEATURES,
+    HM_FEATURES,
     FeatureBlock,
+    RankerFeatures,
     history_article_ids,
     offline_rows,
+    ranker_features,
     recent_types,
     vectorise,
 )
@@ -60,12 +59,14 @@ class RankerModel:
     candidates with their raw formula value (higher is better).
     """
 
-    def __init__(self, model: Any, kind: str, info: dict[str, Any] | None = None):
+    def __init__(self, model: Any, kind: str, info: dict[str, Any] | None = None,
+                 spec: RankerFeatures | None = None):
         if kind not in ("ranker", "classifier"):
             raise ValueError(f"kind must be 'ranker' or 'classifier', got {kind!r}")
         self.model = model
         self.kind = kind
         self.info = dict(info or {})
+        self.spec = spec or HM_FEATURES
 
     def predict(self, block: FeatureBlock, thread_count: int = 1) -> np.ndarray:
         """Scores for the rows of `block` (higher is better)."""
@@ -74,7 +75,7 @@ class RankerModel:
         from catboost import CatBoost, FeaturesData
 
         data = FeaturesData(num_feature_data=block.num, cat_feature_data=block.cat,
-                            num_feature_names=NUMERIC_FEATURES, cat_feature_names=CATEGORICAL_FEATURES)
+                            num_feature_names=list(self.spec.numeric), cat_feature_names=list(self.spec.categorical))
         # The base class's predict takes prediction_type for rankers and classifiers alike.
         return np.asarray(CatBoost.predict(self.model, data, prediction_type="RawFormulaVal",
                                            thread_count=thread_count))
@@ -89,8 +90,8 @@ class RankerModel:
         """One .cbm file; the feature contract travels in the model's metadata."""
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = self.model.get_metadata()
-        meta["rayrec"] = json.dumps({"kind": self.kind, "feature_format": FEATURE_FORMAT, "features": FEATURES,
-                                     **self.info})
+        meta["rayrec"] = json.dumps({"kind": self.kind, "feature_format": FEATURE_FORMAT,
+                                     "features": self.spec.names, "spec": self.spec.to_dict(), **self.info})
         self.model.save_model(str(path))
         return path
 
@@ -104,10 +105,11 @@ class RankerModel:
         model.load_model(str(path))
         raw = model.get_metadata().get("rayrec")
         info = json.loads(raw) if raw else {}
-        if info.get("feature_format") != FEATURE_FORMAT or info.get("features") != FEATURES:
+        spec = RankerFeatures.from_dict(info.pop("spec")) if "spec" in info else HM_FEATURES
+        if info.get("feature_format") != FEATURE_FORMAT or info.get("features") != spec.names:
             raise ValueError(f"{path}: ranker was trained with feature format {info.get('feature_format')!r}, "
                              f"this code builds format {FEATURE_FORMAT}: retrain with `rayrec pipeline`")
-        return cls(model, info.pop("kind"), info)
+        return cls(model, info.pop("kind"), info, spec)
 
 
 @dataclass
@@ -173,6 +175,7 @@ class RankingStage:
         if ranker_cfg.diversity.rule == "mmr" and item_vectors is None:
             raise ValueError("diversity rule 'mmr' needs item vectors")
         self.model = model
+        self.spec: RankerFeatures = getattr(model, "spec", HM_FEATURES)  # the contract the model was fit on
         self.cfg = ranker_cfg
         self.filters = filter_cfg
         self.n_rank = n_rank
@@ -185,7 +188,7 @@ class RankingStage:
     def article_columns(self, request: RequestFilters | None = None) -> list[str]:
         """Columns of the articles group that the rules and the features read (one query)."""
         needed = columns_needed(self.rules(request)).get("articles", [])
-        return list(dict.fromkeys([*ARTICLE_COLUMNS, *needed]))
+        return list(dict.fromkeys([*self.spec.article_columns(), *needed]))
 
     def article_keys(self, candidate_ids: Sequence[str], history: Row | None) -> list[str]:
         """Articles to read: the candidates plus the recent purchases `purchases_since_type` needs."""
@@ -227,9 +230,11 @@ class RankingStage:
         kept = result.kept[: self.n_rank]
         ids = [candidate_ids[i] for i in kept]
         rows = [arts[i] for i in kept]
+        spec = self.spec
         block = vectorise(customer, history, rows, [float(candidate_scores[i]) for i in kept], article_ids=ids,
-                          channel=channel, now=now, recent=recent_types(history, articles, self.window),
-                          window=self.window)
+                          channel=channel, now=now,
+                          recent=recent_types(history, articles, self.window, spec.type_column),
+                          window=self.window, spec=spec)
         stats = Ranked([], [], result.removed, len(candidate_ids), len(result.kept), len(kept))
         return Prepared(ids, rows, block, stats)
 
@@ -244,7 +249,8 @@ class RankingStage:
 
     def final_order(self, ids: Sequence[str], rows: Sequence[Row | None], scores: np.ndarray, k: int) -> list[int]:
         """Positions of the final top k: the configured diversity rule over the model scores."""
-        types = [(r or {}).get("product_type_name") for r in rows]
+        col = self.spec.type_column
+        types = [(r or {}).get(col) for r in rows] if col else list(range(len(rows)))  # none: no grouping
         vecs = None
         if self.cfg.diversity.rule == "mmr":
             dim = len(next(iter(self.item_vectors.values())))
@@ -266,6 +272,7 @@ class RankingData:
     group: np.ndarray
     customer_ids: list[str]
     stats: dict[str, Any]
+    spec: RankerFeatures = HM_FEATURES
 
 
 @dataclass
@@ -281,16 +288,17 @@ class AsOf:
 
 def rows_as_of(raw_articles: pd.DataFrame, tx: pd.DataFrame, customers_fg: pd.DataFrame,
                extras: dict[str, pd.DataFrame] | None, as_of: pd.Timestamp | None,
-               customer_ids: Sequence[str]) -> AsOf:
+               customer_ids: Sequence[str], roles: Any = None) -> AsOf:
     """The customers, customer_history and articles groups as of `as_of` (transactions before
-    it), for `customer_ids`: what the online store held at that time."""
+    it), for `customer_ids`: what the online store held at that time. `roles`: the dataset's."""
     from feature_store.transforms import article_features, customer_history
 
-    hist = customer_history(tx, raw_articles, as_of)
-    arts = article_features(raw_articles, tx, as_of, extras)
+    hist = customer_history(tx, raw_articles, as_of, roles=roles)
+    arts = article_features(raw_articles, tx, as_of, extras, roles=roles)
     when = as_of if as_of is not None else tx["t_dat"].max() + pd.Timedelta(days=1)
-    return AsOf(when, offline_rows("customers", customers_fg, customer_ids),
-                offline_rows("customer_history", hist, customer_ids), offline_rows("articles", arts), hist)
+    return AsOf(when, offline_rows("customers", customers_fg, customer_ids, roles),
+                offline_rows("customer_history", hist, customer_ids, roles), offline_rows("articles", arts, None, roles),
+                hist)
 
 
 def training_cutoffs(tx: pd.DataFrame, n_cutoffs: int, label_days: int) -> list[pd.Timestamp]:
@@ -309,6 +317,7 @@ def build_ranking_data(
     channel: Mapping[str, int],
     label_days: int = 7,
     progress: bool = True,
+    roles: Any = None,
 ) -> RankingData:
     """Hard-negative ranking data over `cfg.n_cutoffs` weekly cut-offs (see the module doc).
 
@@ -319,6 +328,7 @@ def build_ranking_data(
     from training.evaluate import ground_truth
 
     rng = np.random.default_rng(cfg.seed)
+    spec = ranker_features(roles)
     per_cut = max(1, cfg.max_train_customers // cfg.n_cutoffs)
     blocks, labels, groups, owners = [], [], [], []
     stats: dict[str, Any] = {"cutoffs": [], "groups": 0, "rows": 0, "positives": 0, "groups_without_positive": 0}
@@ -329,7 +339,7 @@ def build_ranking_data(
             continue
         truth = ground_truth(window, per_cut, seed=cfg.seed + ci)
         cids = sorted(truth)
-        state = rows_as_of(raw_articles, before, customers_fg, extras, cut, cids)
+        state = rows_as_of(raw_articles, before, customers_fg, extras, cut, cids, roles)
         cands, scores = retrieve(cids, state.history_frame, cut)
         n_groups_before = stats["groups"]
         for cid, ids, sc in zip(cids, cands, scores, strict=True):
@@ -340,8 +350,9 @@ def build_ranking_data(
             keep = _sample_negatives(y, cfg.train_negatives, rng)
             block = vectorise(state.customers.get(cid), state.history.get(cid), [state.articles.get(a) for a in ids],
                               sc, article_ids=ids, channel=channel.get(cid, 1), now=cut.date(),
-                              recent=recent_types(state.history.get(cid), state.articles, cfg.type_recency_window),
-                              window=cfg.type_recency_window)
+                              recent=recent_types(state.history.get(cid), state.articles, cfg.type_recency_window,
+                                                  spec.type_column),
+                              window=cfg.type_recency_window, spec=spec)
             blocks.append(block.take(keep))
             labels.append(y[keep])
             groups.append(np.full(len(keep), stats["groups"], dtype=np.int64))
@@ -355,7 +366,8 @@ def build_ranking_data(
                   f"{stats['groups'] - n_groups_before} groups with a positive", flush=True)
     if not blocks:
         raise ValueError("ranker training data has no positive labels: the retrieval candidates never hit")
-    data = RankingData(FeatureBlock.concat(blocks), np.concatenate(labels), np.concatenate(groups), owners, stats)
+    data = RankingData(FeatureBlock.concat(blocks), np.concatenate(labels), np.concatenate(groups), owners, stats,
+                       spec)
     stats["rows"] = len(data.labels)
     return data
 
@@ -368,11 +380,12 @@ def _sample_negatives(y: np.ndarray, n_neg: int, rng: np.random.Generator) -> np
     return np.sort(np.concatenate([np.flatnonzero(y == 1), neg]))
 
 
-def _pool(block: FeatureBlock, labels: np.ndarray | None = None, group: np.ndarray | None = None):
+def _pool(block: FeatureBlock, spec: RankerFeatures, labels: np.ndarray | None = None,
+          group: np.ndarray | None = None):
     from catboost import FeaturesData, Pool
 
     data = FeaturesData(num_feature_data=block.num, cat_feature_data=block.cat,
-                        num_feature_names=NUMERIC_FEATURES, cat_feature_names=CATEGORICAL_FEATURES)
+                        num_feature_names=list(spec.numeric), cat_feature_names=list(spec.categorical))
     return Pool(data=data, label=labels, group_id=group)
 
 
@@ -389,12 +402,12 @@ def fit_ranker(data: RankingData, cfg: RankerConfig, progress: bool = True,
                            verbose=max(1, cfg.iterations // 5) if progress else False,
                            **_train_dir_args(train_dir))
     t0 = time.time()
-    model.fit(_pool(data.block, data.labels, data.group))
+    model.fit(_pool(data.block, data.spec, data.labels, data.group))
     info = {"loss_function": cfg.loss_function, "fit_s": round(time.time() - t0, 1), **data.stats}
     if progress:
         print(f"[ranker] fit on {data.stats['groups']} groups x {len(data.labels)} rows in {info['fit_s']}s",
               flush=True)
-    return RankerModel(model, "ranker", info)
+    return RankerModel(model, "ranker", info, data.spec)
 
 
 def fit_classifier(data: RankingData, cfg: RankerConfig, progress: bool = True) -> RankerModel:
@@ -408,11 +421,11 @@ def fit_classifier(data: RankingData, cfg: RankerConfig, progress: bool = True) 
                                one_hot_max_size=cfg.one_hot_max_size,
                                verbose=False, allow_writing_files=False)
     t0 = time.time()
-    model.fit(_pool(data.block, data.labels))
+    model.fit(_pool(data.block, data.spec, data.labels))
     info = {"fit_s": round(time.time() - t0, 1), **data.stats}
     if progress:
         print(f"[ranker] classifier fit on {len(data.labels)} rows in {info['fit_s']}s", flush=True)
-    return RankerModel(model, "classifier", info)
+    return RankerModel(model, "classifier", info, data.spec)
 
 
 def _train_dir_args(train_dir: Path | None) -> dict[str, Any]:
@@ -431,6 +444,7 @@ def build_classifier_data(
     cfg: RankerConfig,
     channel: Mapping[str, int],
     label_days: int = 7,
+    roles: Any = None,
 ) -> RankingData:
     """Positives = purchases of the label week; negatives = `classifier_negatives` random
     catalogue articles per positive (not bought that week). Same cut-offs and features as the
@@ -443,6 +457,7 @@ def build_classifier_data(
     from training.evaluate import ground_truth
 
     rng = np.random.default_rng(cfg.seed + 1)
+    spec = ranker_features(roles)
     per_cut = max(1, cfg.max_train_customers // cfg.n_cutoffs)
     blocks, labels, owners = [], [], []
     stats: dict[str, Any] = {"rows": 0, "positives": 0}
@@ -453,7 +468,7 @@ def build_classifier_data(
             continue
         truth = ground_truth(window, per_cut, seed=cfg.seed + ci)
         cids = sorted(truth)
-        state = rows_as_of(raw_articles, before, customers_fg, extras, cut, cids)
+        state = rows_as_of(raw_articles, before, customers_fg, extras, cut, cids, roles)
         scores, item_ids, excluded = score_all(cids, state.history_frame, cut)
         pos_of = {a: j for j, a in enumerate(item_ids)}
         for r, cid in enumerate(cids):
@@ -476,10 +491,11 @@ def build_classifier_data(
             block = vectorise(state.customers.get(cid), state.history.get(cid),
                               [state.articles.get(a) for a in ids], s[cols], article_ids=ids,
                               channel=channel.get(cid, 1), now=cut.date(),
-                              recent=recent_types(state.history.get(cid), state.articles, cfg.type_recency_window),
-                              window=cfg.type_recency_window)
-            block.num[:, NUMERIC_FEATURES.index("retrieval_rank")] = rank[cols]
-            block.num[:, NUMERIC_FEATURES.index("score_gap")] = s[order[0]] - s[cols]
+                              recent=recent_types(state.history.get(cid), state.articles, cfg.type_recency_window,
+                                                  spec.type_column),
+                              window=cfg.type_recency_window, spec=spec)
+            block.num[:, spec.numeric.index("retrieval_rank")] = rank[cols]
+            block.num[:, spec.numeric.index("score_gap")] = s[order[0]] - s[cols]
             y = np.array([a in truth[cid] for a in ids], dtype=np.int64)
             blocks.append(block)
             labels.append(y)
@@ -488,7 +504,8 @@ def build_classifier_data(
     if not blocks:
         raise ValueError("classifier training data is empty: no label-week purchases of known articles")
     stats["rows"] = int(sum(len(b) for b in blocks))
-    return RankingData(FeatureBlock.concat(blocks), np.concatenate(labels), np.zeros(0, np.int64), owners, stats)
+    return RankingData(FeatureBlock.concat(blocks), np.concatenate(labels), np.zeros(0, np.int64), owners, stats,
+                       spec)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,14 +8,17 @@ group frames (`offline_rows`: the exact conversion the online write uses), as of
 so the vector of (customer, article, time) is computed by the same code from the same values.
 
 Output: a `FeatureBlock` (float32 numeric matrix + string categorical matrix) in the column
-order `NUMERIC_FEATURES` + `CATEGORICAL_FEATURES`, fed to CatBoost with native categoricals.
+order of a `RankerFeatures` spec (H&M: `NUMERIC_FEATURES` + `CATEGORICAL_FEATURES`; a dataset
+config: the same interaction features plus its declared customer and item columns), fed to
+CatBoost with native categoricals. The spec travels in the ranker file, so serving builds the
+vectors the model was trained on.
 """
 from __future__ import annotations
 
 import datetime as dt
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -53,27 +56,105 @@ CATEGORICAL_FEATURES = [
 FEATURES = NUMERIC_FEATURES + CATEGORICAL_FEATURES
 MISSING_CATEGORY = "NA"
 
-# What vectorisation reads from each online feature group (filters may read more).
+# What H&M vectorisation reads from the customer groups (filters may read more); articles:
+# `RankerFeatures.article_columns`.
 CUSTOMER_COLUMNS = ("age", "club_member_status")
 HISTORY_COLUMNS = ("purchased", "n_purchases", "mean_price", "type_counts", "index_group_counts", "last_purchase")
-ARTICLE_COLUMNS = ("price", "sales_7d", "sales_total", "sales_trend", "product_type_name", "index_group_name",
-                   "garment_group_name", "colour_group_name")
+
+
+# Computed from the request, the retrieval scores and the aggregates (not a column of one row).
+DERIVED = ("retrieval_score", "retrieval_rank", "score_gap", "sales_channel_id", "n_purchases", "mean_price",
+           "days_since_last_purchase", "price_ratio", "log_sales_7d", "log_sales_total", "sales_trend",
+           "sales_7d_share", "type_share", "index_group_share", "purchases_since_type", "repurchase")
+
+
+@dataclass(frozen=True)
+class RankerFeatures:
+    """The ranker's feature contract: names in column order, and where each non-derived one
+    comes from (`sources`: name -> (group, column), group "customers" or "articles").
+    `type_column`: the article attribute behind type_share / purchases_since_type and diversity."""
+
+    numeric: tuple[str, ...]
+    categorical: tuple[str, ...]
+    sources: dict[str, tuple[str, str]] = field(default_factory=dict)
+    type_column: str | None = "product_type_name"
+
+    @property
+    def names(self) -> list[str]:
+        return [*self.numeric, *self.categorical]
+
+    def columns_of(self, group: str) -> list[str]:
+        return [col for g, col in self.sources.values() if g == group]
+
+    def article_columns(self) -> list[str]:
+        """What vectorisation reads from each candidate's articles row."""
+        cols = ["price", "sales_7d", "sales_total", "sales_trend", *self.columns_of("articles")]
+        if self.type_column:
+            cols.append(self.type_column)
+        if "index_group_share" in self.numeric:
+            cols.append("index_group_name")
+        return list(dict.fromkeys(cols))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"numeric": list(self.numeric), "categorical": list(self.categorical),
+                "sources": {k: list(v) for k, v in self.sources.items()}, "type_column": self.type_column}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RankerFeatures:
+        return cls(tuple(d["numeric"]), tuple(d["categorical"]),
+                   {k: (v[0], v[1]) for k, v in d["sources"].items()}, d.get("type_column"))
+
+
+HM_FEATURES = RankerFeatures(
+    tuple(NUMERIC_FEATURES), tuple(CATEGORICAL_FEATURES),
+    {"age": ("customers", "age"), "price": ("articles", "price"), "club_member_status": ("customers",
+     "club_member_status"), **{c: ("articles", c) for c in CATEGORICAL_FEATURES[:-1]}},
+)
+
+
+def ranker_features(roles: Any) -> RankerFeatures:
+    """The spec for a dataset's roles (`feature_store.dataset.Roles`; None or H&M: HM_FEATURES).
+    Declared customer / item columns join the interaction features; a name both sides declare
+    gets a `customer_` / `article_` prefix."""
+    if roles is None or roles.is_hm:
+        return HM_FEATURES
+    num = ["retrieval_score", "retrieval_rank", "score_gap"]
+    num += ["sales_channel_id"] if roles.has_channel else []
+    num += ["n_purchases", "days_since_last_purchase", "log_sales_7d", "log_sales_total", "sales_trend",
+            "sales_7d_share", "repurchase"]
+    num += ["mean_price", "price", "price_ratio"] if roles.has_price else []
+    num += ["type_share", "purchases_since_type"] if roles.type_column else []
+    both = set(roles.user_categorical + roles.user_numeric) & set(roles.item_categorical + roles.item_numeric)
+    sources: dict[str, tuple[str, str]] = {"price": ("articles", "price")} if roles.has_price else {}
+
+    def named(group: str, cols: tuple[str, ...]) -> list[str]:
+        out = []
+        for c in cols:
+            name = f"{group[:-1]}_{c}" if c in both or c in DERIVED or c in sources else c
+            sources[name] = (group, c)
+            out.append(name)
+        return out
+
+    num += named("customers", roles.user_numeric) + named("articles", roles.item_numeric)
+    cat = named("articles", roles.item_categorical) + named("customers", roles.user_categorical)
+    return RankerFeatures(tuple(num), tuple(cat), sources, roles.type_column)
 
 
 @dataclass
 class FeatureBlock:
     """Feature rows for candidates: numeric (float32, NaN = missing) and categorical (str)."""
 
-    num: np.ndarray  # (n, len(NUMERIC_FEATURES)) float32
-    cat: np.ndarray  # (n, len(CATEGORICAL_FEATURES)) object (str)
+    num: np.ndarray  # (n, len(spec.numeric)) float32
+    cat: np.ndarray  # (n, len(spec.categorical)) object (str)
 
     def __len__(self) -> int:
         return self.num.shape[0]
 
-    def to_frame(self) -> pd.DataFrame:
+    def to_frame(self, spec: RankerFeatures | None = None) -> pd.DataFrame:
         """Named columns, for reports and tests."""
-        out = pd.DataFrame(self.num.astype(np.float64), columns=NUMERIC_FEATURES)
-        for j, c in enumerate(CATEGORICAL_FEATURES):
+        spec = spec or HM_FEATURES
+        out = pd.DataFrame(self.num.astype(np.float64), columns=list(spec.numeric))
+        for j, c in enumerate(spec.categorical):
             out[c] = self.cat[:, j]
         return out
 
@@ -88,15 +169,19 @@ class FeatureBlock:
         return FeatureBlock(np.concatenate([b.num for b in blocks]), np.concatenate([b.cat for b in blocks]))
 
 
-def empty_block(n: int = 0) -> FeatureBlock:
-    return FeatureBlock(np.zeros((n, len(NUMERIC_FEATURES)), np.float32),
-                        np.full((n, len(CATEGORICAL_FEATURES)), MISSING_CATEGORY, dtype=object))
+def empty_block(n: int = 0, spec: RankerFeatures | None = None) -> FeatureBlock:
+    spec = spec or HM_FEATURES
+    return FeatureBlock(np.zeros((n, len(spec.numeric)), np.float32),
+                        np.full((n, len(spec.categorical)), MISSING_CATEGORY, dtype=object))
 
 
-def recent_types(history: Row | None, articles_by_id: Mapping[str, Row | None], window: int) -> list[str | None]:
-    """Product types of the customer's `window` most recent purchases, most recent first."""
+def recent_types(history: Row | None, articles_by_id: Mapping[str, Row | None], window: int,
+                 type_column: str | None = "product_type_name") -> list[str | None]:
+    """Types (`type_column`) of the customer's `window` most recent purchases, most recent first."""
     purchased = (history or {}).get("purchased") or []
-    return [(articles_by_id.get(a) or {}).get("product_type_name") for a in purchased[:window]]
+    if type_column is None:
+        return [None] * len(purchased[:window])
+    return [(articles_by_id.get(a) or {}).get(type_column) for a in purchased[:window]]
 
 
 def history_article_ids(history: Row | None, window: int) -> list[str]:
@@ -115,6 +200,7 @@ def vectorise(
     now: dt.date,
     recent: Sequence[str | None],
     window: int,
+    spec: RankerFeatures | None = None,
 ) -> FeatureBlock:
     """Feature rows for one customer's candidates, given in retrieval order (best first).
 
@@ -124,61 +210,70 @@ def vectorise(
         scores: retrieval scores, best first; their order defines `retrieval_rank`.
         article_ids: the candidates' ids (for the repurchase flag).
         channel, now: request context (sales channel, the day the list is for).
-        recent: product types of the customer's most recent purchases (see `recent_types`).
+        recent: types of the customer's most recent purchases (see `recent_types`).
         window: the look-back of `purchases_since_type` (its value when the type is not in `recent`).
+        spec: the feature contract (default: H&M's).
     """
+    spec = spec or HM_FEATURES
     n = len(articles)
     if not (n == len(article_ids) == len(scores)):
         raise ValueError(f"{n} article rows, {len(article_ids)} ids and {len(scores)} scores: lengths differ")
     cust = customer or {}
-    hist = history or {}
     arts = [a or {} for a in articles]
-    score = np.asarray(scores, dtype=np.float64)
+    derived = _derived(history or {}, arts, np.asarray(scores, dtype=np.float64), article_ids, channel, now,
+                       recent, window, spec)
+    num = np.empty((n, len(spec.numeric)), dtype=np.float64)
+    for j, name in enumerate(spec.numeric):
+        if name in derived:
+            num[:, j] = derived[name]
+        else:
+            group, col = spec.sources[name]
+            num[:, j] = _num(cust.get(col)) if group == "customers" else [_num(a.get(col)) for a in arts]
+    cat = np.empty((n, len(spec.categorical)), dtype=object)
+    for j, name in enumerate(spec.categorical):
+        group, col = spec.sources[name]
+        cat[:, j] = _cat(cust.get(col)) if group == "customers" else [_cat(a.get(col)) for a in arts]
+    return FeatureBlock(num.astype(np.float32), cat)
+
+
+def _derived(hist: Row, arts: list[Row], score: np.ndarray, article_ids: Sequence[str], channel: int,
+             now: dt.date, recent: Sequence[str | None], window: int, spec: RankerFeatures) -> dict[str, Any]:
+    """The interaction features (DERIVED) of each candidate."""
+    n = len(arts)
     n_purchases = float(hist.get("n_purchases") or 0)
     mean_price = _num(hist.get("mean_price"))
     type_counts = hist.get("type_counts") or {}
     group_counts = hist.get("index_group_counts") or {}
     last = hist.get("last_purchase")
-    days_since = float((now - dt.date.fromisoformat(last)).days) if last else math.nan
     bought = set(hist.get("purchased") or [])
     first_seen: dict[str, int] = {}
     for pos, t in enumerate(recent[:window]):
         if t is not None:
             first_seen.setdefault(t, pos)
     denom = n_purchases if n_purchases > 0 else 1.0
-
     price = np.array([_num(a.get("price")) for a in arts], dtype=np.float64)
     sales_7d = np.array([float(a.get("sales_7d") or 0) for a in arts])
     sales_total = np.array([float(a.get("sales_total") or 0) for a in arts])
-    trend = np.array([_num(a.get("sales_trend")) for a in arts], dtype=np.float64)
-    ptype = [a.get("product_type_name") for a in arts]
+    ptype = [a.get(spec.type_column) for a in arts] if spec.type_column else [None] * n
     igroup = [a.get("index_group_name") for a in arts]
-
-    num = np.empty((n, len(NUMERIC_FEATURES)), dtype=np.float64)
-    num[:, 0] = score
-    num[:, 1] = np.arange(n)
-    num[:, 2] = (score[0] - score) if n else score
-    num[:, 3] = _num(cust.get("age"))
-    num[:, 4] = float(channel)
-    num[:, 5] = n_purchases
-    num[:, 6] = mean_price
-    num[:, 7] = days_since
-    num[:, 8] = price
-    num[:, 9] = price / mean_price if mean_price > 0 else math.nan
-    num[:, 10] = np.log1p(sales_7d)
-    num[:, 11] = np.log1p(sales_total)
-    num[:, 12] = trend
-    num[:, 13] = sales_7d / np.maximum(sales_total, 1.0)
-    num[:, 14] = [type_counts.get(t, 0) / denom if t is not None else 0.0 for t in ptype]
-    num[:, 15] = [group_counts.get(g, 0) / denom if g is not None else 0.0 for g in igroup]
-    num[:, 16] = [first_seen.get(t, window) if t is not None else window for t in ptype]
-    num[:, 17] = [1.0 if a in bought else 0.0 for a in article_ids]
-
-    cat = np.empty((n, len(CATEGORICAL_FEATURES)), dtype=object)
-    for j, col in enumerate(CATEGORICAL_FEATURES[:-1]):
-        cat[:, j] = [_cat(a.get(col)) for a in arts]
-    cat[:, -1] = _cat(cust.get("club_member_status"))
-    return FeatureBlock(num.astype(np.float32), cat)
+    return {
+        "retrieval_score": score,
+        "retrieval_rank": np.arange(n),
+        "score_gap": (score[0] - score) if n else score,
+        "sales_channel_id": float(channel),
+        "n_purchases": n_purchases,
+        "mean_price": mean_price,
+        "days_since_last_purchase": float((now - dt.date.fromisoformat(last)).days) if last else math.nan,
+        "price_ratio": price / mean_price if mean_price > 0 else math.nan,
+        "log_sales_7d": np.log1p(sales_7d),
+        "log_sales_total": np.log1p(sales_total),
+        "sales_trend": np.array([_num(a.get("sales_trend")) for a in arts], dtype=np.float64),
+        "sales_7d_share": sales_7d / np.maximum(sales_total, 1.0),
+        "type_share": [type_counts.get(t, 0) / denom if t is not None else 0.0 for t in ptype],
+        "index_group_share": [group_counts.get(g, 0) / denom if g is not None else 0.0 for g in igroup],
+        "purchases_since_type": [first_seen.get(t, window) if t is not None else window for t in ptype],
+        "repurchase": [1.0 if a in bought else 0.0 for a in article_ids],
+    }
 
 
 def _num(v: Any) -> float:
@@ -189,13 +284,15 @@ def _cat(v: Any) -> str:
     return MISSING_CATEGORY if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
 
 
-def offline_rows(group: str, frame: pd.DataFrame, keys: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+def offline_rows(group: str, frame: pd.DataFrame, keys: Sequence[str] | None = None,
+                 roles: Any = None) -> dict[str, dict[str, Any]]:
     """Key -> row of an offline feature-group frame, converted exactly as the online write
-    converts it (NaN -> None, numpy -> Python), so offline and online vectors are equal."""
-    from feature_store.groups import GROUPS
+    converts it (NaN -> None, numpy -> Python), so offline and online vectors are equal.
+    `roles`: the dataset's (None: H&M), which decides the group's definition."""
+    from feature_store.groups import dataset_groups
     from feature_store.store import to_online_rows
 
-    spec = GROUPS[group]
+    spec = dataset_groups(roles)[group]
     if keys is not None:
         frame = frame[frame[spec.key].isin(set(keys))]
     return {r[spec.key]: r for r in to_online_rows(spec, frame)}

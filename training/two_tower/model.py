@@ -28,9 +28,7 @@ from training.features import (
     DENSE,
     HIST_LENGTHS,
     HIST_VALUES,
-    ITEM_CATEGORICALS,
     N_QUERY_DENSE,
-    QUERY_CATEGORICALS,
     FeatureVocab,
     n_rows,
     take_rows,
@@ -133,8 +131,7 @@ class QueryTower(_Tower):
             cardinalities=dict(cardinalities), n_articles=n_articles, embedding_dim=embedding_dim,
             hidden_dims=list(hidden_dims), output_dim=output_dim, n_dense=n_dense,
         )
-        self.features = [f for f in QUERY_CATEGORICALS if f in cardinalities]
-        self._cat_cols = [QUERY_CATEGORICALS.index(f) for f in self.features]
+        self.features = list(cardinalities)  # model order: the vocab's query features (q_cat's columns)
         tables = [_table(f, cardinalities[f], embedding_dim) for f in self.features]
         tables.append(_table(HIST_FEATURE, n_articles, embedding_dim, PoolingType.MEAN))
         self.ebc = EmbeddingBagCollection(tables=tables, device=torch.device("cpu"))
@@ -152,8 +149,7 @@ class QueryTower(_Tower):
         self, q_cat: torch.Tensor, q_hist: torch.Tensor, q_hist_len: torch.Tensor, q_dense: torch.Tensor
     ) -> tuple[KeyedJaggedTensor, torch.Tensor]:
         """Forward inputs from fixed-width tensors (see `training.features.fixed_width_queries`)."""
-        cat = q_cat if len(self._cat_cols) == q_cat.shape[1] else q_cat[:, self._cat_cols]
-        return padded_kjt(self.features, cat, [(HIST_FEATURE, q_hist, q_hist_len)]), q_dense.to(torch.float32)
+        return padded_kjt(self.features, q_cat, [(HIST_FEATURE, q_hist, q_hist_len)]), q_dense.to(torch.float32)
 
     def forward(self, kjt: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         pooled = self.ebc(kjt).values()  # [B, n_tables * dim], table order
@@ -171,8 +167,7 @@ class ItemTower(_Tower):
             cardinalities=dict(cardinalities), embedding_dim=embedding_dim,
             hidden_dims=list(hidden_dims), output_dim=output_dim,
         )
-        self.features = [f for f in ITEM_CATEGORICALS if f in cardinalities]
-        self._cat_cols = [ITEM_CATEGORICALS.index(f) for f in self.features]
+        self.features = list(cardinalities)  # model order: the vocab's item features (i_cat's columns)
         tables = [_table(f, cardinalities[f], embedding_dim) for f in self.features]
         self.ebc = EmbeddingBagCollection(tables=tables, device=torch.device("cpu"))
         self.mlp = _mlp(embedding_dim * len(tables), hidden_dims, output_dim)
@@ -185,9 +180,8 @@ class ItemTower(_Tower):
         return (_kjt(encoded, self.features, {}),)
 
     def batch_inputs(self, i_cat: torch.Tensor) -> tuple[KeyedJaggedTensor]:
-        """Forward inputs from the fixed-width [B, len(ITEM_CATEGORICALS)] id tensor."""
-        cat = i_cat if len(self._cat_cols) == i_cat.shape[1] else i_cat[:, self._cat_cols]
-        return (padded_kjt(self.features, cat),)
+        """Forward inputs from the fixed-width [B, n item features] id tensor."""
+        return (padded_kjt(self.features, i_cat),)
 
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         return F.normalize(self.mlp(self.ebc(kjt).values()), dim=-1)

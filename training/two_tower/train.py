@@ -74,7 +74,7 @@ from training.two_tower.model import (
 CHECKPOINT_FILE = "model.pt"
 DEFAULT_ID_DROPOUT = 0.05
 VAL_METRIC = "val_recall"
-ART_COL = ITEM_CATEGORICALS.index("article_id")
+ART_COL = ITEM_CATEGORICALS.index("article_id")  # 0: every vocab lists the id first (dataset_features)
 CUST_COL = QUERY_CATEGORICALS.index("customer_id")
 CPU_ADAGRAD_LR_SCALE = 10.0  # DMP on CPU: fused sparse Adagrad lr = this x learning_rate
 MAX_BLOCKS = 128  # Ray Dataset blocks: enough for a per-epoch block shuffle, few enough to stay cheap
@@ -665,6 +665,7 @@ def train_two_tower(
     id_dropout: float = DEFAULT_ID_DROPOUT,
     run_name: str | None = None,
     fail_once_at_epoch: int | None = None,
+    roles: Any = None,
 ) -> TrainResult:
     """Fit vocab, encode, train on Ray Train workers, export the best epoch's towers.
 
@@ -673,12 +674,14 @@ def train_two_tower(
     a shared 2-core box two intra-op threads per process were 20% faster when idle but 5-10x slower as
     soon as anything else ran, so one thread per reserved core is the robust default.
     `fail_once_at_epoch` is a test hook: the last worker raises once at the start of that epoch (1-based).
+    `roles` (a dataset config's `feature_store.dataset.Roles`) picks the towers' features; None: H&M's.
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     train_frame, val_frame = split_validation(train_frame, val_frame, cfg)
-    vocab = FeatureVocab.fit(articles_frame, customers_frame)
+    channels = None if roles is None or roles.is_hm else train_frame["sales_channel_id"].dropna().unique()
+    vocab = FeatureVocab.fit(articles_frame, customers_frame, roles=roles, channels=channels)
     columns, side = encode_training_data(vocab, train_frame, articles_frame, cfg, val_frame)
     name = run_name or f"two_tower_{datetime.now(UTC):%Y%m%d_%H%M%S}_{uuid.uuid4().hex[:6]}"
     storage = Path(storage_dir).resolve()
