@@ -387,11 +387,20 @@ class Recommender:
         from feature_store.store import read_online
 
         ids = list(dict.fromkeys(article_ids))
+        cols = self.detail_columns
         try:
             return self.guard.call(lambda: read_online(self.store(), self.manifest.feature_groups["articles"],
-                                                       "articles", ids, list(self.DETAIL_COLUMNS)))
+                                                       "articles", ids, cols))
         except StoreUnavailable:
-            return {a: {c: r.get(c) for c in self.DETAIL_COLUMNS} for a, r in self.snapshot.items() if a in set(ids)}
+            return {a: {c: r.get(c) for c in cols} for a, r in self.snapshot.items() if a in set(ids)}
+
+    @cached_property
+    def detail_columns(self) -> list[str]:
+        """The display columns this run's articles group has (bring-your-own data has its own)."""
+        group = self._articles_group().group
+        have = set(group.columns) - {group.key}
+        wanted = [c for c in self.DETAIL_COLUMNS if c in have]
+        return wanted or sorted(have)
 
     def sample_customers(self, n: int) -> list[str]:
         """Customers with purchases (most purchases first), from the run's offline history group."""

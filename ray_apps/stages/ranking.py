@@ -18,7 +18,7 @@ from feature_store.store import read_online
 from ray_apps.schemas import Candidates
 from training.filters import RequestFilters
 from training.ranker import Ranked, RankerModel, RankingStage
-from training.ranking_features import CATEGORICAL_FEATURES, NUMERIC_FEATURES, FeatureBlock
+from training.ranking_features import FeatureBlock, RankerFeatures
 
 
 def item_vectors(wd: Workdir, manifest: Manifest) -> dict[str, Any]:
@@ -76,12 +76,12 @@ class OnlineRanker:
                                   now=now, request=request)
         ranked = self.stage.finish(prep, self.stage.model.predict(prep.block), k)
         pos = {a: i for i, a in enumerate(prep.ids)}
-        return ranked, [feature_dict(prep.block, pos[a]) for a in ranked.article_ids]
+        return ranked, [feature_dict(prep.block, pos[a], self.stage.spec) for a in ranked.article_ids]
 
 
-def feature_dict(block: FeatureBlock, i: int) -> dict[str, Any]:
+def feature_dict(block: FeatureBlock, i: int, spec: RankerFeatures) -> dict[str, Any]:
     """Row i of a feature block by feature name (NaN -> None): what the prediction log keeps."""
     num = block.num[i].tolist()
-    out: dict[str, Any] = {n: (None if v != v else v) for n, v in zip(NUMERIC_FEATURES, num, strict=True)}
-    out.update(zip(CATEGORICAL_FEATURES, block.cat[i].tolist(), strict=True))
+    out: dict[str, Any] = {n: (None if v != v else v) for n, v in zip(spec.numeric, num, strict=True)}
+    out.update(zip(spec.categorical, block.cat[i].tolist(), strict=True))
     return out
