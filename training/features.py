@@ -136,6 +136,7 @@ class FeatureVocab:
     item_features: list[FeatureSpec] = field(default_factory=lambda: list(HM_ITEM_FEATURES))
     numeric_edges: dict[str, list[float]] = field(default_factory=dict)
     _index_cache: dict[str, pd.Index] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _dict_cache: dict[str, dict[str, int]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # -- fitting and persistence ------------------------------------------------------------
     @classmethod
@@ -229,12 +230,21 @@ class FeatureVocab:
     # -- lookups ----------------------------------------------------------------------------
     def lookup(self, feature: str, values: pd.Series | Sequence[Any] | np.ndarray) -> np.ndarray:
         """Map strings to 1-based indices; unknown or missing values to 0."""
+        if len(values) <= _SMALL:  # serving: a request's few values; a dict beats pandas' setup cost
+            return self._lookup_small(feature, values)
         index = self._index_cache.get(feature)
         if index is None:
             index = pd.Index(self.strings[feature], dtype=object)
             self._index_cache[feature] = index
         codes = index.get_indexer(_as_strings(values))
         return (codes + 1).astype(np.int64)
+
+    def _lookup_small(self, feature: str, values: pd.Series | Sequence[Any] | np.ndarray) -> np.ndarray:
+        codes = self._dict_cache.get(feature)
+        if codes is None:
+            codes = self._dict_cache[feature] = {v: i for i, v in enumerate(self.strings[feature], start=1)}
+        seq = values.tolist() if isinstance(values, pd.Series | np.ndarray) else list(values)
+        return np.array([0 if _missing(v) else codes.get(str(v), 0) for v in seq], dtype=np.int64)
 
     def encode_feature(self, spec: FeatureSpec, frame: pd.DataFrame) -> np.ndarray:
         """One feature's int64 codes for the rows of `frame` (a missing column: all unknown)."""
@@ -360,6 +370,13 @@ def _col(frame: pd.DataFrame, col: str, n: int) -> pd.Series:
 
 def _sorted_unique(values: pd.Series) -> list[str]:
     return sorted(set(_as_strings(values.dropna())))
+
+
+_SMALL = 64
+
+
+def _missing(v: Any) -> bool:
+    return v is None or v is pd.NA or (isinstance(v, float) and v != v)
 
 
 def _as_strings(values: pd.Series | Sequence[Any] | np.ndarray) -> np.ndarray:

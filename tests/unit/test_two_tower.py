@@ -149,6 +149,18 @@ def test_unknown_ids_map_to_row_zero(data):
     assert np.isfinite(model.query_tower.embed(q_enc)).all() and np.isfinite(model.item_tower.embed(i_enc)).all()
 
 
+def test_small_lookups_give_the_codes_of_the_vectorised_path(data):
+    """Serving looks up a request's few values with a dict; batches use pandas: same codes."""
+    vocab = data[3]
+    for feature, known in vocab.strings.items():
+        k = min(20, len(known))
+        values = [*known[:k], "never-seen", None, np.nan, pd.NA, 7]
+        small = vocab.lookup(feature, values)
+        large = vocab.lookup(feature, values * 20)[: len(values)]  # over the small-input size
+        assert small.tolist() == large.tolist()
+        assert small[:k].tolist() == list(range(1, k + 1)) and small[k:k + 4].tolist() == [0] * 4
+
+
 def test_vocab_round_trips_through_json(data, tmp_path: Path):
     frame, _, _, vocab = data
     loaded = FeatureVocab.load(vocab.save(tmp_path / "vocab.json"))
