@@ -5,6 +5,7 @@ writes the manifest last, so a failed run never leaves a manifest pointing at ha
 """
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from common import locations
 from common.artifacts import IndexRef, Manifest, new_manifest, write_json, write_manifest
 from common.config import RayrecConfig
 from common.workdir import Workdir
@@ -134,6 +136,25 @@ def retrieve(
     return [[item_ids[j] for j in row] for row in idx], list(sc)
 
 
+def init_ray(wd: Workdir) -> None:
+    """Join the cluster this process was started in (a Ray job: RAY_ADDRESS is set), else start a
+    local Ray with the workdir's temp dir; nothing when Ray is already up."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+        return
+    temp = str(wd.ray_temp_dir) if wd.ray_temp_dir else None
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+
+
+def checkpoint_location(cfg: RayrecConfig, wd: Workdir, run: str) -> str:
+    """Ray Train's storage for one training run: under `storage.checkpoint_uri`, else the workdir's ray/."""
+    return locations.join(wd.location(cfg.storage.checkpoint_uri, wd.ray_dir), run)
+
+
 def run_pipeline(
     cfg: RayrecConfig, wd: Workdir, data_dir: Path | None = None, online: OnlineStore | None = None
 ) -> Manifest:
@@ -159,22 +180,20 @@ def run_pipeline(
         view_dir.mkdir(parents=True, exist_ok=True)
         view.to_parquet(view_dir / "train.parquet", index=False)
         manifest.feature_views["retrieval"] = RETRIEVAL_VIEW_VERSION
-    if not ray.is_initialized():
-        temp = str(wd.ray_temp_dir) if wd.ray_temp_dir else None
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+    init_ray(wd)
     ray.data.DataContext.get_current().enable_progress_bars = False
     with step("two-tower training (Ray Train)"):
         t_fit = time.time()
         result = train_two_tower(view, arts_cut, frames["customers"], cfg.two_tower, wd.two_tower_dir,
-                                 wd.ray_dir / "train")
+                                 checkpoint_location(cfg, wd, "train"))
         fit_s = round(time.time() - t_fit, 1)
         for name in ("query_tower", "item_tower", "vocab"):
             manifest.models[name] = wd.relative(getattr(result, name))
         plot_training(result.history, wd.reports_dir / "training.png")
     with step("item index (Ray Data -> LanceDB)"):
         arts_path = wd.resolve(manifest.feature_groups["articles"].offline_path)
-        built = build_index(arts_path, wd.two_tower_dir, wd.index_dir)
-        manifest.index = IndexRef(uri=wd.relative(wd.index_dir), table=built.table, version=built.version,
+        built = build_index(arts_path, wd.two_tower_dir, wd.location(cfg.storage.index_uri, wd.index_dir))
+        manifest.index = IndexRef(uri=wd.to_ref(built.uri), table=built.table, version=built.version,
                                   dim=built.dim, n_rows=built.n_rows)
     item_ids, item_vecs = ItemIndex(built.uri, built.table, built.version).vectors()
     channel = main_channel(train_tx)
@@ -214,7 +233,8 @@ def train_ranker(cfg, wd, raw: Raw, train_tx, customers_fg, item_ids, item_vecs,
                                  "ranker.n_cutoffs or set ranker.retrieval_for_training: served")
             arts = article_features(raw.articles, before, first_cut, raw.extras)
             view = retrieval_frame(before, customers_fg, arts, cfg.two_tower.history_len)
-            train_two_tower(view, arts, customers_fg, cfg.two_tower, model_dir, wd.ray_dir / "train_ranker_retrieval")
+            train_two_tower(view, arts, customers_fg, cfg.two_tower, model_dir,
+                            checkpoint_location(cfg, wd, "train_ranker_retrieval"))
             item_tower, item_vocab = load_item_tower(model_dir)
             vecs = item_tower.embed(encode_items(item_vocab, arts.set_index("article_id").loc[item_ids].reset_index()))
     tower, vocab = load_query_tower(model_dir)
