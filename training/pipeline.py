@@ -5,7 +5,6 @@ writes the manifest last, so a failed run never leaves a manifest pointing at ha
 """
 from __future__ import annotations
 
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from training.ranker import (
     save_ranker,
     training_cutoffs,
 )
+from training.ray_session import init_ray
 from training.two_tower.model import load_item_tower, load_query_tower
 from training.two_tower.train import train_two_tower
 
@@ -136,20 +136,6 @@ def retrieve(
     return [[item_ids[j] for j in row] for row in idx], list(sc)
 
 
-def init_ray(wd: Workdir) -> None:
-    """Join the cluster this process was started in (a Ray job: RAY_ADDRESS is set), else start a
-    local Ray with the workdir's temp dir; nothing when Ray is already up."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-        return
-    temp = str(wd.ray_temp_dir) if wd.ray_temp_dir else None
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
-
-
 def checkpoint_location(cfg: RayrecConfig, wd: Workdir, run: str) -> str:
     """Ray Train's storage for one training run: under `storage.checkpoint_uri`, else the workdir's ray/."""
     return locations.join(wd.location(cfg.storage.checkpoint_uri, wd.ray_dir), run)
@@ -159,7 +145,6 @@ def run_pipeline(
     cfg: RayrecConfig, wd: Workdir, data_dir: Path | None = None, online: OnlineStore | None = None
 ) -> Manifest:
     """Run every step; the manifest is written only when all of them succeeded."""
-    import ray
 
     wd.root.mkdir(parents=True, exist_ok=True)
     wd.config_path.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
@@ -181,7 +166,6 @@ def run_pipeline(
         view.to_parquet(view_dir / "train.parquet", index=False)
         manifest.feature_views["retrieval"] = RETRIEVAL_VIEW_VERSION
     init_ray(wd)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     with step("two-tower training (Ray Train)"):
         t_fit = time.time()
         result = train_two_tower(view, arts_cut, frames["customers"], cfg.two_tower, wd.two_tower_dir,

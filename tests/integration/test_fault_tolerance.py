@@ -1,7 +1,9 @@
 """Surviving failures on a multi-node Ray cluster on one machine (`ray.cluster_utils.Cluster`).
 
-A head without CPUs (GCS, Serve controller and proxy, the driver) and worker nodes of one CPU
-each, like cluster.yaml's head / worker split:
+A head without CPUs (GCS, Serve controller and proxy, the driver) and two worker nodes, like
+cluster.yaml's head / worker split. Each worker node declares 2 logical CPUs (the machine has 2
+cores in all): with 1, the index build's Ray Data actors (0.5 CPU each) can land one per node
+and leave neither node the whole CPU a read task needs.
 
 1. a worker node hosting the Ray Train worker dies mid-epoch: training resumes on another node
    from the last checkpoint, claims no epoch that was not checkpointed, and finishes;
@@ -36,9 +38,10 @@ from common.workdir import Workdir
 pytestmark = pytest.mark.integration
 PASSWORD_ENV = "RAYREC_FT_DB_PASSWORD"
 WORKER_NODES = 2
-# Node death is noticed within ~2 s instead of Ray's default ~15 s (health checks every 3 s, 5 misses).
-SYSTEM_CONFIG = {"health_check_period_ms": 500, "health_check_failure_threshold": 4,
-                 "health_check_initial_delay_ms": 0}
+WORKER_CPUS = 2
+# Node death is noticed within ~5 s instead of Ray's default ~15 s (health checks every 3 s, 5 misses);
+# 2 s (0.5 s x 4) marked a live node dead on this machine under a load average of 30.
+SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
@@ -54,7 +57,7 @@ def db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDBHandle]:
 
 @pytest.fixture(scope="module")
 def cluster(db: MariaDBHandle) -> Iterator[Any]:
-    """Head (0 CPUs) + 2 worker nodes (1 CPU each), the driver connected; torn down by pid, never `ray stop`."""
+    """Head (0 CPUs) + 2 worker nodes, the driver connected; torn down by `Cluster.shutdown`, never `ray stop`."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -66,8 +69,7 @@ def cluster(db: MariaDBHandle) -> Iterator[Any]:
         c = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "include_dashboard": False, "_system_config": SYSTEM_CONFIG})
         try:
-            for _ in range(WORKER_NODES):
-                c.add_node(num_cpus=1)
+            ensure_workers(c)
             ray.init(address=c.address, log_to_driver=False)
             ray.data.DataContext.get_current().enable_progress_bars = False
             yield c
@@ -80,7 +82,7 @@ def cluster(db: MariaDBHandle) -> Iterator[Any]:
 def ensure_workers(cluster: Any, n: int = WORKER_NODES) -> None:
     """Replace killed worker nodes (what the autoscaler does on AWS)."""
     while len(cluster.worker_nodes) < n:
-        cluster.add_node(num_cpus=1)
+        cluster.add_node(num_cpus=WORKER_CPUS)
     cluster.wait_for_nodes()
 
 
@@ -272,6 +274,9 @@ def test_serving_loses_only_requests_in_flight_when_a_node_dies(cluster: Any, se
         killed_at = kill_node(cluster, victim)
         client.wait_for(20, after=killed_at, timeout=120)
     failed = [c for c in client.calls if not c.ok]
+    first_ok = min(c.end for c in client.calls if c.ok and c.start > killed_at)
+    print(f"[ft] node with {lost} killed: {len(failed)} of {len(client.calls)} requests failed "
+          f"({[c.detail[:80] for c in failed]}); first success {first_ok - killed_at:.1f}s after the kill")
     assert all(c.start <= killed_at for c in failed), [(c.start - killed_at, c.detail) for c in failed]
     # a request that failed had to be running when the node went: at most one per client thread
     assert all(c.end >= kill_started for c in failed)
