@@ -854,11 +854,11 @@ def _unit(v: np.ndarray | Sequence[float]) -> np.ndarray:
 # Versions: promote, rollback, and the serving view that follows them
 
 
-def index_uri(wd: Workdir, configured: str | None = None) -> str:
+def index_uri(wd: Workdir) -> str:
     """The LanceDB location of a run (a folder or an object-store URI): the manifest's when it names
-    one, else `configured` (config `storage.index_uri`), else the workdir's `index/`."""
+    one, else the workdir's `index/`."""
     ref = read_manifest(wd).index if wd.manifest_path.is_file() else None
-    return wd.from_ref(ref.uri) if ref else wd.location(configured, wd.index_dir)
+    return wd.from_ref(ref.uri) if ref else str(wd.index_dir)
 
 
 def table_versions(uri: str | Path, table: str = TABLE_NAME) -> list[int]:

@@ -13,7 +13,6 @@ import pytest
 from common import locations
 from common.config import ConfigError, load_config
 from common.workdir import Workdir
-from training.index import index_uri
 from training.pipeline import checkpoint_location
 
 S3 = "s3://rayrec-artifacts/prod/index"
@@ -72,9 +71,3 @@ def test_text_files_at_file_uris(tmp_path):
     assert (tmp_path / "deep" / "er" / "builds.json").read_text() == '{"a": 1}'
     locations.write_text(tmp_path / "local.json", "x")
     assert locations.read_text(str(tmp_path / "local.json")) == "x"
-
-
-def test_a_fresh_run_takes_the_configured_index_location(tmp_path):
-    wd = Workdir.at(tmp_path / "run")
-    assert index_uri(wd) == str(wd.index_dir)
-    assert index_uri(wd, S3) == S3
