@@ -103,14 +103,14 @@ def kill_node(cluster: Any, node_id: str) -> float:
 
 
 # -- 1. training ------------------------------------------------------------------------------------
-def _registered_epoch(run_dir: Path) -> int:
-    """The epoch of the checkpoint Ray Train would resume from (0: none yet).
+def _checkpoint_epochs(run_dir: Path) -> list[int]:
+    """Epochs whose checkpoint is on storage, oldest first.
 
-    A worker uploads `epoch_NNN/` before the controller registers it; registering one deletes the
-    previous (num_to_keep=1), so the oldest folder on storage is the registered one.
+    A worker uploads `epoch_NNN/` before the controller registers it, and registering one deletes the
+    previous (num_to_keep=1): the oldest folder is the registered one Ray Train would resume from,
+    a newer one is uploaded but not (yet) registered.
     """
-    epochs = [int(p.name.split("_")[1]) for p in run_dir.glob("epoch_*") if (p / "model.pt").is_file()]
-    return min(epochs, default=0)
+    return sorted(int(p.name.split("_")[1]) for p in run_dir.glob("epoch_*") if (p / "model.pt").is_file())
 
 
 def test_training_resumes_from_the_last_checkpoint_when_its_node_dies(cluster: Any, tmp_path: Path) -> None:
@@ -135,27 +135,27 @@ def test_training_resumes_from_the_last_checkpoint_when_its_node_dies(cluster: A
     started = time.time()
     thread.start()
     deadline = time.time() + 120
-    while _registered_epoch(run_dir) < 2:
+    while (_checkpoint_epochs(run_dir) or [0])[0] < 2:
         assert thread.is_alive(), f"training ended before its second checkpoint: {out}"
         assert time.time() < deadline, "no epoch-2 checkpoint within 120 s"
         time.sleep(0.05)
     ((_, node_id),) = alive_actors("RayTrainWorker").values()
-    before = _registered_epoch(run_dir)
+    registered = _checkpoint_epochs(run_dir)[0]
     t0 = time.time()
     killed_at = kill_node(cluster, node_id)
-    after = _registered_epoch(run_dir)  # a report already in the controller's hands may still register
+    uploaded = _checkpoint_epochs(run_dir)[-1]  # nothing uploads now: the restarted worker needs seconds
     thread.join(timeout=150)
     assert not thread.is_alive(), "training did not finish within 150 s of the node's death"
     assert "error" not in out, out.get("error")
     history = out["result"].history
-    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     kept = [h["epoch"] for h in history if h["finished_at"] < killed_at]  # trained before the kill, kept
     assert kept == list(range(1, len(kept) + 1))
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert len(kept) < cfg.epochs, "the run finished before the node was killed: make the epochs longer"
+    print(f"[ft] killed at +{t0 - started:.1f}s ({killed_at - t0:.1f}s to remove the node), checkpoints: "
+          f"epoch {registered} registered, {uploaded} uploaded; epochs finished at {[round(h['finished_at'] - started, 1) for h in history]}")
     # resumed from the last checkpoint: not from scratch, and no epoch past it claimed as done
-    assert before <= len(kept) <= after, (before, kept, after)
-    print(f"[ft] killed at +{t0 - started:.1f}s ({killed_at - t0:.1f}s to remove the node), "
-          f"epochs finished at {[round(h['finished_at'] - started, 1) for h in history]}")
+    assert registered <= len(kept) <= uploaded, (registered, kept, uploaded)
     assert all(h["finished_at"] > killed_at for h in history[len(kept):])
     assert (tmp_path / "model" / "query_tower.pt").is_file()
 
@@ -303,7 +303,7 @@ def test_a_database_restart_is_survived_without_restarting_serve(
     cluster: Any, served: tuple[Workdir, str], db: MariaDBHandle
 ) -> None:
     from common.artifacts import read_manifest
-    from feature_store.events import apply_purchase_event, read_event_log
+    from feature_store.events import APPLIED_EVENTS, apply_purchase_event, read_event_log
     from feature_store.online.mysql import MySQLOnlineStore
     from feature_store.store import FeatureStore
 
@@ -349,8 +349,6 @@ def test_a_database_restart_is_survived_without_restarting_serve(
         # no event lost, none applied twice: each once online and in the event log
         logged = read_event_log(wd)
         assert sorted(logged["event_id"]) == sorted(e.event_id for e in events)
-        from feature_store.events import APPLIED_EVENTS
-
         applied = store.read_batch(APPLIED_EVENTS, [e.event_id for e in events])
         assert len(applied) == len(events)
         for e in events[:2]:  # a retried event is recognised as applied, not counted twice
