@@ -104,7 +104,7 @@ def workdir_run(wd: Workdir, store: MySQLOnlineStore):
     manifest = read_manifest(wd)
     cfg = load_config(wd.config_path)
     ref = manifest.index
-    index = ItemIndex(str(wd.resolve(ref.uri)), ref.table, ref.version)
+    index = ItemIndex(wd.from_ref(ref.uri), ref.table, ref.version)
     ids, vecs = index.vectors()
     base = ranking_stage(wd, manifest, cfg)
     rng = np.random.default_rng(0)

@@ -194,7 +194,7 @@ def summarise(samples: list[Sample], wall_s: float) -> dict:
 # Serving
 
 
-def start_app(wd: Workdir, topology: str, variant: str, candidates: int) -> tuple[str, object]:
+def start_app(wd: Workdir, topology: str, variant: str, candidates: int, replicas: int | None) -> tuple[str, object]:
     """A fresh local Ray with the variant's environment, the app deployed on a free port."""
     for env in VARIANT_ENV.values():
         for k in env:
@@ -208,8 +208,10 @@ def start_app(wd: Workdir, topology: str, variant: str, candidates: int) -> tupl
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"workdir": str(wd.root), "topology": topology, "n_candidates": candidates}),
-              name=APP_NAME, route_prefix="/", blocking=False)
+    args = {"workdir": str(wd.root), "topology": topology, "n_candidates": candidates}
+    if replicas:
+        args |= {"min_replicas": replicas, "max_replicas": replicas}
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://127.0.0.1:{port}", serve
 
 
@@ -258,9 +260,9 @@ def in_process(wd: Workdir, payloads: Payloads, candidates: int, n: int = 200) -
 
 
 def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, rates: list[float], duration: float,
-                 candidates: int, base_p50: float) -> None:
+                 candidates: int, base_p50: float, replicas: int | None) -> None:
     try:
-        url, _ = start_app(wd, topology, variant, candidates)
+        url, _ = start_app(wd, topology, variant, candidates, replicas)
     except Exception as e:  # noqa: BLE001 - a variant that does not start is reported, not fatal
         emit("serve_load", topology=topology, variant=variant, error=f"did not start: {type(e).__name__}: {e}")
         stop_app()
@@ -274,7 +276,7 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
             ok = row["p99_ms"] is not None and row["p99_ms"] <= TARGET_P99_MS and row["error_rate"] == 0
             held = (rate, row["achieved_rps"]) if ok else held
             ratio = row["p50_ms"] / base_p50 if row["p50_ms"] else None
-            emit("serve_load", topology=topology, variant=variant, target_rps=rate, duration_s=duration,
+            emit("serve_load", topology=topology, variant=variant, replicas=replicas or "config", target_rps=rate, duration_s=duration,
                  candidates=candidates, **row, held_target=ok, ratio_vs_in_process=ratio)
             if row["error_rate"] > 0.5:
                 break  # far past capacity: higher rates say nothing new
@@ -283,7 +285,8 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
         samples, wall = asyncio.run(open_loop(url, payloads, offered, duration))
         row = summarise(samples, wall)
         goodput = row["achieved_rps"]
-        emit("serve_load", case="overload", topology=topology, variant=variant, offered_rps=offered,
+        emit("serve_load", case="overload", topology=topology, variant=variant, replicas=replicas or "config",
+             offered_rps=offered,
              sustainable_rps=base_achieved, goodput_rps=goodput, share_503=row["share_503"],
              error_rate=row["error_rate"], p99_ms=row["p99_ms"],
              ratio_vs_sustainable=(goodput / base_achieved) if base_achieved else None)
@@ -299,6 +302,8 @@ def main() -> None:
     ap.add_argument("--topologies", nargs="+", default=["fused", "split"], choices=["fused", "split"])
     ap.add_argument("--variants", nargs="+", default=["default", "haproxy"], choices=list(VARIANT_ENV))
     ap.add_argument("--candidates", type=int, default=200)
+    ap.add_argument("--replicas", type=int, nargs="+", default=[0],
+                    help="replicas per deployment (fixed; 0 = the run's autoscaling config)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="rayrec-serve-load-") as tmp:
         if a.workdir:
@@ -314,7 +319,9 @@ def main() -> None:
         emit("serve_load", case="in_process", candidates=a.candidates, **base)
         for variant in a.variants:
             for topology in a.topologies:
-                run_topology(wd, payloads, topology, variant, a.rates, a.duration, a.candidates, base["p50_ms"])
+                for replicas in a.replicas:
+                    run_topology(wd, payloads, topology, variant, a.rates, a.duration, a.candidates, base["p50_ms"],
+                                 replicas or None)
         if not a.workdir:
             from feature_store.local_db import LocalMariaDB
 

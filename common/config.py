@@ -7,11 +7,12 @@ environment variable that holds them.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class _Strict(BaseModel):
@@ -188,6 +189,31 @@ class ServeConfig(_Strict):
     max_batch_events: int = Field(500, ge=1)
     prediction_log: bool = True
 
+_LOCATION = re.compile(r"^([a-z][a-z0-9+.-]*://\S+|[^:\s]+)$")
+
+
+class StorageConfig(_Strict):
+    """Where the artifacts that every node reads live, when they must outlive one machine.
+
+    `index_uri`: the LanceDB item index, a folder or an object-store URI that LanceDB opens
+    natively (`s3://bucket/rayrec/index`); None: the workdir's `index/`.
+    `checkpoint_uri`: Ray Train's storage path (checkpoints and results); on a multi-node cluster
+    every node must reach it (`s3://...` or a shared filesystem); None: the workdir's `ray/`.
+    Relative paths are under the workdir. Object-store credentials come from the environment
+    (AWS_* variables or the instance role), never from this file.
+    """
+
+    index_uri: str | None = None
+    checkpoint_uri: str | None = None
+
+    @field_validator("index_uri", "checkpoint_uri")
+    @classmethod
+    def _location(cls, v: str | None) -> str | None:
+        if v is not None and not _LOCATION.match(v):
+            raise ValueError(f"{v!r} is neither a path without ':' nor a URI like s3://bucket/prefix")
+        return v
+
+
 class RayrecConfig(_Strict):
     """Root of the config tree."""
 
@@ -199,6 +225,7 @@ class RayrecConfig(_Strict):
     filters: FilterConfig = FilterConfig()
     eval: EvalConfig = EvalConfig()
     serve: ServeConfig = ServeConfig()
+    storage: StorageConfig = StorageConfig()
 
 
 class ConfigError(ValueError):

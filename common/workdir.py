@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.locations import is_uri
+
 RAY_TEMP_MAX_LEN = 40
 
 
@@ -106,3 +108,23 @@ class Workdir:
 
     def resolve(self, rel: str) -> Path:
         return self.root / rel
+
+    # shared locations (local folders or object-store URIs) ------------------------------------
+    def location(self, configured: str | None, default: Path) -> str:
+        """A configured location as something to open: a URI as given, a relative path under the
+        root, None the workdir's `default`."""
+        if configured is None:
+            return str(default)
+        return configured if is_uri(configured) else str(self.root / Path(configured).expanduser())
+
+    def to_ref(self, location: str | Path) -> str:
+        """How the manifest names a location: relative inside the workdir (so the workdir can
+        move), else as given (an absolute path elsewhere, or a URI)."""
+        if is_uri(location):
+            return str(location)
+        path = Path(location).resolve()
+        return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
+
+    def from_ref(self, ref: str) -> str:
+        """A manifest location back to something to open (the inverse of `to_ref`)."""
+        return ref if is_uri(ref) else str(self.root / ref)

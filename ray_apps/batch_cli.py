@@ -74,11 +74,9 @@ def cmd_recommend_batch(args: argparse.Namespace) -> int:
     cfg = load_config(wd.config_path, {"database": {"port": args.db_port}} if args.db_port else None)
     if cfg.database.local:
         LocalMariaDB(wd, cfg.database).start()
-    started = not ray.is_initialized()
-    if started:
-        temp = str(wd.ray_temp_dir) if wd.ray_temp_dir else None
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+    from training.ray_session import init_ray
+
+    started = init_ray(wd)
     try:
         res = recommend_batch(wd, Path(args.out), k=args.k, customer_ids=_customer_ids(args), day=args.date,
                               channel=args.channel, database=cfg.database, batch_size=args.batch_size)

@@ -71,13 +71,44 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         run_pipeline(cfg, wd, Path(args.data) if args.data else None, store, dataset)
     finally:
         store.close()
+    print(f"[pipeline] serve config: {write_serve_config(wd, cfg)}")
     return 0
+
+
+def write_serve_config(wd: Workdir, cfg: RayrecConfig, working_dir: str | None = None,
+                       proxy_location: str | None = None) -> Path:
+    """Write the run's `serve_config.yaml`, which `serve deploy` takes.
+
+    Args:
+        working_dir: a code package for the app's runtime_env (`s3://bucket/rayrec-<sha>.zip`); None: the
+            code installed on the nodes.
+        proxy_location: Serve's HTTP proxies ("EveryNode" behind a load balancer on a cluster); None:
+            the app's default.
+    """
+    import yaml
+
+    from ray_apps.app import serve_config
+
+    conf = serve_config(wd.root, cfg.serve.host, cfg.serve.port)
+    if proxy_location is not None:
+        conf["proxy_location"] = proxy_location
+    if working_dir is not None:
+        conf["applications"][0]["runtime_env"] = {"working_dir": working_dir}
+    path = wd.root / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(conf, sort_keys=False))
+    return path
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ray_apps.ray_auth import use_ray_token
 
     wd = Workdir.at(args.workdir)
+    if args.action == "config":
+        from common.artifacts import read_manifest
+
+        read_manifest(wd)  # a run must exist
+        print(write_serve_config(wd, resolve_config(args, wd), args.working_dir, args.proxy_location))
+        return 0
     use_ray_token(wd)  # before Ray is imported: it reads RAY_AUTH_MODE once
     from ray_apps import local
 
@@ -157,9 +188,12 @@ def parser() -> argparse.ArgumentParser:
     pipe.add_argument("--dataset", help="dataset config YAML mapping your files to roles (see configs/datasets/)")
     pipe.set_defaults(func=cmd_pipeline)
 
-    srv = sub.add_parser("serve", help="serve a run locally: start | stop")
-    srv.add_argument("action", choices=["start", "stop"])
+    srv = sub.add_parser("serve", help="serve a run locally: start | stop; config: write serve_config.yaml")
+    srv.add_argument("action", choices=["start", "stop", "config"])
     common(srv)
+    srv.add_argument("--working-dir", help="config: code package URI for the app's runtime_env (s3://.../x.zip)")
+    srv.add_argument("--proxy-location", choices=["HeadOnly", "EveryNode", "Disabled"],
+                     help="config: where Serve runs HTTP proxies (default: the app's, HeadOnly)")
     srv.set_defaults(func=cmd_serve)
 
     stop = sub.add_parser("stop", help="stop serving, Ray and the local database")

@@ -57,9 +57,9 @@ def _ray(wd: Workdir) -> Any:
     use_ray_token(wd)  # before Ray is imported: it reads RAY_AUTH_MODE once
     import ray
 
-    temp = str(wd.ray_temp_dir) if wd.ray_temp_dir else None
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    from training.ray_session import init_ray
+
+    init_ray(wd)
     return ray
 
 

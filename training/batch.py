@@ -56,7 +56,7 @@ class BatchRecommender:
         self.tower, self.vocab = load_query_tower(wd.two_tower_dir)
         self.history_len = cfg.two_tower.history_len
         ref = manifest.index
-        self.index = ItemIndex(str(wd.resolve(ref.uri)), ref.table, ref.version)
+        self.index = ItemIndex(wd.from_ref(ref.uri), ref.table, ref.version)
         vectors = None
         if cfg.ranker.diversity.rule == "mmr":
             ids, vecs = self.index.vectors()

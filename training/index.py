@@ -35,7 +35,8 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
-from common.artifacts import IndexRef, atomic_write_text, read_manifest, write_manifest
+from common import locations
+from common.artifacts import IndexRef, read_manifest, write_manifest
 from common.workdir import Workdir
 
 TABLE_NAME = "articles"
@@ -465,15 +466,17 @@ class BuildLog(BaseModel):
     builds: list[BuildRecord] = []
 
 
-def builds_path(uri: str | Path) -> Path:
-    return Path(uri) / BUILDS_FILE
+def builds_path(uri: str | Path) -> str:
+    """The build log next to the LanceDB tables (a local file or an object in the same bucket)."""
+    return locations.join(uri, BUILDS_FILE)
 
 
 def load_builds(uri: str | Path) -> BuildLog:
     p = builds_path(uri)
-    if not p.is_file():
+    text = locations.read_text(p)
+    if text is None:
         return BuildLog()
-    log = BuildLog.model_validate_json(p.read_text())
+    log = BuildLog.model_validate_json(text)
     if log.format != BUILDS_FORMAT:
         raise ValueError(f"{p}: unsupported builds format {log.format}")
     return log
@@ -487,7 +490,7 @@ def record_build(uri: str | Path, rec: BuildRecord) -> None:
     log = load_builds(uri)
     log.builds = [b for b in log.builds if not (b.version == rec.version and b.table == rec.table)] + [rec]
     log.builds.sort(key=lambda b: (b.table, b.version))
-    atomic_write_text(builds_path(uri), log.model_dump_json(indent=2) + "\n")
+    locations.write_text(builds_path(uri), log.model_dump_json(indent=2) + "\n")
 
 
 def file_sha256(path: str | Path) -> str | None:
@@ -548,7 +551,7 @@ class IndexBuild:
     record: BuildRecord | None = field(default=None, compare=False)
 
 
-def build_index(articles_path: Path, model_dir: Path, uri: Path, progress: bool = True, *, text: bool = True,
+def build_index(articles_path: Path, model_dir: Path, uri: str | Path, progress: bool = True, *, text: bool = True,
                 ann: AnnType | Literal["auto", "none"] = "auto", target_recall: float = TARGET_RECALL,
                 batch_size: int = 2048, columns: IndexColumns = HM_INDEX) -> IndexBuild:
     """Embed the articles (offline feature group Parquet) with Ray Data into a new table version,
@@ -901,10 +904,11 @@ def _unit(v: np.ndarray | Sequence[float]) -> np.ndarray:
 # Versions: promote, rollback, and the serving view that follows them
 
 
-def index_uri(wd: Workdir) -> Path:
-    """The LanceDB folder of a run: the manifest's when it names one, else the workdir's."""
+def index_uri(wd: Workdir) -> str:
+    """The LanceDB location of a run (a folder or an object-store URI): the manifest's when it names
+    one, else the workdir's `index/`."""
     ref = read_manifest(wd).index if wd.manifest_path.is_file() else None
-    return wd.resolve(ref.uri) if ref else wd.index_dir
+    return wd.from_ref(ref.uri) if ref else str(wd.index_dir)
 
 
 def table_versions(uri: str | Path, table: str = TABLE_NAME) -> list[int]:
@@ -930,7 +934,7 @@ def set_index_version(wd: Workdir, version: int, force: bool = False) -> IndexRe
     if not force and rec.item_tower_sha256 and current and rec.item_tower_sha256 != current:
         raise ValueError(f"version {version} was built with another item tower than the run's "
                          f"({tower}): its vectors do not match the query tower; use --force to switch anyway")
-    manifest.index = IndexRef(uri=wd.relative(uri), table=table, version=version, dim=rec.dim, n_rows=rec.n_rows)
+    manifest.index = IndexRef(uri=wd.to_ref(uri), table=table, version=version, dim=rec.dim, n_rows=rec.n_rows)
     write_manifest(wd, manifest)
     return manifest.index
 
@@ -993,7 +997,7 @@ class LiveItemIndex:
         if ref is None:
             raise ValueError(f"{self.wd.manifest_path} names no index")
         self._stamp = (st.st_mtime_ns, st.st_size)
-        return ItemIndex(str(self.wd.resolve(ref.uri)), ref.table, ref.version, **self._kwargs)
+        return ItemIndex(self.wd.from_ref(ref.uri), ref.table, ref.version, **self._kwargs)
 
     def refresh(self) -> bool:
         """Swap to the manifest's version if it changed; True when it swapped."""
@@ -1002,11 +1006,11 @@ class LiveItemIndex:
             return False
         ref = read_manifest(self.wd).index
         cur = self._index
-        if ref is None or (str(self.wd.resolve(ref.uri)), ref.table, ref.version) == (cur.uri, cur.table_name,
-                                                                                        cur.version):
+        if ref is None or (self.wd.from_ref(ref.uri), ref.table, ref.version) == (cur.uri, cur.table_name,
+                                                                                   cur.version):
             self._stamp = (st.st_mtime_ns, st.st_size)
             return False
-        new = ItemIndex(str(self.wd.resolve(ref.uri)), ref.table, ref.version, **self._kwargs)
+        new = ItemIndex(self.wd.from_ref(ref.uri), ref.table, ref.version, **self._kwargs)
         self._index, self._stamp = new, (st.st_mtime_ns, st.st_size)
         return True
 

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from common import locations
 from common.artifacts import IndexRef, Manifest, new_manifest, write_json, write_manifest
 from common.config import RayrecConfig
 from common.workdir import Workdir
@@ -42,6 +43,7 @@ from training.ranker import (
     save_ranker,
     training_cutoffs,
 )
+from training.ray_session import init_ray
 from training.two_tower.model import load_item_tower, load_query_tower
 from training.two_tower.train import train_two_tower
 
@@ -147,6 +149,11 @@ def retrieve(
     return [[item_ids[j] for j in row] for row in idx], list(sc)
 
 
+def checkpoint_location(cfg: RayrecConfig, wd: Workdir, run: str) -> str:
+    """Ray Train's storage for one training run: under `storage.checkpoint_uri`, else the workdir's ray/."""
+    return locations.join(wd.location(cfg.storage.checkpoint_uri, wd.ray_dir), run)
+
+
 def run_pipeline(
     cfg: RayrecConfig, wd: Workdir, data_dir: Path | None = None, online: OnlineStore | None = None,
     dataset: DatasetConfig | None = None,
@@ -154,7 +161,6 @@ def run_pipeline(
     """Run every step; the manifest is written only when all of them succeeded.
 
     The data: `dataset` (a dataset config), else the H&M files in `data_dir`, else generated."""
-    import ray
 
     wd.root.mkdir(parents=True, exist_ok=True)
     wd.config_path.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
@@ -176,22 +182,20 @@ def run_pipeline(
         view_dir.mkdir(parents=True, exist_ok=True)
         view.to_parquet(view_dir / "train.parquet", index=False)
         manifest.feature_views["retrieval"] = RETRIEVAL_VIEW_VERSION
-    if not ray.is_initialized():
-        temp = str(wd.ray_temp_dir) if wd.ray_temp_dir else None
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_ray(wd)
     with step("two-tower training (Ray Train)"):
         t_fit = time.time()
         result = train_two_tower(view, arts_cut, frames["customers"], cfg.two_tower, wd.two_tower_dir,
-                                 wd.ray_dir / "train", roles=raw.roles)
+                                 checkpoint_location(cfg, wd, "train"), roles=raw.roles)
         fit_s = round(time.time() - t_fit, 1)
         for name in ("query_tower", "item_tower", "vocab"):
             manifest.models[name] = wd.relative(getattr(result, name))
         plot_training(result.history, wd.reports_dir / "training.png")
     with step("item index (Ray Data -> LanceDB)"):
         arts_path = wd.resolve(manifest.feature_groups["articles"].offline_path)
-        built = build_index(arts_path, wd.two_tower_dir, wd.index_dir, columns=index_columns(raw.roles))
-        manifest.index = IndexRef(uri=wd.relative(wd.index_dir), table=built.table, version=built.version,
+        built = build_index(arts_path, wd.two_tower_dir, wd.location(cfg.storage.index_uri, wd.index_dir),
+                            columns=index_columns(raw.roles))
+        manifest.index = IndexRef(uri=wd.to_ref(built.uri), table=built.table, version=built.version,
                                   dim=built.dim, n_rows=built.n_rows)
     pop = popular_articles(train_tx, frames["customers"])
     manifest.models["popularity"] = wd.relative(save_popularity(pop, wd.popularity_path))
@@ -234,8 +238,8 @@ def train_ranker(cfg, wd, raw: Raw, train_tx, customers_fg, item_ids, item_vecs,
                                  "ranker.n_cutoffs or set ranker.retrieval_for_training: served")
             arts = article_features(raw.articles, before, first_cut, raw.extras, raw.roles)
             view = retrieval_frame(before, customers_fg, arts, cfg.two_tower.history_len, raw.roles)
-            train_two_tower(view, arts, customers_fg, cfg.two_tower, model_dir, wd.ray_dir / "train_ranker_retrieval",
-                            roles=raw.roles)
+            train_two_tower(view, arts, customers_fg, cfg.two_tower, model_dir,
+                            checkpoint_location(cfg, wd, "train_ranker_retrieval"), roles=raw.roles)
             item_tower, item_vocab = load_item_tower(model_dir)
             vecs = item_tower.embed(encode_items(item_vocab, arts.set_index("article_id").loc[item_ids].reset_index()))
     tower, vocab = load_query_tower(model_dir)

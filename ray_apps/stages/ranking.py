@@ -26,7 +26,7 @@ def item_vectors(wd: Workdir, manifest: Manifest) -> dict[str, Any]:
     from training.index import ItemIndex
 
     ref = manifest.index
-    ids, vecs = ItemIndex(str(wd.resolve(ref.uri)), ref.table, ref.version).vectors()
+    ids, vecs = ItemIndex(wd.from_ref(ref.uri), ref.table, ref.version).vectors()
     return dict(zip(ids, vecs, strict=True))
 
 

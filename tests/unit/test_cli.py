@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from feature_store.sources import FILES
@@ -35,3 +37,67 @@ def test_serve_without_a_run_names_the_missing_manifest(tmp_path):
     out = subprocess.run([sys.executable, "-m", "ray_apps.cli", "serve", "start", "--workdir", str(tmp_path / "run"),
                           "--config", str(cfg)], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 2 and "manifest" in out.stderr
+
+
+def test_serve_config_for_a_cluster_ships_the_code_package(tmp_path, capsys):
+    """`rayrec serve config` writes what `serve deploy` takes, with the code package in the runtime_env;
+    Serve's own schema accepts it."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from common.artifacts import new_manifest, write_manifest
+    from common.workdir import Workdir
+
+    wd = Workdir.at(tmp_path / "run")
+    write_manifest(wd, new_manifest("run"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("serve: {host: 0.0.0.0, port: 8123}\n")
+    pkg = "s3://rayrec-artifacts/code/rayrec-abc123.zip"
+    assert main(["serve", "config", "--workdir", str(wd.root), "--config", str(cfg), "--working-dir", pkg,
+                 "--proxy-location", "EveryNode"]) == 0
+    path = capsys.readouterr().out.strip()
+    conf = yaml.safe_load(open(path))
+    ServeDeploySchema.model_validate(conf)
+    (app,) = conf["applications"]
+    assert app["runtime_env"] == {"working_dir": pkg} and app["args"] == {"workdir": str(wd.root)}
+    assert conf["proxy_location"] == "EveryNode" and conf["http_options"] == {"host": "0.0.0.0", "port": 8123}
+
+
+def test_serve_config_without_a_run_names_the_missing_manifest(tmp_path, capsys):
+    assert main(["serve", "config", "--workdir", str(tmp_path / "run")]) == 2
+    assert "manifest" in capsys.readouterr().err
+
+
+def test_a_ray_job_driver_keeps_the_clusters_token(tmp_path, monkeypatch):
+    """Inside `ray job submit` (RAY_ADDRESS set) the workdir token must not replace the node's."""
+    from common.workdir import Workdir
+    from ray_apps.ray_auth import use_ray_token
+
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    wd = Workdir.at(tmp_path / "run")
+    assert use_ray_token(wd) is None
+    assert "RAY_AUTH_TOKEN_PATH" not in os.environ and not (wd.ray_dir / "auth_token").exists()
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert use_ray_token(wd) == wd.ray_dir / "auth_token"
+    assert os.environ["RAY_AUTH_TOKEN_PATH"] == str(wd.ray_dir / "auth_token")
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+
+
+def test_init_ray_joins_the_jobs_cluster_without_asking_for_cpus(tmp_path, monkeypatch):
+    import ray
+
+    from common.workdir import Workdir
+    from training.ray_session import init_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert init_ray(Workdir.at(tmp_path)) is True
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert init_ray(Workdir.at(tmp_path)) is True
+    assert "num_cpus" not in calls[0] and calls[1]["num_cpus"] == 2
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    assert init_ray(Workdir.at(tmp_path)) is False and len(calls) == 2

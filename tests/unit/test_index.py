@@ -26,12 +26,14 @@ from training.index import (
     ItemFilter,
     ItemIndex,
     LiveItemIndex,
+    builds_path,
     choose_ann,
     choose_engine,
     create_attribute_indexes,
     create_vector_index,
     file_sha256,
     filtered_nprobes,
+    index_uri,
     load_builds,
     promote,
     record_build,
@@ -265,23 +267,25 @@ def test_missing_text_model_names_the_package(monkeypatch):
 # versions
 
 
-def run_with_builds(tmp_path: Path, n_builds: int = 2) -> tuple[Workdir, list[int]]:
-    """A workdir with a manifest and `n_builds` recorded builds; build i has ids prefixed 'b<i>'."""
+def run_with_builds(tmp_path: Path, n_builds: int = 2, index: str | None = None) -> tuple[Workdir, list[int]]:
+    """A workdir with a manifest and `n_builds` recorded builds; build i has ids prefixed 'b<i>'.
+    `index`: where the LanceDB tables live (a path or URI, as config `storage.index_uri`)."""
     wd = Workdir.at(tmp_path / "run")
+    uri = wd.location(index, wd.index_dir)
     tower = wd.two_tower_dir / "item_tower.pt"
     tower.parent.mkdir(parents=True)
     tower.write_bytes(b"tower-1")
     versions = []
     for i in range(n_builds):
-        tbl = make_table(wd.index_dir, articles(200 + 50 * i, seed=i, prefix=f"b{i}"), unit_vectors(200 + 50 * i, seed=i))
+        tbl = make_table(uri, articles(200 + 50 * i, seed=i, prefix=f"b{i}"), unit_vectors(200 + 50 * i, seed=i))
         versions.append(tbl.version)
-        record_build(wd.index_dir, BuildRecord(version=tbl.version, n_rows=200 + 50 * i, dim=16, engine="exact",
+        record_build(uri, BuildRecord(version=tbl.version, n_rows=200 + 50 * i, dim=16, engine="exact",
                                                built_at="t", seconds=0, rows_per_s=0,
                                                item_tower_sha256=file_sha256(tower)))
     m = new_manifest("run")
     m.models["item_tower"] = wd.relative(tower)
     m.feature_groups["articles"] = FeatureGroupRef(version=1, offline_path="x", primary_key=["article_id"])
-    m.index = IndexRef(uri=wd.relative(wd.index_dir), table=TABLE_NAME, version=versions[-1], dim=16, n_rows=250)
+    m.index = IndexRef(uri=wd.to_ref(uri), table=TABLE_NAME, version=versions[-1], dim=16, n_rows=250)
     write_manifest(wd, m)
     return wd, versions
 
@@ -314,6 +318,26 @@ def test_promote_and_rollback_change_what_a_reader_sees(tmp_path, capsys):
     # an intermediate version (data written, indexes not yet built) is never promotable
     with pytest.raises(ValueError, match=rf"version {v2 - 1} of table 'articles' is not a complete build"):
         promote(wd, v2 - 1)
+
+
+def test_an_index_at_a_uri_is_built_promoted_and_served_from_there(tmp_path, capsys):
+    """The index outside the workdir at a URI: the manifest names the URI, the build log sits next to
+    the tables, and promote/rollback/list and the serving reader all open it there."""
+    shared = tmp_path / "bucket" / "rayrec" / "index"
+    uri = f"file://{shared}"
+    wd, (v1, v2) = run_with_builds(tmp_path, index=uri)
+    assert not wd.index_dir.exists()  # nothing was written to the workdir's default location
+    assert read_manifest(wd).index.uri == uri
+    assert index_uri(wd) == uri and builds_path(uri) == f"{uri}/builds.json"
+    assert (shared / "builds.json").is_file() and [b.version for b in load_builds(uri).builds] == [v1, v2]
+    live = LiveItemIndex(wd.root, poll_s=0)
+    assert live.index.uri == uri and live.version == v2
+    assert rollback(wd).version == v1 and read_manifest(wd).index.uri == uri
+    assert live.refresh() and live.version == v1 and live.search(unit_vectors(1)[0], 5)[0][0].startswith("b0")
+    assert promote(wd).version == v2
+    assert cli(["index", "list", "--workdir", str(wd.root)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["version"], r["serving"]) for r in rows] == [(v1, False), (v2, True)]
 
 
 def test_promote_refuses_a_build_of_another_item_tower(tmp_path):

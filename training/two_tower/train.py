@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from common.config import TwoTowerConfig
+from common.locations import is_uri
 from training.features import (
     I_CAT,
     ITEM_CATEGORICALS,
@@ -657,7 +658,7 @@ def train_two_tower(
     customers_frame: pd.DataFrame,
     cfg: TwoTowerConfig,
     out_dir: Path,
-    storage_dir: Path,
+    storage_dir: str | Path,
     val_frame: pd.DataFrame | None = None,
     progress: bool = True,
     *,
@@ -670,6 +671,8 @@ def train_two_tower(
     """Fit vocab, encode, train on Ray Train workers, export the best epoch's towers.
 
     A rerun with the same `run_name` and `storage_dir` resumes from that run's last checkpoint.
+    `storage_dir` is a folder or a URI Ray Train opens (`s3://bucket/prefix`); on a multi-node cluster
+    every node must reach it.
     Each worker runs as many torch threads as the CPUs it reserves (`cfg.cpus_per_worker`, default 1): on
     a shared 2-core box two intra-op threads per process were 20% faster when idle but 5-10x slower as
     soon as anything else ran, so one thread per reserved core is the robust default.
@@ -684,7 +687,9 @@ def train_two_tower(
     vocab = FeatureVocab.fit(articles_frame, customers_frame, roles=roles, channels=channels)
     columns, side = encode_training_data(vocab, train_frame, articles_frame, cfg, val_frame)
     name = run_name or f"two_tower_{datetime.now(UTC):%Y%m%d_%H%M%S}_{uuid.uuid4().hex[:6]}"
-    storage = Path(storage_dir).resolve()
+    storage = str(storage_dir) if is_uri(storage_dir) else str(Path(storage_dir).resolve())
+    if fail_once_at_epoch is not None and is_uri(storage):
+        raise ValueError("fail_once_at_epoch (a test hook) needs a local storage_dir for its marker file")
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False)
     use_gpu = _use_gpu(cfg)
@@ -702,7 +707,7 @@ def train_two_tower(
     loop_config.update(side_ref=ray.put(side), use_gpu=use_gpu, progress_queue=printer.queue)
     if fail_once_at_epoch is not None:
         loop_config["fail_once"] = {"epoch": fail_once_at_epoch - 1, "rank": cfg.num_workers - 1,
-                                    "marker": str(storage / name / "injected_failure")}
+                                    "marker": str(Path(storage) / name / "injected_failure")}
     has_val = side.val_q is not None
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -713,7 +718,7 @@ def train_two_tower(
         datasets={"train": dataset},
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
-            storage_path=str(storage),
+            storage_path=storage,
             name=name,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(  # the best epoch, and always the latest (for resuming)

@@ -1,0 +1,31 @@
+"""How a command gets its Ray: the cluster it was submitted to, else a local instance for the run."""
+from __future__ import annotations
+
+import os
+
+from common.workdir import Workdir
+
+
+def in_ray_job() -> bool:
+    """True in the driver of `ray job submit` (and wherever RAY_ADDRESS names a cluster to join)."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
+def init_ray(wd: Workdir) -> bool:
+    """Join the cluster of a Ray job, else start a local Ray (2 CPUs, the workdir's temp dir).
+
+    Returns:
+        True when this call connected or started Ray (the caller shuts it down), False when this
+        process already had Ray.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if in_ray_job():
+        ray.init(log_to_driver=False)  # resources are the cluster's: asking for CPUs here is an error
+    else:
+        temp = str(wd.ray_temp_dir) if wd.ray_temp_dir else None
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return True
