@@ -183,7 +183,10 @@ class ServeConfig(_Strict):
     # db_retry_s (answers come from the last good data or popularity, flagged degraded).
     db_timeout_s: float = Field(0.5, gt=0)
     db_retry_s: float = Field(1.0, gt=0)
+    # split topology: a stage call waits stage_timeout_s, and is sent again (stage_retries times)
+    # after a timeout or a dead replica, before the request falls back or gets a 503.
     stage_timeout_s: float = Field(2.0, gt=0)
+    stage_retries: int = Field(4, ge=0)
     api_key_env: str = Field("RAYREC_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_batch_events: int = Field(500, ge=1)

@@ -134,21 +134,35 @@ class RemoteCalls:
     replica serves the run the ingress serves, loading it on first use (hot reload)."""
 
     def __init__(self, encoder: DeploymentHandle, retriever: DeploymentHandle, ranker: DeploymentHandle,
-                 workdir: str, timeout_s: float):
+                 workdir: str, timeout_s: float, retries: int = 0):
         self.h = {"encoder": encoder, "retriever": retriever, "ranker": ranker}
         self.workdir = workdir
         self.timeout_s = timeout_s
+        self.retries = retries
+
+    async def _retrying(self, send: Any) -> Any:
+        """`send()` awaited with the stage timeout, sent again after a timeout or a dead replica:
+        every stage call is a read or an idempotent write, and while Serve has not yet noticed
+        that a node died its router still picks the dead replicas."""
+        import ray.exceptions
+
+        for attempt in range(self.retries + 1):
+            try:
+                return await asyncio.wait_for(_await(send()), self.timeout_s)
+            except (TimeoutError, ray.exceptions.RayActorError):
+                if attempt == self.retries:
+                    raise TimeoutError("a serving stage did not answer") from None
+        raise AssertionError("unreachable")
 
     async def _call(self, stage: str, method: str, *args: Any) -> Any:
-        resp = self.h[stage].call.remote(self.workdir, method, *args)
-        out = await asyncio.wait_for(_await(resp), self.timeout_s)
+        out = await self._retrying(lambda: self.h[stage].call.remote(self.workdir, method, *args))
         if isinstance(out, dict) and out.get("__error__") == "unknown_article":
             raise UnknownArticle(out["message"])
         return out
 
     async def encode(self, customer_id, month, channel):
-        return await asyncio.wait_for(_await(self.h["encoder"].encode.remote(self.workdir, customer_id, month,
-                                                                              channel)), self.timeout_s)
+        return await self._retrying(lambda: self.h["encoder"].encode.remote(self.workdir, customer_id, month,
+                                                                            channel))
 
     async def retrieve(self, vector, n):
         return await self._call("retriever", "retrieve", vector, n)
@@ -430,7 +444,7 @@ class Ingress:
         else:
             rec = None
             calls = RemoteCalls(self.stages["encoder"], self.stages["retriever"], self.stages["ranker"],
-                                str(wd.root), cfg.stage_timeout_s)
+                                str(wd.root), cfg.stage_timeout_s, cfg.stage_retries)
         api.state.max_body_bytes = cfg.max_body_bytes
         self.cfg: ServeConfig = cfg
         self.workdir = str(wd.root)

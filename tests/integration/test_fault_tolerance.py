@@ -64,7 +64,8 @@ def cluster(db: MariaDBHandle) -> Iterator[Any]:
     tmp = tempfile.mkdtemp(prefix="rrft", dir="/tmp")  # short: Ray's unix sockets live under it
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_TMPDIR", tmp)  # the address file and sessions: invisible to other Ray users here
-        mp.setenv("RAY_AUTH_MODE", "disabled")  # token auth is covered by docs/deploy.md's checked commands
+        # RAY_AUTH_MODE is left as the process has it: Ray reads it once per process, and a value
+        # set here would outlive this module for every later ray.init in the test session.
         mp.setenv(PASSWORD_ENV, db.password)  # every node (and so every replica) inherits it
         c = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "include_dashboard": False, "_system_config": SYSTEM_CONFIG})
@@ -191,7 +192,9 @@ def served(cluster: Any, db: MariaDBHandle, tmp_path_factory: pytest.TempPathFac
         store.close()
     port = free_tcp_port()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"workdir": str(wd.root)}), name=APP_NAME, route_prefix="/", blocking=False)
+    # split: the ingress and each stage are replicas of their own, which the node kill can separate
+    serve.run(build_app({"workdir": str(wd.root), "topology": "split"}), name=APP_NAME, route_prefix="/",
+              blocking=False)
     try:
         yield wd, f"http://127.0.0.1:{port}"
     finally:
@@ -266,7 +269,7 @@ def test_serving_loses_only_requests_in_flight_when_a_node_dies(cluster: Any, se
     assert len(replicas) == 4, replicas
     assert {node for _, node in replicas.values()} <= {n.node_id for n in cluster.worker_nodes}  # none on the head
     # the node of the ranking replica, which every request passes through
-    victim = next(node for cls, node in replicas.values() if cls.endswith("RankerDeployment"))
+    victim = next(node for cls, node in replicas.values() if cls.endswith("ranker_stage"))
     lost = sorted(cls for cls, node in replicas.values() if node == victim)
     with Client(url, _customers(wd)) as client:
         client.wait_for(10, after=0, timeout=120)
