@@ -672,12 +672,13 @@ class Stage:
 # Building the app
 
 
-def deployment_options(s: ServeConfig, a: AppArgs) -> dict[str, Any]:
-    """Replica sizes, autoscaling and admission control (see ServeConfig)."""
+def deployment_options(s: ServeConfig, a: AppArgs, topology: str) -> dict[str, Any]:
+    """Replica sizes, autoscaling and admission control (see ServeConfig). The split topology's
+    four deployments start at one replica each unless the args say otherwise."""
+    low = a.min_replicas or (s.min_replicas if topology == "fused" else 1)
     return {
         "ray_actor_options": {"num_cpus": a.num_cpus or s.num_cpus},
-        "autoscaling_config": {"min_replicas": a.min_replicas or s.min_replicas,
-                               "max_replicas": max(a.max_replicas or s.max_replicas, a.min_replicas or s.min_replicas),
+        "autoscaling_config": {"min_replicas": low, "max_replicas": max(a.max_replicas or s.max_replicas, low),
                                "target_ongoing_requests": s.target_ongoing_requests},
         "max_ongoing_requests": a.max_ongoing_requests or s.max_ongoing_requests,
         "max_queued_requests": a.max_queued_requests if a.max_queued_requests is not None else s.max_queued_requests,
@@ -700,7 +701,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     topology = a.topology or s.topology
     key = os.environ.get(s.api_key_env)
     key_hash = _sha256(key) if key else None
-    opts = deployment_options(s, a)
+    opts = deployment_options(s, a, topology)
     workdir = str(wd.root)
     ingress_opts = opts | ({"user_config": a.user_config} if a.user_config else {})
     if topology == "fused":

@@ -6,6 +6,7 @@ The head outlives the CLI process (Serve apps keep running after their driver ex
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -40,8 +41,9 @@ def ray_address() -> str:
     return f"127.0.0.1:{RAY_PORT}"
 
 
-def start_ray(wd: Workdir) -> None:
-    """Start a Ray head for serving unless one is already up on our port."""
+def start_ray(wd: Workdir, haproxy: bool = True) -> None:
+    """Start a Ray head for serving unless one is already up on our port; with `haproxy`, Serve's
+    HTTP ingress is HAProxy (the variant benchmarks/serve_load.py found faster here)."""
     use_ray_token(wd)
     if _listening("127.0.0.1", RAY_PORT):
         return
@@ -51,8 +53,9 @@ def start_ray(wd: Workdir) -> None:
         cmd.append(f"--temp-dir={wd.ray_temp_dir}")
     log = wd.ray_dir / "ray_start.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, RAY_SERVE_ENABLE_HA_PROXY="1" if haproxy else "0")
     with log.open("w") as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if rc != 0:
         raise RuntimeError(f"`ray start` failed (exit {rc}); see {log}")
 
@@ -63,7 +66,7 @@ def deploy(cfg: RayrecConfig, wd: Workdir) -> str:
     from ray import serve
 
     read_manifest(wd)  # fail before starting anything when the run is missing
-    start_ray(wd)
+    start_ray(wd, cfg.serve.haproxy)
     ray.init(address=ray_address(), log_to_driver=False)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build_app({"workdir": str(wd.root)}), name=APP_NAME, route_prefix="/", blocking=False)
