@@ -110,6 +110,7 @@ class Recommender:
         self._fs = None
         self._pending: list[Any] = []  # purchases logged but not yet applied online (store was down)
         self._events_lock = threading.Lock()  # one event batch at a time: the pending list is shared
+        self._retry_thread: threading.Thread | None = None
 
     # --- parts, loaded on first use -------------------------------------------------------------
     @property
@@ -352,11 +353,29 @@ class Recommender:
             except StoreUnavailable:
                 applied, still = False, True
                 self._pending.append(pe)
+                self._retry_pending_later()
             self.metrics.event("purchase", applied)
             out[pe.event_id] = {"event_id": pe.event_id, "type": "purchase", "applied": applied, "pending": still}
         for e in others:
             self.metrics.event(e["type"], True)
         return [out[e["event_id"]] for e in events]
+
+    def _retry_pending_later(self) -> None:
+        """Apply the pending purchases from a background thread once the store is back: requests
+        may all go to other replicas, so this replica must not wait for its next event call."""
+        if self._retry_thread is not None and self._retry_thread.is_alive():
+            return
+
+        def loop() -> None:
+            while True:
+                time.sleep(self.cfg.serve.db_retry_s)
+                with self._events_lock:
+                    if not self._pending:
+                        return
+                    self._record_events([])
+
+        self._retry_thread = threading.Thread(target=loop, daemon=True, name="pending-events")
+        self._retry_thread.start()
 
     def _apply(self, event):
         from feature_store.events import apply_purchase_event
