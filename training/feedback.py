@@ -14,6 +14,7 @@ click and purchase events that followed, the training data of a ranker learned f
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import queue
 import threading
@@ -83,7 +84,12 @@ class PredictionLog:
                 json.dumps(rec, separators=(",", ":"), default=str) + "\n")
         for day, lines in by_day.items():
             with open(self.folder / f"{day}.jsonl", "a", encoding="utf-8") as f:
-                f.write("".join(lines))
+                fcntl.flock(f, fcntl.LOCK_EX)  # every replica appends to the same day file
+                try:
+                    f.write("".join(lines))
+                    f.flush()
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
         self.written += len(batch)
 
 
