@@ -125,9 +125,6 @@ class LocalCalls:
     async def ready(self):
         return await self._run("ready")
 
-    async def version(self):
-        return self.rec.version
-
 
 class RemoteCalls:
     """Stages behind deployment handles (split topology). Every call names the run, so a stage
@@ -197,9 +194,6 @@ class RemoteCalls:
     async def ready(self):
         checks = await asyncio.gather(*[self._call(s, "ready") for s in self.h])
         return {s: c for s, c in zip(self.h, checks, strict=True)} | {"ready": all(c["ready"] for c in checks)}
-
-    async def version(self):
-        return await self._call("retriever", "version_info")
 
 
 async def _await(resp: Any) -> Any:
@@ -646,8 +640,6 @@ class Stage:
         rec = self._get(workdir)
         if method == "warm":
             return None  # _get loaded it
-        if method == "version_info":
-            return rec.version
         if method == "ready":
             return rec.ready(self.role)
         try:

@@ -113,13 +113,6 @@ class Recommender:
         self._retry_thread: threading.Thread | None = None
 
     # --- parts, loaded on first use -------------------------------------------------------------
-    @property
-    def version(self) -> dict[str, Any]:
-        """What is served: run name, when it was built, and the index version."""
-        idx = self.manifest.index
-        return {"run": self.manifest.run_name, "created_at": self.manifest.created_at,
-                "index_version": idx.version if idx else None, "workdir": str(self.wd.root)}
-
     def store(self):
         """The online store, connected on first use (a database down at start-up is not fatal)."""
         if self._store is None:

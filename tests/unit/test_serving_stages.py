@@ -2,15 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ray_apps.schemas import Candidates, RecommendRequest
-from ray_apps.stages.filters import drop_purchased
+from ray_apps.schemas import RecommendRequest
 from training.index import TABLE_NAME, ItemIndex, to_index_rows
-
-
-def test_drop_purchased_keeps_order_and_scores():
-    c = Candidates(article_ids=["a", "b", "c", "d"], scores=[0.9, 0.8, 0.7, 0.6])
-    out = drop_purchased(c, ["b", "zzz"])
-    assert out.article_ids == ["a", "c", "d"] and out.scores == [0.9, 0.7, 0.6]
 
 
 def test_request_schema_rejects_bad_input():
