@@ -215,11 +215,9 @@ class Recommender:
     def encode_many(self, requests: Sequence[tuple[str, int, int]]) -> list[QueryContext]:
         """`encode` for several requests: one read per feature group, one forward pass of the
         query tower (what @serve.batch hands over)."""
-        import pandas as pd
-
         from feature_store.views import query_row
         from ray_apps.stages.online import OnlineFeatures
-        from training.features import encode_queries
+        from training.features import as_columns, encode_queries
 
         ids = list(dict.fromkeys(r[0] for r in requests))
         degraded = False
@@ -239,7 +237,7 @@ class Recommender:
             rows.append(query_row(customer, customer_id, purchased[: self.encoder.history_len], month, channel))
             ctxs.append((customer_id, customer, history, purchased, channel, degraded))
         enc = self.encoder
-        vecs = enc.tower.embed(encode_queries(enc.vocab, pd.DataFrame(rows), enc.history_len))
+        vecs = enc.tower.embed(encode_queries(enc.vocab, as_columns(rows), enc.history_len))
         return [QueryContext(customer_id=c, known_customer=cu is not None, customer=cu, history=h, purchased=p,
                              vector=v.tolist(), sales_channel=ch, degraded=d)
                 for (c, cu, h, p, ch, d), v in zip(ctxs, vecs, strict=True)]

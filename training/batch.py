@@ -74,11 +74,11 @@ class BatchRecommender:
     def encode(self, customer_id: str, customer: dict[str, Any] | None, history: dict[str, Any] | None) -> np.ndarray:
         """The query vector exactly as the serving encoder builds it (one row at a time)."""
         from feature_store.views import query_row
-        from training.features import encode_queries
+        from training.features import as_columns, encode_queries
 
         purchased = list((history or {}).get("purchased") or [])
         row = query_row(customer, customer_id, purchased[: self.history_len], self.day.month, self.channel)
-        vec = self.tower.embed(encode_queries(self.vocab, pd.DataFrame([row]), self.history_len))[0]
+        vec = self.tower.embed(encode_queries(self.vocab, as_columns([row]), self.history_len))[0]
         return np.asarray(vec.tolist(), dtype=np.float32)  # the float list serving passes between replicas
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:

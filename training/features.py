@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ Q_CAT, Q_HIST, Q_HIST_LEN, Q_DENSE, I_CAT = "q_cat", "q_hist", "q_hist_len", "q_
 # column), "flag" (0 missing, 1 == 1.0, 2 other) and "channel" (the sales channel codes).
 # (feature name, input column, kind); the id comes first in each tower (the trainer relies on it).
 FeatureSpec = tuple[str, str, str]
+Frame = pd.DataFrame | Mapping[str, Sequence[Any]]  # rows as a DataFrame, or columns as lists
 HM_QUERY_FEATURES: list[FeatureSpec] = [
     ("customer_id", "customer_id", "string"),
     ("age_bucket", "age", "age"),
@@ -246,10 +248,10 @@ class FeatureVocab:
         seq = values.tolist() if isinstance(values, pd.Series | np.ndarray) else list(values)
         return np.array([0 if _missing(v) else codes.get(str(v), 0) for v in seq], dtype=np.int64)
 
-    def encode_feature(self, spec: FeatureSpec, frame: pd.DataFrame) -> np.ndarray:
+    def encode_feature(self, spec: FeatureSpec, frame: Frame) -> np.ndarray:
         """One feature's int64 codes for the rows of `frame` (a missing column: all unknown)."""
         name, col, kind = spec
-        values = _col(frame, col, len(frame))
+        values = _col(frame, col, frame_rows(frame))
         if kind == "string":
             return self.lookup(name, values)
         if kind == "age":
@@ -266,13 +268,16 @@ class FeatureVocab:
 
 
 # -- encoders -------------------------------------------------------------------------------------
-def encode_queries(vocab: FeatureVocab, frame: pd.DataFrame, history_len: int) -> dict[str, np.ndarray]:
-    """Encode query rows (profile + request context + history). Missing context columns count as unknown."""
-    n = len(frame)
+def encode_queries(vocab: FeatureVocab, frame: Frame, history_len: int) -> dict[str, np.ndarray]:
+    """Encode query rows (profile + request context + history). Missing context columns count as unknown.
+
+    `frame`: a DataFrame, or for a request's few rows the same columns as lists (`as_columns`),
+    which skips pandas' set-up cost on the serving path; both give the same codes."""
+    n = frame_rows(frame)
     out: dict[str, np.ndarray] = {name: vocab.encode_feature((name, col, kind), frame)
                                   for name, col, kind in vocab.query_features}
     out[DENSE] = _month_dense(_col(frame, "month", n))
-    hist = frame[HISTORY_COLUMN] if HISTORY_COLUMN in frame.columns else pd.Series([[]] * n)
+    hist = _col(frame, HISTORY_COLUMN, n) if _has(frame, HISTORY_COLUMN) else [[]] * n
     out[HIST_VALUES], out[HIST_LENGTHS] = encode_history(vocab, hist, history_len)
     return out
 
@@ -363,9 +368,44 @@ def pad_history(values: np.ndarray, lengths: np.ndarray, history_len: int) -> np
 
 
 # -- helpers --------------------------------------------------------------------------------------
-def _col(frame: pd.DataFrame, col: str, n: int) -> pd.Series:
+def _col(frame: Frame, col: str, n: int) -> pd.Series | list[Any]:
     """A column, or an all-missing one so callers can omit optional context (e.g. sales channel)."""
-    return frame[col] if col in frame.columns else pd.Series([np.nan] * n, index=frame.index)
+    if isinstance(frame, pd.DataFrame):
+        return frame[col] if col in frame.columns else pd.Series([np.nan] * n, index=frame.index)
+    return list(frame[col]) if col in frame else [None] * n
+
+
+def _has(frame: Frame, col: str) -> bool:
+    return col in (frame.columns if isinstance(frame, pd.DataFrame) else frame)
+
+
+def frame_rows(frame: Frame) -> int:
+    """Rows of a DataFrame or of a column mapping (`as_columns`)."""
+    if isinstance(frame, pd.DataFrame):
+        return len(frame)
+    return len(next(iter(frame.values()))) if frame else 0
+
+
+def as_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Row dicts (same keys) as a column mapping that `encode_queries` takes in place of a DataFrame."""
+    return {k: [r.get(k) for r in rows] for k in (rows[0] if rows else {})}
+
+
+def _numbers(values: pd.Series | Sequence[Any]) -> np.ndarray:
+    """float64, NaN for missing or non-numeric values (pandas' to_numeric(errors="coerce"))."""
+    if isinstance(values, list | tuple):  # a request's few values: no pandas set-up
+        return np.array([_to_float(v) for v in values], dtype=np.float64)
+    return pd.to_numeric(pd.Series(values) if isinstance(values, np.ndarray) else values,
+                         errors="coerce").to_numpy(dtype=np.float64)
+
+
+def _to_float(v: Any) -> float:
+    if v is None or v is pd.NA or isinstance(v, bool):
+        return float(v) if isinstance(v, bool) else math.nan
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _sorted_unique(values: pd.Series) -> list[str]:
@@ -404,29 +444,29 @@ def _quantile_edges(prices: pd.Series, n_buckets: int) -> list[float]:
     return [float(x) for x in np.unique(edges)]
 
 
-def _bucketize(values: pd.Series, edges: list[float]) -> np.ndarray:
+def _bucketize(values: pd.Series | Sequence[Any], edges: list[float]) -> np.ndarray:
     """1 + bucket for known values, 0 for missing."""
-    x = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+    x = _numbers(values)
     codes = np.searchsorted(np.asarray(edges, dtype=np.float64), x, side="right") + 1
     return np.where(np.isnan(x), 0, codes).astype(np.int64)
 
 
-def _flag(values: pd.Series) -> np.ndarray:
-    x = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+def _flag(values: pd.Series | Sequence[Any]) -> np.ndarray:
+    x = _numbers(values)
     return np.where(np.isnan(x), 0, np.where(x == 1.0, 1, 2)).astype(np.int64)
 
 
-def _fixed_codes(values: pd.Series, known: list[int]) -> np.ndarray:
-    x = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+def _fixed_codes(values: pd.Series | Sequence[Any], known: list[int]) -> np.ndarray:
+    x = _numbers(values)
     codes = np.zeros(len(x), dtype=np.int64)
     for i, v in enumerate(known, start=1):
         codes[x == v] = i
     return codes
 
 
-def _month_dense(values: pd.Series) -> np.ndarray:
+def _month_dense(values: pd.Series | Sequence[Any]) -> np.ndarray:
     """Month as a point on the unit circle, so December and January are neighbours; unknown -> (0, 0)."""
-    m = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+    m = _numbers(values)
     angle = 2.0 * np.pi * (m - 1.0) / 12.0
     dense = np.stack([np.sin(angle), np.cos(angle)], axis=1)
     return np.nan_to_num(dense, nan=0.0).astype(np.float32)

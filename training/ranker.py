@@ -72,10 +72,12 @@ class RankerModel:
         """Scores for the rows of `block` (higher is better)."""
         if len(block) == 0:
             return np.zeros(0)
-        from catboost import CatBoost, FeaturesData
+        from catboost import CatBoost, FeaturesData, Pool
 
-        data = FeaturesData(num_feature_data=block.num, cat_feature_data=block.cat,
-                            num_feature_names=list(self.spec.numeric), cat_feature_names=list(self.spec.categorical))
+        # A Pool built here from FeaturesData (numeric then categorical: the spec's order, which
+        # is the model's) without feature names: predict() on bare FeaturesData, or with names,
+        # costs 3-4x more (2.3 ms vs 0.6 ms for 200 x 23 here), and this runs once per request.
+        data = Pool(FeaturesData(num_feature_data=block.num, cat_feature_data=block.cat))
         # The base class's predict takes prediction_type for rankers and classifiers alike.
         return np.asarray(CatBoost.predict(self.model, data, prediction_type="RawFormulaVal",
                                            thread_count=thread_count))

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from feature_store.views import query_row
-from training.features import encode_queries
+from training.features import as_columns, encode_queries
 from training.two_tower.model import load_query_tower
 
 
@@ -21,7 +21,5 @@ class QueryEncoder:
 
     def encode(self, customer_id: str, customer: dict[str, Any] | None, purchased: list[str], month: int,
                channel: int) -> np.ndarray:
-        import pandas as pd
-
         row = query_row(customer, customer_id, purchased[: self.history_len], month, channel)
-        return self.tower.embed(encode_queries(self.vocab, pd.DataFrame([row]), self.history_len))[0]
+        return self.tower.embed(encode_queries(self.vocab, as_columns([row]), self.history_len))[0]

@@ -22,6 +22,7 @@ from training.features import (
     Q_HIST_LEN,
     QUERY_CATEGORICALS,
     FeatureVocab,
+    as_columns,
     encode_items,
     encode_queries,
     fixed_width_items,
@@ -120,6 +121,47 @@ def test_encode_and_forward_shapes_are_normalised(data):
     torch.testing.assert_close(i.norm(dim=1), torch.ones(len(frame)))
     emb = model.query_tower.embed(q_enc)
     assert emb.dtype == np.float32 and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_plain_inference_path_equals_the_torchrec_forward(data):
+    """embed() on CPU skips KeyedJaggedTensor (forward_plain); it must give the EBC forward's vectors,
+    for customers with and without history and for chunked batches."""
+    frame, _, _, vocab = data
+    model = TwoTower.from_vocab(vocab, CFG).eval()
+    with torch.no_grad():  # train the tables away from their init so pooling differences would show
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    q_enc = encode_queries(vocab, frame, CFG.history_len)
+    assert (q_enc[HIST_LENGTHS] == 0).any() and (q_enc[HIST_LENGTHS] > 1).any()
+    i_enc = encode_items(vocab, frame)
+    with torch.no_grad():
+        q_ref = model.query_tower(*model.query_tower.inputs(q_enc)).numpy()
+        i_ref = model.item_tower(*model.item_tower.inputs(i_enc)).numpy()
+    with torch.no_grad():
+        np.testing.assert_allclose(model.query_tower.forward_plain(q_enc).numpy(), q_ref, atol=1e-6)
+        np.testing.assert_allclose(model.item_tower.forward_plain(i_enc).numpy(), i_ref, atol=1e-6)
+    np.testing.assert_allclose(model.query_tower.embed(q_enc), q_ref, atol=1e-6)
+    np.testing.assert_allclose(model.query_tower.embed(q_enc, chunk=7), q_ref, atol=1e-6)
+    np.testing.assert_allclose(model.item_tower.embed(i_enc), i_ref, atol=1e-6)
+    one = take_rows(q_enc, np.array([3]))
+    np.testing.assert_allclose(model.query_tower.embed(one)[0], q_ref[3], atol=1e-6)
+    assert not model.training
+
+
+def test_column_lists_encode_like_a_dataframe(data):
+    """Serving encodes a request's rows from column lists (as_columns), not a DataFrame: same codes,
+    for missing values (None, NaN), unknown strings and ids, and a missing optional column."""
+    frame, _, _, vocab = data
+    rows = frame.head(40).to_dict("records")
+    rows[0] |= {"age": None, "club_member_status": "NEVER-SEEN", "customer_id": "unknown", "history": []}
+    rows[1] |= {"month": float("nan"), "sales_channel_id": None, "FN": "1", "history": ["no-such-article"]}
+    rows = [{k: v for k, v in r.items() if k != "Active"} for r in rows]  # an absent column: all unknown
+    ref = encode_queries(vocab, pd.DataFrame(rows), CFG.history_len)
+    got = encode_queries(vocab, as_columns(rows), CFG.history_len)
+    assert set(got) == set(ref)
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    assert got["customer_id"][0] == 0 and got[HIST_LENGTHS][0] == 0
 
 
 def test_take_rows_gathers_jagged_history(data):

@@ -98,20 +98,43 @@ class _Tower(nn.Module):
 
     @torch.no_grad()
     def embed(self, encoded: dict[str, np.ndarray], chunk: int = EMBED_CHUNK) -> np.ndarray:
-        """L2-normalised float32 embeddings, one row per encoded row (computed on the tower's device)."""
+        """L2-normalised float32 embeddings, one row per encoded row (computed on the tower's device).
+
+        An unsharded tower on CPU runs `forward_plain` (the same tables and MLP without building a
+        KeyedJaggedTensor): for the one-row batches of serving, KJT set-up costs more than the model."""
         was_training = self.training
-        self.eval()
+        if was_training:
+            self.eval()
         n = n_rows(encoded)
         device = next(self.parameters()).device
-        parts = [
-            self(*(x.to(device) for x in self.inputs(take_rows(encoded, np.arange(s, min(s + chunk, n))))))
-            .cpu()
-            .numpy()
-            for s in range(0, n, chunk)
-        ]
-        self.train(was_training)
+        plain = device.type == "cpu" and isinstance(self.ebc, EmbeddingBagCollection)
+        parts = []
+        for s in range(0, n, chunk):
+            rows = encoded if n <= chunk else take_rows(encoded, np.arange(s, min(s + chunk, n)))
+            out = self.forward_plain(rows) if plain else self(*(x.to(device) for x in self.inputs(rows)))
+            parts.append(out.cpu().numpy())
+        if was_training:
+            self.train()
         out_dim = self.init_kwargs["output_dim"]
         return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, out_dim), np.float32)
+
+    def forward_plain(self, encoded: dict[str, np.ndarray]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _pooled_plain(self, encoded: dict[str, np.ndarray], jagged: Sequence[tuple[str, str, str]] = ()) -> list[torch.Tensor]:
+        """The EBC's pooled output, table by table, with plain torch ops on its own weights:
+        one-id features are row lookups (sum over one id); each jagged feature (feature,
+        values key, lengths key) is an embedding_bag with its table's pooling mode."""
+        bags = self.ebc.embedding_bags
+        pooled = [bags[f"t_{f}"].weight[torch.from_numpy(np.asarray(encoded[f], dtype=np.int64))]
+                  for f in self.features]
+        for feature, values, lengths in jagged:
+            bag = bags[f"t_{feature}"]
+            lens = torch.from_numpy(np.asarray(encoded[lengths], dtype=np.int64))
+            offsets = torch.cumsum(lens, 0) - lens
+            pooled.append(F.embedding_bag(torch.from_numpy(np.asarray(encoded[values], dtype=np.int64)),
+                                          bag.weight, offsets, mode=bag.mode))
+        return pooled
 
 
 class QueryTower(_Tower):
@@ -155,6 +178,11 @@ class QueryTower(_Tower):
         pooled = self.ebc(kjt).values()  # [B, n_tables * dim], table order
         return F.normalize(self.mlp(torch.cat([pooled, dense], dim=1)), dim=-1)
 
+    def forward_plain(self, encoded: dict[str, np.ndarray]) -> torch.Tensor:
+        pooled = self._pooled_plain(encoded, [(HIST_FEATURE, HIST_VALUES, HIST_LENGTHS)])
+        dense = torch.from_numpy(np.ascontiguousarray(encoded[DENSE], dtype=np.float32))
+        return F.normalize(self.mlp(torch.cat([*pooled, dense], dim=1)), dim=-1)
+
 
 class ItemTower(_Tower):
     """Article id + attributes + price bucket -> unit vector."""
@@ -185,6 +213,9 @@ class ItemTower(_Tower):
 
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
         return F.normalize(self.mlp(self.ebc(kjt).values()), dim=-1)
+
+    def forward_plain(self, encoded: dict[str, np.ndarray]) -> torch.Tensor:
+        return F.normalize(self.mlp(torch.cat(self._pooled_plain(encoded), dim=1)), dim=-1)
 
 
 class TwoTower(nn.Module):
