@@ -27,6 +27,7 @@ from typing import Any
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -356,27 +357,73 @@ def jsonable(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: (v if k in ("loc", "msg", "type") else str(v)) for k, v in e.items()} for e in errors]
 
 
-@api.middleware("http")
-async def _guard(request: Request, call_next):
-    """API key (all but the health checks) and the body size limit, before any parsing."""
-    state = request.app.state
-    if getattr(state, "api_key_sha256", None) and request.url.path not in EXEMPT_PATHS \
-            and not request.url.path.startswith(PUBLIC_PREFIXES):
-        given = request.headers.get("x-api-key") or _bearer(request.headers.get("authorization"))
-        if not given or not hmac.compare_digest(_sha256(given), state.api_key_sha256):
-            return JSONResponse(status_code=401, content={"message": "missing or wrong API key: send X-API-Key"},
-                                headers={"WWW-Authenticate": "ApiKey"})
-    limit = getattr(state, "max_body_bytes", None)
-    length = request.headers.get("content-length")
-    if limit and length is not None and length.isdigit() and int(length) > limit:
-        return JSONResponse(status_code=413, content={"message": f"request body of {length} bytes is over the "
-                                                                 f"limit of {limit} bytes"})
-    if limit and length is None and request.method in ("POST", "PUT", "PATCH"):
-        body = await request.body()  # chunked: read (Starlette caches it for the handler) and measure
-        if len(body) > limit:
-            return JSONResponse(status_code=413, content={"message": f"request body over the limit of {limit} "
-                                                                     "bytes"})
-    return await call_next(request)
+class Guard:
+    """API key (all but the health checks and the page) and the body size limit, before any
+    parsing. Plain ASGI: Starlette's `@app.middleware("http")` runs every request through a task
+    group and a streamed response, a cost on each request of the hot path."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state, headers, path = scope["app"].state, Headers(scope=scope), scope["path"]
+        if getattr(state, "api_key_sha256", None) and path not in EXEMPT_PATHS and not path.startswith(PUBLIC_PREFIXES):
+            given = headers.get("x-api-key") or _bearer(headers.get("authorization"))
+            if not given or not hmac.compare_digest(_sha256(given), state.api_key_sha256):
+                await JSONResponse(status_code=401, content={"message": "missing or wrong API key: send X-API-Key"},
+                                   headers={"WWW-Authenticate": "ApiKey"})(scope, receive, send)
+                return
+        limit, length = getattr(state, "max_body_bytes", None), headers.get("content-length")
+        if limit and length is not None and length.isdigit() and int(length) > limit:
+            await _too_large(f"request body of {length} bytes is over the limit of {limit} bytes")(scope, receive, send)
+            return
+        if limit and length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            body = await _read_body(receive, limit)  # chunked: read and measure, then hand it on
+            if body is None:
+                await _too_large(f"request body over the limit of {limit} bytes")(scope, receive, send)
+                return
+            receive = _replay(body, receive)
+        await self.app(scope, receive, send)
+
+
+def _too_large(message: str) -> JSONResponse:
+    return JSONResponse(status_code=413, content={"message": message})
+
+
+async def _read_body(receive: Any, limit: int) -> bytes | None:
+    """The whole request body, or None as soon as it passes `limit` bytes."""
+    chunks, size = [], 0
+    while True:
+        msg = await receive()
+        if msg["type"] != "http.request":
+            return b"".join(chunks)  # the client went away: the handler sees an empty or cut body
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not msg.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A `receive` that yields the already read body once, then defers to the real one."""
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+api.add_middleware(Guard)
 
 
 def _bearer(value: str | None) -> str | None:

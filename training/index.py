@@ -52,6 +52,7 @@ EXACT_SEARCH_MAX_ROWS = ANN_MIN_ROWS  # the name callers knew
 # The exact engine holds the vectors in memory; above this it is never chosen.
 EXACT_ENGINE_MAX_BYTES = 512 * 2**20
 SQ_MAX_BYTES = 2**30  # IVF_SQ codes (1 byte a dimension) up to 1 GiB, then IVF_PQ
+TEXT_CACHE_SIZE = 4096  # query texts whose MiniLM vector serving keeps (ItemIndex._text_vector)
 TARGET_RECALL = 0.95
 CALIBRATION_QUERIES = 100
 CALIBRATION_K = 100
@@ -708,6 +709,9 @@ class ItemIndex:
             raise ValueError(f"engine must be 'auto', 'exact' or 'ann', not {engine!r}")
         self.engine: Engine = engine
         self._text_encoder = text_encoder
+        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._text_lock = threading.Lock()
+        self.text_cache_hits = self.text_cache_misses = 0
         self._masks: OrderedDict[str, np.ndarray] = OrderedDict()
         self._shares: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -843,7 +847,7 @@ class ItemIndex:
         """Articles whose MiniLM text vector is closest to the query text's, best first."""
         if TEXT_VECTOR_COLUMN not in self._ds.schema.names:
             raise ValueError(f"index version {self.version} has no text vectors: build it with text=True")
-        qv = _unit(self._encoder().encode([query_text])[0])
+        qv = self._text_vector(query_text)
         return self._ann(TEXT_VECTOR_COLUMN, self._text_plan, qv, k, _where(where),
                          use_index=self._text_indexed)
 
@@ -871,6 +875,26 @@ class ItemIndex:
                               filter=f"article_id IN ({', '.join(sql_str(a) for a in pool)})")
         by_id = dict(zip(t["article_id"].to_pylist(), _matrix(t[VECTOR_COLUMN]) @ q, strict=True))
         return np.array([by_id.get(a, -1.0) for a in pool])
+
+    def _text_vector(self, query_text: str) -> np.ndarray:
+        """The query text's unit MiniLM vector, from a bounded LRU: a transformer forward pass is the
+        costliest step of a search (several ms on a CPU), and search traffic repeats its head queries.
+        Keyed on the whitespace-normalised text, which the tokenizer would see the same way."""
+        key = " ".join(query_text.split())
+        with self._text_lock:
+            hit = self._text_cache.get(key)
+            if hit is not None:
+                self._text_cache.move_to_end(key)
+                self.text_cache_hits += 1
+                return hit
+        vec = _unit(self._encoder().encode([query_text])[0])
+        vec.setflags(write=False)
+        with self._text_lock:
+            self._text_cache[key] = vec
+            while len(self._text_cache) > TEXT_CACHE_SIZE:
+                self._text_cache.popitem(last=False)
+            self.text_cache_misses += 1
+        return vec
 
     def _encoder(self) -> TextEncoder:
         if self._text_encoder is None:

@@ -255,6 +255,30 @@ def test_hybrid_fuses_text_matches_and_personalizes(tmp_path):
         ItemIndex(str(tmp_path / "plain"), TABLE_NAME, no_text.version).semantic_search("socks", 5)
 
 
+def test_query_text_vectors_are_cached_and_bounded(tmp_path, monkeypatch):
+    """A repeated query text (up to whitespace) reuses its vector instead of running the text model."""
+    from training import index as index_mod
+
+    frame, vecs = articles(200, seed=4), unit_vectors(200, seed=4)
+    tbl = make_table(tmp_path, frame, vecs, text=True)
+    calls = []
+
+    class Counting(HashingText):
+        def encode(self, texts):
+            calls.append(list(texts))
+            return super().encode(texts)
+
+    monkeypatch.setattr(index_mod, "TEXT_CACHE_SIZE", 2)
+    index = ItemIndex(str(tmp_path), TABLE_NAME, tbl.version, text_encoder=Counting())
+    first = index.semantic_search("wool socks", 10)
+    again = index.semantic_search("  wool   socks ", 10)
+    assert again[0] == first[0] and len(calls) == 1 and index.text_cache_hits == 1
+    index.semantic_search("red dress", 10)
+    index.semantic_search("blue jeans", 10)  # the cache holds 2: "wool socks" is evicted
+    index.semantic_search("wool socks", 10)
+    assert len(calls) == 4 and index.text_cache_misses == 4 and len(index._text_cache) == 2
+
+
 def test_missing_text_model_names_the_package(monkeypatch):
     from training import text_embed
 

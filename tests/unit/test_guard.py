@@ -1,0 +1,59 @@
+"""The HTTP guard (API key, body size limit) as ASGI middleware on a small FastAPI app."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+
+from ray_apps.app import Guard
+
+
+def app_with(key: str | None, limit: int | None) -> TestClient:
+    app = FastAPI()
+    app.add_middleware(Guard)
+    app.state.api_key_sha256 = hashlib.sha256(key.encode()).hexdigest() if key else None
+    app.state.max_body_bytes = limit
+
+    @app.post("/v1/echo")
+    async def echo(request: Request) -> dict:
+        body = await request.body()
+        return {"n": len(body), "head": body[:8].decode()}
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"ok": True}
+
+    return TestClient(app)
+
+
+def chunks(total: int, size: int = 1000):
+    sent = 0
+    while sent < total:
+        n = min(size, total - sent)
+        yield b"a" * n
+        sent += n
+
+
+def test_api_key_is_checked_except_on_exempt_paths():
+    c = app_with("s3cret", None)
+    assert c.post("/v1/echo", content=b"x").status_code == 401
+    assert c.post("/v1/echo", content=b"x", headers={"X-API-Key": "wrong"}).status_code == 401
+    assert c.post("/v1/echo", content=b"x", headers={"X-API-Key": "s3cret"}).json()["n"] == 1
+    assert c.post("/v1/echo", content=b"x", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    r = c.post("/v1/echo", content=b"x")
+    assert r.headers["www-authenticate"] == "ApiKey" and "X-API-Key" in r.json()["message"]
+    assert c.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_body_limit_with_and_without_content_length(chunked):
+    c = app_with(None, 5000)
+    big = chunks(6000) if chunked else b"a" * 6000
+    r = c.post("/v1/echo", content=big)
+    assert r.status_code == 413 and "limit of 5000 bytes" in r.json()["message"]
+    assert r.json()["message"].startswith("request body over" if chunked else "request body of 6000 bytes")
+    ok = chunks(4500) if chunked else b"a" * 4500
+    r = c.post("/v1/echo", content=ok)
+    assert r.status_code == 200 and r.json() == {"n": 4500, "head": "aaaaaaaa"}  # the body reaches the handler whole
