@@ -117,7 +117,8 @@ def purchase_events(fs: FeatureStore, rows: int, n: int) -> dict:
         "mean_price": 0.03, "type_counts": [{"Trousers": 1}] * len(customers),
         "index_group_counts": [{"Ladieswear": 1}] * len(customers),
         **{share: 1.0 if g == "Ladieswear" else 0.0 for g, share in INDEX_GROUPS.items()},
-        "last_purchase": "2020-09-20"}), event_time="2020-09-22")
+        "last_purchase": "2020-09-20", "type_last_day": [{"Trousers": "2020-09-20"}] * len(customers)}),
+        event_time="2020-09-22")
     refs = {"articles": fs.get_feature_group("articles").ref, "customer_history": hist.ref}
     ids = article_ids(rows)
     run = uuid.uuid4().hex[:8]

@@ -173,6 +173,13 @@ class Roles:
             return "product_type_name"
         return self.item_categorical[0] if self.item_categorical else None
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> Roles:
+        """Roles as a manifest records them (`extra.dataset.roles`, lists for tuples); None: H&M's."""
+        if not d:
+            return cls()
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
 
 HM_ROLES = Roles()
 

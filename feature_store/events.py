@@ -7,7 +7,8 @@ One event, in ONE online transaction (`OnlineStore.update_rows`):
 - records its `event_id` in `fs_applied_events`; an id seen before means the event was applied
   already and nothing else happens (a retried event is not counted twice);
 - customer_history row: the article goes first in `purchased` (bounded to the group's limit),
-  count, mean price, counts and shares per product type and index group, last purchase day;
+  count, mean price, counts and shares per product type and index group, last purchase day
+  overall and of the article's type (`type_last_day`, bounded as batch builds bound it);
 - articles row: total sales, mean price, first-seen day, the daily sales counts and the 7/30-day
   sums and trend derived from them, stock (minus one, not below zero) and in_stock.
 A customer without a history row gets one; an unknown article only updates the customer.
@@ -37,7 +38,7 @@ import pandas as pd
 
 from common.artifacts import FeatureGroupRef
 from common.workdir import Workdir
-from feature_store.groups import INDEX_GROUPS, SALES_DAYS
+from feature_store.groups import INDEX_GROUPS, SALES_DAYS, recent_type_days
 from feature_store.offline import to_event_times, to_micros
 from feature_store.online.base import MAX_KEY_CHARS, TableSpec
 from feature_store.schema import ONLINE_ROW_COLUMN, ONLINE_TIME_COLUMN
@@ -98,7 +99,7 @@ _READY: weakref.WeakSet = weakref.WeakSet()  # stores whose events table exists
 
 
 def apply_purchase_event(fs, refs: Mapping[str, FeatureGroupRef], event: PurchaseEvent, *,
-                         log: bool = True) -> EventResult:
+                         log: bool = True, type_column: str | None = "product_type_name") -> EventResult:
     """Apply one purchase to the online customer_history and articles rows (see the module doc).
 
     Args:
@@ -106,6 +107,8 @@ def apply_purchase_event(fs, refs: Mapping[str, FeatureGroupRef], event: Purchas
         refs: the manifest's feature groups (needs "customer_history" and "articles").
         event: the purchase.
         log: also append it to the offline event log.
+        type_column: the article attribute the history counts and dates per value
+            (`Roles.type_column`: H&M's product type, a dataset config's first item categorical).
     Raises:
         ValueError: an invalid event, or refs without online tables.
     """
@@ -132,7 +135,8 @@ def apply_purchase_event(fs, refs: Mapping[str, FeatureGroupRef], event: Purchas
         article = arts.codec.decode(art_row[ONLINE_ROW_COLUMN])[1] if art_row is not None else None
         known["article"] = article is not None
         old = hist.codec.decode(hist_row[ONLINE_ROW_COLUMN])[1] if hist_row is not None else {}
-        new_hist = updated_history(old, event, day, article or {}, hist.group.feature("purchased").limit)
+        new_hist = updated_history(old, event, day, article or {}, hist.group.feature("purchased").limit,
+                                   type_column)
         writes = [(hist.spec, {hist.spec.key: event.customer_id, ONLINE_TIME_COLUMN: _newer(hist_row, ts),
                                ONLINE_ROW_COLUMN: hist.codec.encode(event.customer_id, new_hist)})]
         if article is not None:
@@ -160,8 +164,8 @@ def _newer(row: Mapping[str, Any] | None, ts: int) -> int:
 
 
 def updated_history(old: Mapping[str, Any], event: PurchaseEvent, day: str, article: Mapping[str, Any],
-                    limit: int | None) -> dict[str, Any]:
-    """The customer_history row after one more purchase."""
+                    limit: int | None, type_column: str | None = "product_type_name") -> dict[str, Any]:
+    """The customer_history row after one more purchase (of `day`, YYYY-MM-DD)."""
     n_old = int(old.get("n_purchases") or 0)
     n = n_old + 1
     mean_old = old.get("mean_price")
@@ -170,9 +174,13 @@ def updated_history(old: Mapping[str, Any], event: PurchaseEvent, day: str, arti
     if limit is not None:
         purchased = purchased[:limit]
     types = dict(old.get("type_counts") or {})
+    type_days = dict(old.get("type_last_day") or {})
     groups = dict(old.get("index_group_counts") or {})
-    if article.get("product_type_name") is not None:
-        types[article["product_type_name"]] = types.get(article["product_type_name"], 0) + 1
+    ptype = article.get(type_column) if type_column else None
+    if ptype is not None:
+        ptype = str(ptype)
+        types[ptype] = types.get(ptype, 0) + 1
+        type_days[ptype] = max(day, type_days.get(ptype, day))
     if article.get("index_group_name") is not None:
         groups[article["index_group_name"]] = groups.get(article["index_group_name"], 0) + 1
     last = old.get("last_purchase")
@@ -184,6 +192,7 @@ def updated_history(old: Mapping[str, Any], event: PurchaseEvent, day: str, arti
         "index_group_counts": groups,
         **{share: groups.get(g, 0) / n for g, share in INDEX_GROUPS.items()},
         "last_purchase": day if last is None or day > last else last,
+        "type_last_day": recent_type_days(type_days),
     }
 
 

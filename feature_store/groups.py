@@ -7,16 +7,20 @@
                       seen, the daily counts behind them) and stock and availability; one row
                       per article so ranking and filtering read one group
     customer_history  purchase aggregates: last-N articles, count, mean price, counts and shares
-                      per product type and index group, last purchase day
+                      per product type and index group, last purchase day overall and per
+                      product type
     transactions      purchase events (offline only): the spine of training datasets and the
                       log real-time events are appended to
 
 Columns are spelled as in the H&M files; `FN` and `Active` are stored as `fn` and `active`
 (see feature_store.schema). Lists are bounded: `purchased` keeps the last MAX_PURCHASED
-articles, `daily_sales` SALES_DAYS days.
+articles, `daily_sales` SALES_DAYS days, `type_last_day` the MAX_TYPE_DAYS most recently bought
+types (`recent_type_days`).
 """
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from typing import Any
 
 from feature_store.on_demand import AGE_GROUPS, POSTAL_BUCKETS
@@ -24,6 +28,8 @@ from feature_store.schema import Expectation, Feature, FeatureGroup, allowed, in
 
 MAX_PURCHASED = 500  # purchases kept per customer online (most recent first); enough for the filter
 SALES_DAYS = 30  # daily sales counts kept per article (most recent first), for 7/30-day windows
+MAX_TYPE_DAYS = 64  # product types whose last purchase day is kept per customer (the most recent ones)
+TYPE_DAYS_BYTES = 4_096  # bound of type_last_day's JSON text
 INDEX_GROUPS = {  # H&M index groups -> share feature
     "Ladieswear": "share_ladieswear",
     "Divided": "share_divided",
@@ -119,6 +125,9 @@ CUSTOMER_HISTORY = FeatureGroup(
         Feature("index_group_counts", "json", limit=2_048, description="purchases per index group"),
         *(Feature(share, "float64", description=f"share of purchases in {g}") for g, share in INDEX_GROUPS.items()),
         Feature("last_purchase", "string", description="day of the last purchase (YYYY-MM-DD)"),
+        Feature("type_last_day", "json", limit=TYPE_DAYS_BYTES,
+                description=f"product type -> day of its last purchase (YYYY-MM-DD), the {MAX_TYPE_DAYS} most "
+                            "recently bought types"),
     ),
     description="Purchases (most recent first) and aggregates; read by the query encoder, filter and ranker.",
     expectations=(
@@ -148,6 +157,22 @@ TRANSACTIONS = FeatureGroup(
         allowed("sales_channel_id", (1, 2)),
     ),
 )
+
+def recent_type_days(days: Mapping[str, str], limit: int = MAX_TYPE_DAYS,
+                     max_bytes: int = TYPE_DAYS_BYTES) -> dict[str, str]:
+    """`days` ({type: last purchase day}) cut to the `limit` most recently bought types, most
+    recent first (ties by name), and to `max_bytes` of JSON text, so the online row stays
+    bounded; batch builds and real-time events cut the same way. A type cut off reads as
+    never bought (it was the customer's least recent)."""
+    out: dict[str, str] = {}
+    size = 1  # "{" and "}" less the comma the last item does not have
+    for t, day in sorted(days.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:limit]:
+        size += len(json.dumps(t, ensure_ascii=False).encode("utf-8")) + len(day) + 4  # quotes, colon, comma
+        if size > max_bytes:
+            break
+        out[t] = day
+    return out
+
 
 GROUPS: dict[str, FeatureGroup] = {g.name: g for g in (CUSTOMERS, ARTICLES, CUSTOMER_HISTORY, TRANSACTIONS)}
 
@@ -197,4 +222,4 @@ def dataset_groups(roles: Any = None) -> dict[str, FeatureGroup]:
     return {g.name: g for g in (customers, articles, history, transactions)}
 
 __all__ = ["GROUPS", "dataset_groups", "CUSTOMERS", "ARTICLES", "CUSTOMER_HISTORY", "TRANSACTIONS", "FeatureGroup", "Feature",
-           "Expectation", "MAX_PURCHASED", "SALES_DAYS", "INDEX_GROUPS"]
+           "Expectation", "MAX_PURCHASED", "SALES_DAYS", "INDEX_GROUPS", "MAX_TYPE_DAYS", "recent_type_days"]

@@ -21,6 +21,7 @@ from feature_store.groups import (
     INDEX_GROUPS,
     MAX_PURCHASED,
     SALES_DAYS,
+    recent_type_days,
 )
 from feature_store.on_demand import age_group, postal_bucket
 
@@ -144,14 +145,15 @@ def customer_history(
 ) -> pd.DataFrame:
     """The customer_history group: purchases (most recent first, the last MAX_PURCHASED) and
     aggregates: count, mean price, counts per product type and index group, the share of
-    purchases in each H&M index group, the last purchase day. A dataset config's history counts
-    purchases per value of its type column (`Roles.type_column`) and has no index groups."""
+    purchases in each H&M index group, the last purchase day overall and per product type
+    (`type_last_day`, bounded by `recent_type_days`). A dataset config's history counts and
+    dates purchases per value of its type column (`Roles.type_column`) and has no index groups."""
     if roles is not None and not roles.is_hm:
         return _generic_history(transactions, articles, as_of, roles.type_column)
     tx = before(transactions, as_of).merge(
         articles[["article_id", "product_type_name", "index_group_name"]], on="article_id", how="left"
     )
-    tx = tx.sort_values(["customer_id", "t_dat"], kind="stable")
+    tx = _with_day(tx.sort_values(["customer_id", "t_dat"], kind="stable"))
     rows = []
     for cid, g in tx.groupby("customer_id", sort=False):
         ids = g["article_id"].tolist()[::-1][:MAX_PURCHASED]
@@ -167,16 +169,31 @@ def customer_history(
                 "index_group_counts": groups,
                 **{share: groups.get(name, 0) / n for name, share in INDEX_GROUPS.items()},
                 "last_purchase": g["t_dat"].iloc[-1].strftime("%Y-%m-%d"),
+                "type_last_day": type_last_days(g["product_type_name"], g["_day"]),
             }
         )
     return pd.DataFrame(
         rows,
         columns=["customer_id", "purchased", "n_purchases", "mean_price", "type_counts",
-                 "index_group_counts", *INDEX_GROUPS.values(), "last_purchase"],
+                 "index_group_counts", *INDEX_GROUPS.values(), "last_purchase", "type_last_day"],
     )
 
 
-GENERIC_HISTORY_COLUMNS = ["customer_id", "purchased", "n_purchases", "mean_price", "type_counts", "last_purchase"]
+GENERIC_HISTORY_COLUMNS = ["customer_id", "purchased", "n_purchases", "mean_price", "type_counts", "last_purchase",
+                           "type_last_day"]
+
+
+def _with_day(tx: pd.DataFrame) -> pd.DataFrame:
+    """`tx` with its purchase day as a day number (`_day`), computed at once for all rows: text
+    is formatted only for the days `type_last_days` keeps."""
+    return tx.assign(_day=tx["t_dat"].to_numpy().astype("datetime64[D]").astype(np.int64))
+
+
+def type_last_days(types: pd.Series, days: pd.Series) -> dict[str, str]:
+    """{type: day of its last purchase (YYYY-MM-DD)} of one customer's purchases in time order
+    (the later day wins), bounded by `recent_type_days`; purchases without a type are skipped."""
+    last = {str(t): d for t, d in zip(types.tolist(), days.tolist(), strict=True) if not pd.isna(t)}
+    return recent_type_days({t: str(np.datetime64(d, "D")) for t, d in last.items()})
 
 
 def _generic_history(transactions: pd.DataFrame, articles: pd.DataFrame, as_of: pd.Timestamp | None,
@@ -184,7 +201,7 @@ def _generic_history(transactions: pd.DataFrame, articles: pd.DataFrame, as_of: 
     tx = before(transactions, as_of)
     if type_column:
         tx = tx.merge(articles[["article_id", type_column]], on="article_id", how="left")
-    tx = tx.sort_values(["customer_id", "t_dat"], kind="stable")
+    tx = _with_day(tx.sort_values(["customer_id", "t_dat"], kind="stable"))
     rows = []
     for cid, g in tx.groupby("customer_id", sort=False):
         rows.append({
@@ -194,6 +211,7 @@ def _generic_history(transactions: pd.DataFrame, articles: pd.DataFrame, as_of: 
             "mean_price": float(g["price"].mean()) if g["price"].notna().any() else None,
             "type_counts": {str(k): v for k, v in Counter(g[type_column].dropna()).items()} if type_column else {},
             "last_purchase": g["t_dat"].iloc[-1].strftime("%Y-%m-%d"),
+            "type_last_day": type_last_days(g[type_column], g["_day"]) if type_column else {},
         })
     return pd.DataFrame(rows, columns=GENERIC_HISTORY_COLUMNS)
 

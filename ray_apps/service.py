@@ -374,7 +374,15 @@ class Recommender:
 
         if self._fs is None:
             self._fs = FeatureStore(self.wd, self.store())
-        return apply_purchase_event(self._fs, self.manifest.feature_groups, event, log=False)
+        return apply_purchase_event(self._fs, self.manifest.feature_groups, event, log=False,
+                                    type_column=self.type_column)
+
+    @cached_property
+    def type_column(self) -> str | None:
+        """The article attribute purchases are counted and dated by: the run's dataset roles'."""
+        from feature_store.dataset import Roles
+
+        return Roles.from_dict((self.manifest.extra.get("dataset") or {}).get("roles")).type_column
 
     def _prices(self, article_ids: list[str]) -> dict[str, float]:
         """Current mean prices of articles (purchase events that did not say what was paid)."""

@@ -43,7 +43,7 @@ from training.ranking_features import (
 )
 
 Row = Mapping[str, Any]
-FEATURE_FORMAT = 3  # bump when FEATURES or their meaning change; checked when a model is loaded
+FEATURE_FORMAT = 4  # bump when FEATURES or their meaning change; checked when a model is loaded
 # retrieve(customer_ids, history_frame, as_of) -> (candidate ids per customer, scores per customer)
 RetrieveFn = Callable[[list[str], pd.DataFrame, pd.Timestamp], tuple[list[list[str]], list[np.ndarray]]]
 

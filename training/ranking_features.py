@@ -44,7 +44,8 @@ NUMERIC_FEATURES = [
     "type_share",  # share of the customer's purchases in the article's product type
     "index_group_share",  # ... in the article's index group
     "purchases_since_type",  # purchases since the customer last bought this type (window if never)
-    "repurchase",  # 1 when the customer bought this very article before
+    "days_since_type",  # days since the customer last bought this type (NaN if never)
+    "repurchase",  # 1 when the customer bought this very article before (see `vectorise`)
 ]
 CATEGORICAL_FEATURES = [
     "product_type_name",
@@ -59,20 +60,23 @@ MISSING_CATEGORY = "NA"
 # What H&M vectorisation reads from the customer groups (filters may read more); articles:
 # `RankerFeatures.article_columns`.
 CUSTOMER_COLUMNS = ("age", "club_member_status")
-HISTORY_COLUMNS = ("purchased", "n_purchases", "mean_price", "type_counts", "index_group_counts", "last_purchase")
+HISTORY_COLUMNS = ("purchased", "n_purchases", "mean_price", "type_counts", "index_group_counts", "last_purchase",
+                   "type_last_day")
 
 
 # Computed from the request, the retrieval scores and the aggregates (not a column of one row).
 DERIVED = ("retrieval_score", "retrieval_rank", "score_gap", "sales_channel_id", "n_purchases", "mean_price",
            "days_since_last_purchase", "price_ratio", "log_sales_7d", "log_sales_total", "sales_trend",
-           "sales_7d_share", "type_share", "index_group_share", "purchases_since_type", "repurchase")
+           "sales_7d_share", "type_share", "index_group_share", "purchases_since_type", "days_since_type",
+           "repurchase")
 
 
 @dataclass(frozen=True)
 class RankerFeatures:
     """The ranker's feature contract: names in column order, and where each non-derived one
     comes from (`sources`: name -> (group, column), group "customers" or "articles").
-    `type_column`: the article attribute behind type_share / purchases_since_type and diversity."""
+    `type_column`: the article attribute behind type_share / purchases_since_type /
+    days_since_type and diversity."""
 
     numeric: tuple[str, ...]
     categorical: tuple[str, ...]
@@ -123,7 +127,7 @@ def ranker_features(roles: Any) -> RankerFeatures:
     num += ["n_purchases", "days_since_last_purchase", "log_sales_7d", "log_sales_total", "sales_trend",
             "sales_7d_share", "repurchase"]
     num += ["mean_price", "price", "price_ratio"] if roles.has_price else []
-    num += ["type_share", "purchases_since_type"] if roles.type_column else []
+    num += ["type_share", "purchases_since_type", "days_since_type"] if roles.type_column else []
     both = set(roles.user_categorical + roles.user_numeric) & set(roles.item_categorical + roles.item_numeric)
     sources: dict[str, tuple[str, str]] = {"price": ("articles", "price")} if roles.has_price else {}
 
@@ -213,6 +217,15 @@ def vectorise(
         recent: types of the customer's most recent purchases (see `recent_types`).
         window: the look-back of `purchases_since_type` (its value when the type is not in `recent`).
         spec: the feature contract (default: H&M's).
+
+    `days_since_type` is `now` minus the history's `type_last_day` of the candidate's type (NaN
+    when the customer never bought it, or not among the types the row keeps). `repurchase` is
+    informative only when bought articles can reach the ranker: under the default filter
+    (`FilterConfig.bought_lookback` None) the already-bought rule removes every article in
+    `purchased` first, so it is 0 for every ranked candidate; with a look-back of N purchases,
+    articles bought before those N pass the filter and score 1. (The pipeline's training
+    candidates exclude every purchase whatever the look-back, so a ranker it trains has seen
+    only 0 there.)
     """
     spec = spec or HM_FEATURES
     n = len(articles)
@@ -245,6 +258,7 @@ def _derived(hist: Row, arts: list[Row], score: np.ndarray, article_ids: Sequenc
     type_counts = hist.get("type_counts") or {}
     group_counts = hist.get("index_group_counts") or {}
     last = hist.get("last_purchase")
+    type_days = hist.get("type_last_day") or {}
     bought = set(hist.get("purchased") or [])
     first_seen: dict[str, int] = {}
     for pos, t in enumerate(recent[:window]):
@@ -263,7 +277,7 @@ def _derived(hist: Row, arts: list[Row], score: np.ndarray, article_ids: Sequenc
         "sales_channel_id": float(channel),
         "n_purchases": n_purchases,
         "mean_price": mean_price,
-        "days_since_last_purchase": float((now - dt.date.fromisoformat(last)).days) if last else math.nan,
+        "days_since_last_purchase": _days_since(now, last),
         "price_ratio": price / mean_price if mean_price > 0 else math.nan,
         "log_sales_7d": np.log1p(sales_7d),
         "log_sales_total": np.log1p(sales_total),
@@ -272,8 +286,14 @@ def _derived(hist: Row, arts: list[Row], score: np.ndarray, article_ids: Sequenc
         "type_share": [type_counts.get(t, 0) / denom if t is not None else 0.0 for t in ptype],
         "index_group_share": [group_counts.get(g, 0) / denom if g is not None else 0.0 for g in igroup],
         "purchases_since_type": [first_seen.get(t, window) if t is not None else window for t in ptype],
+        "days_since_type": [_days_since(now, type_days.get(str(t))) if t is not None else math.nan for t in ptype],
         "repurchase": [1.0 if a in bought else 0.0 for a in article_ids],
     }
+
+
+def _days_since(now: dt.date, day: str | None) -> float:
+    """Days from `day` (YYYY-MM-DD) to `now`; NaN when there is no day."""
+    return float((now - dt.date.fromisoformat(day)).days) if day else math.nan
 
 
 def _num(v: Any) -> float:

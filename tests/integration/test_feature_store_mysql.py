@@ -184,4 +184,7 @@ def test_purchase_event_on_mysql_applies_once(fs, tmp_path):
     after_h = read_online(fs.online, refs["customer_history"], "customer_history", [cid])[cid]
     after_a = read_online(fs.online, refs["articles"], "articles", [aid])[aid]
     assert after_h["n_purchases"] == before_h["n_purchases"] + 1 and after_h["purchased"][0] == aid
+    ptype = hm.articles.set_index("article_id").loc[aid, "product_type_name"]
+    assert after_h["type_last_day"][ptype] == ev.timestamp.strftime("%Y-%m-%d")  # in the same transaction
+    assert after_h["type_counts"][ptype] == before_h["type_counts"].get(ptype, 0) + 1
     assert after_a["sales_total"] == before_a["sales_total"] + 1 and after_a["sales_7d"] >= 1

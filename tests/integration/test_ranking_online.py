@@ -54,17 +54,19 @@ def as_of_state(mariadb, tmp_path_factory):
     cids = [*buyers[:6], *never[:2], "not-a-customer"]
     offline = rows_as_of(hm.articles, before, customers_fg, hm.extras, as_of, cids)
     try:
-        yield store, manifest, offline, cids, sorted(hm.articles["article_id"]), as_of
+        yield store, manifest, offline, cids, sorted(hm.articles["article_id"]), as_of, before, hm.articles
     finally:
         store.close()
 
 
 def test_offline_and_online_feature_vectors_are_equal(as_of_state):
-    store, manifest, offline, cids, article_ids, as_of = as_of_state
+    store, manifest, offline, cids, article_ids, as_of, before, articles = as_of_state
     refs = manifest.feature_groups
     stage = RankingStage(_ByRank(), RankerConfig(), FilterConfig(), n_rank=40)
     rng = np.random.default_rng(0)
     checked = 0
+    days_col = list(stage.spec.numeric).index("days_since_type")
+    bought_types = 0
     for cid in cids:
         cands = [*rng.choice(article_ids, 39, replace=False).tolist(), "0999999999"]  # one unknown article
         scores = np.sort(rng.random(len(cands)))[::-1]
@@ -78,12 +80,27 @@ def test_offline_and_online_feature_vectors_are_equal(as_of_state):
         assert on.ids == off.ids and on.stats.removed == off.stats.removed
         np.testing.assert_array_equal(on.block.num, off.block.num)  # NaN == NaN here
         assert on.block.cat.tolist() == off.block.cat.tolist()
+        expected = _days_since_type(before, articles, cid, on.ids, as_of)  # from the raw purchases
+        np.testing.assert_array_equal(on.block.num[:, days_col], expected)
+        bought_types += int(np.isfinite(expected).sum())
         checked += len(on.ids)
     assert checked > 100
+    assert bought_types > 20  # candidates of a type the customer bought N > 0 days before the cut-off
+
+
+def _days_since_type(tx: pd.DataFrame, articles: pd.DataFrame, cid: str, ids: list[str],
+                     as_of: pd.Timestamp) -> np.ndarray:
+    """Days from the customer's last purchase of each article's product type to `as_of` (NaN: never)."""
+    types = articles.set_index("article_id")["product_type_name"]
+    mine = tx[tx["customer_id"] == cid]
+    last = mine.assign(t=mine["article_id"].map(types)).groupby("t")["t_dat"].max()
+    days = [(as_of.normalize() - last[types.get(a)].normalize()).days if types.get(a) in last.index else np.nan
+            for a in ids]
+    return np.asarray(days, dtype=np.float32)
 
 
 def test_filter_and_rank_read_the_articles_group_once_per_request(as_of_state):
-    store, manifest, offline, cids, article_ids, as_of = as_of_state
+    store, manifest, offline, cids, article_ids, as_of, _, _ = as_of_state
     refs = manifest.feature_groups
     ranker = OnlineRanker(store, manifest, RankingStage(_ByRank(), RankerConfig(), FilterConfig(), n_rank=30))
     cid = cids[0]

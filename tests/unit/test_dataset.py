@@ -1,6 +1,9 @@
 """Bring your own data: dataset configs, the generic loader and the feature path it drives."""
 from __future__ import annotations
 
+import datetime as dt
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +186,8 @@ def test_declared_roles_drive_groups_vocab_ranker_and_index(ml):
     assert arts["stock"].isna().all() and (arts["min_age"] == 0).all() and arts["regions"].isna().all()
     first = hist.iloc[0]
     assert sum(first["type_counts"].values()) == first["n_purchases"]  # counted per genres value
+    assert set(first["type_last_day"]) == set(first["type_counts"])  # and dated per genres value
+    assert max(first["type_last_day"].values()) == first["last_purchase"]
 
     view = retrieval_frame(tx, custs, arts, 5, roles)
     vocab = FeatureVocab.fit(arts, custs, roles=roles, channels=[1])
@@ -196,6 +201,8 @@ def test_declared_roles_drive_groups_vocab_ranker_and_index(ml):
 
     spec = ranker_features(roles)
     assert RankerFeatures.from_dict(spec.to_dict()) == spec
+    assert Roles.from_dict(json.loads(json.dumps(asdict(roles)))) == roles  # as the manifest records them
+    assert Roles.from_dict(None) == HM_ROLES
     assert {"gender", "age", "occupation", "genres"} <= set(spec.categorical) and "price" not in spec.numeric
     rows = arts.set_index("article_id", drop=False).to_dict("index")
     ids = list(rows)[:5]
@@ -203,6 +210,15 @@ def test_declared_roles_drive_groups_vocab_ranker_and_index(ml):
                       article_ids=ids, channel=1, now=tx["t_dat"].max().date(), recent=[], window=20, spec=spec)
     frame = block.to_frame(spec)
     assert frame["genres"].tolist() == [rows[a]["genres"] for a in ids]
+    assert {"type_share", "purchases_since_type", "days_since_type"} <= set(spec.numeric)
+    now = tx["t_dat"].max().date()
+    bought = [a for a in rows if rows[a]["genres"] in first["type_last_day"]][:3]
+    assert bought
+    days = vectorise(None, first.to_dict(), [rows[a] for a in bought], np.ones(len(bought)), article_ids=bought,
+                     channel=1,
+                     now=now, recent=[], window=20, spec=spec).to_frame(spec)["days_since_type"]
+    assert days.tolist() == [(now - dt.date.fromisoformat(first["type_last_day"][rows[a]["genres"]])).days
+                             for a in bought]
     assert frame["gender"].nunique() == 1 and frame["retrieval_rank"].tolist() == [0, 1, 2, 3, 4]
 
     cols = index_columns(roles)

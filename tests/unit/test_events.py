@@ -1,14 +1,22 @@
 """Real-time purchase events: online rows updated once per event id, offline log, materialisation."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from common.workdir import Workdir
-from feature_store.events import PurchaseEvent, apply_purchase_event, materialize_events, read_event_log
-from feature_store.groups import SALES_DAYS
+from feature_store.events import (
+    PurchaseEvent,
+    apply_purchase_event,
+    materialize_events,
+    read_event_log,
+    updated_history,
+)
+from feature_store.groups import MAX_TYPE_DAYS, SALES_DAYS
 from feature_store.online.base import InMemoryOnlineStore
 from feature_store.store import FeatureStore
+from feature_store.transforms import customer_history
 
 ARTICLE = {
     "article_id": "a1", "prod_name": "Tee", "product_type_name": "T-shirt", "index_group_name": "Divided",
@@ -29,7 +37,8 @@ def setup(tmp_path):
                 "customer_id": "c1", "purchased": ["a0"], "n_purchases": 1, "mean_price": 0.04,
                 "type_counts": {"Dress": 1}, "index_group_counts": {"Ladieswear": 1}, "share_ladieswear": 1.0,
                 "share_divided": 0.0, "share_menswear": 0.0, "share_baby_children": 0.0, "share_sport": 0.0,
-                "last_purchase": "2020-09-10"}]), progress=False, event_time="2020-09-21"),
+                "last_purchase": "2020-09-10", "type_last_day": {"Dress": "2020-09-10"}}]), progress=False,
+                event_time="2020-09-21"),
             "transactions": fs.write("transactions", pd.DataFrame({
                 "t_dat": pd.to_datetime(["2020-09-10"]), "customer_id": ["c1"], "article_id": ["a0"], "price": [0.04],
                 "sales_channel_id": [2]}), progress=False)}
@@ -60,6 +69,46 @@ def test_a_purchase_updates_history_and_article_once(setup):
     assert art["price"] == pytest.approx((0.02 * 3 + 0.03) / 4)
     log = read_event_log(fs.wd)
     assert log["event_id"].tolist() == ["e-1"]  # logged twice, read once
+
+
+def test_a_purchase_dates_its_type_once_and_never_moves_a_day_back(setup):
+    fs, refs = setup
+    ev = PurchaseEvent("t-1", "c1", "a1", 0.03, "2020-09-22T10:00:00")
+    assert apply_purchase_event(fs, refs, ev).applied
+    assert not apply_purchase_event(fs, refs, ev).applied  # a retry changes nothing
+    hist = online(fs, refs, "customer_history", "c1")
+    assert hist["type_last_day"] == {"Dress": "2020-09-10", "T-shirt": "2020-09-22"}
+    late = PurchaseEvent("t-0", "c1", "a1", 0.03, "2020-09-15")  # arrives after a newer purchase of the type
+    assert apply_purchase_event(fs, refs, late).applied
+    hist = online(fs, refs, "customer_history", "c1")
+    assert hist["type_last_day"]["T-shirt"] == "2020-09-22" and hist["type_counts"]["T-shirt"] == 2
+
+
+def test_events_date_types_as_a_batch_build_does():
+    """Batch history up to a day, then the later purchases as events == batch history of all."""
+    rng = np.random.default_rng(3)
+    types = [f"type {i:02d}" for i in range(MAX_TYPE_DAYS + 6)]  # more than a row keeps
+    articles = pd.DataFrame({"article_id": [f"a{i}" for i in range(len(types))], "product_type_name": types,
+                             "index_group_name": "Divided"})
+    days = pd.Timestamp("2020-06-01") + pd.to_timedelta(rng.integers(0, 90, 300), unit="D")
+    tx = pd.DataFrame({"t_dat": days, "customer_id": "c1", "article_id": rng.choice(articles["article_id"], 300),
+                       "price": 0.01, "sales_channel_id": 1}).sort_values("t_dat", kind="stable")
+    cut = pd.Timestamp("2020-08-01")
+    row = customer_history(tx, articles, cut).iloc[0].to_dict()
+    by_id = articles.set_index("article_id").to_dict("index")
+    for i, r in enumerate(tx[tx["t_dat"] >= cut].itertuples()):
+        ev = PurchaseEvent(f"e{i}", "c1", r.article_id, 0.01, r.t_dat)
+        row = updated_history(row, ev, r.t_dat.strftime("%Y-%m-%d"), by_id[r.article_id], None)
+    full = customer_history(tx, articles, None).iloc[0]
+    assert len(full["type_last_day"]) == MAX_TYPE_DAYS and row["type_last_day"] == full["type_last_day"]
+    assert row["type_counts"] == full["type_counts"]
+
+
+def test_a_dataset_configs_type_column_is_counted_and_dated():
+    ev = PurchaseEvent("g-1", "u1", "m1", 0.0, "2000-06-24")
+    row = updated_history({}, ev, "2000-06-24", {"genres": "Comedy"}, None, type_column="genres")
+    assert row["type_counts"] == {"Comedy": 1} and row["type_last_day"] == {"Comedy": "2000-06-24"}
+    assert updated_history({}, ev, "2000-06-24", {"genres": "Comedy"}, None, type_column=None)["type_last_day"] == {}
 
 
 def test_events_for_unknown_customers_articles_and_stock(setup):

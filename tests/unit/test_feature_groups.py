@@ -5,8 +5,16 @@ import pandas as pd
 import pytest
 
 from common.workdir import Workdir
-from feature_store.groups import ARTICLES, CUSTOMER_HISTORY, CUSTOMERS, GROUPS, TRANSACTIONS
-from feature_store.online.base import InMemoryOnlineStore
+from feature_store.groups import (
+    ARTICLES,
+    CUSTOMER_HISTORY,
+    CUSTOMERS,
+    GROUPS,
+    MAX_TYPE_DAYS,
+    TRANSACTIONS,
+    recent_type_days,
+)
+from feature_store.online.base import InMemoryOnlineStore, encode_json
 from feature_store.schema import Feature, FeatureGroup, allowed, in_range, not_null
 from feature_store.store import FeatureStore
 from feature_store.validation import ValidationFailed
@@ -63,6 +71,21 @@ def test_hm_groups():
     for g in GROUPS.values():
         assert FeatureGroup.from_dict(g.to_dict()) == g
         assert all(f.limit for f in g.features if f.dtype not in ("int64", "float64", "bool"))  # bounded
+
+
+def test_type_days_keep_the_most_recent_types_within_the_bound():
+    days = {f"t{i:03d}": f"2020-{1 + i // 28:02d}-{1 + i % 28:02d}" for i in range(MAX_TYPE_DAYS + 10)}
+    kept = recent_type_days(days)
+    assert list(kept) == sorted(days, reverse=True)[:MAX_TYPE_DAYS]  # most recent first
+    assert recent_type_days({"b": "2020-01-01", "a": "2020-01-01", "c": "2019-12-31"}, limit=2) == {
+        "b": "2020-01-01", "a": "2020-01-01"}  # ties by name
+    long = {("é" * 60) + str(i): f"2020-01-{1 + i:02d}" for i in range(MAX_TYPE_DAYS)}
+    text = encode_json(recent_type_days(long))
+    limit = CUSTOMER_HISTORY.feature("type_last_day").limit
+    assert len(text.encode("utf-8")) <= limit < len(encode_json(long).encode("utf-8"))
+    size = len(text.encode("utf-8"))  # the size estimate is exact: one byte less drops a type
+    assert recent_type_days(long, max_bytes=size) == recent_type_days(long)
+    assert len(recent_type_days(long, max_bytes=size - 1)) == len(recent_type_days(long)) - 1
 
 
 def test_strict_failure_writes_nothing_anywhere(tmp_path):

@@ -23,6 +23,7 @@ def _history():
         "share_baby_children": [0.0, 0.0],
         "share_sport": [0.0, 0.0],
         "last_purchase": ["2020-01-02", None],
+        "type_last_day": [{"Dress": "2020-01-02"}, {}],
     })
 
 

@@ -77,11 +77,41 @@ def test_vectorise_reads_history_context_and_candidates():
         vectorise(None, None, arts, [0.1], article_ids=["a"], channel=1, now=dt.date(2020, 1, 1), recent=[], window=3)
 
 
+def test_days_since_type_counts_days_from_the_last_purchase_of_the_candidates_type():
+    arts = [{"product_type_name": "Dress"}, {"product_type_name": "Socks"}, {"product_type_name": "Hat"},
+            {"product_type_name": None}, None]
+    hist = {"purchased": ["x"], "n_purchases": 3, "last_purchase": "2020-09-18",
+            "type_last_day": {"Dress": "2020-09-18", "Socks": "2020-08-21"}}
+    block = vectorise(None, hist, arts, [0.5] * 5, article_ids=list("abcde"), channel=1, now=dt.date(2020, 9, 20),
+                      recent=[], window=5)
+    days = _col(block, "days_since_type")
+    assert days[:2].tolist() == [2, 30]
+    assert np.isnan(days[2:]).all()  # never bought that type, no type, unknown article
+    old_row = {k: v for k, v in hist.items() if k != "type_last_day"}  # a group version without the column
+    assert np.isnan(_col(vectorise(None, old_row, arts[:1], [0.5], article_ids=["a"], channel=1,
+                                   now=dt.date(2020, 9, 20), recent=[], window=5), "days_since_type")).all()
+
+
+def test_repurchase_is_zero_for_every_ranked_candidate_under_the_default_filter():
+    arts = {a: {"price": 0.02, "product_type_name": "Top", "sales_7d": 1, "sales_total": 2} for a in "abcd"}
+    hist = {"purchased": ["a", "b"], "n_purchases": 2}
+    stage = RankingStage(_Constant([4, 3, 2, 1]), RankerConfig(diversity={"rule": "none"}), FilterConfig(), 4)
+    prep = stage.prepare(None, hist, list("abcd"), [0.9, 0.8, 0.7, 0.6], arts, channel=1, now=dt.date(2020, 9, 1))
+    repurchase = prep.block.num[:, list(stage.spec.numeric).index("repurchase")]
+    assert prep.ids == ["c", "d"] and repurchase.tolist() == [0, 0]  # bought articles never reach the ranker
+    lookback = RankingStage(_Constant([4, 3, 2, 1]), RankerConfig(diversity={"rule": "none"}),
+                            FilterConfig(bought_lookback=1), 4)
+    prep = lookback.prepare(None, hist, list("abcd"), [0.9, 0.8, 0.7, 0.6], arts, channel=1, now=dt.date(2020, 9, 1))
+    repurchase = prep.block.num[:, list(lookback.spec.numeric).index("repurchase")]
+    assert prep.ids == ["b", "c", "d"] and repurchase.tolist() == [1, 0, 0]  # bought before the last purchase
+
+
 def test_vectorise_for_an_unknown_customer_has_no_history_signal():
     arts = [{"price": 0.02, "product_type_name": "Dress"}] * 2
     block = vectorise(None, None, arts, [0.3, 0.2], article_ids=["a", "b"], channel=2, now=dt.date(2020, 1, 1),
                       recent=[], window=4)
     assert (_col(block, "type_share") == 0).all() and (_col(block, "n_purchases") == 0).all()
+    assert np.isnan(_col(block, "days_since_type")).all()
     assert np.isnan(_col(block, "age")).all() and np.isnan(_col(block, "days_since_last_purchase")).all()
     assert recent_types(None, {}, 3) == []
     assert recent_types({"purchased": ["a", "z"]}, {"a": {"product_type_name": "T"}}, 3) == ["T", None]
@@ -130,6 +160,23 @@ def test_ranking_data_has_groups_per_customer_and_cutoff(tiny):
     assert (groups.max() == 1).all()  # every kept group has a positive
     assert (groups.size() <= groups.sum() + CFG.train_negatives).all()  # positives + at most N negatives
     assert np.all(np.diff(data.group) >= 0)  # contiguous groups, as CatBoost wants
+
+
+def test_training_rows_date_types_from_the_purchases_before_the_cutoff(tiny):
+    hm, customers_fg, train, _, _, _, _, _ = tiny
+    cut = training_cutoffs(train, 2, 7)[1]
+    before = train[train["t_dat"] < cut]
+    cid = before["customer_id"].value_counts().index[0]
+    state = rows_as_of(hm.articles, before, customers_fg, hm.extras, cut, [cid])
+    ids = sorted(hm.articles["article_id"])
+    block = vectorise(None, state.history[cid], [state.articles[a] for a in ids], np.zeros(len(ids)), article_ids=ids,
+                      channel=1, now=cut.date(), recent=[], window=5)
+    types = hm.articles.set_index("article_id")["product_type_name"]
+    mine = train[train["customer_id"] == cid]
+    last = mine.assign(t=mine["article_id"].map(types)).query("t_dat < @cut").groupby("t")["t_dat"].max()
+    expected = [(cut - last[types[a]]).days if types[a] in last.index else np.nan for a in ids]
+    np.testing.assert_array_equal(_col(block, "days_since_type"), np.asarray(expected, np.float32))
+    assert np.nanmin(expected) >= 1 and np.isfinite(expected).any() and np.isnan(expected).any()
 
 
 def test_ranker_beats_random_order_and_survives_save_load(tiny, tmp_path):

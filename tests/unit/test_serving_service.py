@@ -105,3 +105,20 @@ def test_prediction_log_drops_and_counts_when_full(tmp_path):
     lines = (tmp_path / "p" / "2020-09-22.jsonl").read_text().splitlines()
     assert len(lines) == results.count(True) and json.loads(lines[0])["request_id"] == "0"
     time.sleep(0)
+
+
+def test_purchase_events_count_and_date_types_by_the_runs_dataset_roles():
+    from common.artifacts import new_manifest
+    from ray_apps.service import Recommender
+
+    def recommender(extra):
+        rec = object.__new__(Recommender)  # only the manifest is read
+        rec.manifest = new_manifest("run")
+        rec.manifest.extra.update(extra)
+        return rec
+
+    assert recommender({}).type_column == "product_type_name"  # H&M (a run from before roles were recorded)
+    roles = {"kind": "generic", "user_categorical": ["gender"], "item_categorical": ["genres", "decade"],
+             "has_price": False}
+    assert recommender({"dataset": {"name": "ml", "roles": roles}}).type_column == "genres"
+    assert recommender({"dataset": {"name": "ml", "roles": {**roles, "item_categorical": []}}}).type_column is None

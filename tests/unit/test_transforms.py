@@ -53,6 +53,15 @@ def test_features_as_of_use_only_earlier_transactions():
     assert hist.loc["c1", "type_counts"] == {"Dress": 2, "Socks": 1}
 
 
+def test_history_dates_each_type_by_its_last_purchase_before_the_cutoff():
+    tx = _tx()
+    cut = customer_history(tx, _articles(), pd.Timestamp("2020-01-03")).set_index("customer_id")
+    assert cut.loc["c1", "type_last_day"] == {"Dress": "2020-01-02", "Socks": "2020-01-02"}
+    full = customer_history(tx, _articles(), None).set_index("customer_id")
+    assert full.loc["c1", "type_last_day"] == {"Dress": "2020-01-05", "Socks": "2020-01-02"}
+    assert full.loc["c2", "type_last_day"] == {"Dress": "2020-01-03"}
+
+
 def test_retrieval_frame_joins_point_in_time():
     tx = _tx()
     customers = pd.DataFrame({"customer_id": ["c1", "c2"], "age": [30.0, None], "club_member_status": ["ACTIVE", None],
