@@ -10,6 +10,7 @@ derived here; a dataset config's declared columns are carried as they are.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -238,3 +239,22 @@ def histories_before(transactions: pd.DataFrame, history_len: int) -> pd.Series:
             out[i] = arts[lo : first_of_day[i - s]][::-1].tolist()
     result = pd.Series(out, index=tx.index, dtype=object)
     return result.loc[transactions.index]
+
+
+SERVING_GROUPS = ("transactions", "customers", "articles", "customer_history")
+
+
+def serving_frames(data: Any, names: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
+    """The feature-group frames served now (as of the end of the data), computed from a loaded
+    dataset (`feature_store.dataset.Dataset`, or anything with its articles, customers,
+    transactions, extras and roles): what the pipeline and `rayrec features build` write."""
+    makers = {
+        "transactions": lambda: data.transactions,
+        "customers": lambda: customer_features(data.customers, data.extras.get("postal_regions"), data.roles),
+        "articles": lambda: article_features(data.articles, data.transactions, None, data.extras, data.roles),
+        "customer_history": lambda: customer_history(data.transactions, data.articles, None, data.roles),
+    }
+    unknown = [n for n in names or () if n not in makers]
+    if unknown:
+        raise ValueError(f"unknown feature group(s) {unknown}: choose from {list(makers)}")
+    return {n: makers[n]() for n in (names or SERVING_GROUPS)}

@@ -1,11 +1,12 @@
 """`rayrec features build | describe | validate`: the feature store from the command line.
 
-    rayrec features build    --workdir DIR [--data DIR] [--config C] [--db-port P]
-        compute the H&M feature groups from the raw data and write each as a new version
-        (offline Parquet + online tables); prints the new versions' references as JSON
+    rayrec features build    --workdir DIR [--data DIR | --dataset CONFIG.yaml] [--config C] [--db-port P]
+        compute the feature groups from the raw data (H&M files, or any files a dataset config
+        maps onto roles) and write each as a new version (offline Parquet + online tables);
+        prints the new versions' references as JSON
     rayrec features describe --workdir DIR [--json]
         every group and version: online table, rows offline and online, last insert, freshness
-    rayrec features validate --workdir DIR [--data DIR] [--group NAME ...]
+    rayrec features validate --workdir DIR [--data DIR | --dataset CONFIG.yaml] [--group NAME ...]
         compute the groups and check them against their expectations without writing;
         exit status 1 when a rule fails
 
@@ -24,9 +25,12 @@ import pandas as pd
 
 from common.config import RayrecConfig
 from common.workdir import Workdir
+from feature_store.dataset import DatasetConfig
+from feature_store.groups import FeatureGroup
+from feature_store.transforms import SERVING_GROUPS
 
 DEFAULT_WORKDIR = ".rayrec/demo"
-GROUP_ORDER = ("transactions", "customers", "articles", "customer_history")
+GROUP_ORDER = SERVING_GROUPS
 
 
 def add_features_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -42,6 +46,7 @@ def add_features_commands(subparsers: argparse._SubParsersAction) -> None:
     build = sub.add_parser("build", help="compute the feature groups and write new versions")
     common(build)
     build.add_argument("--data", help="folder with the H&M CSVs (default: WORKDIR/data, generated when missing)")
+    build.add_argument("--dataset", help="dataset config YAML mapping your files to roles (see configs/datasets/)")
     build.add_argument("--group", action="append", choices=GROUP_ORDER, help="only these groups (repeatable)")
     build.add_argument("--validation", choices=["strict", "always"], default="strict",
                        help="strict: a failed rule writes nothing (default); always: write and report")
@@ -55,6 +60,7 @@ def add_features_commands(subparsers: argparse._SubParsersAction) -> None:
     val = sub.add_parser("validate", help="check computed groups against their expectations (no writes)")
     common(val)
     val.add_argument("--data", help="folder with the H&M CSVs (default: WORKDIR/data)")
+    val.add_argument("--dataset", help="dataset config YAML mapping your files to roles (see configs/datasets/)")
     val.add_argument("--group", action="append", choices=GROUP_ORDER, help="only these groups (repeatable)")
     val.set_defaults(func=cmd_validate)
 
@@ -63,31 +69,28 @@ def add_features_commands(subparsers: argparse._SubParsersAction) -> None:
 # functions (tested directly)
 
 
-def compute_groups(data_dir: Path, names: list[str] | None = None) -> dict[str, pd.DataFrame]:
-    """The H&M feature-group frames computed from the raw files, as of the end of the data."""
-    from feature_store.sources import load_hm
-    from feature_store.transforms import article_features, customer_features, customer_history
+def compute_groups(source: Path | DatasetConfig, names: list[str] | None = None
+                   ) -> tuple[dict[str, pd.DataFrame], dict[str, FeatureGroup]]:
+    """The feature-group frames computed from the raw files, as of the end of the data, and the
+    groups' definitions for the dataset's roles. `source`: a folder of H&M CSVs or a dataset config."""
+    from feature_store.dataset import hm_dataset_config, load_dataset
+    from feature_store.groups import dataset_groups
+    from feature_store.transforms import serving_frames
 
-    hm = load_hm(data_dir)
-    makers = {
-        "transactions": lambda: hm.transactions,
-        "customers": lambda: customer_features(hm.customers, hm.extras.get("postal_regions")),
-        "articles": lambda: article_features(hm.articles, hm.transactions, None, hm.extras),
-        "customer_history": lambda: customer_history(hm.transactions, hm.articles, None),
-    }
-    return {n: makers[n]() for n in (names or GROUP_ORDER)}
+    config = hm_dataset_config(source) if isinstance(source, Path) else source
+    data = load_dataset(config)
+    return serving_frames(data, names), dataset_groups(data.roles)
 
 
-def build_features(fs, data_dir: Path, names: list[str] | None = None, validation: str = "strict",
+def build_features(fs, source: Path | DatasetConfig, names: list[str] | None = None, validation: str = "strict",
                    event_time: Any = None) -> dict[str, Any]:
     """Write every group (or `names`) as a new version; returns name -> FeatureGroupRef.
 
     Snapshot groups (no event-time column) get `event_time`, default: now."""
-    from feature_store.groups import GROUPS
-
     refs = {}
-    for name, frame in compute_groups(data_dir, names).items():
-        group = GROUPS[name]
+    frames, groups = compute_groups(source, names)
+    for name, frame in frames.items():
+        group = groups[name]
         fgv = fs.create_feature_group(group)
         when = event_time if event_time is not None else pd.Timestamp.now(tz="UTC")
         result = fgv.insert(frame, validation=validation, event_time=None if group.event_time in frame else when)
@@ -101,15 +104,15 @@ def describe_features(fs) -> list[dict[str, Any]]:
     return fs.describe()
 
 
-def validate_features(data_dir: Path, names: list[str] | None = None) -> dict[str, Any]:
+def validate_features(source: Path | DatasetConfig, names: list[str] | None = None) -> dict[str, Any]:
     """name -> ValidationReport of the computed frame (nothing is written)."""
-    from feature_store.groups import GROUPS
     from feature_store.validation import validate
 
     out = {}
     now = pd.Timestamp.now(tz="UTC").tz_localize(None)
-    for name, frame in compute_groups(data_dir, names).items():
-        group = GROUPS[name]
+    frames, groups = compute_groups(source, names)
+    for name, frame in frames.items():
+        group = groups[name]
         if group.event_time not in frame.columns:
             frame = frame.assign(**{group.event_time: now})
         for f in group.features:
@@ -139,9 +142,19 @@ def _config(args: argparse.Namespace, wd: Workdir) -> RayrecConfig:
     return resolve_config(args, wd)
 
 
-def _data_dir(args: argparse.Namespace, wd: Workdir, cfg: RayrecConfig, generate_missing: bool) -> Path:
+def _source(args: argparse.Namespace, wd: Workdir, cfg: RayrecConfig, generate_missing: bool
+            ) -> Path | DatasetConfig:
+    """What to compute the groups from: --dataset, --data, or the workdir's (generated) H&M data."""
+    from feature_store.dataset import check_columns, load_dataset_config
     from feature_store.sources import FILES, generate
 
+    if args.data and args.dataset:
+        raise ValueError("give --data (a folder of H&M CSVs) or --dataset (a dataset config), not both")
+    if args.dataset:
+        dataset = load_dataset_config(args.dataset)
+        if dataset.dataset.hm is None:
+            check_columns(dataset)  # a wrong column name fails here, before the database is touched
+        return dataset
     if args.data:
         return Path(args.data)
     if not (wd.data_dir / FILES["transactions"]).exists():
@@ -170,7 +183,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     wd = Workdir.at(args.workdir)
     cfg = _config(args, wd)
-    data = _data_dir(args, wd, cfg, generate_missing=True)
+    data = _source(args, wd, cfg, generate_missing=True)
     store = _open_store(cfg, wd, start_local=True)
     try:
         refs = build_features(FeatureStore(wd, store), data, args.group, args.validation)
@@ -211,7 +224,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     wd = Workdir.at(args.workdir)
     cfg = _config(args, wd)
-    reports = validate_features(_data_dir(args, wd, cfg, generate_missing=False), args.group)
+    reports = validate_features(_source(args, wd, cfg, generate_missing=False), args.group)
     for report in reports.values():
         for line in report.summary_lines():
             print(line)

@@ -23,7 +23,7 @@ from feature_store.groups import dataset_groups
 from feature_store.online.base import OnlineStore
 from feature_store.sources import FILES, generate
 from feature_store.store import FeatureStore
-from feature_store.transforms import article_features, customer_features, customer_history
+from feature_store.transforms import article_features, customer_history, serving_frames
 from feature_store.views import RETRIEVAL_VIEW_VERSION, query_frame, retrieval_frame
 from training import evaluate as ev
 from training.features import encode_items, encode_queries
@@ -114,15 +114,8 @@ def prepare_data(cfg: RayrecConfig, wd: Workdir, data_dir: Path | None, dataset:
 
 def write_feature_groups(fs: FeatureStore, raw: Raw, manifest: Manifest) -> dict[str, pd.DataFrame]:
     """Serving-time groups (as of the end of the data) offline and online; transactions offline."""
-    regions = raw.extras.get("postal_regions")
-    roles = raw.roles
-    frames = {
-        "transactions": raw.transactions,
-        "customers": customer_features(raw.customers, regions, roles),
-        "articles": article_features(raw.articles, raw.transactions, None, raw.extras, roles),
-        "customer_history": customer_history(raw.transactions, raw.articles, None, roles),
-    }
-    groups = dataset_groups(roles)
+    frames = serving_frames(raw)
+    groups = dataset_groups(raw.roles)
     for name, frame in frames.items():
         manifest.feature_groups[name] = fs.write(name, frame, groups=groups)
     return frames

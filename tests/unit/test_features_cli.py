@@ -46,6 +46,25 @@ def test_validate_reports_without_writing(tmp_path, data_dir):
     assert not (tmp_path / "feature_store").exists()
 
 
+def test_build_and_validate_from_a_dataset_config(tmp_path, movielens_writer, capsys):
+    """Non-H&M files mapped by a dataset config build and validate with the same commands."""
+    from feature_store.dataset import load_dataset_config
+
+    cfg_path = movielens_writer(tmp_path / "ml", users=40, movies=30, per_user=8, days=20)
+    reports = validate_features(load_dataset_config(cfg_path))
+    assert set(reports) == {"transactions", "customers", "articles", "customer_history"}
+    assert all(r.ok for r in reports.values()), {n: r.summary_lines() for n, r in reports.items()}
+    fs = FeatureStore(Workdir.at(tmp_path / "run"), InMemoryOnlineStore())
+    refs = build_features(fs, load_dataset_config(cfg_path), names=["articles", "customers"], event_time="2020-01-01")
+    assert set(refs) == {"articles", "customers"}
+    arts = fs.get_feature_group("articles").read()
+    assert len(arts) == 30 and "genres" in {f.name for f in fs.get_feature_group("articles").group.features}
+    assert main(["features", "validate", "--workdir", str(tmp_path / "run"), "--dataset", str(cfg_path)]) == 0
+    assert main(["features", "validate", "--workdir", str(tmp_path / "run"), "--dataset", str(cfg_path),
+                 "--data", str(tmp_path)]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
 def test_parser_registers_the_commands(tmp_path, capsys):
     p = argparse.ArgumentParser(prog="rayrec")
     add_features_commands(p.add_subparsers(dest="command", required=True))
