@@ -27,10 +27,10 @@ from typing import Any
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.datastructures import Headers
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import Headers
 
 from common.artifacts import read_manifest
 from common.config import FilterConfig, ServeConfig, load_config
@@ -81,9 +81,10 @@ class LocalCalls:
     """Stages in this process (fused topology). Stage work runs in worker threads so the
     replica's event loop stays free for Serve's own work and for requests waiting on I/O."""
 
-    def __init__(self, rec: Recommender, encode: Any = None):
+    def __init__(self, rec: Recommender, encode: Any = None, rank: Any = None):
         self.rec = rec
         self._encode = encode  # a batched encoder (@serve.batch) shared by concurrent requests
+        self._rank = rank  # batched ranking (@serve.batch): one articles read, one model call
 
     async def _run(self, method: str, *args: Any) -> Any:
         return await asyncio.to_thread(getattr(self.rec, method), *args)
@@ -97,6 +98,8 @@ class LocalCalls:
         return self.rec.retrieve(vector, n)  # exact top-n in numpy: shorter than a thread hop
 
     async def rank(self, cands, ctx, k, filters, day):
+        if self._rank is not None:
+            return await self._rank(cands, ctx, k, filters, day)
         return await self._run("rank", cands, ctx, k, filters, day)
 
     async def popular(self, ctx, k, filters, age):
@@ -166,7 +169,7 @@ class RemoteCalls:
         return await self._call("retriever", "retrieve", vector, n)
 
     async def rank(self, cands, ctx, k, filters, day):
-        return await self._call("ranker", "rank", cands, ctx, k, filters, day)
+        return await self._retrying(lambda: self.h["ranker"].rank.remote(self.workdir, cands, ctx, k, filters, day))
 
     async def popular(self, ctx, k, filters, age):
         return await self._call("ranker", "popular", ctx, k, filters, age)
@@ -481,7 +484,7 @@ class Ingress:
         if self.stages is None:
             rec = Recommender(str(wd.root), self.metrics, n_candidates=self.n_candidates)
             rec.warm()
-            calls: LocalCalls | RemoteCalls = LocalCalls(rec, self._encode_batch)
+            calls: LocalCalls | RemoteCalls = LocalCalls(rec, self._encode_batch, self._rank_batch)
         else:
             rec = None
             calls = RemoteCalls(self.stages["encoder"], self.stages["retriever"], self.stages["ranker"],
@@ -503,6 +506,12 @@ class Ingress:
                             ) -> list[QueryContext]:
         """Query encoding of every request waiting: one read per feature group, one forward pass."""
         return await asyncio.to_thread(self.rec.encode_many, list(zip(customer_ids, months, channels, strict=True)))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.001)
+    async def _rank_batch(self, cands: list[Candidates], ctxs: list[QueryContext], ks: list[int],
+                          filters: list[dict[str, Any] | None], days: list[dt.date]) -> list[dict[str, Any]]:
+        """Ranking of every request waiting: one articles read, one model call."""
+        return await asyncio.to_thread(self.rec.rank_many, list(zip(cands, ctxs, ks, filters, days, strict=True)))
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Hot reload: `{workdir: PATH}` switches to that run once it is loaded."""
@@ -704,6 +713,18 @@ class Stage:
             ctxs = self._get(wd).encode_many([(customer_ids[i], months[i], channels[i]) for i in pos])
             for i, c in zip(pos, ctxs, strict=True):
                 out[i] = c
+        return out
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def rank(self, workdirs: list[str], cands: list[Candidates], ctxs: list[QueryContext], ks: list[int],
+                   filters: list[dict[str, Any] | None], days: list[dt.date]) -> list[dict[str, Any]]:
+        """Ranking of every request waiting: one articles read and one model call per run."""
+        out: list[dict[str, Any] | None] = [None] * len(cands)
+        for wd in dict.fromkeys(workdirs):
+            pos = [i for i, w in enumerate(workdirs) if w == wd]
+            ranked = self._get(wd).rank_many([(cands[i], ctxs[i], ks[i], filters[i], days[i]) for i in pos])
+            for i, r in zip(pos, ranked, strict=True):
+                out[i] = r
         return out
 
 

@@ -252,20 +252,29 @@ class Recommender:
     def rank(self, cands: Candidates, ctx: QueryContext, k: int, filters: dict[str, Any] | None,
              day: dt.date) -> dict[str, Any]:
         """Business rules, features, ranker, diversity. `unavailable` when the store failed."""
+        return self.rank_many([(cands, ctx, k, filters, day)])[0]
+
+    def rank_many(self, requests: Sequence[tuple[Candidates, QueryContext, int, dict[str, Any] | None, dt.date]]
+                  ) -> list[dict[str, Any]]:
+        """`rank` for several requests: one articles read and one model call for all of them
+        (what @serve.batch hands over)."""
+        from ray_apps.stages.ranking import RankRequest
         from training.filters import RequestFilters
 
         t0 = time.perf_counter()
+        batch = [RankRequest(cands, ctx.customer, ctx.history, ctx.sales_channel, day, k,
+                             RequestFilters.from_dict(filters)) for cands, ctx, k, filters, day in requests]
         try:
-            out, feats = self.guard.call(
-                lambda: self.ranker().rank_explained(cands, ctx.customer, ctx.history, channel=ctx.sales_channel,
-                                                     now=day, k=k, request=RequestFilters.from_dict(filters)))
+            results = self.guard.call(lambda: self.ranker().rank_many(batch))
         except StoreUnavailable as e:
-            return {"unavailable": str(e), "items": [], "removed": {}, "n_candidates": len(cands.article_ids),
-                    "n_after_filter": 0, "n_ranked": 0, "stage_ms": round((time.perf_counter() - t0) * 1000, 2)}
-        return {"items": [{"article_id": a, "score": s, "features": f}
-                          for a, s, f in zip(out.article_ids, out.scores, feats, strict=True)],
-                "removed": out.removed, "n_candidates": out.n_candidates, "n_after_filter": out.n_after_filter,
-                "n_ranked": out.n_ranked, "stage_ms": round((time.perf_counter() - t0) * 1000, 2)}
+            ms = round((time.perf_counter() - t0) * 1000, 2)
+            return [{"unavailable": str(e), "items": [], "removed": {}, "n_candidates": len(r.cands.article_ids),
+                     "n_after_filter": 0, "n_ranked": 0, "stage_ms": ms} for r in batch]
+        ms = round((time.perf_counter() - t0) * 1000, 2)
+        return [{"items": [{"article_id": a, "score": s, "features": f}
+                           for a, s, f in zip(out.article_ids, out.scores, feats, strict=True)],
+                 "removed": out.removed, "n_candidates": out.n_candidates, "n_after_filter": out.n_after_filter,
+                 "n_ranked": out.n_ranked, "stage_ms": ms, "batch": len(batch)} for out, feats in results]
 
     def popular(self, ctx: QueryContext | None, k: int, filters: dict[str, Any] | None,
                 age: float | None = None) -> dict[str, Any]:

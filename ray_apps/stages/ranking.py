@@ -1,13 +1,16 @@
 """Filtering and ranking of one request's candidates on online features.
 
-One articles-group query per request (the candidates plus the customer's recent purchases,
-only the columns the rules and features read) is shared by the business rules and the ranker;
+One articles-group query per call (the candidates plus the customer's recent purchases,
+only the columns the rules and features read) is shared by the business rules and the ranker,
+and by every request of a batch (`rank_many`: what @serve.batch hands over);
 the customer's rows are those the query encoder already read. The work itself is
 `training.ranker.RankingStage`, the same code batch recommendations and evaluation run.
 """
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from common.artifacts import Manifest
@@ -37,8 +40,21 @@ def ranking_stage(wd: Workdir, manifest: Manifest, cfg: RayrecConfig) -> Ranking
     return RankingStage(model, cfg.ranker, cfg.filters, cfg.serve.n_candidates, vectors)
 
 
+@dataclass
+class RankRequest:
+    """One request's candidates and context, as the ranking stage takes them."""
+
+    cands: Candidates
+    customer: dict[str, Any] | None
+    history: dict[str, Any] | None
+    channel: int
+    now: dt.date
+    k: int
+    request: RequestFilters | None = None
+
+
 class OnlineRanker:
-    """Business rules + ranker + diversity for one request, reading articles online once."""
+    """Business rules + ranker + diversity, reading articles online once per call."""
 
     def __init__(self, store: OnlineStore, manifest: Manifest, stage: RankingStage):
         self.store = store
@@ -56,27 +72,27 @@ class OnlineRanker:
         k: int,
         request: RequestFilters | None = None,
     ) -> Ranked:
-        return self.rank_explained(cands, customer, history, channel=channel, now=now, k=k, request=request)[0]
+        return self.rank_many([RankRequest(cands, customer, history, channel, now, k, request)])[0][0]
 
-    def rank_explained(
-        self,
-        cands: Candidates,
-        customer: dict[str, Any] | None,
-        history: dict[str, Any] | None,
-        *,
-        channel: int,
-        now: dt.date,
-        k: int,
-        request: RequestFilters | None = None,
-    ) -> tuple[Ranked, list[dict[str, Any]]]:
-        """`rank`, plus the feature values of each returned article (for the prediction log)."""
-        keys = self.stage.article_keys(cands.article_ids, history)
-        articles = read_online(self.store, self.articles_ref, "articles", keys, self.stage.article_columns(request))
-        prep = self.stage.prepare(customer, history, cands.article_ids, cands.scores, articles, channel=channel,
-                                  now=now, request=request)
-        ranked = self.stage.finish(prep, self.stage.model.predict(prep.block), k)
-        pos = {a: i for i, a in enumerate(prep.ids)}
-        return ranked, [feature_dict(prep.block, pos[a], self.stage.spec) for a in ranked.article_ids]
+    def rank_many(self, requests: Sequence[RankRequest]) -> list[tuple[Ranked, list[dict[str, Any]]]]:
+        """Rank several requests with ONE articles query (the union of their candidates and
+        recent purchases) and ONE model call on their stacked feature rows; each gets what
+        ranking it alone gives (rows are scored independently), plus the feature values of
+        each returned article (for the prediction log)."""
+        stage = self.stage
+        keys = list(dict.fromkeys(a for r in requests for a in stage.article_keys(r.cands.article_ids, r.history)))
+        columns = list(dict.fromkeys(c for r in requests for c in stage.article_columns(r.request)))
+        articles = read_online(self.store, self.articles_ref, "articles", keys, columns)
+        preps = [stage.prepare(r.customer, r.history, r.cands.article_ids, r.cands.scores, articles,
+                               channel=r.channel, now=r.now, request=r.request) for r in requests]
+        scores = stage.model.predict(FeatureBlock.concat([p.block for p in preps]))
+        out, start = [], 0
+        for r, prep in zip(requests, preps, strict=True):
+            ranked = stage.finish(prep, scores[start:start + len(prep.block)], r.k)
+            start += len(prep.block)
+            pos = {a: i for i, a in enumerate(prep.ids)}
+            out.append((ranked, [feature_dict(prep.block, pos[a], stage.spec) for a in ranked.article_ids]))
+        return out
 
 
 def feature_dict(block: FeatureBlock, i: int, spec: RankerFeatures) -> dict[str, Any]:

@@ -115,3 +115,42 @@ def test_filter_and_rank_read_the_articles_group_once_per_request(as_of_state):
     bought = set(hist["purchased"])
     assert not bought & set(out.article_ids)
     assert out.removed["already_bought"] == len(bought & set(cands.article_ids))
+
+
+class _RowWise:
+    """Stand-in model scoring each row on its own features (as CatBoost does)."""
+
+    def predict(self, block, thread_count=1):
+        return np.nansum(block.num.astype(np.float64) * np.linspace(1.0, 0.1, block.num.shape[1]), axis=1)
+
+
+def test_a_batch_of_requests_ranks_as_each_alone_with_one_read(as_of_state):
+    """rank_many (what @serve.batch hands over): one articles query for every request, and each
+    request gets exactly the list, scores and filter counts it gets when ranked alone."""
+    from ray_apps.stages.ranking import RankRequest
+    from training.filters import RequestFilters
+
+    store, manifest, _, cids, article_ids, _, _, _ = as_of_state
+    refs = manifest.feature_groups
+    ranker = OnlineRanker(store, manifest, RankingStage(_RowWise(), RankerConfig(), FilterConfig(), n_rank=40))
+    day = dt.date(2020, 9, 1)
+    reqs = []
+    for i, cid in enumerate(cids[:5]):
+        cust = read_online(store, refs["customers"], "customers", [cid]).get(cid)
+        hist = read_online(store, refs["customer_history"], "customer_history", [cid]).get(cid)
+        ids = article_ids[i * 7: i * 7 + 50]
+        flt = RequestFilters(max_price=0.03) if i == 2 else RequestFilters(index_groups=("Ladieswear",)) if i == 3 \
+            else None
+        reqs.append(RankRequest(Candidates(article_ids=ids, scores=list(np.linspace(1, 0, len(ids)))), cust, hist,
+                                2, day, 5 + i, flt))
+    alone = [ranker.rank_many([r])[0] for r in reqs]
+    before = store.statement_count()
+    together = ranker.rank_many(reqs)
+    assert store.statement_count() - before == 1
+    for (a, fa), (b, fb) in zip(alone, together, strict=True):
+        assert b.article_ids == a.article_ids and b.scores == pytest.approx(a.scores)
+        assert (b.removed, b.n_after_filter, b.n_ranked) == (a.removed, a.n_after_filter, a.n_ranked)
+        assert fb == fa
+    assert [len(r.article_ids) for r, _ in together] == [min(5 + i, r.n_after_filter) for i, (r, _) in
+                                                         enumerate(together)]
+    assert together[2][0].removed.get("max_price", 0) > 0
