@@ -196,6 +196,10 @@ class ServeConfig(_Strict):
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_batch_events: int = Field(500, ge=1)
     prediction_log: bool = True
+    # At start-up a replica that takes events applies the purchases logged within this many
+    # seconds that no replica applied online (one killed between its durable log write and the
+    # online transaction); 0 turns the check off.
+    replay_events_s: float = Field(86_400, ge=0)
 
 _LOCATION = re.compile(r"^([a-z][a-z0-9+.-]*://\S+|[^:\s]+)$")
 

@@ -292,12 +292,18 @@ def read_interactions(wd: Workdir) -> pd.DataFrame:
 def _read_jsonl(d: Path) -> list[dict[str, Any]]:
     rows = []
     for p in sorted(d.glob("*.jsonl")) if d.is_dir() else []:
-        for line in p.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a crash
+        rows += _read_jsonl_file(p)
+    return rows
+
+
+def _read_jsonl_file(p: Path) -> list[dict[str, Any]]:
+    rows = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
     return rows
 
 
@@ -308,6 +314,38 @@ def read_event_log(wd: Workdir) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=cols).drop_duplicates("event_id", keep="first").reset_index(drop=True)
     frame["t_dat"] = to_event_times(frame["t_dat"]) if len(frame) else pd.Series([], dtype="datetime64[us]")
     return frame
+
+
+def logged_purchases(wd: Workdir, modified_within_s: float | None = None) -> list[PurchaseEvent]:
+    """Purchases of the event log (first logged per event id, in log order), from the day files
+    written to within the last `modified_within_s` seconds (None: every file)."""
+    folder = event_log_dir(wd)
+    cutoff = None if modified_within_s is None else time.time() - modified_within_s
+    seen: set[str] = set()
+    out = []
+    for p in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+        if cutoff is not None and p.stat().st_mtime < cutoff:
+            continue
+        for rec in _read_jsonl_file(p):
+            if rec.get("event_id") in seen:
+                continue
+            seen.add(rec["event_id"])
+            out.append(PurchaseEvent(rec["event_id"], rec["customer_id"], rec["article_id"], float(rec["price"]),
+                                     rec["t_dat"], int(rec.get("sales_channel_id") or 2)))
+    return out
+
+
+def unapplied_events(fs, events: list[PurchaseEvent]) -> list[PurchaseEvent]:
+    """The events whose ids the online store has not recorded as applied (one query)."""
+    from feature_store.online.base import TableNotFound
+
+    if not events:
+        return []
+    try:
+        applied = fs.online.read_batch(APPLIED_EVENTS, [e.event_id for e in events], ["event_id"])
+    except TableNotFound:
+        return list(events)
+    return [e for e in events if e.event_id not in applied]
 
 
 def materialize_events(fs, version: int | None = None):

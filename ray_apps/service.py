@@ -205,6 +205,31 @@ class Recommender:
                 self.ranker() if role != "encoder" else self.store()
             except StoreUnavailable as e:
                 print(f"[serve] online store not reachable yet ({e}); answering degraded until it is", flush=True)
+        if role in ("all", "encoder") and self.cfg.serve.replay_events_s > 0:
+            threading.Thread(target=self.replay_logged_purchases, daemon=True, name="replay-events").start()
+
+    def replay_logged_purchases(self) -> int:
+        """Apply the recently logged purchases that no replica applied online: a replica killed
+        after the durable log write (and its 2xx) but before the online transaction leaves such
+        an event behind. Applying is idempotent by event id, so replicas replaying together, or
+        racing a live request, count each purchase once. While the store is unreachable the
+        events wait in the pending list like any other. Returns how many were queued."""
+        from feature_store.events import logged_purchases, unapplied_events
+        from feature_store.store import FeatureStore
+
+        events = logged_purchases(self.wd, self.cfg.serve.replay_events_s)
+        if not events:
+            return 0
+        try:
+            missing = self.guard.call(lambda: unapplied_events(FeatureStore(self.wd, self.store()), events))
+        except StoreUnavailable:
+            missing = events  # cannot tell yet: the idempotent apply decides once the store is back
+        if missing:
+            print(f"[serve] applying {len(missing)} logged purchase(s) not yet applied online", flush=True)
+            with self._events_lock:
+                self._pending += [e for e in missing if e not in self._pending]
+                self._record_events([])
+        return len(missing)
 
     # --- stages ----------------------------------------------------------------------------------
     def encode(self, customer_id: str, month: int, channel: int) -> QueryContext:

@@ -335,6 +335,28 @@ def test_event_batch_logs_interactions_and_rejects_bad_events(served):
         assert r.status_code == 422 and field in r.json()["message"], r.text
 
 
+def test_logged_purchases_a_killed_replica_did_not_apply_are_replayed(served):
+    """A purchase fsync'ed to the log (so acknowledged) whose replica died before the online
+    transaction: the next replica to start applies it, once."""
+    from feature_store.events import PurchaseEvent, append_log_lines, event_log_dir
+    from ray_apps.service import Recommender
+
+    wd, url = served
+    cid = _buyer(wd, 5)
+    before = httpx.get(f"{url}/v1/customers/{cid}", timeout=30).json()
+    art = next(a for a in _articles_group(wd).index if a not in before["purchased"])
+    ev = PurchaseEvent("logged-not-applied-1", cid, art, 0.02, "2020-10-02T09:00:00")
+    append_log_lines(event_log_dir(wd), [(ev.timestamp, ev.to_dict())], durable=True)
+    rec = Recommender(str(wd.root), follow_index=False)
+    try:
+        assert rec.replay_logged_purchases() == 1
+        assert rec.replay_logged_purchases() == 0  # applied now: nothing left to replay
+    finally:
+        rec.close()
+    after = httpx.get(f"{url}/v1/customers/{cid}", timeout=30).json()
+    assert after["purchased"][0] == art and after["n_purchases"] == before["n_purchases"] + 1
+
+
 def test_customer_samples_and_article_details(served):
     wd, url = served
     ids = httpx.get(f"{url}/v1/customers", params={"n": 3}, timeout=30).json()["customer_ids"]

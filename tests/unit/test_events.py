@@ -143,3 +143,28 @@ def test_logged_events_reach_the_offline_transactions_once(setup):
     tx = fs.get_feature_group("transactions").read()
     assert sorted(tx["event_id"].dropna()) == ["e-1", "e-2"] and len(tx) == 3
     assert tx.set_index("event_id").loc["e-2", "t_dat"] == pd.Timestamp("2020-09-23 08:00:00")
+
+
+def test_logged_purchases_not_applied_online_are_found(setup):
+    """What a start-up replay applies: logged purchases (first per id, recent day files only)
+    whose ids the online store has not recorded."""
+    import os
+    import time
+
+    from feature_store.events import append_log_lines, event_log_dir, logged_purchases, unapplied_events
+
+    fs, refs = setup
+    done = PurchaseEvent("e-done", "c1", "a1", 0.02, "2020-09-22T10:00:00")
+    apply_purchase_event(fs, refs, done)  # applied online and logged
+    lost = PurchaseEvent("e-lost", "c1", "a1", 0.03, "2020-09-22T11:00:00")
+    old = PurchaseEvent("e-old", "c1", "a1", 0.03, "2020-08-01T11:00:00")
+    folder = event_log_dir(fs.wd)
+    append_log_lines(folder, [(e.timestamp, e.to_dict()) for e in (lost, lost, old)], durable=True)
+    week_ago = time.time() - 7 * 86400
+    os.utime(folder / "2020-08-01.jsonl", (week_ago, week_ago))
+    assert [e.event_id for e in logged_purchases(fs.wd)] == ["e-old", "e-done", "e-lost"]
+    recent = logged_purchases(fs.wd, modified_within_s=86400)
+    assert [e.event_id for e in recent] == ["e-done", "e-lost"] and recent[1] == lost
+    assert [e.event_id for e in unapplied_events(fs, recent)] == ["e-lost"]
+    empty = FeatureStore(Workdir.at(fs.wd.root / "other"), InMemoryOnlineStore())
+    assert [e.event_id for e in unapplied_events(empty, recent)] == ["e-done", "e-lost"]  # no events table yet
