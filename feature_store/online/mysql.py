@@ -1,7 +1,8 @@
 """The online store over the MySQL protocol: RonDB (NDB) in production, MariaDB locally.
 
 This is the only module of the project that imports pymysql or writes SQL. Every value goes
-to the server as a %s parameter; identifiers are validated (`base.IDENTIFIER_RE`) and
+to the server as a %s parameter, except read keys that escaping would leave unchanged (int64,
+plain ASCII: `_key_list`); identifiers are validated (`base.IDENTIFIER_RE`) and
 backtick-quoted before they are put in a statement. The SQL is the subset that MariaDB 10.11
 and MySQL 8.0 NDB (RonDB) both run: `CREATE TABLE IF NOT EXISTS ... ENGINE=`,
 `INSERT ... ON DUPLICATE KEY UPDATE c=VALUES(c)` (deprecated but supported by MySQL 8.0;
