@@ -16,11 +16,13 @@ Layout of a packed value (little-endian):
 
 Each value carries its own length and key, so values concatenated in any order (what
 `OnlineStore.read_concat` returns) can be split and matched to keys without a result row per
-key. Decoding is one struct unpack per row plus, for all rows together, one UTF-8 decode and
-one split of their joined text parts; columns come from transposing (`zip(*rows)`) and
-stride slicing, in C. A row whose strings
-contain U+001E or U+001F (or a list that is exactly [""]) is stored with flag bit 0 set and its
-text part as a JSON array, so every value round-trips verbatim.
+key. Decoding reads one u16 per row to find the rows; everything else is done for all rows
+together, in C: numpy gathers the fixed-width heads into one structured array (numeric
+columns are its fields; a feature view's key order is one reindexing of it) and the numeric
+lists, and the rows' text parts are joined, decoded and split once, then sliced into columns
+by stride. A row whose strings contain U+001E or U+001F (or a list that is exactly [""]) is
+stored with flag bit 0 set and its text part as a JSON array, so every value round-trips
+verbatim.
 
 Lists are bounded (`max_items`), strings by `max_chars`, json by `max_bytes`; the whole value
 by `MAX_PACKED_BYTES`, so rows stay small enough for NDB.
@@ -31,8 +33,10 @@ import json
 import math
 import numbers
 import struct
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -95,6 +99,7 @@ class RowCodec:
             (j, self.fields[i].dtype) for j, i in enumerate(self._texts) if self.fields[i].dtype != "string"
         ]
         self._defaults = tuple(_zero(self.fields[i].dtype) for i in self._scalars)
+        self._part = {i: j for part in (self._lists, self._texts) for j, i in enumerate(part)}  # list / text no.
         self._kind = ["scalar" if f.dtype in SCALAR_NUMERIC else ("list" if f.dtype in NUMERIC_LISTS else "text")
                       for f in self.fields]
         np_formats = {"q": "<i8", "d": "<f8", "?": "?"}
@@ -108,7 +113,13 @@ class RowCodec:
             at += np.dtype(fmt).itemsize
         if at != self._head.size:
             raise AssertionError("head layout mismatch")
-        self._head_dtype = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": at})
+        # one row's u16 length and head, as numpy reads them from the concatenated rows
+        self._row_dtype = np.dtype({"names": ["len", *names], "formats": ["<u2", *formats],
+                                      "offsets": [0, *(o + 2 for o in offsets)], "itemsize": at + 2})
+        null_head = np.zeros(1, dtype=self._row_dtype)  # a key not found: every feature null
+        for w in range(self._null_words):
+            null_head[f"n{w}"] = np.uint64(0xFFFFFFFFFFFFFFFF)
+        self._null_head = null_head.view(np.uint8).reshape(1, self._row_dtype.itemsize)
         self._scalar_fields = [self.fields[i] for i in self._scalars]
         self._text_fields = [self.fields[i] for i in self._texts]
         self._list_fields = [self.fields[i] for i in self._lists]
@@ -185,10 +196,14 @@ class RowCodec:
         return {k: dict(zip(names, vals, strict=True)) for k, vals in zip(keys, zip(*cols, strict=True), strict=True)}
 
     def decode_columns(
-        self, buf: bytes, wanted: Collection[int] | None = None, arrays: bool = False
+        self,
+        buf: bytes,
+        wanted: Collection[int] | None = None,
+        arrays: bool = False,
+        order: Sequence[Any] | None = None,
     ) -> tuple[list[Any], list[Any]]:
         """Split concatenated packed values: (keys, one column per feature in schema order),
-        rows in the order of `buf`.
+        rows in the order of `buf` or of `order`.
 
         Args:
             buf: packed values, concatenated.
@@ -197,52 +212,48 @@ class RowCodec:
             arrays: numeric features as numpy arrays (float64 with NaN for nulls; int64, or
                 float64 when the column has a null; bool, or object when it has a null) instead
                 of lists of Python values with None for nulls.
+            order: keys to return rows for, in this order: a key that is not in `buf` gets key
+                None and every feature null (a feature view's missing keys need no second
+                pass); a repeated key repeats its row.
+        Raises:
+            ValueError: the values are truncated or corrupt.
 
-        The only per-row Python work is finding the row boundaries and slicing: the heads of all
-        rows are copied into one buffer and read as a numpy structured array; the text parts
-        are joined, decoded and split ONCE and sliced into columns by stride (rows in JSON form
-        are decoded one by one).
+        The per-row Python work is finding the row boundaries (one u16 per row), one slice per
+        row for the text parts and one per numeric list of unequal lengths: the heads are
+        gathered by numpy into one structured array (reordered by `order` in one step), the
+        text parts are joined, decoded and split ONCE and sliced into columns by stride (rows
+        in JSON form are decoded one by one).
         """
-        unpack_u16 = _U16.unpack_from
-        head_size = self._head.size
-        starts: list[int] = []
-        off, end_all = 0, len(buf)
-        while off < end_all:
-            starts.append(off)
-            off += 2 + unpack_u16(buf, off)[0]
-        if off != end_all:
-            raise ValueError("truncated packed value")
         n_fields = len(self.fields)
+        starts = _row_starts(buf)
         n = len(starts)
-        if not n:
+        if (not n and order is None) or (order is not None and not len(order)):
             return [], [np.empty(0) if arrays and i in self._scalars else [] for i in range(n_fields)]
-        ends = [*starts[1:], end_all]
-        mv = memoryview(buf)
-        heads = np.frombuffer(b"".join([mv[a + 2 : a + 2 + head_size] for a in starts]), dtype=self._head_dtype)
-        n_lists = len(self._lists)
-        text_starts = [a + 2 + head_size for a in starts]
-        list_pos: list[list[int]] = []
-        if n_lists:
-            counts = [heads[f"c{j}"].tolist() for j in range(n_lists)]
-            pos = text_starts
-            for j in range(n_lists):
-                list_pos.append(pos)
-                pos = [p + 8 * c for p, c in zip(pos, counts[j], strict=True)]
-            text_starts = pos
-        flags = heads["flags"]
-        n_text = 1 + len(self._texts)
-        if not flags.any():
-            flat = b"\x1f".join([mv[a:b] for a, b in zip(text_starts, ends, strict=True)]).decode("utf-8").split(_SEP)
-            if len(flat) != n * n_text:
-                raise ValueError("corrupt packed values: unexpected number of text fields")
-            text_cols: list[Any] = [flat[j::n_text] for j in range(n_text)]
-        else:
-            rows = [json.loads(str(mv[a:b], "utf-8")) if f & 1 else str(mv[a:b], "utf-8").split(_SEP)
-                    for a, b, f in zip(text_starts, ends, flags.tolist(), strict=True)]
-            text_cols = [list(c) for c in zip(*rows, strict=True)]
+        st = np.array(starts, dtype=np.intp)
+        ends = np.append(st[1:], len(buf))
+        pos = st + self._row_dtype.itemsize  # after the u16 length and the head
+        if n and int((ends - pos).min()) < 0:
+            raise ValueError("corrupt packed values: a row is shorter than its head")
+        u8 = np.frombuffer(buf, dtype=np.uint8)
+        head_bytes = _gather(u8, st, self._row_dtype.itemsize)  # [rows, bytes]: reordered fast
+        h = head_bytes.view(self._row_dtype).reshape(n)
+        list_pos: list[np.ndarray] = []
+        counts: list[np.ndarray] = []
+        for j in range(len(self._lists)):
+            c = h[f"c{j}"].astype(np.intp)
+            list_pos.append(pos)
+            counts.append(c)
+            pos = pos + 8 * c
+        if self._lists and n and bool((pos > ends).any()):
+            raise ValueError("corrupt packed values: numeric lists overrun their row")
+        text_cols = self._text_columns(buf, n, pos, ends, h["flags"])
         keys = text_cols[0] if self.key_type == "string" else [int(k) for k in text_cols[0]]
+        pick: Callable[[list[Any]], list[Any]] = list
+        if order is not None:
+            h, pick, list_pos, counts = self._reorder(head_bytes, keys, order, list_pos, counts)
+            keys = pick(keys)
         cols: list[Any] = [None] * n_fields
-        null_words = [heads[f"n{w}"] for w in range(self._null_words)]
+        null_words = [h[f"n{w}"] for w in range(self._null_words)]
         any_null = [int(np.bitwise_or.reduce(w)) for w in null_words]
         for i in range(n_fields):
             if wanted is not None and i not in wanted:
@@ -251,19 +262,13 @@ class RowCodec:
             mask = (null_words[w] >> np.uint64(bit)) & np.uint64(1) if any_null[w] >> bit & 1 else None
             kind = self._kind[i]
             if kind == "scalar":
-                col = heads[f"s{i}"]
-                cols[i] = _numeric_column(col, mask, arrays)
+                cols[i] = _numeric_column(h[f"s{i}"], mask, arrays)
                 continue
+            j = self._part[i]
             if kind == "list":
-                j = self._lists.index(i)
-                cj = counts[j]
-                flat = np.frombuffer(b"".join([mv[p : p + 8 * c] for p, c in zip(list_pos[j], cj, strict=True)]),
-                                     dtype="<i8" if self._list_fmt[j] == "q" else "<f8").tolist()
-                bounds = np.cumsum([0, *cj]).tolist()
-                col = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+                col = _list_column(u8, list_pos[j], counts[j], "<i8" if self._list_fmt[j] == "q" else "<f8")
             else:
-                j = self._texts.index(i)
-                col = text_cols[1 + j]
+                col = pick(text_cols[1 + j])
                 dtype = self.fields[i].dtype
                 if dtype == "list_string":
                     col = [t if type(t) is list else (t.split(_ITEM_SEP) if t else []) for t in col]
@@ -274,6 +279,91 @@ class RowCodec:
                     col[r] = None
             cols[i] = col
         return keys, cols
+
+    def _text_columns(self, buf: bytes, n: int, starts: np.ndarray, ends: np.ndarray,
+                      flags: np.ndarray) -> list[list[Any]]:
+        """The key and the text features, one list per field, from the rows' text parts."""
+        n_text = 1 + len(self._texts)
+        if not n:
+            return [[] for _ in range(n_text)]
+        mv = memoryview(buf)
+        bounds = zip(starts.tolist(), ends.tolist(), strict=True)
+        if not flags.any():
+            flat = b"\x1f".join([mv[a:b] for a, b in bounds]).decode("utf-8").split(_SEP)
+            if len(flat) != n * n_text:
+                raise ValueError("corrupt packed values: unexpected number of text fields")
+            return [flat[j::n_text] for j in range(n_text)]
+        rows = [json.loads(str(mv[a:b], "utf-8")) if f & 1 else str(mv[a:b], "utf-8").split(_SEP)
+                for (a, b), f in zip(bounds, flags.tolist(), strict=True)]
+        if any(len(r) != n_text for r in rows):
+            raise ValueError("corrupt packed values: unexpected number of text fields")
+        return [list(c) for c in zip(*rows, strict=True)]
+
+    def _reorder(
+        self, head_bytes: np.ndarray, keys: list[Any], order: Sequence[Any], list_pos: list[np.ndarray],
+        counts: list[np.ndarray]
+    ) -> tuple[np.ndarray, Callable[[list[Any]], list[Any]], list[np.ndarray], list[np.ndarray]]:
+        """Heads, a list reorderer and the numeric lists' positions in the order of `order`;
+        keys not found point at an appended all-null head (and a None appended to each list).
+        The heads are reordered as raw bytes: numpy copies structured records field by field."""
+        n = len(keys)
+        idx = list(map(dict(zip(keys, range(n), strict=True)).get, order, repeat(n)))
+        get = itemgetter(*idx) if len(idx) > 1 else (lambda c: (c[idx[0]],))
+        if n in idx:
+            head_bytes = np.concatenate([head_bytes, self._null_head])
+            list_pos = [np.append(p, 0) for p in list_pos]
+            counts = [np.append(c, 0) for c in counts]
+
+            def pick(col: list[Any]) -> list[Any]:
+                return list(get([*col, None]))
+        else:
+
+            def pick(col: list[Any]) -> list[Any]:
+                return list(get(col))
+        ix = np.array(idx, dtype=np.intp)
+        h = head_bytes[ix].view(self._row_dtype).reshape(len(idx))
+        return h, pick, [p[ix] for p in list_pos], [c[ix] for c in counts]
+
+
+def _row_starts(buf: bytes) -> list[int]:
+    """Offsets of the packed values concatenated in `buf` (each starts with its u16 length)."""
+    starts: list[int] = []
+    add = starts.append
+    off, end = 0, len(buf)
+    try:
+        while off < end:
+            add(off)
+            off += 2 + (buf[off] | buf[off + 1] << 8)
+    except IndexError:
+        raise ValueError("truncated packed value") from None
+    if off != end:
+        raise ValueError("truncated packed value")
+    return starts
+
+
+def _gather(u8: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
+    """The `width` bytes at each of `starts`, as an array [rows, width] (one numpy copy)."""
+    if not len(starts):
+        return np.zeros((0, width), dtype=np.uint8)
+    windows = np.ndarray((len(u8) - width + 1, width), dtype=np.uint8, buffer=u8, strides=(1, 1))
+    return windows[starts]
+
+
+def _list_column(u8: np.ndarray, pos: np.ndarray, counts: np.ndarray, dtype: str) -> list[list[Any]]:
+    """One numeric-list feature: a list of Python numbers per row (rows of equal length are
+    gathered and split by numpy, in C; others with one slice per row)."""
+    n = len(pos)
+    lo, hi = (int(counts.min()), int(counts.max())) if n else (0, 0)
+    if hi == 0:
+        return [[] for _ in range(n)]
+    if lo == hi:
+        return _gather(u8, pos, 8 * lo).view(dtype).tolist()
+    cl = counts.tolist()
+    mv = memoryview(u8)
+    flat = np.frombuffer(b"".join([mv[p : p + 8 * c] for p, c in zip(pos.tolist(), cl, strict=True)]),
+                         dtype=dtype).tolist()
+    bounds = np.cumsum([0, *cl]).tolist()
+    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def _numeric_column(col: np.ndarray, mask: np.ndarray | None, arrays: bool) -> Any:

@@ -599,52 +599,34 @@ class FeatureViewHandle:
                        wanted: set[int]) -> tuple[list[int], list[Any]]:
         """Per wanted feature of the group, values in the order of `keys` (numeric features as
         numpy arrays, NaN for nulls and missing keys); and the positions of the keys not found."""
-        n = len(keys)
         codec = table.codec
         cache = self._caches.get(sel.group)
         if cache is None:
             query = keys if None not in keys else [k for k in keys if k is not None]  # None: a missing key
-            found_keys, cols = codec.decode_columns(
-                self.fs.online.read_concat(table.spec, query, ONLINE_ROW_COLUMN), wanted, arrays=True)
-            miss = len(found_keys)
-            pos = {k: i for i, k in enumerate(found_keys)}
-            idx = [pos.get(k, miss) for k in keys]
-        else:
-            keys = [None if k is None else normalise_key(table.spec, k) for k in keys]
-            rows = cache.get_many([k for k in keys if k is not None])
-            todo = [k for k in dict.fromkeys(keys) if k is not None and k not in rows]
-            if todo:
-                found_keys, got = codec.decode_columns(
-                    self.fs.online.read_concat(table.spec, todo, ONLINE_ROW_COLUMN))
-                fetched = dict(zip(found_keys, zip(*got, strict=True), strict=True)) if found_keys else {}
-                cache.put_many(fetched)
-                rows.update(fetched)
-            found_keys = list(rows)
-            miss = len(found_keys)
-            pos = {k: i for i, k in enumerate(found_keys)}
-            idx = [pos.get(k, miss) for k in keys]
-            stored = list(zip(*rows.values(), strict=True)) if rows else [() for _ in codec.names]
-            cols = [None] * len(codec.names)
-            for j in wanted:
-                values = list(stored[j])
-                cols[j] = _to_array(values, codec.fields[j].dtype) if codec.fields[j].dtype in _NUMERIC else values
+            buf = self.fs.online.read_concat(table.spec, query, ONLINE_ROW_COLUMN)
+            found, cols = codec.decode_columns(buf, wanted, arrays=True, order=keys)
+            return ([r for r, k in enumerate(found) if k is None] if None in found else []), cols
+        n = len(keys)
+        keys = [None if k is None else normalise_key(table.spec, k) for k in keys]
+        rows = cache.get_many([k for k in keys if k is not None])
+        todo = [k for k in dict.fromkeys(keys) if k is not None and k not in rows]
+        if todo:
+            found_keys, got = codec.decode_columns(self.fs.online.read_concat(table.spec, todo, ONLINE_ROW_COLUMN))
+            fetched = dict(zip(found_keys, zip(*got, strict=True), strict=True)) if found_keys else {}
+            cache.put_many(fetched)
+            rows.update(fetched)
+        found_keys = list(rows)
+        miss = len(found_keys)
+        pos = {k: i for i, k in enumerate(found_keys)}
+        idx = [pos.get(k, miss) for k in keys]
+        stored = list(zip(*rows.values(), strict=True)) if rows else [() for _ in codec.names]
         all_found = miss not in idx
         absent = [] if all_found else [r for r, i in enumerate(idx) if i == miss]
-        idx_np = np.asarray(idx, dtype=np.int64)
         get = itemgetter(*idx) if n > 1 else (lambda c: (c[idx[0]],) if n else ())
-        out: list[Any] = [None] * len(cols)
+        out: list[Any] = [None] * len(codec.names)
         for j in wanted:
-            col = cols[j]
-            if isinstance(col, np.ndarray):
-                if not all_found:
-                    if col.dtype.kind in "iuf":
-                        col = np.append(col.astype(np.float64), np.nan)
-                    else:
-                        col = np.append(col.astype(object), None)
-                out[j] = col[idx_np]
-            else:
-                col.append(None)  # position `miss`: the value of a key that is not stored
-                out[j] = list(get(col))
+            values = list(get([*stored[j], None]))  # position `miss`: the value of a key that is not stored
+            out[j] = _to_array(values, codec.fields[j].dtype) if codec.fields[j].dtype in _NUMERIC else values
         return absent, out
 
 

@@ -196,7 +196,7 @@ def plain_string_keys(spec: TableSpec, keys: Sequence[Any]) -> list[str] | None:
     case, checked with a few C calls instead of one validation per key); else None."""
     if spec.key_type != "string" or not keys:
         return None
-    if not all(type(k) is str for k in keys):
+    if set(map(type, keys)) != {str}:
         return None
     if max(map(len, keys)) > MAX_KEY_CHARS or not "".join(keys).isascii():
         return None

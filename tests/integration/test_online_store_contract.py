@@ -316,6 +316,20 @@ def test_bytes_round_trip_and_read_concat(store: OnlineStore) -> None:
         store.write_batch(spec, [{"k": "x", "v": "text"}])
 
 
+def test_read_concat_with_keys_that_need_escaping_and_int_keys(store: OnlineStore) -> None:
+    spec = make_spec(store, "ckeys", key="k", columns=PACKED)
+    keys = ["plain", "it's", 'a"b', "back\\slash", "nul\x00", "new\nline", "%s", "ünï ✓", "x' OR '1'='1"]
+    store.write_batch(spec, [{"k": k, "ts": 1, "v": f"<{i}>".encode()} for i, k in enumerate(keys)])
+    for wanted in (keys, keys[:1] + ["%s", "x;--"], keys[1:3]):
+        got = store.read_concat(spec, wanted, "v")
+        want = sorted(f"<{keys.index(k)}>".encode() for k in wanted if k in keys)
+        assert sorted(got.replace(b"><", b">\n<").split(b"\n")) == want
+    ints = make_spec(store, "cints", key="k", columns={"k": "int64", "v": "bytes"})
+    store.write_batch(ints, [{"k": k, "v": str(k).encode() + b";"} for k in (-(2**63), -1, 0, 2**63 - 1)])
+    got = store.read_concat(ints, [np.int64(-1), 2**63 - 1, 5, -(2**63)], "v")
+    assert sorted(got.split(b";")[:-1]) == sorted([b"-1", str(2**63 - 1).encode(), str(-(2**63)).encode()])
+
+
 def test_read_concat_is_one_query(store: OnlineStore) -> None:
     spec = make_spec(store, "concat1", key="k", columns=PACKED)
     store.write_batch(spec, [{"k": f"{i:06d}", "ts": i, "v": b"x" * 50} for i in range(1200)])

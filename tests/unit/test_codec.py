@@ -98,3 +98,65 @@ def test_row_size_is_bounded():
         c.encode("k", {f"s{i}": "x" * 2000 for i in range(10)})
     with pytest.raises(CodecError, match="key"):
         c.encode("k" * 65, {})
+
+
+def _rows_by_key():
+    return {
+        "plain": _row(),
+        "nulls": {f.name: None for f in FIELDS},
+        "empty": _row(tags=[], counts=[], w=[], s="", j=[]),
+        "big": _row(i=2**63 - 1, x=-1e-300, counts=[-(2**63), 2**63 - 1], w=[0.1] * 5),
+        "uni": _row(s="ünïcødé ✓ 🎉", tags=["ü", ""], j={"ü": "✓"}),
+        "sep": _row(s="sep\x1fin\x1ethe middle", tags=[""]),  # stored in JSON form
+        **{f"t{i}": _row(s=t, tags=[t], x=None if i % 2 else i / 3, b=None if i % 3 else False)
+           for i, t in enumerate(TRICKY)},
+    }
+
+
+@pytest.mark.parametrize("arrays", [False, True])
+def test_decode_in_the_order_of_requested_keys_with_missing_ones_null(arrays):
+    c = RowCodec("string", FIELDS)
+    rows = _rows_by_key()
+    buf = b"".join(c.encode(k, r) for k, r in rows.items())
+    order = ["uni", "absent", *reversed(rows), "plain", "absent2"]  # a key twice, two not stored
+    keys, cols = c.decode_columns(buf, arrays=arrays, order=order)
+    assert keys == [None if k.startswith("absent") else k for k in order]
+    for f, col in zip(FIELDS, cols, strict=True):
+        got = col.tolist() if isinstance(col, np.ndarray) else col
+        want = [rows[k][f.name] if k in rows else None for k in order]
+        if arrays and f.dtype in ("int64", "float64"):  # nulls are NaN, ints with a null float
+            assert isinstance(col, np.ndarray) and col.dtype == np.float64
+            want = [math.nan if v is None else v for v in want]
+            assert np.array_equal(col, np.array(want, dtype=np.float64), equal_nan=True)
+        else:
+            assert got == want, f.name
+    assert c.decode_columns(buf, order=[]) == ([], [[] for _ in FIELDS])
+    keys, cols = c.decode_columns(b"", arrays=True, order=["a", "b"])  # nothing stored
+    assert keys == [None, None] and math.isnan(cols[1][1]) and cols[3] == [None, None]
+
+
+def test_decode_with_order_keeps_dtypes_when_every_key_is_found():
+    c = RowCodec("int64", [Field("n", "int64"), Field("b", "bool"), Field("x", "float64"), Field("l", "list_float64")])
+    buf = b"".join(c.encode(k, {"n": k * 10, "b": k % 2 == 0, "x": k / 4, "l": [k / 2] * (k % 3)}) for k in range(5))
+    keys, (n, b, x, lst) = c.decode_columns(buf, arrays=True, order=[np.int64(4), 0, 2])
+    assert keys == [4, 0, 2] and n.dtype == np.int64 and n.tolist() == [40, 0, 20]
+    assert b.dtype == bool and b.tolist() == [True, True, True] and x.tolist() == [1.0, 0.0, 0.5]
+    assert lst == [[2.0], [], [1.0, 1.0]]  # lists of unequal lengths
+    keys, (n, b, x, lst) = c.decode_columns(buf, arrays=True, order=[1, 99])
+    assert keys == [1, None] and n.dtype == np.float64 and math.isnan(n[1]) and b.tolist() == [False, None]
+    assert lst == [[0.5], None]
+
+
+def test_decode_refuses_truncated_and_corrupt_buffers():
+    c = RowCodec("string", FIELDS)
+    a, b = c.encode("a", _row()), c.encode("b", _row(counts=[1] * 30))
+    for bad in (a + b[:1], a + b[:-1], a[:-1] + b, b[:40]):
+        with pytest.raises(ValueError, match="truncated|corrupt"):
+            c.decode_columns(bad, order=["a", "b"])
+    overrun = bytearray(a)
+    overrun[3:5] = (60_000).to_bytes(2, "little")  # the first numeric list's item count
+    with pytest.raises(ValueError, match="overrun"):
+        c.decode_columns(bytes(overrun))
+    short = (5).to_bytes(2, "little") + b"x" * 5  # a row shorter than its head
+    with pytest.raises(ValueError, match="shorter than its head"):
+        c.decode_columns(short)
