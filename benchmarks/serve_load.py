@@ -18,6 +18,7 @@ JSON lines, e.g.
 
 Usage: python benchmarks/serve_load.py [--workdir RUN] [--rates 25 50 100 150 200] [--duration 8]
        [--topologies fused split] [--variants default haproxy throughput] [--candidates 200]
+       [--max-ongoing N] [--max-queued N]
 Without --workdir it builds a small pipeline run in a temp folder (with its own MariaDB).
 """
 from __future__ import annotations
@@ -248,7 +249,8 @@ def summarise(samples: list[Sample], wall_s: float) -> dict:
 # Serving
 
 
-def start_app(wd: Workdir, topology: str, variant: str, candidates: int, replicas: int | None) -> tuple[str, object]:
+def start_app(wd: Workdir, topology: str, variant: str, candidates: int, replicas: int | None,
+              admission: dict | None = None) -> tuple[str, object]:
     """A fresh local Ray with the variant's environment, the app deployed on a free port."""
     for env in VARIANT_ENV.values():
         for k in env:
@@ -265,6 +267,7 @@ def start_app(wd: Workdir, topology: str, variant: str, candidates: int, replica
     args = {"workdir": str(wd.root), "topology": topology, "n_candidates": candidates}
     if replicas:
         args |= {"min_replicas": replicas, "max_replicas": replicas}
+    args |= admission or {}
     serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://127.0.0.1:{port}", serve
 
@@ -314,9 +317,9 @@ def in_process(wd: Workdir, payloads: Payloads, candidates: int, n: int = 200) -
 
 
 def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, rates: list[float], duration: float,
-                 candidates: int, base_p50: float, replicas: int | None) -> None:
+                 candidates: int, base_p50: float, replicas: int | None, admission: dict | None = None) -> None:
     try:
-        url, _ = start_app(wd, topology, variant, candidates, replicas)
+        url, _ = start_app(wd, topology, variant, candidates, replicas, admission)
     except Exception as e:  # noqa: BLE001 - a variant that does not start is reported, not fatal
         emit("serve_load", topology=topology, variant=variant, error=f"did not start: {type(e).__name__}: {e}")
         stop_app()
@@ -330,8 +333,9 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
             ok = row["p99_ms"] is not None and row["p99_ms"] <= TARGET_P99_MS and row["error_rate"] == 0
             held = (rate, row["achieved_rps"]) if ok else held
             ratio = row["p50_ms"] / base_p50 if row["p50_ms"] else None
-            emit("serve_load", topology=topology, variant=variant, replicas=replicas or "config", target_rps=rate, duration_s=duration,
-                 candidates=candidates, **row, held_target=ok, ratio_vs_in_process=ratio)
+            emit("serve_load", topology=topology, variant=variant, replicas=replicas or "config", target_rps=rate,
+                 duration_s=duration, candidates=candidates, **(admission or {}), **row, held_target=ok,
+                 ratio_vs_in_process=ratio)
             if row["error_rate"] > 0.5:
                 break  # far past capacity: higher rates say nothing new
         base_rate, base_achieved = held or (rates[0], None)
@@ -340,7 +344,7 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
         row = summarise(samples, wall)
         goodput = row["achieved_rps"]
         emit("serve_load", case="overload", topology=topology, variant=variant, replicas=replicas or "config",
-             offered_rps=offered,
+             **(admission or {}), offered_rps=offered,
              sustainable_rps=base_achieved, goodput_rps=goodput, share_503=row["share_503"],
              error_rate=row["error_rate"], p99_ms=row["p99_ms"],
              ratio_vs_sustainable=(goodput / base_achieved) if base_achieved else None)
@@ -358,6 +362,8 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=200)
     ap.add_argument("--replicas", type=int, nargs="+", default=[0],
                     help="replicas per deployment (fixed; 0 = the run's autoscaling config)")
+    ap.add_argument("--max-ongoing", type=int, help="max_ongoing_requests per replica (default: the run's config)")
+    ap.add_argument("--max-queued", type=int, help="max_queued_requests (default: the run's config)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="rayrec-serve-load-") as tmp:
         if a.workdir:
@@ -369,13 +375,15 @@ def main() -> None:
 
             ray.shutdown()
         payloads = Payloads(wd)
+        admission = {k: v for k, v in (("max_ongoing_requests", a.max_ongoing), ("max_queued_requests", a.max_queued))
+                     if v is not None}
         base = in_process(wd, payloads, a.candidates)
         emit("serve_load", case="in_process", candidates=a.candidates, **base)
         for variant in a.variants:
             for topology in a.topologies:
                 for replicas in a.replicas:
                     run_topology(wd, payloads, topology, variant, a.rates, a.duration, a.candidates, base["p50_ms"],
-                                 replicas or None)
+                                 replicas or None, admission)
         if not a.workdir:
             from feature_store.local_db import LocalMariaDB
 
