@@ -1,7 +1,7 @@
 """Two-tower training: throughput of the embedding paths, Ray Train scaling, and retrieval quality.
 
 Usage: python benchmarks/train_two_tower.py [--customers 4000 --articles 1500 --days 120]
-           [--steps 40] [--speed-epochs 3] [--workers 1 2] [--epochs 10] [--skip-ray] [--skip-quality]
+           [--steps 40] [--speed-epochs 3] [--workers 1 2] [--epochs 10] [--seed 0] [--skip-ray] [--skip-quality]
 
 All on the generated H&M-shaped data set (default size = the demo's), split as the pipeline does
 (train on all but the last 7 days). JSON lines:
@@ -226,7 +226,7 @@ def quality(hm, train_tx, test_tx, cutoff, arts, custs, view, cfg: TwoTowerConfi
         if model == "two_tower":
             extra = dict(epochs_run=len(res.history), best_epoch=res.best_epoch, fit_s=round(fit_s, 1),
                          recall_at_100_vs_popularity=round(s["recall@100"] / pop, 3) if pop else None,
-                         n_random_negatives=cfg.n_random_negatives, val_days=cfg.val_days)
+                         n_random_negatives=cfg.n_random_negatives, val_days=cfg.val_days, seed=cfg.seed)
         emit(BENCH, model=model, recall_at_100=s["recall@100"], recall_at_12=s["recall@12"], map_at_12=s["map@12"],
              eval_customers=len(truth), test_days=TEST_DAYS, **extra)
 
@@ -243,13 +243,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10, help="max epochs of the quality run")
     ap.add_argument("--val-days", type=int, default=0, help="quality run: hold out the last days for early stopping")
     ap.add_argument("--random-negatives", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="training seed (the data set's is fixed)")
     ap.add_argument("--eval-customers", type=int, default=5000)
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--data-dir", type=Path, default=None, help="reuse generated data here (default: a temp dir)")
     a = ap.parse_args()
 
-    cfg = TwoTowerConfig(epochs=a.epochs, val_days=a.val_days, n_random_negatives=a.random_negatives)
+    cfg = TwoTowerConfig(epochs=a.epochs, val_days=a.val_days, n_random_negatives=a.random_negatives, seed=a.seed)
     with tempfile.TemporaryDirectory(prefix="rayrec-bench-data-") as tmp:
         data_dir = a.data_dir or Path(tmp)
         hm, train_tx, test_tx, cutoff, arts, custs, view = prepare(data_dir, a.customers, a.articles, a.days,

@@ -63,7 +63,19 @@ def postal_bucket(code: Any, buckets: int = POSTAL_BUCKETS) -> np.ndarray:
     return out
 
 
+def days_on_sale(first_seen: Any, sales_day: Any) -> np.ndarray:
+    """Days from an article's first sale to the end of its sales window (`sales_day` + 1), from the
+    articles group's dates (kept current by sales events): 0 when it has not sold yet, NaN when
+    `sales_day` is unknown."""
+    first = pd.to_datetime(pd.Series(np.asarray(first_seen, dtype=object).ravel()), errors="coerce")
+    day = pd.to_datetime(pd.Series(np.asarray(sales_day, dtype=object).ravel()), errors="coerce")
+    days = (day - first).dt.days.to_numpy(dtype=np.float64, na_value=np.nan) + 1.0
+    days[first.isna().to_numpy() & day.notna().to_numpy()] = 0.0
+    return days
+
+
 ON_DEMAND_FUNCTIONS: dict[str, Callable[..., np.ndarray]] = {
+    "days_on_sale": days_on_sale,
     "age_group": age_group,
     "month_sin": month_sin,
     "month_cos": month_cos,

@@ -97,6 +97,65 @@ def article_features(
     return _with_extras(out, extras or {}).reset_index(drop=True)
 
 
+ACTIVITY_COLUMNS = ["sales_7d", "first_seen", "sales_day"]
+SNAPSHOT_DAYS = 7  # training rows see article activity as of the start of their week (see snapshot_times)
+
+
+def snapshot_times(days: pd.Series, period: int = SNAPSHOT_DAYS) -> pd.Series:
+    """The time each purchase's article activity is taken at: the start of its `period`-day block,
+    blocks counted back from the day after the last one.
+
+    A purchase then sees activity 0 to `period - 1` days old, as a week of recommendations served
+    from features (and an index) computed at its start does: the last block is a held-out week's twin.
+    """
+    day = days.dt.normalize()
+    end = day.max() + pd.Timedelta(days=1)
+    blocks = np.ceil((end - day).dt.days.to_numpy() / period).astype(np.int64)
+    return pd.Series(end - pd.to_timedelta(blocks * period, unit="D"), index=days.index)
+
+
+def article_activity(transactions: pd.DataFrame, article_ids: pd.Series | np.ndarray,
+                     as_of: pd.Series | np.ndarray) -> pd.DataFrame:
+    """Per (article_ids[i], as_of[i]): `sales_7d`, `first_seen` and `sales_day` exactly as
+    `article_features` computes them as of that time (transactions strictly before it).
+
+    The point-in-time twin of the articles group's sales columns: one row per training example
+    instead of one cut-off for the whole catalogue. Memory is linear in the transactions.
+    """
+    tx_day = transactions["t_dat"].dt.normalize().to_numpy("datetime64[D]").astype(np.int64)
+    ids = pd.Index(pd.unique(transactions["article_id"]))
+    tx_art = ids.get_indexer(transactions["article_id"])
+    order = np.lexsort((tx_day, tx_art))
+    span = int(tx_day.max() - tx_day.min() + 400) if len(tx_day) else 1  # > any day offset
+    base = int(tx_day.min()) - 200 if len(tx_day) else 0
+    keys = tx_art[order].astype(np.int64) * span + (tx_day[order] - base)
+    q_art = ids.get_indexer(np.asarray(article_ids, dtype=object))
+    q_day = pd.to_datetime(pd.Series(np.asarray(as_of))).dt.normalize().to_numpy("datetime64[D]").astype(np.int64)
+    q_off = np.clip(q_day - base, 0, span - 1)
+    q_key = np.maximum(q_art, 0).astype(np.int64) * span
+    upto = np.searchsorted(keys, q_key + q_off, side="left")  # sales strictly before as_of
+    week = np.searchsorted(keys, q_key + np.maximum(q_off - 7, 0), side="left")
+    first = np.searchsorted(keys, q_key, side="left")
+    known = (q_art >= 0) & (upto > first)
+    first_day = keys[np.minimum(first, len(keys) - 1)] - q_key + base if len(keys) else q_day
+    first_seen = np.asarray(pd.to_datetime(first_day, unit="D").strftime("%Y-%m-%d"), dtype=object)
+    first_seen[~known] = None
+    return pd.DataFrame({
+        "sales_7d": np.where(q_art >= 0, upto - week, 0).astype("int64"),
+        "first_seen": pd.Series(first_seen, dtype=object),
+        "sales_day": pd.to_datetime(q_day - 1, unit="D").strftime("%Y-%m-%d"),
+    })
+
+
+def with_activity(articles: pd.DataFrame, transactions: pd.DataFrame, as_of: pd.Timestamp) -> pd.DataFrame:
+    """`articles` with its ACTIVITY_COLUMNS recomputed as of `as_of` (e.g. a catalogue for validation)."""
+    out = articles.copy()
+    activity = article_activity(transactions, out["article_id"], np.full(len(out), pd.Timestamp(as_of)))
+    for col in ACTIVITY_COLUMNS:
+        out[col] = activity[col].to_numpy()
+    return out
+
+
 def _daily_sales(tx: pd.DataFrame, article_ids: pd.Series, end: pd.Timestamp | None) -> np.ndarray:
     """[n_articles, SALES_DAYS] sales counts, column i = the day `end - 1 - i` days."""
     out = np.zeros((len(article_ids), SALES_DAYS), dtype=np.int64)

@@ -1,9 +1,11 @@
 """Feature views: the training data that models read, joined point-in-time correctly.
 
 The retrieval view is one row per purchase: the customer's profile, the request context of
-that purchase (month, sales channel), the customer's history *before that day* and the
-article's attributes. The same columns are what serving assembles from the online store,
-so the two-tower encoder sees one feature path in training and in serving.
+that purchase (month, sales channel), the customer's history *before that day*, the
+article's attributes and its sales activity as of the start of the purchase's week
+(`features_as_of`, see `transforms.snapshot_times`). The same columns are what serving
+assembles from the online store and the index build reads from the articles group, so the
+two-tower encoder sees one feature path in training and in serving.
 """
 from __future__ import annotations
 
@@ -14,9 +16,16 @@ import pandas as pd
 from feature_store.feature_view import FeatureSelection, FeatureView
 from feature_store.on_demand import OnDemandFeature
 from feature_store.transformations import Transformation
-from feature_store.transforms import ARTICLE_CATEGORICALS, histories_before
+from feature_store.transforms import (
+    ACTIVITY_COLUMNS,
+    ARTICLE_CATEGORICALS,
+    article_activity,
+    histories_before,
+    snapshot_times,
+)
 
-RETRIEVAL_VIEW_VERSION = 1
+RETRIEVAL_VIEW_VERSION = 2  # 2: + the article's activity as of the row's week (features_as_of)
+AS_OF_COLUMN = "features_as_of"
 QUERY_COLUMNS = ["customer_id", "age", "club_member_status", "fashion_news_frequency", "FN", "Active",
                  "sales_channel_id", "month", "history"]
 ITEM_COLUMNS = ["article_id", *ARTICLE_CATEGORICALS, "price"]
@@ -35,14 +44,19 @@ def retrieval_frame(
     transactions: pd.DataFrame, customers_fg: pd.DataFrame, articles_fg: pd.DataFrame, history_len: int,
     roles: Any = None,
 ) -> pd.DataFrame:
-    """Purchases joined with customer, context, point-in-time history and article features."""
+    """Purchases joined with customer, context, point-in-time history, article attributes and the
+    article's activity (ACTIVITY_COLUMNS) as of the row's `features_as_of`."""
     query_cols, item_cols = view_columns(roles)
     spine = transactions[["t_dat", "customer_id", "article_id", "sales_channel_id"]].copy()
     spine["month"] = spine["t_dat"].dt.month.astype("int64")
     spine["history"] = histories_before(spine, history_len)
+    spine[AS_OF_COLUMN] = snapshot_times(spine["t_dat"])
+    activity = article_activity(transactions, spine["article_id"], spine[AS_OF_COLUMN])
+    for col in ACTIVITY_COLUMNS:
+        spine[col] = activity[col].to_numpy()
     out = spine.merge(customers_fg, on="customer_id", how="left", validate="many_to_one")
     out = out.merge(articles_fg[item_cols], on="article_id", how="left", validate="many_to_one")
-    return out[["t_dat", *query_cols, *item_cols]].reset_index(drop=True)
+    return out[["t_dat", *query_cols, *item_cols, AS_OF_COLUMN, *ACTIVITY_COLUMNS]].reset_index(drop=True)
 
 
 def query_frame(

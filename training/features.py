@@ -7,7 +7,8 @@ maps to row 0 instead of failing, and the trainer drops some ids to 0 so that ro
 sensible "anonymous" embedding.
 
 The features are the vocab's `query_features` / `item_features`: H&M's (QUERY_CATEGORICALS,
-ITEM_CATEGORICALS) or those a dataset config declares (`dataset_features`).
+ITEM_CATEGORICALS, the last two of which are the article's sales activity: ACTIVITY_FEATURES) or
+those a dataset config declares (`dataset_features`).
 Encoded query dict: one int64 array per query feature, the jagged history as
 `hist_values` (int64, flat, article indices, most recent first) + `hist_lengths` (int32), and
 `dense` (float32, [n, N_QUERY_DENSE]: month sin/cos). Encoded item dict: one int64 array per item
@@ -30,6 +31,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from feature_store.on_demand import days_on_sale
+
 VOCAB_FORMAT = 2  # 2: the feature lists travel in the file (1: H&M, still read)
 
 # Input columns, as delivered by the feature store (see the retrieval training frame contract).
@@ -45,7 +48,7 @@ ITEM_ATTRIBUTE_COLUMNS = [
     "department_name",
     "graphical_appearance_name",
 ]
-ITEM_COLUMNS = ["article_id", *ITEM_ATTRIBUTE_COLUMNS, "price"]
+ITEM_COLUMNS = ["article_id", *ITEM_ATTRIBUTE_COLUMNS, "price", "sales_7d", "first_seen", "sales_day"]
 
 # Encoded categorical feature names, in model order. Most equal their column; age and price are bucketed.
 QUERY_CATEGORICALS = [
@@ -57,7 +60,7 @@ QUERY_CATEGORICALS = [
     "Active",
     "sales_channel_id",
 ]
-ITEM_CATEGORICALS = ["article_id", *ITEM_ATTRIBUTE_COLUMNS, "price_bucket"]
+ITEM_CATEGORICALS = ["article_id", *ITEM_ATTRIBUTE_COLUMNS, "price_bucket", "sales_7d_bucket", "days_on_sale_bucket"]
 HIST_VALUES = "hist_values"
 HIST_LENGTHS = "hist_lengths"
 DENSE = "dense"
@@ -66,7 +69,8 @@ Q_CAT, Q_HIST, Q_HIST_LEN, Q_DENSE, I_CAT = "q_cat", "q_hist", "q_hist_len", "q_
 
 # How each encoded feature is computed from its column: "string" (learned vocabulary), "age" /
 # "price" (the H&M fixed age edges / price quantiles), "bucket" (quantile edges of a declared numeric
-# column), "flag" (0 missing, 1 == 1.0, 2 other) and "channel" (the sales channel codes).
+# column), "flag" (0 missing, 1 == 1.0, 2 other), "channel" (the sales channel codes), "count" /
+# "days" (fixed roughly logarithmic edges: COUNT_EDGES, DAY_EDGES).
 # (feature name, input column, kind); the id comes first in each tower (the trainer relies on it).
 FeatureSpec = tuple[str, str, str]
 Frame = pd.DataFrame | Mapping[str, Sequence[Any]]  # rows as a DataFrame, or columns as lists
@@ -79,16 +83,27 @@ HM_QUERY_FEATURES: list[FeatureSpec] = [
     ("Active", "Active", "flag"),
     ("sales_channel_id", "sales_channel_id", "channel"),
 ]
-HM_ITEM_FEATURES: list[FeatureSpec] = [
+HM_ITEM_FEATURES_V1: list[FeatureSpec] = [  # vocab format 1 (no feature lists in the file)
     ("article_id", "article_id", "string"),
     *((c, c, "string") for c in ITEM_ATTRIBUTE_COLUMNS),
     ("price_bucket", "price", "price"),
 ]
+# The article's recent sales and time on sale, as of when the item is embedded: the popularity that
+# drifts week to week (new articles take off, old ones fade) which the static id embedding averages
+# away. Training rows carry them as of the start of their week (feature_store.views); the trainer then
+# draws in-batch negatives from the same week only (training.two_tower.groups).
+ACTIVITY_FEATURES: list[FeatureSpec] = [
+    ("sales_7d_bucket", "sales_7d", "count"),
+    ("days_on_sale_bucket", "days_on_sale", "days"),
+]
+HM_ITEM_FEATURES: list[FeatureSpec] = [*HM_ITEM_FEATURES_V1, *ACTIVITY_FEATURES]
 _SOURCE = {"customer_id": "customers", "article_id": "articles"}
 DEFAULT_AGE_EDGES = [20.0, 25.0, 30.0, 35.0, 40.0, 45.0, 50.0, 55.0, 60.0]
 SALES_CHANNELS = [1, 2]
 _FLAG_SIZE = 3  # FN / Active: 0 missing, 1 == 1.0, 2 any other value
 N_NUMERIC_BUCKETS = 10
+COUNT_EDGES = [float(2**k) for k in range(13)]  # 0 | 1 | 2-3 | 4-7 | ... | >= 4096
+DAY_EDGES = [1.0, 3.0, 7.0, 14.0, 21.0, 28.0, 42.0, 56.0, 84.0, 112.0, 182.0, 365.0]  # 0: not sold yet
 
 
 def dataset_features(roles: Any) -> tuple[list[FeatureSpec], list[FeatureSpec]]:
@@ -188,7 +203,7 @@ class FeatureVocab:
             price_edges=[float(x) for x in raw["price_edges"]],
             sales_channels=[int(x) for x in raw["sales_channels"]],
             query_features=[tuple(f) for f in raw.get("query_features", HM_QUERY_FEATURES)],  # type: ignore[misc]
-            item_features=[tuple(f) for f in raw.get("item_features", HM_ITEM_FEATURES)],  # type: ignore[misc]
+            item_features=[tuple(f) for f in raw.get("item_features", HM_ITEM_FEATURES_V1)],  # type: ignore[misc]
             numeric_edges={k: [float(x) for x in v] for k, v in raw.get("numeric_edges", {}).items()},
         )
 
@@ -204,10 +219,12 @@ class FeatureVocab:
             "channel": len(self.sales_channels) + 1,
             "flag": _FLAG_SIZE,
             "bucket": len(self.numeric_edges.get(feature, [])) + 2,
+            "count": len(COUNT_EDGES) + 2,
+            "days": len(DAY_EDGES) + 2,
         }
         if kind is None:  # the H&M names, for vocabs built by hand
             kind = {"age_bucket": "age", "price_bucket": "price", "sales_channel_id": "channel", "FN": "flag",
-                    "Active": "flag"}[feature]
+                    "Active": "flag", "sales_7d_bucket": "count", "days_on_sale_bucket": "days"}[feature]
         return sizes[kind]
 
     @property
@@ -223,6 +240,11 @@ class FeatureVocab:
 
     def item_cardinalities(self) -> dict[str, int]:
         return {f: self.cardinality(f) for f in self.item_names}
+
+    @property
+    def reads_activity(self) -> bool:
+        """Whether the item tower reads time-dependent activity (ACTIVITY_FEATURES)."""
+        return any(f in self.item_features for f in ACTIVITY_FEATURES)
 
     @property
     def n_articles(self) -> int:
@@ -260,6 +282,10 @@ class FeatureVocab:
             return _bucketize(values, self.price_edges)
         if kind == "bucket":
             return _bucketize(values, self.numeric_edges.get(name, []))
+        if kind == "count":
+            return _bucketize(values, COUNT_EDGES)
+        if kind == "days":
+            return _bucketize(values, DAY_EDGES)
         if kind == "flag":
             return _flag(values)
         if kind == "channel":
@@ -369,10 +395,15 @@ def pad_history(values: np.ndarray, lengths: np.ndarray, history_len: int) -> np
 
 # -- helpers --------------------------------------------------------------------------------------
 def _col(frame: Frame, col: str, n: int) -> pd.Series | list[Any]:
-    """A column, or an all-missing one so callers can omit optional context (e.g. sales channel)."""
-    if isinstance(frame, pd.DataFrame):
-        return frame[col] if col in frame.columns else pd.Series([np.nan] * n, index=frame.index)
-    return list(frame[col]) if col in frame else [None] * n
+    """A column, one derived from the articles group's columns (days_on_sale), or an all-missing one
+    so callers can omit optional context (e.g. sales channel)."""
+    if not isinstance(frame, pd.DataFrame):
+        return list(frame[col]) if col in frame else [None] * n
+    if col in frame.columns:
+        return frame[col]
+    if col == "days_on_sale" and "first_seen" in frame.columns:
+        return pd.Series(days_on_sale(frame["first_seen"], _col(frame, "sales_day", n)), index=frame.index)
+    return pd.Series([np.nan] * n, index=frame.index)
 
 
 def _has(frame: Frame, col: str) -> bool:

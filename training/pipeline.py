@@ -126,6 +126,13 @@ def main_channel(tx: pd.DataFrame) -> dict[str, int]:
     return tx.groupby("customer_id")["sales_channel_id"].agg(lambda s: int(s.mode().iloc[0])).to_dict()
 
 
+def item_vectors(model_dir: Path, articles: pd.DataFrame, item_ids: list[str]) -> np.ndarray:
+    """The item tower's vectors of `item_ids` from an articles frame, i.e. with its features as of the
+    frame's time (the index holds them as of the end of the data)."""
+    tower, vocab = load_item_tower(model_dir)
+    return tower.embed(encode_items(vocab, articles.set_index("article_id").loc[item_ids].reset_index()))
+
+
 def retrieve(
     model_dir: Path, item_ids: list[str], item_vecs: np.ndarray, customers_fg: pd.DataFrame,
     history: pd.DataFrame, customer_ids: list[str], month: int, channel: dict[str, int], k: int, history_len: int,
@@ -193,6 +200,8 @@ def run_pipeline(
     pop = popular_articles(train_tx, frames["customers"])
     manifest.models["popularity"] = wd.relative(save_popularity(pop, wd.popularity_path))
     item_ids, item_vecs = ItemIndex(built.uri, built.table, built.version).vectors()
+    if split.as_of is not None:  # the index embeds today's article activity; the test week must not see it
+        item_vecs = item_vectors(wd.two_tower_dir, arts_cut, item_ids)
     channel = main_channel(train_tx)
     with step("ranker (CatBoost on retrieval candidates)"):
         ranker = train_ranker(cfg, wd, raw, train_tx, frames["customers"], item_ids, item_vecs, channel)
@@ -233,8 +242,7 @@ def train_ranker(cfg, wd, raw: Raw, train_tx, customers_fg, item_ids, item_vecs,
             view = retrieval_frame(before, customers_fg, arts, cfg.two_tower.history_len, raw.roles)
             train_two_tower(view, arts, customers_fg, cfg.two_tower, model_dir,
                             checkpoint_location(cfg, wd, "train_ranker_retrieval"), roles=raw.roles)
-            item_tower, item_vocab = load_item_tower(model_dir)
-            vecs = item_tower.embed(encode_items(item_vocab, arts.set_index("article_id").loc[item_ids].reset_index()))
+            vecs = item_vectors(model_dir, arts, item_ids)
     tower, vocab = load_query_tower(model_dir)
 
     def candidates(cids: list[str], hist: pd.DataFrame, as_of: pd.Timestamp):

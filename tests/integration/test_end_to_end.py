@@ -12,6 +12,7 @@ from common.config import load_config
 from common.workdir import Workdir
 from feature_store.online.mysql import MySQLOnlineStore
 from feature_store.sources import FILES, generate
+from feature_store.views import RETRIEVAL_VIEW_VERSION
 
 pytestmark = pytest.mark.integration
 PASSWORD_ENV = "RAYREC_E2E_DB_PASSWORD"
@@ -80,7 +81,7 @@ def test_pipeline_outputs(served):
     assert metrics["n_eval_customers"] > 0
     assert metrics["comparison"]["best_baseline"] in metrics["models"]
     # no leakage: the retrieval training data ends before the held-out week, on the actual files
-    view = pd.read_parquet(wd.views_dir / "retrieval" / "v1" / "train.parquet")
+    view = pd.read_parquet(wd.views_dir / "retrieval" / f"v{RETRIEVAL_VIEW_VERSION}" / "train.parquet")
     cutoff = pd.Timestamp(metrics["protocol"]["cutoff"])
     assert view["t_dat"].max() < cutoff
     tx = pd.read_csv(wd.data_dir / FILES["transactions"], dtype=str, parse_dates=["t_dat"])

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from common.config import TwoTowerConfig
+from feature_store.views import AS_OF_COLUMN
 from training.features import ITEM_ATTRIBUTE_COLUMNS, encode_items, encode_queries
 from training.two_tower.model import (
     ITEM_TOWER_FILE,
@@ -102,4 +103,25 @@ def test_two_workers_survive_a_worker_failure_and_resume(ray_cluster, tmp_path: 
     failed_at = marker.stat().st_mtime
     # epoch 1 was trained before the failure and not again; epochs 2-3 after the restart
     assert result.history[0]["finished_at"] < failed_at < result.history[1]["finished_at"]
+    _check_exported_towers(result, out_dir, frame, articles, cfg)
+
+
+def test_two_workers_train_time_grouped_batches(ray_cluster, tmp_path: Path):
+    """Rows featurised at four weekly snapshots (the article activity the item tower reads): every
+    block and batch holds one snapshot, the two ranks stop together although their batch counts may
+    differ, and the random negatives get their batch's snapshot's activity."""
+    frame, articles, customers = tiny_frames()
+    rng = np.random.default_rng(1)
+    week = rng.integers(0, 4, len(frame))
+    frame["t_dat"] = pd.Timestamp("2020-01-01") + pd.to_timedelta(7 * week + rng.integers(0, 7, len(frame)), unit="D")
+    frame[AS_OF_COLUMN] = pd.Timestamp("2020-01-01") + pd.to_timedelta(7 * week, unit="D")
+    frame["sales_7d"] = rng.integers(0, 20, len(frame))
+    frame["first_seen"] = "2019-12-01"
+    frame["sales_day"] = (frame[AS_OF_COLUMN] - pd.Timedelta(days=1)).dt.strftime("%Y-%m-%d")
+    cfg = TwoTowerConfig(embedding_dim=8, output_dim=8, hidden_dims=[16], history_len=3, batch_size=32,
+                         epochs=2, num_workers=2, n_random_negatives=4, early_stopping_patience=0)
+    out_dir = tmp_path / "model"
+    result = train_two_tower(frame, articles, customers, cfg, out_dir, tmp_path / "ray")
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert all(np.isfinite(h["train_loss"]) for h in result.history)
     _check_exported_towers(result, out_dir, frame, articles, cfg)

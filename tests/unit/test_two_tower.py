@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,13 @@ import pytest
 import torch
 
 from common.config import TwoTowerConfig
+from feature_store.transforms import article_features, with_activity
+from feature_store.views import AS_OF_COLUMN, retrieval_frame
 from training.features import (
+    ACTIVITY_FEATURES,
     HIST_LENGTHS,
     HIST_VALUES,
+    HM_ITEM_FEATURES_V1,
     I_CAT,
     ITEM_ATTRIBUTE_COLUMNS,
     ITEM_CATEGORICALS,
@@ -30,6 +35,7 @@ from training.features import (
     from_fixed_width,
     take_rows,
 )
+from training.two_tower.groups import GROUP, SAMPLE_PROB
 from training.two_tower.model import (
     ITEM_TOWER_FILE,
     QUERY_TOWER_FILE,
@@ -47,6 +53,7 @@ from training.two_tower.train import (
     best_epoch,
     build_loop_config,
     encode_training_data,
+    fit_vocab,
     local_batches,
     progress_line,
     recall_at_k,
@@ -419,3 +426,101 @@ def test_table_wise_needs_a_process_group(data):
     columns, side = encode_training_data(vocab, frame, articles, cfg)
     with pytest.raises(ValueError, match="needs a torch.distributed process group"):
         train_local(build_loop_config(vocab, cfg, progress=False), columns, side)
+
+
+# -- article activity and time-grouped training ---------------------------------------------------------
+def test_activity_features_encode_from_the_articles_group_columns(data):
+    _, _, _, vocab = data
+    frame = pd.DataFrame({"article_id": ["x"] * 4, "sales_7d": [0, 1, 37, None],
+                          "first_seen": ["2020-01-01", None, "2020-01-20", None],
+                          "sales_day": ["2020-01-21", "2020-01-21", "2020-01-21", None]})
+    enc = encode_items(vocab, frame)
+    assert enc["sales_7d_bucket"].tolist() == [1, 2, 7, 0]  # 0 | 1 | 32-63 | unknown
+    assert enc["days_on_sale_bucket"].tolist() == [6, 1, 2, 0]  # 21-27 days | not sold yet | 1-2 | unknown
+    assert vocab.reads_activity and vocab.cardinality("sales_7d_bucket") == enc["sales_7d_bucket"].max() + 8
+
+
+def test_a_format_1_vocab_keeps_the_item_features_of_its_time(data, tmp_path: Path):
+    _, _, _, vocab = data
+    path = vocab.save(tmp_path / "vocab.json")
+    raw = json.loads(path.read_text())
+    for k in ("query_features", "item_features"):
+        del raw[k]
+    path.write_text(json.dumps({**raw, "format": 1}))
+    assert FeatureVocab.load(path).item_features == HM_ITEM_FEATURES_V1
+
+
+def hot_cohorts(weeks: int = 8, per_cohort: int = 8, buys: int = 300, seed: int = 0):
+    """Articles arrive in weekly cohorts; a week's buyers mostly (60%) pick last week's arrivals, the
+    rest this week's or any older one. Which articles are hot changes every week and shows only in
+    their recent sales."""
+    rng = np.random.default_rng(seed)
+    n_art = weeks * per_cohort
+    articles = pd.DataFrame({"article_id": [f"{i:010d}" for i in range(n_art)]})
+    for col in ITEM_ATTRIBUTE_COLUMNS:
+        articles[col] = "x"
+    articles["prod_name"], articles["detail_desc"], articles["price"] = "x", "x", 0.01
+    customers = pd.DataFrame({"customer_id": [f"c{i:03d}" for i in range(100)], "age": 30.0,
+                              "club_member_status": "ACTIVE", "fashion_news_frequency": None, "FN": 1.0, "Active": 1.0})
+    rows = []
+    for w in range(weeks):
+        u = rng.random(buys)
+        cohort = np.where((u < 0.6) & (w > 0), w - 1, np.where(u < 0.8, w, rng.integers(0, w + 1, buys)))
+        art = cohort * per_cohort + rng.integers(0, per_cohort, buys)
+        days = pd.Timestamp("2020-01-01") + pd.to_timedelta(7 * w + rng.integers(0, 7, buys), unit="D")
+        rows.append(pd.DataFrame({"t_dat": days, "customer_id": rng.choice(customers["customer_id"], buys),
+                                  "article_id": articles["article_id"].to_numpy()[art]}))
+    tx = pd.concat(rows).sort_values("t_dat", kind="stable").reset_index(drop=True)
+    tx["price"], tx["sales_channel_id"] = 0.01, 1
+    view = retrieval_frame(tx, customers, article_features(articles, tx, None), CFG.history_len)
+    return view, articles, customers
+
+
+def test_time_grouped_batches_hold_one_snapshot_and_its_sampling_probabilities():
+    view, articles, customers = hot_cohorts(weeks=3)
+    vocab = fit_vocab(view, articles, customers)
+    columns, _ = encode_training_data(vocab, view, articles, CFG)
+    assert GROUP in columns and SAMPLE_PROB in columns
+    for batch in local_batches(columns, CFG.batch_size, 0)(0):
+        groups = batch[GROUP].unique()
+        assert len(groups) == 1 and len(batch[GROUP]) <= 1.5 * CFG.batch_size
+    week = view[AS_OF_COLUMN] == view[AS_OF_COLUMN].iloc[-1]
+    share = view.loc[week, "article_id"].value_counts(normalize=True)
+    np.testing.assert_allclose(columns[SAMPLE_PROB][week.to_numpy()],
+                               share.loc[view.loc[week, "article_id"]].to_numpy(), rtol=1e-6)
+    never = fit_vocab(view.iloc[:10], articles, customers)  # articles not bought in training: the unknown row
+    assert (never.lookup("article_id", articles["article_id"]) == 0).sum() == len(articles) - view.iloc[
+        :10]["article_id"].nunique()
+
+
+def test_article_activity_finds_this_weeks_hot_articles():
+    """Validated on the last week, whose hot articles (last week's arrivals) are not those that sold
+    most so far: their days on sale carry the signal. Without the activity features the same model
+    can only rank by what sold before."""
+    view, articles, customers = hot_cohorts()
+    last = view["t_dat"] >= view[AS_OF_COLUMN].max()
+    cfg = CFG.model_copy(update={"epochs": 6, "val_k": 8, "early_stopping_patience": 0})
+    recalls = {}
+    for activity in (True, False):
+        vocab = fit_vocab(view[~last], articles, customers)
+        if not activity:
+            vocab.item_features = list(HM_ITEM_FEATURES_V1)
+        columns, side = encode_training_data(vocab, view[~last], articles, cfg, view[last])
+        assert (GROUP in columns) is activity
+        _, history = train_local(build_loop_config(vocab, cfg, progress=False, threads=1), columns, side)
+        recalls[activity] = history[-1]["val_recall"]
+    assert recalls[True] > 0.5 and recalls[True] > recalls[False] + 0.2, recalls
+
+
+def test_random_negatives_of_a_time_grouped_batch_carry_its_snapshots_activity():
+    view, articles, customers = hot_cohorts(weeks=3)
+    vocab = fit_vocab(view, articles, customers)
+    cfg = CFG.model_copy(update={"epochs": 1, "n_random_negatives": 8})
+    columns, side = encode_training_data(vocab, view, articles, cfg)
+    groups = side.groups
+    assert groups is not None and groups.activity.shape == (3, len(articles), 2)
+    first_week = with_activity(articles, view, pd.Timestamp(int(groups.days[0]), unit="D"))
+    assert groups.activity[0, :, 0].tolist() == vocab.encode_feature(ACTIVITY_FEATURES[0], first_week).tolist()
+    np.testing.assert_allclose(groups.probs.sum(axis=1), 1.0, rtol=1e-5)  # each week's shares
+    _, history = train_local(build_loop_config(vocab, cfg, progress=False, threads=1), columns, side)
+    assert np.isfinite(history[0]["train_loss"])

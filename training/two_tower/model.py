@@ -295,8 +295,12 @@ def candidate_log_q(
     B * p_j + K / n_catalog times. Without extra negatives this is log p_j + log B: the plain
     logQ correction up to a constant, which the softmax ignores.
     """
-    expected = batch_size * probs[ids] + (n_random / max(n_catalog, 1))
-    return torch.log(expected)
+    return mixed_log_q(probs[ids], batch_size, n_random, n_catalog)
+
+
+def mixed_log_q(p: torch.Tensor, batch_size: int, n_random: int = 0, n_catalog: int = 1) -> torch.Tensor:
+    """`candidate_log_q` from each column's own in-batch probability `p` (e.g. per time group)."""
+    return torch.log(batch_size * p.to(torch.float32) + (n_random / max(n_catalog, 1)))
 
 
 # -- export -------------------------------------------------------------------------------------------

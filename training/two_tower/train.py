@@ -15,6 +15,11 @@ with the same `run_name` resumes where the run stopped, and with validation data
 after `early_stopping_patience` epochs without a better recall; the best epoch's checkpoint is the
 one exported.
 
+When the item tower reads article activity (recent sales, days on sale) the training rows carry a
+snapshot time (`features_as_of`) and every batch holds rows of one snapshot: blocks are built per
+snapshot, each worker cuts its blocks into batches, and ranks stop an epoch together
+(`training.two_tower.groups`).
+
 Sharding (`TwoTowerConfig.sharding`): data-parallel (DDP: every worker holds every table) is the
 CPU default; "table_wise" (and "auto" on GPU) wrap the model in TorchRec's
 DistributedModelParallel, which places whole tables on workers (CPU has no row-wise kernels).
@@ -48,6 +53,7 @@ import torch.distributed as dist
 
 from common.config import TwoTowerConfig
 from common.locations import is_uri
+from feature_store.transforms import with_activity
 from training.features import (
     I_CAT,
     ITEM_CATEGORICALS,
@@ -62,12 +68,26 @@ from training.features import (
     fixed_width_items,
     fixed_width_queries,
 )
+from training.two_tower.groups import (
+    BLOCK_BATCHES,
+    GROUP,
+    SAMPLE_PROB,
+    GroupTables,
+    activity_codes,
+    activity_positions,
+    group_columns,
+    grouped_chunks,
+    is_time_grouped,
+    lockstep,
+    split_block,
+)
 from training.two_tower.model import (
     ItemTower,
     QueryTower,
     TwoTower,
     candidate_log_q,
     in_batch_softmax_loss,
+    mixed_log_q,
     save_towers,
     tower_kwargs,
 )
@@ -102,6 +122,7 @@ class SideData:
     probs: np.ndarray  # in-batch sampling probability per article row (training popularity)
     val_q: dict[str, np.ndarray] | None = None  # encoded validation queries
     val_target: np.ndarray | None = None  # article row each validation query bought
+    groups: GroupTables | None = None  # time-grouped batches (see training.two_tower.groups)
 
 
 # -- encoding ---------------------------------------------------------------------------------------
@@ -127,7 +148,10 @@ def encode_training_data(
     cfg: TwoTowerConfig,
     val_frame: pd.DataFrame | None = None,
 ) -> tuple[dict[str, np.ndarray], SideData]:
-    """Fixed-width training columns, plus the catalogue, sampling probabilities and validation set."""
+    """Fixed-width training columns, plus the catalogue, sampling probabilities and validation set.
+
+    Time-grouped (`groups.is_time_grouped`): GROUP and SAMPLE_PROB columns too, and the catalogue's
+    activity as of the end of the training rows (validation sees the catalogue as it was then)."""
     q = encode_queries(vocab, train_frame, cfg.history_len)
     i = encode_items(vocab, train_frame)
     columns = {**fixed_width_queries(q, cfg.history_len), **fixed_width_items(i)}
@@ -136,6 +160,10 @@ def encode_training_data(
         catalog=encode_items(vocab, articles_frame),
         probs=(np.maximum(counts, 1.0) / max(len(train_frame), 1)).astype(np.float32),  # unseen: finite
     )
+    if is_time_grouped(vocab, train_frame):
+        end = train_frame["t_dat"].max().normalize() + pd.Timedelta(days=1)
+        side.catalog = encode_items(vocab, with_activity(articles_frame, train_frame, end))
+        columns.update(_time_groups(vocab, train_frame, i["article_id"], articles_frame, side, cfg))
     if val_frame is not None and len(val_frame):
         if len(val_frame) > cfg.val_max_rows:
             val_frame = val_frame.sample(n=cfg.val_max_rows, random_state=cfg.seed)
@@ -144,29 +172,53 @@ def encode_training_data(
     return columns, side
 
 
-def to_dataset(columns: dict[str, np.ndarray], min_block_rows: int) -> ray.data.Dataset:
-    """Fixed-width columns as an in-memory Ray Dataset (2-D columns as Ray's tensor extension)."""
+def _time_groups(vocab: FeatureVocab, frame: pd.DataFrame, article_codes: np.ndarray, articles_frame: pd.DataFrame,
+                 side: SideData, cfg: TwoTowerConfig) -> dict[str, np.ndarray]:
+    """GROUP / SAMPLE_PROB columns; with random negatives also each snapshot's catalogue tables."""
+    columns, days, shares = group_columns(frame, article_codes, vocab.n_articles)
+    if cfg.n_random_negatives:
+        snapshots = (with_activity(articles_frame, frame, pd.Timestamp(int(d), unit="D")) for d in days)
+        side.groups = GroupTables(days=days, probs=shares[:, side.catalog["article_id"]],
+                                  activity=activity_codes(vocab, snapshots), activity_cols=activity_positions(vocab))
+    return columns
+
+
+def to_dataset(columns: dict[str, np.ndarray], min_block_rows: int, seed: int = 0) -> ray.data.Dataset:
+    """Fixed-width columns as an in-memory Ray Dataset (2-D columns as Ray's tensor extension).
+
+    With a GROUP column every block holds rows of one group (BLOCK_BATCHES batches at most), so a
+    worker can cut one-group batches from each block it receives."""
     import pyarrow as pa
     from ray.data.extensions import ArrowTensorArray
 
     n = len(columns[Q_HIST_LEN])
     rows = max(min_block_rows, math.ceil(n / MAX_BLOCKS), 1)
+    if GROUP in columns:
+        chunks = grouped_chunks(columns[GROUP], max(rows, BLOCK_BATCHES * min_block_rows),
+                                np.random.default_rng(seed))
+    else:
+        chunks = [np.arange(s, min(s + rows, n)) for s in range(0, n, rows)]
     tables = [
-        pa.table({k: ArrowTensorArray.from_numpy(v[s : s + rows]) if v.ndim > 1 else pa.array(v[s : s + rows])
+        pa.table({k: ArrowTensorArray.from_numpy(v[idx]) if v.ndim > 1 else pa.array(v[idx])
                   for k, v in columns.items()})
-        for s in range(0, n, rows)
+        for idx in chunks
     ]
     return ray.data.from_arrow(tables)
 
 
 def local_batches(columns: dict[str, np.ndarray], batch_size: int, seed: int) -> Callable[[int], Iterator[Batch]]:
-    """The in-process stand-in for a dataset shard: a seeded permutation per epoch."""
+    """The in-process stand-in for a dataset shard: a seeded permutation per epoch (one-group
+    batches in random order when there is a GROUP column)."""
     n = len(columns[Q_HIST_LEN])
 
     def epoch_batches(epoch: int) -> Iterator[Batch]:
-        order = np.random.default_rng([seed, epoch]).permutation(n)
-        for s in range(0, n, batch_size):
-            idx = order[s : s + batch_size]
+        rng = np.random.default_rng([seed, epoch])
+        if GROUP in columns:
+            chunks = grouped_chunks(columns[GROUP], batch_size, rng)
+        else:
+            order = rng.permutation(n)
+            chunks = [order[s : s + batch_size] for s in range(0, n, batch_size)]
+        for idx in chunks:
             yield {k: torch.from_numpy(v[idx]) for k, v in columns.items()}
 
     return epoch_batches
@@ -392,7 +444,8 @@ def run_training(
     catalog_cat = torch.from_numpy(fixed_width_items(side.catalog)[I_CAT]).to(run.device)
     catalog_cat = catalog_cat[catalog_cat[:, ART_COL] > 0]
     probs = torch.from_numpy(side.probs).to(run.device) if config.get("log_q", True) else None
-    step = TrainStep(cfg, float(config.get("id_dropout", DEFAULT_ID_DROPOUT)), probs, catalog_cat, run)
+    step = TrainStep(cfg, float(config.get("id_dropout", DEFAULT_ID_DROPOUT)), probs, catalog_cat, run,
+                     _known_rows(side))
     for epoch in range(len(history), cfg.epochs):
         if should_stop(history, cfg.early_stopping_patience):
             break  # a resumed run that had already stopped
@@ -401,7 +454,10 @@ def run_training(
         t0 = time.perf_counter()
         loss_sum, steps, rows = 0.0, 0, 0
         trainable.net.train()
-        for batch in epoch_batches(epoch):
+        batches = epoch_batches(epoch)
+        if config.get("time_grouped") and run.world_size > 1 and dist.is_initialized():
+            batches = lockstep(batches, run.device)
+        for batch in batches:
             loss_sum += step(trainable, batch)
             steps, rows = steps + 1, rows + len(batch[Q_HIST_LEN])
         train_s = time.perf_counter() - t0
@@ -429,16 +485,32 @@ def run_training(
     return model, history
 
 
+def _known_rows(side: SideData) -> GroupTables | None:
+    """The group tables restricted to the catalogue rows random negatives are drawn from (known ids)."""
+    if side.groups is None:
+        return None
+    known = side.catalog["article_id"] > 0
+    g = side.groups
+    return GroupTables(g.days, g.probs[:, known], g.activity[:, known], g.activity_cols)
+
+
 class TrainStep:
-    """One optimisation step on a fixed-width batch (+ optional random catalogue negatives)."""
+    """One optimisation step on a fixed-width batch (+ optional random catalogue negatives).
+
+    A time-grouped batch (GROUP / SAMPLE_PROB columns) is corrected with its rows' own sampling
+    probabilities, and its random negatives get their activity as of the batch's snapshot (`groups`)."""
 
     def __init__(
         self, cfg: TwoTowerConfig, id_dropout: float, probs: torch.Tensor | None, catalog_cat: torch.Tensor,
-        run: RunContext,
+        run: RunContext, groups: GroupTables | None = None,
     ) -> None:
         self.cfg, self.id_dropout, self.probs, self.catalog_cat = cfg, id_dropout, probs, catalog_cat
         self.rank = run.rank
         self.gen = torch.Generator(device=run.device)
+        self.groups = groups
+        if groups is not None:
+            self.group_probs = torch.from_numpy(groups.probs).to(run.device)
+            self.group_activity = torch.from_numpy(groups.activity).to(run.device)
 
     def start_epoch(self, epoch: int) -> None:
         """Reseed per (epoch, rank), so a run resumed from a checkpoint draws what it would have drawn."""
@@ -448,9 +520,15 @@ class TrainStep:
         dev = tr.device
         q_cat, i_cat = batch[Q_CAT].to(dev), batch[I_CAT].to(dev)
         n_neg = self.cfg.n_random_negatives
+        pick, group = None, None
         if n_neg:
             pick = torch.randint(len(self.catalog_cat), (n_neg,), generator=self.gen, device=dev)
-            i_cat = torch.cat([i_cat, self.catalog_cat[pick]])
+            extra = self.catalog_cat[pick]
+            if self.groups is not None and GROUP in batch:
+                group = self.groups.index_of(int(batch[GROUP][0]))
+                extra = extra.clone()
+                extra[:, self.groups.activity_cols] = self.group_activity[group][pick]
+            i_cat = torch.cat([i_cat, extra])
         item_ids = i_cat[:, ART_COL]  # true ids: masking and logQ ignore the id dropout below
         q_in, i_in = q_cat, i_cat
         if self.id_dropout > 0:  # some ids go to the unknown row 0, so cold customers/articles get a trained row
@@ -461,14 +539,25 @@ class TrainStep:
                                              batch[Q_DENSE].to(dev)),
             *towers.item_tower.batch_inputs(i_in),
         )
-        log_q = None
-        if self.probs is not None:
-            log_q = candidate_log_q(self.probs, item_ids, len(q_cat), n_neg, len(self.catalog_cat))
+        log_q = self._log_q(batch, item_ids, len(q_cat), pick, group) if self.probs is not None else None
         loss = in_batch_softmax_loss(q, i, item_ids, self.cfg.temperature, log_q)
         tr.opt.zero_grad(set_to_none=True)
         loss.backward()
         tr.opt.step()
         return float(loss.detach())
+
+    def _log_q(self, batch: Batch, item_ids: torch.Tensor, b: int, pick: torch.Tensor | None,
+               group: int | None) -> torch.Tensor:
+        """Per candidate column: global popularity, or the batch rows' SAMPLE_PROB (time-grouped)."""
+        n_neg, n_cat = self.cfg.n_random_negatives, len(self.catalog_cat)
+        if SAMPLE_PROB not in batch:
+            assert self.probs is not None
+            return candidate_log_q(self.probs, item_ids, b, n_neg, n_cat)
+        p = batch[SAMPLE_PROB].to(item_ids.device)
+        if pick is not None:
+            extra = self.group_probs[group][pick] if group is not None else torch.zeros(len(pick), device=p.device)
+            p = torch.cat([p, extra.to(p.dtype)])
+        return mixed_log_q(p, b, n_neg, n_cat)
 
     def _drop(self, cat: torch.Tensor, col: int, rows: int | None = None) -> torch.Tensor:
         n = rows if rows is not None else len(cat)
@@ -555,6 +644,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     queue = config.get("progress_queue")
 
     def epoch_batches(epoch: int) -> Iterable[Batch]:
+        if config.get("time_grouped"):  # one-group blocks, cut into one-group batches here
+            rng = np.random.default_rng([cfg.seed, epoch, rank])
+            blocks = shard.iter_torch_batches(batch_size=None, device=device)
+            return (b for block in blocks for b in split_block(block, cfg.batch_size, rng))
         return shard.iter_torch_batches(
             batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.shuffle_buffer_rows or None,
             local_shuffle_seed=cfg.seed * 10_000 + epoch * 100 + rank, device=device,
@@ -603,6 +696,16 @@ def build_loop_config(
         "cfg": cfg.model_dump(), "query_kwargs": q_kwargs, "item_kwargs": i_kwargs, "log_q": log_q,
         "id_dropout": id_dropout, "progress": progress, "threads": threads,
     }
+
+
+def fit_vocab(train_frame: pd.DataFrame, articles_frame: pd.DataFrame, customers_frame: pd.DataFrame,
+              roles: Any = None) -> FeatureVocab:
+    """The vocab of the articles the training rows bought: an article never bought in training (and
+    an attribute value only such articles have) maps to the unknown row 0, which id dropout trains,
+    instead of a row left at its random initialisation."""
+    channels = None if roles is None or roles.is_hm else train_frame["sales_channel_id"].dropna().unique()
+    bought = articles_frame[articles_frame["article_id"].isin(train_frame["article_id"])]
+    return FeatureVocab.fit(bought, customers_frame, roles=roles, channels=channels)
 
 
 def _use_gpu(cfg: TwoTowerConfig) -> bool:
@@ -683,8 +786,7 @@ def train_two_tower(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     train_frame, val_frame = split_validation(train_frame, val_frame, cfg)
-    channels = None if roles is None or roles.is_hm else train_frame["sales_channel_id"].dropna().unique()
-    vocab = FeatureVocab.fit(articles_frame, customers_frame, roles=roles, channels=channels)
+    vocab = fit_vocab(train_frame, articles_frame, customers_frame, roles)
     columns, side = encode_training_data(vocab, train_frame, articles_frame, cfg, val_frame)
     name = run_name or f"two_tower_{datetime.now(UTC):%Y%m%d_%H%M%S}_{uuid.uuid4().hex[:6]}"
     storage = str(storage_dir) if is_uri(storage_dir) else str(Path(storage_dir).resolve())
@@ -696,7 +798,8 @@ def train_two_tower(
     cpus = _cpus_per_worker(cfg)
     from ray.data import RandomSeedConfig
 
-    dataset = to_dataset(columns, min_block_rows=cfg.batch_size).randomize_block_order(
+    time_grouped = GROUP in columns
+    dataset = to_dataset(columns, min_block_rows=cfg.batch_size, seed=cfg.seed).randomize_block_order(
         seed=RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True)  # a new block order every epoch
     )
     dataset.context.enable_progress_bars = False  # the per-epoch progress line says what matters
@@ -704,7 +807,7 @@ def train_two_tower(
     printer = _ProgressPrinter(progress)
     loop_config = build_loop_config(vocab, cfg, log_q=log_q, id_dropout=id_dropout, progress=progress,
                                     threads=max(1, math.floor(cpus)))
-    loop_config.update(side_ref=ray.put(side), use_gpu=use_gpu, progress_queue=printer.queue)
+    loop_config.update(side_ref=ray.put(side), use_gpu=use_gpu, progress_queue=printer.queue, time_grouped=time_grouped)
     if fail_once_at_epoch is not None:
         loop_config["fail_once"] = {"epoch": fail_once_at_epoch - 1, "rank": cfg.num_workers - 1,
                                     "marker": str(Path(storage) / name / "injected_failure")}
