@@ -707,23 +707,20 @@ class Stage:
     async def encode(self, workdirs: list[str], customer_ids: list[str], months: list[int],
                      channels: list[int]) -> list[QueryContext]:
         """Query encoding for every request waiting, in one forward pass per run."""
-        out: list[QueryContext | None] = [None] * len(customer_ids)
-        for wd in dict.fromkeys(workdirs):
-            pos = [i for i, w in enumerate(workdirs) if w == wd]
-            ctxs = self._get(wd).encode_many([(customer_ids[i], months[i], channels[i]) for i in pos])
-            for i, c in zip(pos, ctxs, strict=True):
-                out[i] = c
-        return out
+        return self._per_run(workdirs, "encode_many", list(zip(customer_ids, months, channels, strict=True)))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def rank(self, workdirs: list[str], cands: list[Candidates], ctxs: list[QueryContext], ks: list[int],
                    filters: list[dict[str, Any] | None], days: list[dt.date]) -> list[dict[str, Any]]:
         """Ranking of every request waiting: one articles read and one model call per run."""
-        out: list[dict[str, Any] | None] = [None] * len(cands)
+        return self._per_run(workdirs, "rank_many", list(zip(cands, ctxs, ks, filters, days, strict=True)))
+
+    def _per_run(self, workdirs: list[str], method: str, rows: list[tuple]) -> list[Any]:
+        """`Recommender.<method>(rows)` once per run named in a batch, results in request order."""
+        out: list[Any] = [None] * len(rows)
         for wd in dict.fromkeys(workdirs):
             pos = [i for i, w in enumerate(workdirs) if w == wd]
-            ranked = self._get(wd).rank_many([(cands[i], ctxs[i], ks[i], filters[i], days[i]) for i in pos])
-            for i, r in zip(pos, ranked, strict=True):
+            for i, r in zip(pos, getattr(self._get(wd), method)([rows[i] for i in pos]), strict=True):
                 out[i] = r
         return out
 

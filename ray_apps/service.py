@@ -299,7 +299,7 @@ class Recommender:
         return [{"items": [{"article_id": a, "score": s, "features": f}
                            for a, s, f in zip(out.article_ids, out.scores, feats, strict=True)],
                  "removed": out.removed, "n_candidates": out.n_candidates, "n_after_filter": out.n_after_filter,
-                 "n_ranked": out.n_ranked, "stage_ms": ms, "batch": len(batch)} for out, feats in results]
+                 "n_ranked": out.n_ranked, "stage_ms": ms} for out, feats in results]
 
     def popular(self, ctx: QueryContext | None, k: int, filters: dict[str, Any] | None,
                 age: float | None = None) -> dict[str, Any]:
