@@ -231,6 +231,30 @@ class RowCodec:
             return [], [np.empty(0) if arrays and i in self._scalars else [] for i in range(n_fields)]
         st = np.array(starts, dtype=np.intp)
         ends = np.append(st[1:], len(buf))
+        if order is not None and n:
+            # A primary-key IN read returns the distinct keys in ascending order: then every
+            # row's place is known before decoding and the rows are decoded in `order` directly
+            # (no per-column reordering); the decoded keys confirm it, else the general path.
+            idx = _sorted_positions(order, n)
+            if idx is not None:
+                keys, cols = self._decode_rows(buf, st[idx], ends[idx], wanted, arrays)
+                if keys == list(order):
+                    return keys, cols
+        return self._decode_rows(buf, st, ends, wanted, arrays, order)
+
+    def _decode_rows(
+        self,
+        buf: bytes,
+        st: np.ndarray,
+        ends: np.ndarray,
+        wanted: Collection[int] | None,
+        arrays: bool,
+        order: Sequence[Any] | None = None,
+    ) -> tuple[list[Any], list[Any]]:
+        """decode_columns of the rows at offsets `st` (ending at `ends`), in that order, then
+        reordered by the keys of `order` when given."""
+        n_fields = len(self.fields)
+        n = len(st)
         pos = st + self._row_dtype.itemsize  # after the u16 length and the head
         if n and int((ends - pos).min()) < 0:
             raise ValueError("corrupt packed values: a row is shorter than its head")
@@ -325,16 +349,37 @@ class RowCodec:
         return h, pick, [p[ix] for p in list_pos], [c[ix] for c in counts]
 
 
+def _sorted_positions(order: Sequence[Any], n: int) -> np.ndarray | None:
+    """Each requested key's row, if the `n` rows hold exactly the distinct keys of `order` in
+    ascending order; None when they cannot (another count, keys that do not sort together).
+    The caller checks the decoded keys against `order`: this only says where to look."""
+    m = len(order)
+    try:
+        if m == n:  # as many rows as keys: the keys are distinct (or the check fails)
+            by_key = sorted(range(m), key=order.__getitem__)
+            idx = np.empty(m, dtype=np.intp)
+            idx[by_key] = np.arange(m, dtype=np.intp)
+            return idx
+        distinct = sorted(set(order))
+    except TypeError:
+        return None
+    if len(distinct) != n:
+        return None
+    rank = dict(zip(distinct, range(n), strict=True))
+    return np.fromiter(map(rank.__getitem__, order), dtype=np.intp, count=m)
+
+
 def _row_starts(buf: bytes) -> list[int]:
     """Offsets of the packed values concatenated in `buf` (each starts with its u16 length)."""
     starts: list[int] = []
     add = starts.append
+    length = _U16.unpack_from
     off, end = 0, len(buf)
     try:
         while off < end:
             add(off)
-            off += 2 + (buf[off] | buf[off + 1] << 8)
-    except IndexError:
+            off += 2 + length(buf, off)[0]
+    except struct.error:
         raise ValueError("truncated packed value") from None
     if off != end:
         raise ValueError("truncated packed value")

@@ -135,6 +135,37 @@ def test_decode_in_the_order_of_requested_keys_with_missing_ones_null(arrays):
     assert keys == [None, None] and math.isnan(cols[1][1]) and cols[3] == [None, None]
 
 
+@pytest.mark.parametrize("key_type", ["string", "int64"])
+def test_rows_in_key_order_decode_in_requested_order_like_any_other_buffer(key_type, monkeypatch):
+    """A primary-key read returns the rows sorted by key: that buffer takes the direct path,
+    and every request gives what the general path (rows in another order) gives."""
+    c = RowCodec(key_type, FIELDS)
+    rows = {(f"k{i:02d}" if key_type == "string" else i * 7 - 40): _row(i=i, s=TRICKY[i % len(TRICKY)],
+                                                                      tags=[] if i % 4 else ["x"], x=None if i % 3 else i / 2)
+            for i in range(12)}
+    ascending = b"".join(c.encode(k, rows[k]) for k in sorted(rows))
+    shuffled = b"".join(c.encode(k, rows[k]) for k in reversed(list(rows)))
+    keys = list(rows)
+    absent = "zz" if key_type == "string" else 10**6
+    reordered = []
+    general = RowCodec._reorder
+    monkeypatch.setattr(RowCodec, "_reorder", lambda self, *a: reordered.append(1) or general(self, *a))
+    for order in (keys[::-1], keys[5:] + keys[:5], [keys[3], *keys, keys[3]]):  # every stored key asked for
+        c.decode_columns(ascending, order=order)
+    assert not reordered  # decoded in the requested order directly
+    for order in (keys[::-1], keys[5:] + keys[:5], [keys[3], *keys, keys[3]], keys[:4], [absent, *keys], keys[:1]):
+        for arrays in (False, True):
+            got_keys, got = c.decode_columns(ascending, arrays=arrays, order=order)
+            want_keys, want = c.decode_columns(shuffled, arrays=arrays, order=order)
+            assert got_keys == want_keys == [k if k in rows else None for k in order]
+            for f, a, b in zip(FIELDS, got, want, strict=True):
+                if isinstance(a, np.ndarray):
+                    assert a.dtype == b.dtype, f.name
+                    a, b = (np.nan_to_num(a, nan=0.5), np.nan_to_num(b, nan=0.5)) if a.dtype.kind == "f" else (a, b)
+                    a, b = a.tolist(), b.tolist()
+                assert a == b, f.name
+
+
 def test_decode_with_order_keeps_dtypes_when_every_key_is_found():
     c = RowCodec("int64", [Field("n", "int64"), Field("b", "bool"), Field("x", "float64"), Field("l", "list_float64")])
     buf = b"".join(c.encode(k, {"n": k * 10, "b": k % 2 == 0, "x": k / 4, "l": [k / 2] * (k % 3)}) for k in range(5))
