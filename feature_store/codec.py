@@ -10,7 +10,11 @@ Layout of a packed value (little-endian):
     head (one struct): u8 flags (bit 0: the text part is a JSON array), a u16 item count per
          numeric list, the null bitmap as u64 words (bit i: feature i in schema order is
          None), then the int64 ('q'), float64 ('d') and bool ('?') features in schema order
-    numeric lists: the values of each list_int64 / list_float64 feature
+    numeric lists: the values of each list_int64 / list_float64 feature. An item count's top
+               two bits give the width of a list_int64 row's items: 0 int64, 1 int8, 2 int16,
+               3 int32 (the narrowest that holds them: a 30-day daily sales list takes 30 bytes
+               instead of 240); list_float64 items are float64 (0). Rows packed before the
+               widths existed have 0 there and read unchanged.
     text part: UTF-8 of the key (int keys in decimal) and the string, list_string and json
                features, joined by U+001F (list items joined by U+001E, json as JSON text)
 
@@ -51,6 +55,11 @@ TEXT_TYPES = ("string", "list_string", "json")
 CODEC_TYPES = (*SCALAR_NUMERIC, *NUMERIC_LISTS, *TEXT_TYPES)
 _SEP, _ITEM_SEP = "\x1f", "\x1e"
 _U16 = struct.Struct("<H")
+_COUNT_MASK, _WIDTH_SHIFT = 0x3FFF, 14  # a numeric list's u16 head field: item count, width code
+MAX_LIST_ITEMS = _COUNT_MASK
+_INT_CODES = ((1, -(2**7), 2**7 - 1, "b"), (2, -(2**15), 2**15 - 1, "h"), (3, -(2**31), 2**31 - 1, "i"))
+_ITEM_WIDTH = np.array([8, 1, 2, 4], dtype=np.intp)  # bytes per item by width code
+_INT_DTYPES = ("<i8", "<i1", "<i2", "<i4")
 _Q = struct.Struct("<q")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _NA, _NAT = pd.NA, pd.NaT  # pandas' missing-value singletons count as null
@@ -152,7 +161,10 @@ class RowCodec:
         counts = []
         for i, f, fmt in zip(self._lists, self._list_fields, self._list_fmt, strict=True):
             items = [] if nulls >> i & 1 else _numeric_list(f, get(i))
-            counts.append(len(items))
+            code = 0
+            if fmt == "q" and items:
+                code, fmt = _int_width(items)
+            counts.append(len(items) | code << _WIDTH_SHIFT)
             parts.append(struct.pack(f"<{len(items)}{fmt}", *items))
         for i, f in zip(self._texts, self._text_fields, strict=True):
             if nulls >> i & 1:
@@ -264,10 +276,12 @@ class RowCodec:
         list_pos: list[np.ndarray] = []
         counts: list[np.ndarray] = []
         for j in range(len(self._lists)):
-            c = h[f"c{j}"].astype(np.intp)
+            c = h[f"c{j}"].astype(np.intp)  # item count and width code
+            if self._list_fmt[j] != "q" and n and bool((c >> _WIDTH_SHIFT).any()):
+                raise ValueError("corrupt packed values: a float list with a width code")
             list_pos.append(pos)
             counts.append(c)
-            pos = pos + 8 * c
+            pos = pos + (c & _COUNT_MASK) * _ITEM_WIDTH[c >> _WIDTH_SHIFT]
         if self._lists and n and bool((pos > ends).any()):
             raise ValueError("corrupt packed values: numeric lists overrun their row")
         text_cols = self._text_columns(buf, n, pos, ends, h["flags"])
@@ -290,7 +304,7 @@ class RowCodec:
                 continue
             j = self._part[i]
             if kind == "list":
-                col = _list_column(u8, list_pos[j], counts[j], "<i8" if self._list_fmt[j] == "q" else "<f8")
+                col = _list_column(u8, list_pos[j], counts[j], self._list_fmt[j] == "q")
             else:
                 col = pick(text_cols[1 + j])
                 dtype = self.fields[i].dtype
@@ -394,21 +408,40 @@ def _gather(u8: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
     return windows[starts]
 
 
-def _list_column(u8: np.ndarray, pos: np.ndarray, counts: np.ndarray, dtype: str) -> list[list[Any]]:
-    """One numeric-list feature: a list of Python numbers per row (rows of equal length are
-    gathered and split by numpy, in C; others with one slice per row)."""
+def _list_column(u8: np.ndarray, pos: np.ndarray, heads: np.ndarray, ints: bool) -> list[list[Any]]:
+    """One numeric-list feature: a list of Python numbers per row. `heads` are the rows' u16
+    count fields (item count, width code). Rows of equal count and width are gathered and split
+    by numpy, in C; others are read per width with one slice per row."""
     n = len(pos)
-    lo, hi = (int(counts.min()), int(counts.max())) if n else (0, 0)
-    if hi == 0:
+    counts, codes = heads & _COUNT_MASK, heads >> _WIDTH_SHIFT
+    if not n or not counts.any():
         return [[] for _ in range(n)]
-    if lo == hi:
-        return _gather(u8, pos, 8 * lo).view(dtype).tolist()
-    cl = counts.tolist()
+    dtypes = _INT_DTYPES if ints else ("<f8",)
+    if (heads == heads[0]).all():
+        k, c = int(codes[0]), int(counts[0])
+        return _gather(u8, pos, int(_ITEM_WIDTH[k]) * c).view(dtypes[k]).tolist()
+    out: list[list[Any]] = [[] for _ in range(n)]
     mv = memoryview(u8)
-    flat = np.frombuffer(b"".join([mv[p : p + 8 * c] for p, c in zip(pos.tolist(), cl, strict=True)]),
-                         dtype=dtype).tolist()
-    bounds = np.cumsum([0, *cl]).tolist()
-    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    for k in np.unique(codes).tolist():
+        rows = np.flatnonzero(codes == k)
+        cl = counts[rows].tolist()
+        width = int(_ITEM_WIDTH[k])
+        flat = np.frombuffer(b"".join([mv[p : p + width * c] for p, c in zip(pos[rows].tolist(), cl, strict=True)]),
+                             dtype=dtypes[k]).tolist()
+        at = 0
+        for r, c in zip(rows.tolist(), cl, strict=True):
+            out[r] = flat[at : at + c]
+            at += c
+    return out
+
+
+def _int_width(items: list[int]) -> tuple[int, str]:
+    """The width code and struct format of the narrowest integer type holding every item."""
+    lo, hi = min(items), max(items)
+    for code, low, high, fmt in _INT_CODES:
+        if low <= lo and hi <= high:
+            return code, fmt
+    return 0, "q"
 
 
 def _numeric_column(col: np.ndarray, mask: np.ndarray | None, arrays: bool) -> Any:
@@ -480,6 +513,8 @@ def _scalar(f: Field, v: Any) -> Any:
 
 def _numeric_list(f: Field, v: Any) -> list[Any]:
     items = _as_list(f, v)
+    if len(items) > MAX_LIST_ITEMS:
+        raise CodecError(f"feature {f.name!r} ({f.dtype}): {len(items)} items exceed {MAX_LIST_ITEMS}")
     sub = Field(f.name, "int64" if f.dtype == "list_int64" else "float64")
     out = []
     for x in items:

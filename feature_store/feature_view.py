@@ -21,8 +21,9 @@ written to a temporary folder, renamed into place and made read-only, never over
 records the last commit of every group it read, so `recreate_training_data(n)` reads exactly the
 same rows even after later inserts, and yields the same frames.
 
-Online, `get_feature_vectors` reads each selected group ONCE per call (one `IN (...)` query
-whatever the number of keys; none for keys served from the optional TTL cache), returns rows
+Online, `get_feature_vectors` reads each selected group ONCE per call (one `IN (...)` subquery
+whatever the number of keys, all groups in one statement: one round trip; none for keys served
+from the optional TTL cache), returns rows
 in the order of the keys with a status per row ("complete", or "missing" with the groups that
 lacked the key), computes on-demand features from the request with the same functions as
 training and applies the transformations fitted on the training split.
@@ -537,7 +538,7 @@ class FeatureViewHandle:
         transformed: bool | None = None,
         training_dataset_version: int | None = None,
     ) -> FeatureVectors:
-        """Feature vectors for `keys`, in their order, with ONE query per feature group.
+        """Feature vectors for `keys`, in their order, with ONE statement for all feature groups.
 
         Args:
             keys: entity keys: dicts {join column: value}, or plain values when every selected
@@ -555,9 +556,15 @@ class FeatureViewHandle:
         entity = self._entities(keys)
         columns: dict[str, Any] = {}
         missing: dict[int, list[str]] = {}
-        for sel, table, picks, wanted in self._online_tables():
-            col_keys = entity[self.join_column(sel)]
-            absent, cols = self._group_columns(sel, table, col_keys, wanted)
+        tables = self._online_tables()
+        group_keys = [entity[self.join_column(sel)] for sel, _, _, _ in tables]
+        # the groups without a cache are read in ONE statement (one round trip for the view)
+        uncached = [i for i, (sel, _, _, _) in enumerate(tables) if sel.group not in self._caches]
+        bufs = dict(zip(uncached, self.fs.online.read_concat_many(
+            [(tables[i][1].spec, [k for k in group_keys[i] if k is not None], ONLINE_ROW_COLUMN) for i in uncached]
+        ), strict=True)) if uncached else {}
+        for i, (sel, table, picks, wanted) in enumerate(tables):
+            absent, cols = self._group_columns(sel, table, group_keys[i], wanted, bufs.get(i))
             for j, out in picks:
                 columns[out] = cols[j]
             for i in absent:
@@ -596,14 +603,14 @@ class FeatureViewHandle:
         return {cols[0]: keys}
 
     def _group_columns(self, sel: FeatureSelection, table: OnlineTable, keys: list[Any],
-                       wanted: set[int]) -> tuple[list[int], list[Any]]:
+                       wanted: set[int], buf: bytes | None) -> tuple[list[int], list[Any]]:
         """Per wanted feature of the group, values in the order of `keys` (numeric features as
-        numpy arrays, NaN for nulls and missing keys); and the positions of the keys not found."""
+        numpy arrays, NaN for nulls and missing keys); and the positions of the keys not found.
+        `buf`: the group's rows for `keys` as read (None: through the group's cache)."""
         codec = table.codec
         cache = self._caches.get(sel.group)
         if cache is None:
-            query = keys if None not in keys else [k for k in keys if k is not None]  # None: a missing key
-            buf = self.fs.online.read_concat(table.spec, query, ONLINE_ROW_COLUMN)
+            assert buf is not None, "an uncached group is read before"
             found, cols = codec.decode_columns(buf, wanted, arrays=True, order=keys)
             return ([r for r, k in enumerate(found) if k is None] if None in found else []), cols
         n = len(keys)

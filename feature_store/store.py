@@ -132,10 +132,20 @@ def read_online(store: OnlineStore, ref: FeatureGroupRef, name: str, keys: Seque
         key -> {column: value} (frame spelling; all columns, the key included, when `columns`
         is None); keys that are not stored are absent.
     """
-    if ref.online_table is None:
-        raise ValueError(f"feature group {name!r} v{ref.version} has no online table")
-    table = online_table(store, ref.online_table)
-    return _rows_to_dicts(table, *read_rows(store, table, keys), columns)
+    return read_online_many(store, [(ref, name, keys)], columns)[0]
+
+
+def read_online_many(store: OnlineStore, reads: Sequence[tuple[FeatureGroupRef, str, Sequence[Any]]],
+                     columns: Sequence[str] | None = None) -> list[dict[Any, dict[str, Any]]]:
+    """`read_online` of several (ref, name, keys) in ONE statement (one round trip)."""
+    tables = []
+    for ref, name, _ in reads:
+        if ref.online_table is None:
+            raise ValueError(f"feature group {name!r} v{ref.version} has no online table")
+        tables.append(online_table(store, ref.online_table))
+    bufs = store.read_concat_many(
+        [(t.spec, keys, ONLINE_ROW_COLUMN) for t, (_, _, keys) in zip(tables, reads, strict=True)])
+    return [_rows_to_dicts(t, *t.codec.decode_columns(buf), columns) for t, buf in zip(tables, bufs, strict=True)]
 
 
 def _rows_to_dicts(table: OnlineTable, keys: list[Any], cols: list[tuple], columns: Sequence[str] | None):

@@ -342,6 +342,15 @@ class OnlineStore(ABC):
             ValueError: `column` is not a bytes column, or a key has the wrong type.
         """
 
+    def read_concat_many(self, reads: Sequence[tuple[TableSpec, Sequence[Any], str]]) -> list[bytes]:
+        """`read_concat` of several (spec, keys, column) reads, in ONE statement where the store
+        can (a request's reads of several feature groups in one round trip); here, one by one.
+
+        Returns:
+            One concatenation per read, in the order of `reads`.
+        """
+        return [self.read_concat(spec, keys, column) for spec, keys, column in reads]
+
     @abstractmethod
     def table_stats(self, spec: TableSpec, max_column: str | None = None) -> dict[str, Any]:
         """Row count (and the largest value of one column) of a table, in one query.
@@ -505,16 +514,29 @@ class InMemoryOnlineStore(OnlineStore):
             return out
 
     def read_concat(self, spec: TableSpec, keys: Sequence[Any], column: str) -> bytes:
-        check_bytes_column(spec, column)
-        wanted = list(dict.fromkeys(normalise_key(spec, k) for k in keys))
-        if not wanted:
-            return b""
+        return self.read_concat_many([(spec, keys, column)])[0]
+
+    def read_concat_many(self, reads: Sequence[tuple[TableSpec, Sequence[Any], str]]) -> list[bytes]:
+        asked = []
+        for spec, keys, column in reads:
+            check_bytes_column(spec, column)
+            asked.append((spec, list(dict.fromkeys(normalise_key(spec, k) for k in keys)), column))
+        if not any(wanted for _, wanted, _ in asked):
+            return [b"" for _ in asked]
         with self._lock:
             self._check_open()
-            stored_spec, data = self._table(spec)
+            tables = [self._table(spec) if wanted else None for spec, wanted, _ in asked]  # these must exist
             self._statements += 1
-            pos = list(stored_spec.columns).index(column)
-            return b"".join(row[pos] for k in wanted if (row := data.get(k)) is not None and row[pos] is not None)
+            out = []
+            for (_, wanted, column), table in zip(asked, tables, strict=True):
+                if table is None:
+                    out.append(b"")
+                    continue
+                stored_spec, data = table
+                pos = list(stored_spec.columns).index(column)
+                out.append(b"".join(row[pos] for k in wanted
+                                    if (row := data.get(k)) is not None and row[pos] is not None))
+            return out
 
     def table_stats(self, spec: TableSpec, max_column: str | None = None) -> dict[str, Any]:
         if max_column is not None:

@@ -407,25 +407,43 @@ class MySQLOnlineStore(OnlineStore):
         return out
 
     def read_concat(self, spec: TableSpec, keys: Sequence[Any], column: str) -> bytes:
-        check_bytes_column(spec, column)
-        in_list = _key_list(spec, keys)
-        if in_list is None:
-            return b""
-        col, table, key = _q(column), _q(spec.name), _q(spec.key)
-        sql = f"SELECT GROUP_CONCAT({col} SEPARATOR '') FROM {table} WHERE {key} IN {in_list[0]}"
+        return self.read_concat_many([(spec, keys, column)])[0]
 
-        def op(conn: pymysql.connections.Connection) -> bytes:
+    def read_concat_many(self, reads: Sequence[tuple[TableSpec, Sequence[Any], str]]) -> list[bytes]:
+        """Several tables' `read_concat` in ONE statement, a scalar subquery per table
+        (`SELECT (SELECT GROUP_CONCAT(..) ..), (SELECT ..)`): one round trip for all."""
+        parts: list[tuple[str, str, str, tuple[str, list[Any] | None]] | None] = []
+        for spec, keys, column in reads:
+            check_bytes_column(spec, column)
+            in_list = _key_list(spec, keys)
+            parts.append(None if in_list is None else (_q(column), _q(spec.name), _q(spec.key), in_list))
+        asked = [p for p in parts if p is not None]
+        if not asked:
+            return [b"" for _ in parts]
+        if len(asked) > 1 and any(p[3][1] is not None for p in asked):
+            # keys bound as parameters next to inlined ones (which may hold '%'): one at a time
+            return [self.read_concat_many([r])[0] for r in reads]
+        selects = [f"(SELECT GROUP_CONCAT({col} SEPARATOR '') FROM {table} WHERE {key} IN {in_list[0]})"
+                   for col, table, key, in_list in asked]
+        sql = "SELECT " + ", ".join(selects)
+        params = asked[0][3][1] if len(asked) == 1 else None
+
+        def op(conn: pymysql.connections.Connection) -> list[bytes]:
             with conn.cursor() as cur:
-                cur.execute(sql, in_list[1])
-                (value,) = cur.fetchone()
+                cur.execute(sql, params)
+                values = cur.fetchone()
                 if not cur.warning_count:
-                    return b"" if value is None else bytes(value)
+                    return [b"" if v is None else bytes(v) for v in values]
                 # A value cut at group_concat_max_len (or NULL past max_allowed_packet) comes with
                 # a warning: read the rows instead.
-                cur.execute(f"SELECT {col} FROM {table} WHERE {key} IN {in_list[0]}", in_list[1])
-                return b"".join(r[0] for r in cur.fetchall() if r[0] is not None)
+                out = []
+                for col, table, key, in_list in asked:
+                    cur.execute(f"SELECT {col} FROM {table} WHERE {key} IN {in_list[0]}", in_list[1])
+                    out.append(b"".join(r[0] for r in cur.fetchall() if r[0] is not None))
+                return out
 
-        return self._run(op)
+        got = iter(self._run(op))
+        return [b"" if p is None else next(got) for p in parts]
 
     def table_stats(self, spec: TableSpec, max_column: str | None = None) -> dict[str, Any]:
         if max_column is not None:

@@ -339,6 +339,26 @@ def test_read_concat_is_one_query(store: OnlineStore) -> None:
     assert got == b"x" * 50_000
 
 
+def test_read_concat_many_reads_several_tables_in_one_statement(store: OnlineStore) -> None:
+    a = make_spec(store, "many_a", key="k", columns=PACKED)
+    b = make_spec(store, "many_b", key="k", columns={"k": "int64", "v": "bytes"})
+    store.write_batch(a, [{"k": f"a{i}", "ts": 1, "v": f"<a{i}>".encode()} for i in range(5)])
+    store.write_batch(b, [{"k": i, "v": f"<b{i}>".encode()} for i in range(5)])
+    reads = [(a, ["a3", "a1", "zz"], "v"), (b, [], "v"), (b, [4, 0, 99], "v"), (a, ["nope"], "v")]
+    before = store.statement_count()
+    got = store.read_concat_many(reads)
+    assert store.statement_count() - before == 1
+    assert got == [store.read_concat(*r) for r in reads]
+    assert sorted(got[0].replace(b"><", b">\n<").split(b"\n")) == [b"<a1>", b"<a3>"]
+    assert sorted(got[2].replace(b"><", b">\n<").split(b"\n")) == [b"<b0>", b"<b4>"]
+    assert got[1] == got[3] == b""
+    # keys that must be bound as parameters next to inlined ones: still right, a read each
+    odd = store.read_concat_many([(a, ["it's", "a2"], "v"), (b, [1], "v")])
+    assert odd == [b"<a2>", b"<b1>"]
+    with pytest.raises(ValueError, match="not a bytes column"):
+        store.read_concat_many([(a, ["a1"], "v"), (a, ["a1"], "ts")])
+
+
 def test_conditional_upsert_keeps_newer_rows(store: OnlineStore) -> None:
     spec = make_spec(store, "newer", key="k", columns=PACKED)
     store.write_batch(spec, [{"k": "a", "ts": 10, "v": b"a10"}, {"k": "b", "ts": 10, "v": b"b10"}], newer_column="ts")
@@ -447,5 +467,9 @@ def test_mysql_read_concat_falls_back_to_rows_when_the_server_cuts_the_value(mys
         got = mysql_store.read_concat(spec, list(blobs), "v")
         assert mysql_store.statement_count() - before == 2  # the cut value, then the rows
         assert sorted(got[i : i + 300] for i in range(0, len(got), 300)) == sorted(blobs.values())
+        before = mysql_store.statement_count()  # two tables in one statement: both read as rows
+        small, big = mysql_store.read_concat_many([(spec, ["k1"], "v"), (spec, list(blobs), "v")])
+        assert mysql_store.statement_count() - before == 3 and small == blobs["k1"]
+        assert sorted(big[i : i + 300] for i in range(0, len(big), 300)) == sorted(blobs.values())
     finally:
         mysql_store.drop_table(spec)

@@ -117,6 +117,23 @@ def test_filter_and_rank_read_the_articles_group_once_per_request(as_of_state):
     assert out.removed["already_bought"] == len(bought & set(cands.article_ids))
 
 
+def test_query_encoder_reads_profile_and_history_in_one_statement(as_of_state):
+    from ray_apps.stages.online import OnlineFeatures
+
+    store, manifest, _, cids, _, _, _, _ = as_of_state
+    refs = manifest.feature_groups
+    features = OnlineFeatures(store, manifest)
+    asked = [*cids[:5], "no-such-customer"]
+    features.customers(asked[:1])  # warm: registry lookups cached
+    before = store.statement_count()
+    got = features.customers(asked)
+    assert store.statement_count() - before == 1
+    prof = read_online(store, refs["customers"], "customers", asked)
+    hist = read_online(store, refs["customer_history"], "customer_history", asked)
+    assert got == {c: (prof.get(c), hist.get(c)) for c in asked}
+    assert got["no-such-customer"] == (None, None) and all(got[c][0] is not None for c in cids[:5])
+
+
 class _RowWise:
     """Stand-in model scoring each row on its own features (as CatBoost does)."""
 

@@ -191,3 +191,32 @@ def test_decode_refuses_truncated_and_corrupt_buffers():
     short = (5).to_bytes(2, "little") + b"x" * 5  # a row shorter than its head
     with pytest.raises(ValueError, match="shorter than its head"):
         c.decode_columns(short)
+
+
+def test_integer_lists_take_the_narrowest_width_and_read_back_exactly(monkeypatch):
+    c = RowCodec("string", [Field("counts", "list_int64", 40), Field("w", "list_float64", 5)])
+    lists = [[0, 1, 127, -128], [128], [-129, 5], [32767, -32768], [32768], [-(2**31), 2**31 - 1], [2**31],
+             [-(2**63), 2**63 - 1], [], [3] * 30, [300] * 30, [7] * 30]
+    rows = {f"k{i:02d}": {"counts": v, "w": [0.25] * (i % 3)} for i, v in enumerate(lists)}
+    buf = b"".join(c.encode(k, r) for k, r in rows.items())
+    keys, (counts, w) = c.decode_columns(buf)
+    assert keys == list(rows) and counts == lists and w == [r["w"] for r in rows.values()]
+    assert all(type(x) is int for v in counts for x in v)
+    # rows of one count and width are gathered together; the same counts in another width too
+    same = b"".join(c.encode(f"s{i}", {"counts": [i] * 30, "w": []}) for i in (1, 2, 3))
+    assert c.decode_columns(same)[1][0] == [[1] * 30, [2] * 30, [3] * 30]
+    small = len(c.encode("k", {"counts": [5] * 30, "w": []}))
+    # rows packed before widths existed (every list int64, width code 0) read unchanged
+    monkeypatch.setattr("feature_store.codec._int_width", lambda items: (0, "q"))
+    old = b"".join(c.encode(k, r) for k, r in rows.items())
+    assert len(c.encode("k", {"counts": [5] * 30, "w": []})) - small == 30 * 7  # 240 bytes, now 30
+    assert c.decode_columns(old)[1] == [lists, [r["w"] for r in rows.values()]]
+    assert c.decode_columns(old + buf)[1][0] == lists + lists
+
+
+def test_a_float_list_with_a_width_code_is_corrupt():
+    c = RowCodec("string", [Field("w", "list_float64", 5)])
+    row = bytearray(c.encode("k", {"w": [1.0]}))
+    row[3:5] = (1 | 1 << 14).to_bytes(2, "little")
+    with pytest.raises(ValueError, match="corrupt"):
+        c.decode_columns(bytes(row))
