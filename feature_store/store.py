@@ -215,6 +215,26 @@ class InsertResult:
     report: ValidationReport
 
 
+def prepare_frame(g: FeatureGroup, frame: pd.DataFrame, event_time: Any) -> pd.DataFrame:
+    """`frame` as `insert` checks and writes it: the group's columns (optional ones None when
+    absent) and the event time (`event_time` for every row when the frame has none)."""
+    out = frame.copy()
+    if g.event_time not in out.columns:
+        if event_time is None:
+            raise ValueError(
+                f"feature group {g.name!r}: frame lacks the event-time column {g.event_time!r} "
+                "(or pass event_time=...)"
+            )
+        out[g.event_time] = pd.Timestamp(event_time)
+    for f in g.features:
+        if f.optional and f.column not in out.columns:
+            out[f.column] = None
+    missing = [c for c in g.columns if c not in out.columns]
+    if missing:
+        raise ValueError(f"feature group {g.name!r}: frame lacks columns {missing}")
+    return out[[*g.columns, g.event_time]]
+
+
 class FeatureGroupVersion:
     """One version of a feature group: its offline Parquet files and its online table."""
 
@@ -250,7 +270,7 @@ class FeatureGroupVersion:
     # writing --------------------------------------------------------------------------------
     def validate(self, frame: pd.DataFrame, event_time: Any = None) -> ValidationReport:
         """Check a frame as `insert` would, writing nothing."""
-        return validate(self.group, self._prepare(frame, event_time), "always")[0]
+        return validate(self.group, prepare_frame(self.group, frame, event_time), "always")[0]
 
     def insert(self, frame: pd.DataFrame, validation: str = "strict", event_time: Any = None) -> InsertResult:
         """Append `frame` offline (one commit) and upsert the latest row of each key online.
@@ -267,7 +287,7 @@ class FeatureGroupVersion:
             ConnectionError: the online write failed (nothing was written).
         """
         check_policy(validation)
-        report, frame = validate(self.group, self._prepare(frame, event_time), validation)
+        report, frame = validate(self.group, prepare_frame(self.group, frame, event_time), validation)
         if validation == "strict" and not report.ok:
             raise ValidationFailed(report)
         times = to_event_times(frame[self.group.event_time]) if len(frame) else pd.Series([], dtype="datetime64[us]")
@@ -285,24 +305,6 @@ class FeatureGroupVersion:
                 raise
             self.offline.publish(staged, {"online_rows": sent, "validation": report.to_dict()})
         return InsertResult(self.name, self.version, commit, len(frame), sent, report)
-
-    def _prepare(self, frame: pd.DataFrame, event_time: Any) -> pd.DataFrame:
-        g = self.group
-        out = frame.copy()
-        if g.event_time not in out.columns:
-            if event_time is None:
-                raise ValueError(
-                    f"feature group {g.name!r}: frame lacks the event-time column {g.event_time!r} "
-                    "(or pass event_time=...)"
-                )
-            out[g.event_time] = pd.Timestamp(event_time)
-        for f in g.features:
-            if f.optional and f.column not in out.columns:
-                out[f.column] = None
-        missing = [c for c in g.columns if c not in out.columns]
-        if missing:
-            raise ValueError(f"feature group {g.name!r}: frame lacks columns {missing}")
-        return out[[*g.columns, g.event_time]]
 
     def _online_rows(self, frame: pd.DataFrame, times: pd.Series) -> list[dict[str, Any]]:
         g = self.group

@@ -301,17 +301,20 @@ def histories_before(transactions: pd.DataFrame, history_len: int) -> pd.Series:
 
 
 SERVING_GROUPS = ("transactions", "customers", "articles", "customer_history")
+STATIC_GROUPS = ("customers",)  # computed from the profiles alone: the same at every as-of time
 
 
-def serving_frames(data: Any, names: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
-    """The feature-group frames served now (as of the end of the data), computed from a loaded
-    dataset (`feature_store.dataset.Dataset`, or anything with its articles, customers,
-    transactions, extras and roles): what the pipeline and `rayrec features build` write."""
+def serving_frames(data: Any, names: Sequence[str] | None = None,
+                   as_of: pd.Timestamp | None = None) -> dict[str, pd.DataFrame]:
+    """The feature-group frames served as of `as_of` (None: the end of the data), computed
+    from a loaded dataset (`feature_store.dataset.Dataset`, or anything with its articles,
+    customers, transactions, extras and roles): what the pipeline and `rayrec features build`
+    write. With `as_of`, only purchases strictly before it count (a snapshot's backfill)."""
     makers = {
-        "transactions": lambda: data.transactions,
+        "transactions": lambda: before(data.transactions, as_of),
         "customers": lambda: customer_features(data.customers, data.extras.get("postal_regions"), data.roles),
-        "articles": lambda: article_features(data.articles, data.transactions, None, data.extras, data.roles),
-        "customer_history": lambda: customer_history(data.transactions, data.articles, None, data.roles),
+        "articles": lambda: article_features(data.articles, data.transactions, as_of, data.extras, data.roles),
+        "customer_history": lambda: customer_history(data.transactions, data.articles, as_of, data.roles),
     }
     unknown = [n for n in names or () if n not in makers]
     if unknown:

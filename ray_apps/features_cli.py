@@ -1,9 +1,12 @@
 """`rayrec features build | describe | validate`: the feature store from the command line.
 
     rayrec features build    --workdir DIR [--data DIR | --dataset CONFIG.yaml] [--config C] [--db-port P]
+                             [--backfill-weeks N]
         compute the feature groups from the raw data (H&M files, or any files a dataset config
         maps onto roles) and write each as a new version (offline Parquet + online tables);
-        prints the new versions' references as JSON
+        prints the new versions' references as JSON. With --backfill-weeks N the snapshot
+        groups are also written as of each of the data's last N weeks, so that point-in-time
+        training data over them sees the values each label's week saw
     rayrec features describe --workdir DIR [--json]
         every group and version: online table, rows offline and online, last insert, freshness
     rayrec features validate --workdir DIR [--data DIR | --dataset CONFIG.yaml] [--group NAME ...]
@@ -50,6 +53,8 @@ def add_features_commands(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--group", action="append", choices=GROUP_ORDER, help="only these groups (repeatable)")
     build.add_argument("--validation", choices=["strict", "always"], default="strict",
                        help="strict: a failed rule writes nothing (default); always: write and report")
+    build.add_argument("--backfill-weeks", type=int, default=0, metavar="N",
+                       help="also write the snapshot groups as of each of the data's last N weeks (default 0)")
     build.set_defaults(func=cmd_build)
 
     desc = sub.add_parser("describe", help="groups, versions, row counts and freshness")
@@ -73,31 +78,73 @@ def compute_groups(source: Path | DatasetConfig, names: list[str] | None = None
                    ) -> tuple[dict[str, pd.DataFrame], dict[str, FeatureGroup]]:
     """The feature-group frames computed from the raw files, as of the end of the data, and the
     groups' definitions for the dataset's roles. `source`: a folder of H&M CSVs or a dataset config."""
+    from feature_store.transforms import serving_frames
+
+    data, groups = _load(source)
+    return serving_frames(data, names), groups
+
+
+def _load(source: Path | DatasetConfig) -> tuple[Any, dict[str, FeatureGroup]]:
     from feature_store.dataset import hm_dataset_config, load_dataset
     from feature_store.groups import dataset_groups
-    from feature_store.transforms import serving_frames
 
     config = hm_dataset_config(source) if isinstance(source, Path) else source
     data = load_dataset(config)
-    return serving_frames(data, names), dataset_groups(data.roles)
+    return data, dataset_groups(data.roles)
+
+
+def backfill_times(transactions: pd.DataFrame, weeks: int) -> list[pd.Timestamp]:
+    """The as-of times of a backfill: the starts of the data's last `weeks` 7-day blocks, oldest
+    first (the blocks `snapshot_times` gives training rows, counted back from the day after the
+    last purchase)."""
+    if weeks < 0:
+        raise ValueError(f"backfill weeks must be >= 0, got {weeks}")
+    if not weeks or not len(transactions):
+        return []
+    end = transactions["t_dat"].max().normalize() + pd.Timedelta(days=1)
+    return [end - pd.Timedelta(days=7 * w) for w in range(weeks, 0, -1)]
 
 
 def build_features(fs, source: Path | DatasetConfig, names: list[str] | None = None, validation: str = "strict",
-                   event_time: Any = None) -> dict[str, Any]:
+                   event_time: Any = None, backfill_weeks: int = 0) -> dict[str, Any]:
     """Write every group (or `names`) as a new version; returns name -> FeatureGroupRef.
 
-    Snapshot groups (no event-time column) get `event_time`, default: now."""
-    refs = {}
-    frames, groups = compute_groups(source, names)
-    for name, frame in frames.items():
-        group = groups[name]
-        fgv = fs.create_feature_group(group)
-        when = event_time if event_time is not None else pd.Timestamp.now(tz="UTC")
-        result = fgv.insert(frame, validation=validation, event_time=None if group.event_time in frame else when)
-        for line in result.report.summary_lines():
-            print(f"[features] {line}", flush=True)
-        refs[name] = fgv.ref
-    return refs
+    Snapshot groups (no event-time column) get `event_time`, default: now. With
+    `backfill_weeks`, each snapshot group is first written as of every `backfill_times` time
+    (only the purchases before it count; a static group such as the customer profiles once,
+    at the first), so point-in-time joins of earlier labels find the values of their week."""
+    from feature_store.store import prepare_frame
+    from feature_store.transforms import STATIC_GROUPS, serving_frames
+    from feature_store.validation import ValidationFailed, validate
+
+    data, groups = _load(source)
+    frames = serving_frames(data, names)
+    when = pd.Timestamp(event_time) if event_time is not None else pd.Timestamp.now(tz="UTC")
+    times = backfill_times(data.transactions, backfill_weeks)
+    if times and (when.tz_convert(None) if when.tzinfo else when) <= times[-1]:
+        raise ValueError(f"event_time {when} must be after the last backfill time {times[-1].date()}")
+    snapshots = [n for n, f in frames.items() if groups[n].event_time not in f]
+    writes = []  # (group, frame, event time, label): every frame is computed and checked before any is written
+    for i, as_of in enumerate(times):
+        wanted = [n for n in snapshots if i == 0 or n not in STATIC_GROUPS]
+        writes += [(n, f, as_of, f"as of {as_of.date()}") for n, f in serving_frames(data, wanted, as_of).items()
+                   if len(f)]
+    writes += [(n, f, None if n not in snapshots else when, "") for n, f in frames.items()]
+    if validation == "strict":
+        for name, frame, t, _ in writes:
+            report = validate(groups[name], prepare_frame(groups[name], frame, t), "always")[0]
+            if not report.ok:
+                raise ValidationFailed(report)
+    fgvs = {name: fs.create_feature_group(groups[name]) for name in frames}
+    for name, frame, t, label in writes:
+        _insert(fgvs[name], frame, validation, t, label)
+    return {name: fgv.ref for name, fgv in fgvs.items()}
+
+
+def _insert(fgv, frame: pd.DataFrame, validation: str, event_time: Any, label: str) -> None:
+    result = fgv.insert(frame, validation=validation, event_time=event_time)
+    for line in result.report.summary_lines():
+        print(f"[features] {line}{f' ({label})' if label else ''}", flush=True)
 
 
 def describe_features(fs) -> list[dict[str, Any]]:
@@ -186,7 +233,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     data = _source(args, wd, cfg, generate_missing=True)
     store = _open_store(cfg, wd, start_local=True)
     try:
-        refs = build_features(FeatureStore(wd, store), data, args.group, args.validation)
+        refs = build_features(FeatureStore(wd, store), data, args.group, args.validation,
+                              backfill_weeks=args.backfill_weeks)
     finally:
         if store is not None:
             store.close()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+import pandas as pd
 import pytest
 
 from common.workdir import Workdir
@@ -11,6 +12,7 @@ from feature_store.sources import generate
 from feature_store.store import FeatureStore
 from ray_apps.features_cli import (
     add_features_commands,
+    backfill_times,
     build_features,
     describe_features,
     format_table,
@@ -72,7 +74,8 @@ def test_parser_registers_the_commands(tmp_path, capsys):
     assert args.features_command == "describe" and args.json
     args = p.parse_args(["features", "build", "--workdir", str(tmp_path), "--group", "articles", "--validation",
                          "always"])
-    assert args.group == ["articles"] and args.validation == "always"
+    assert args.group == ["articles"] and args.validation == "always" and args.backfill_weeks == 0
+    assert p.parse_args(["features", "build", "--backfill-weeks", "3"]).backfill_weeks == 3
     with pytest.raises(SystemExit):
         p.parse_args(["features", "build", "--group", "nope"])
     assert main(["features", "describe", "--workdir", str(tmp_path / "empty"), "--json"]) == 0
@@ -96,3 +99,39 @@ def test_hm_purchases_view_training_data_and_vectors(tmp_path, data_dir):
     v = fv.get_feature_vectors([{"customer_id": row["customer_id"], "article_id": row["article_id"]}],
                                request={"date": "2020-09-23", "sales_channel_id": 2})
     assert v.status == ["complete"] and list(v.columns) == list(x.columns)
+
+
+def test_backfilled_weekly_snapshots_give_each_label_the_values_of_its_week(tmp_path, data_dir, capsys):
+    """`--backfill-weeks`: a point-in-time view over a snapshot group sees, for each purchase,
+    the group as it was at the start of the purchase's week (never a later value), not nothing."""
+    from feature_store.feature_view import FeatureSelection, FeatureView
+
+    fs = FeatureStore(Workdir.at(tmp_path), InMemoryOnlineStore())
+    refs = build_features(fs, data_dir, backfill_weeks=2)
+    assert "as of" in capsys.readouterr().out
+    tx = fs.get_feature_group("transactions").read()
+    times = backfill_times(tx, 2)
+    assert times[1] - times[0] == pd.Timedelta(days=7) and times[1] == tx["t_dat"].max().normalize() - pd.Timedelta(days=6)
+    hist = fs.get_feature_group("customer_history").read()
+    assert sorted(hist["event_time"].unique())[:2] == times  # then the current snapshot ("now")
+    assert (fs.get_feature_group("customers").read()["event_time"].min() == times[0])  # profiles: once, first
+    fv = fs.create_feature_view(FeatureView("weekly", (FeatureSelection("customer_history", ("n_purchases",)),),
+                                            label_group="transactions", label_features=("sales_channel_id",)))
+    frame = fv.training_data().frame("train")
+    assert len(frame) == len(tx)
+    seen = 0
+    for row in frame.itertuples():
+        at = [t for t in times if t <= row.event_time]
+        mine = tx[tx["customer_id"] == row.customer_id]
+        if not at or not (mine["t_dat"] < at[-1]).any():  # no snapshot yet, or no purchase before it
+            assert pd.isna(row.n_purchases)
+            continue
+        assert row.n_purchases == (mine["t_dat"] < at[-1]).sum()
+        seen += 1
+    assert seen > 50
+    online = fs.get_feature_group("customer_history").read_online(list(tx["customer_id"].unique()))
+    assert all(r["n_purchases"] == (tx["customer_id"] == c).sum() for c, r in online.items())  # online: now
+    assert refs["customer_history"].version == 1
+    with pytest.raises(ValueError, match="after the last backfill time"):
+        build_features(fs, data_dir, backfill_weeks=2, event_time="2019-01-01")
+    assert {(r["group"], r["version"]) for r in describe_features(fs)} == {(g, 1) for g in refs}  # nothing new
