@@ -20,6 +20,10 @@ snapshot time (`features_as_of`) and every batch holds rows of one snapshot: blo
 snapshot, each worker cuts its blocks into batches, and ranks stop an epoch together
 (`training.two_tower.groups`).
 
+An ensemble (`TwoTowerConfig.ensemble` > 1) is that many such runs, one after the other, on the same
+encoded data and vocab with seeds seed + 1000 * m (member 0 is the single model: same seed, same run
+name); the best epoch of each is exported into one pair of tower files (see `model.EnsembleTower`).
+
 Sharding (`TwoTowerConfig.sharding`): data-parallel (DDP: every worker holds every table) is the
 CPU default; "table_wise" (and "auto" on GPU) wrap the model in TorchRec's
 DistributedModelParallel, which places whole tables on workers (CPU has no row-wise kernels).
