@@ -1,7 +1,8 @@
 """Two-tower training: throughput of the embedding paths, Ray Train scaling, and retrieval quality.
 
 Usage: python benchmarks/train_two_tower.py [--customers 4000 --articles 1500 --days 120]
-           [--steps 40] [--speed-epochs 3] [--workers 1 2] [--epochs 10] [--seed 0] [--skip-ray] [--skip-quality]
+           [--steps 40] [--speed-epochs 3] [--workers 1 2] [--epochs 10] [--seed 0] [--ensemble N]
+           [--skip-speed] [--skip-ray] [--skip-quality]
 
 All on the generated H&M-shaped data set (default size = the demo's), split as the pipeline does
 (train on all but the last 7 days). JSON lines:
@@ -13,7 +14,10 @@ All on the generated H&M-shaped data set (default size = the demo's), split as t
   history table, initial weights copied); ratio_vs_plain_torch = examples/s of a TorchRec path
   divided by the plain path's.
 - case "ray_train": TorchTrainer fit with 1 and 2 workers (one CPU and one torch thread each):
-  examples/s = median over epochs after the first (the first includes the data pipeline's start).
+  examples/s = median over epochs after the first (the first includes the data pipeline's start);
+  always one model (ensemble 1), so the figures are per trained model.
+- quality: the configured model, an ensemble of `TwoTowerConfig.ensemble` seeded members by default
+  (`--ensemble` overrides), exported and loaded as the pipeline does; fit_s covers every member.
 - quality: one line per model, {"model": "two_tower" | "popularity_last_week", "recall_at_100", "map_at_12"},
   scored by training.evaluate on the test week exactly as the pipeline scores retrieval.
 """
@@ -186,7 +190,7 @@ def ray_scaling(view, arts, custs, cfg: TwoTowerConfig, workers: list[int], epoc
 
     for n in workers:
         run_cfg = cfg.model_copy(update={"num_workers": n, "epochs": epochs, "sharding": sharding,
-                                         "early_stopping_patience": 0})
+                                         "early_stopping_patience": 0, "ensemble": 1})
         with tempfile.TemporaryDirectory(prefix="rayrec-bench-tt-") as tmp:
             t0 = time.perf_counter()
             res = train_two_tower(view, arts, custs, run_cfg, Path(tmp) / "model", Path(tmp) / "ray", progress=False)
@@ -226,7 +230,8 @@ def quality(hm, train_tx, test_tx, cutoff, arts, custs, view, cfg: TwoTowerConfi
         if model == "two_tower":
             extra = dict(epochs_run=len(res.history), best_epoch=res.best_epoch, fit_s=round(fit_s, 1),
                          recall_at_100_vs_popularity=round(s["recall@100"] / pop, 3) if pop else None,
-                         n_random_negatives=cfg.n_random_negatives, val_days=cfg.val_days, seed=cfg.seed)
+                         n_random_negatives=cfg.n_random_negatives, val_days=cfg.val_days, seed=cfg.seed,
+                         ensemble=cfg.ensemble, vector_dim=int(item_vecs.shape[1]))
         emit(BENCH, model=model, recall_at_100=s["recall@100"], recall_at_12=s["recall@12"], map_at_12=s["map@12"],
              eval_customers=len(truth), test_days=TEST_DAYS, **extra)
 
@@ -244,18 +249,24 @@ def main() -> None:
     ap.add_argument("--val-days", type=int, default=0, help="quality run: hold out the last days for early stopping")
     ap.add_argument("--random-negatives", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0, help="training seed (the data set's is fixed)")
+    ap.add_argument("--ensemble", type=int, default=None,
+                    help="quality run: ensemble members (default: TwoTowerConfig's)")
+    ap.add_argument("--skip-speed", action="store_true", help="skip the single-process step_throughput case")
     ap.add_argument("--eval-customers", type=int, default=5000)
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--data-dir", type=Path, default=None, help="reuse generated data here (default: a temp dir)")
     a = ap.parse_args()
 
-    cfg = TwoTowerConfig(epochs=a.epochs, val_days=a.val_days, n_random_negatives=a.random_negatives, seed=a.seed)
+    over = {} if a.ensemble is None else {"ensemble": a.ensemble}
+    cfg = TwoTowerConfig(epochs=a.epochs, val_days=a.val_days, n_random_negatives=a.random_negatives, seed=a.seed,
+                         **over)
     with tempfile.TemporaryDirectory(prefix="rayrec-bench-data-") as tmp:
         data_dir = a.data_dir or Path(tmp)
         hm, train_tx, test_tx, cutoff, arts, custs, view = prepare(data_dir, a.customers, a.articles, a.days,
                                                                     cfg.history_len)
-        step_throughput(view, arts, custs, cfg, a.steps)
+        if not a.skip_speed:
+            step_throughput(view, arts, custs, cfg, a.steps)
         if a.skip_ray and a.skip_quality:
             return
         import ray

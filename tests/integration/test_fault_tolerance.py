@@ -120,7 +120,8 @@ def test_training_resumes_from_the_last_checkpoint_when_its_node_dies(cluster: A
     ensure_workers(cluster)
     frame, articles, customers = tiny_frames(n_rows=16_000, n_customers=300, n_articles=200)
     cfg = TwoTowerConfig(embedding_dim=8, output_dim=8, hidden_dims=[16], history_len=3, batch_size=32, epochs=4,
-                         num_workers=1, cpus_per_worker=1, max_failures=2, early_stopping_patience=0)
+                         num_workers=1, cpus_per_worker=1, max_failures=2, early_stopping_patience=0,
+                         ensemble=1)  # one run: the timings below are about its resume
     storage = tmp_path / "ckpt"
     run_dir = storage / "node_loss"
     out: dict[str, Any] = {}

@@ -67,14 +67,17 @@ def _check_exported_towers(result, out_dir: Path, frame: pd.DataFrame, articles:
     item_tower, _ = load_item_tower(out_dir)
     q = query_tower.embed(encode_queries(vocab, frame.iloc[:5], cfg.history_len))
     i = item_tower.embed(encode_items(vocab, articles))
-    assert q.shape == (5, cfg.output_dim) and i.shape == (len(articles), cfg.output_dim)
+    dim = cfg.ensemble * cfg.output_dim  # an ensemble concatenates its members' vectors
+    assert q.shape == (5, dim) and i.shape == (len(articles), dim)
+    assert np.allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-5)
     assert np.isfinite(q).all() and np.isfinite(i).all()
 
 
 def test_one_worker_trains_from_a_ray_dataset(ray_cluster, tmp_path: Path):
+    """An ensemble of two: each member a Ray Train run of its own, exported as one pair of towers."""
     frame, articles, customers = tiny_frames()
     cfg = TwoTowerConfig(embedding_dim=8, output_dim=8, hidden_dims=[16], history_len=3, batch_size=64,
-                         epochs=EPOCHS, num_workers=1, n_random_negatives=8)
+                         epochs=EPOCHS, num_workers=1, n_random_negatives=8, ensemble=2)
     out_dir = tmp_path / "model"
     result = train_two_tower(
         frame.iloc[:500], articles, customers, cfg, out_dir, tmp_path / "ray", val_frame=frame.iloc[500:]
@@ -85,6 +88,10 @@ def test_one_worker_trains_from_a_ray_dataset(ray_cluster, tmp_path: Path):
     assert all(h["examples_per_s"] > 0 for h in result.history)
     assert result.best_epoch in {h["epoch"] for h in result.history}
     assert result.history[result.best_epoch - 1]["val_recall"] == max(h["val_recall"] for h in result.history)
+    assert len(result.member_histories) == len(result.member_best_epochs) == 2
+    assert result.member_histories[0] == result.history and result.member_best_epochs[0] == result.best_epoch
+    losses = [[h["train_loss"] for h in hist] for hist in result.member_histories]
+    assert losses[0] != losses[1]  # another seed: another run
     _check_exported_towers(result, out_dir, frame, articles, cfg)
 
 
@@ -93,7 +100,7 @@ def test_two_workers_survive_a_worker_failure_and_resume(ray_cluster, tmp_path: 
     checkpoint (not from scratch) and the run ends with one history entry per epoch."""
     frame, articles, customers = tiny_frames()
     cfg = TwoTowerConfig(embedding_dim=8, output_dim=8, hidden_dims=[16], history_len=3, batch_size=64,
-                         epochs=3, num_workers=2, max_failures=1, early_stopping_patience=0)
+                         epochs=3, num_workers=2, max_failures=1, early_stopping_patience=0, ensemble=1)
     out_dir = tmp_path / "model"
     result = train_two_tower(frame.iloc[:500], articles, customers, cfg, out_dir, tmp_path / "ray",
                              val_frame=frame.iloc[500:], run_name="resume_test", fail_once_at_epoch=2)
@@ -119,7 +126,7 @@ def test_two_workers_train_time_grouped_batches(ray_cluster, tmp_path: Path):
     frame["first_seen"] = "2019-12-01"
     frame["sales_day"] = (frame[AS_OF_COLUMN] - pd.Timedelta(days=1)).dt.strftime("%Y-%m-%d")
     cfg = TwoTowerConfig(embedding_dim=8, output_dim=8, hidden_dims=[16], history_len=3, batch_size=32,
-                         epochs=2, num_workers=2, n_random_negatives=4, early_stopping_patience=0)
+                         epochs=2, num_workers=2, n_random_negatives=4, early_stopping_patience=0, ensemble=1)
     out_dir = tmp_path / "model"
     result = train_two_tower(frame, articles, customers, cfg, out_dir, tmp_path / "ray")
     assert [h["epoch"] for h in result.history] == [1, 2]

@@ -40,6 +40,9 @@ from training.two_tower.model import (
     ITEM_TOWER_FILE,
     QUERY_TOWER_FILE,
     VOCAB_FILE,
+    EnsembleTower,
+    ItemTower,
+    QueryTower,
     TwoTower,
     candidate_log_q,
     in_batch_softmax_loss,
@@ -55,6 +58,7 @@ from training.two_tower.train import (
     encode_training_data,
     fit_vocab,
     local_batches,
+    member_configs,
     progress_line,
     recall_at_k,
     run_training,
@@ -244,6 +248,68 @@ def test_towers_saved_and_loaded_separately_match_the_model(data, tmp_path: Path
     q_ref, i_ref = _embed_both(model, vocab, frame)
     np.testing.assert_allclose(query_tower.embed(encode_queries(q_vocab, frame, CFG.history_len)), q_ref, atol=1e-6)
     np.testing.assert_allclose(item_tower.embed(encode_items(i_vocab, frame)), i_ref, atol=1e-6)
+
+
+def _perturbed(vocab: FeatureVocab, seed: int) -> TwoTower:
+    torch.manual_seed(seed)
+    model = TwoTower.from_vocab(vocab, CFG)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_an_ensemble_saves_loads_and_scores_the_members_mean(data, tmp_path: Path):
+    """Two models saved as one: the loaded towers concatenate each member's unit vector scaled by
+    1/sqrt(2), so vectors stay unit-norm and a query-item dot product is the mean of the members' scores."""
+    frame, articles, _, vocab = data
+    members = [_perturbed(vocab, 1), _perturbed(vocab, 2)]
+    paths = save_towers(members, vocab, CFG, tmp_path)
+    assert {p.name for p in paths.values()} == {QUERY_TOWER_FILE, ITEM_TOWER_FILE, VOCAB_FILE}
+    query_tower, q_vocab = load_query_tower(tmp_path)
+    item_tower, i_vocab = load_item_tower(tmp_path)
+    assert isinstance(query_tower, EnsembleTower) and isinstance(item_tower, EnsembleTower)
+    assert q_vocab == vocab == i_vocab
+    assert query_tower.init_kwargs["output_dim"] == item_tower.init_kwargs["output_dim"] == 2 * CFG.output_dim
+    q = query_tower.embed(encode_queries(vocab, frame, CFG.history_len))
+    i = item_tower.embed(encode_items(vocab, articles))
+    assert q.dtype == i.dtype == np.float32
+    assert q.shape == (len(frame), 2 * CFG.output_dim) and i.shape == (len(articles), 2 * CFG.output_dim)
+    np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(i, axis=1), 1.0, atol=1e-5)
+    scores = []
+    for m in members:
+        qm = m.query_tower.embed(encode_queries(vocab, frame, CFG.history_len))
+        im = m.item_tower.embed(encode_items(vocab, articles))
+        scores.append(qm @ im.T)
+    np.testing.assert_allclose(q @ i.T, (scores[0] + scores[1]) / 2, atol=1e-5)
+    assert not np.allclose(scores[0], scores[1])  # the members differ: the mean is not one of them
+    # one-row batches (serving) give the same vectors as the full batch
+    one = query_tower.embed(encode_queries(vocab, frame.iloc[:1], CFG.history_len))
+    np.testing.assert_allclose(one, q[:1], atol=1e-6)
+
+
+def test_a_one_model_sequence_saves_in_the_single_model_form(data, tmp_path: Path):
+    frame, _, _, vocab = data
+    model = _perturbed(vocab, 3)
+    save_towers([model], vocab, CFG, tmp_path)
+    query_tower, _ = load_query_tower(tmp_path)
+    item_tower, _ = load_item_tower(tmp_path)
+    assert isinstance(query_tower, QueryTower) and isinstance(item_tower, ItemTower)
+    q_ref, i_ref = _embed_both(model, vocab, frame)
+    np.testing.assert_allclose(query_tower.embed(encode_queries(vocab, frame, CFG.history_len)), q_ref, atol=1e-6)
+    np.testing.assert_allclose(item_tower.embed(encode_items(vocab, frame)), i_ref, atol=1e-6)
+
+
+def test_ensemble_members_differ_only_by_seed():
+    cfg = CFG.model_copy(update={"ensemble": 3, "seed": 7})
+    members = member_configs(cfg)
+    assert [m.seed for m in members] == [7, 1007, 2007]
+    assert all(m.ensemble == 1 for m in members)
+    strip = {"seed", "ensemble"}
+    assert all(m.model_dump(exclude=strip) == cfg.model_dump(exclude=strip) for m in members)
+    single = CFG.model_copy(update={"ensemble": 1})
+    assert member_configs(single) == [single]
 
 
 def test_loss_removes_accidental_hits():

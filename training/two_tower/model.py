@@ -6,6 +6,11 @@ tie is what lets serving fold a purchase made a second ago into the query embedd
 retraining. The towers are saved and loaded separately: the item tower embeds the catalogue offline
 (index build), the query tower runs per request.
 
+An ensemble (`TwoTowerConfig.ensemble` > 1: models trained alike from different seeds) is saved in
+the same two files and loads as an `EnsembleTower`: each member's unit vector scaled by 1/sqrt(n)
+and concatenated, so a query-item dot product is the mean of the members' scores and the ANN index
+(any dimension, inner product) is used unchanged.
+
 Two input forms, one model: `inputs(encoded)` takes the jagged numpy dicts of `training.features`
 (serving, evaluation); `batch_inputs(...)` takes fixed-width torch tensors (training batches from
 Ray Data) on any device and builds the same KeyedJaggedTensor there.
@@ -218,6 +223,25 @@ class ItemTower(_Tower):
         return F.normalize(self.mlp(torch.cat(self._pooled_plain(encoded), dim=1)), dim=-1)
 
 
+class EnsembleTower(nn.Module):
+    """Towers of one kind (all query or all item towers) served as one: `embed` concatenates each
+    member's L2-normalised vector scaled by 1/sqrt(n). The result is a unit vector again, and the dot
+    product of a query and an item embedding is the mean of the members' dot products (cosines)."""
+
+    def __init__(self, members: Sequence[_Tower]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        first = dict(members[0].init_kwargs)
+        self.init_kwargs = {**first, "output_dim": sum(m.init_kwargs["output_dim"] for m in members),
+                            "members": len(members)}
+
+    def embed(self, encoded: dict[str, np.ndarray], chunk: int = EMBED_CHUNK) -> np.ndarray:
+        parts = [m.embed(encoded, chunk) for m in self.members]
+        return (np.concatenate(parts, axis=1) / np.float32(np.sqrt(len(parts)))).astype(np.float32)
+
+
 class TwoTower(nn.Module):
     """Both towers, with the history table tied to the item article-id table (one nn.Parameter).
 
@@ -304,30 +328,51 @@ def mixed_log_q(p: torch.Tensor, batch_size: int, n_random: int = 0, n_catalog: 
 
 
 # -- export -------------------------------------------------------------------------------------------
-def save_towers(model: TwoTower, vocab: FeatureVocab, cfg: TwoTowerConfig, out_dir: str | Path) -> dict[str, Path]:
-    """Write the two towers (weights + constructor kwargs) and the vocab; return their paths."""
+def save_towers(
+    model: TwoTower | Sequence[TwoTower], vocab: FeatureVocab, cfg: TwoTowerConfig, out_dir: str | Path
+) -> dict[str, Path]:
+    """Write the two towers (weights + constructor kwargs) and the vocab; return their paths.
+
+    A sequence of models (an ensemble, one vocab) goes into the same two files, one entry per member;
+    one model (or a sequence of one) is written in the single-model form."""
+    models = [model] if isinstance(model, TwoTower) else list(model)
+    if not models:
+        raise ValueError("save_towers needs at least one model")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"query_tower": out / QUERY_TOWER_FILE, "item_tower": out / ITEM_TOWER_FILE, "vocab": out / VOCAB_FILE}
-    for key, tower in (("query_tower", model.query_tower), ("item_tower", model.item_tower)):
-        state = {k: v.detach().clone() for k, v in tower.state_dict().items()}
-        torch.save({"init": tower.init_kwargs, "state_dict": state, "config": cfg.model_dump()}, paths[key])
+    for key in ("query_tower", "item_tower"):
+        entries = [_tower_entry(getattr(m, key)) for m in models]
+        blob = entries[0] if len(entries) == 1 else {"members": entries}
+        torch.save({**blob, "config": cfg.model_dump()}, paths[key])
     vocab.save(paths["vocab"])
     return paths
 
 
-def _load(cls: type[_Tower], path: Path) -> _Tower:
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    tower = cls(**blob["init"])
-    tower.load_state_dict(blob["state_dict"])
+def _tower_entry(tower: _Tower) -> dict[str, Any]:
+    return {"init": tower.init_kwargs, "state_dict": {k: v.detach().clone() for k, v in tower.state_dict().items()}}
+
+
+def _build(cls: type[_Tower], entry: dict[str, Any]) -> _Tower:
+    tower = cls(**entry["init"])
+    tower.load_state_dict(entry["state_dict"])
     return tower.eval()
 
 
-def load_query_tower(model_dir: str | Path) -> tuple[QueryTower, FeatureVocab]:
+def _load(cls: type[_Tower], path: Path) -> _Tower | EnsembleTower:
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if "members" in blob:
+        return EnsembleTower([_build(cls, e) for e in blob["members"]]).eval()
+    return _build(cls, blob)
+
+
+def load_query_tower(model_dir: str | Path) -> tuple[QueryTower | EnsembleTower, FeatureVocab]:
+    """The query tower (an `EnsembleTower` of query towers for an ensemble) and the vocab."""
     d = Path(model_dir)
     return _load(QueryTower, d / QUERY_TOWER_FILE), FeatureVocab.load(d / VOCAB_FILE)  # type: ignore[return-value]
 
 
-def load_item_tower(model_dir: str | Path) -> tuple[ItemTower, FeatureVocab]:
+def load_item_tower(model_dir: str | Path) -> tuple[ItemTower | EnsembleTower, FeatureVocab]:
+    """The item tower (an `EnsembleTower` of item towers for an ensemble) and the vocab."""
     d = Path(model_dir)
     return _load(ItemTower, d / ITEM_TOWER_FILE), FeatureVocab.load(d / VOCAB_FILE)  # type: ignore[return-value]

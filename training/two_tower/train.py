@@ -20,6 +20,10 @@ snapshot time (`features_as_of`) and every batch holds rows of one snapshot: blo
 snapshot, each worker cuts its blocks into batches, and ranks stop an epoch together
 (`training.two_tower.groups`).
 
+An ensemble (`TwoTowerConfig.ensemble` > 1) is that many such runs, one after the other, on the same
+encoded data and vocab with seeds seed + 1000 * m (member 0 is the single model: same seed, same run
+name); the best epoch of each is exported into one pair of tower files (see `model.EnsembleTower`).
+
 Sharding (`TwoTowerConfig.sharding`): data-parallel (DDP: every worker holds every table) is the
 CPU default; "table_wise" (and "auto" on GPU) wrap the model in TorchRec's
 DistributedModelParallel, which places whole tables on workers (CPU has no row-wise kernels).
@@ -104,14 +108,28 @@ Batch = dict[str, torch.Tensor]
 Reporter = Callable[[dict[str, Any], dict[str, Any] | None], None]  # (metrics, checkpoint blob on rank 0)
 
 
+ENSEMBLE_SEED_STRIDE = 1000  # ensemble member m trains with seed cfg.seed + m * this
+
+
 @dataclass(frozen=True)
 class TrainResult:
+    """The exported towers; `history`, `checkpoint_path` and `best_epoch` are the first member's,
+    `member_histories` / `member_best_epochs` every member's (one entry without an ensemble)."""
+
     query_tower: Path
     item_tower: Path
     vocab: Path
     history: list[dict[str, Any]]
     checkpoint_path: str | None = None
     best_epoch: int | None = None
+    member_histories: list[list[dict[str, Any]]] = field(default_factory=list)
+    member_best_epochs: list[int | None] = field(default_factory=list)
+
+
+def member_configs(cfg: TwoTowerConfig) -> list[TwoTowerConfig]:
+    """One single-model config per ensemble member: the same settings, seed + m * ENSEMBLE_SEED_STRIDE."""
+    return [cfg.model_copy(update={"seed": cfg.seed + m * ENSEMBLE_SEED_STRIDE, "ensemble": 1})
+            for m in range(cfg.ensemble)]
 
 
 @dataclass
@@ -799,53 +817,67 @@ def train_two_tower(
     from ray.data import RandomSeedConfig
 
     time_grouped = GROUP in columns
-    dataset = to_dataset(columns, min_block_rows=cfg.batch_size, seed=cfg.seed).randomize_block_order(
-        seed=RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True)  # a new block order every epoch
-    )
-    dataset.context.enable_progress_bars = False  # the per-epoch progress line says what matters
-    del columns
-    printer = _ProgressPrinter(progress)
-    loop_config = build_loop_config(vocab, cfg, log_q=log_q, id_dropout=id_dropout, progress=progress,
-                                    threads=max(1, math.floor(cpus)))
-    loop_config.update(side_ref=ray.put(side), use_gpu=use_gpu, progress_queue=printer.queue, time_grouped=time_grouped)
-    if fail_once_at_epoch is not None:
-        loop_config["fail_once"] = {"epoch": fail_once_at_epoch - 1, "rank": cfg.num_workers - 1,
-                                    "marker": str(Path(storage) / name / "injected_failure")}
     has_val = side.val_q is not None
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=(
-            {"CPU": cpus, "GPU": 1} if use_gpu else {"CPU": cpus})),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        datasets={"train": dataset},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
-        run_config=RunConfig(
-            storage_path=storage,
-            name=name,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(  # the best epoch, and always the latest (for resuming)
-                num_to_keep=1,
-                checkpoint_score_attribute=VAL_METRIC if has_val else None,
-                checkpoint_score_order="max",
-            ),
-        ),
-    )
+    side_ref = ray.put(side)
+    members = member_configs(cfg)
+    models: list[TwoTower] = []
+    histories: list[list[dict[str, Any]]] = []
+    bests: list[tuple[Any, int | None]] = []
+    printer = _ProgressPrinter(progress)
     try:
-        result = trainer.fit()
+        for m, mcfg in enumerate(members):
+            # member 0 is the single model (same seed, same run name: a rerun resumes it)
+            member_name = name if m == 0 else f"{name}_member{m}"
+            if progress and len(members) > 1:
+                print(f"[two_tower] ensemble member {m + 1}/{len(members)} (seed {mcfg.seed})", flush=True)
+            dataset = to_dataset(columns, min_block_rows=mcfg.batch_size, seed=mcfg.seed).randomize_block_order(
+                seed=RandomSeedConfig(seed=mcfg.seed, reseed_after_execution=True)  # a new block order every epoch
+            )
+            dataset.context.enable_progress_bars = False  # the per-epoch progress line says what matters
+            loop_config = build_loop_config(vocab, mcfg, log_q=log_q, id_dropout=id_dropout, progress=progress,
+                                            threads=max(1, math.floor(cpus)))
+            loop_config.update(side_ref=side_ref, use_gpu=use_gpu, progress_queue=printer.queue,
+                               time_grouped=time_grouped)
+            if fail_once_at_epoch is not None and m == 0:
+                loop_config["fail_once"] = {"epoch": fail_once_at_epoch - 1, "rank": cfg.num_workers - 1,
+                                            "marker": str(Path(storage) / name / "injected_failure")}
+            trainer = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config=loop_config,
+                scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=(
+                    {"CPU": cpus, "GPU": 1} if use_gpu else {"CPU": cpus})),
+                torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+                datasets={"train": dataset},
+                dataset_config=DataConfig(datasets_to_split=["train"]),
+                run_config=RunConfig(
+                    storage_path=storage,
+                    name=member_name,
+                    failure_config=FailureConfig(max_failures=cfg.max_failures),
+                    checkpoint_config=CheckpointConfig(  # the best epoch, and always the latest (for resuming)
+                        num_to_keep=1,
+                        checkpoint_score_attribute=VAL_METRIC if has_val else None,
+                        checkpoint_score_order="max",
+                    ),
+                ),
+            )
+            result = trainer.fit()
+            if result.error is not None:
+                raise RuntimeError(f"two-tower training failed: {result.error}") from result.error
+            if result.checkpoint is None:
+                raise RuntimeError("two-tower training finished without a checkpoint")
+            with result.checkpoint.as_directory() as d:
+                histories.append(list(load_checkpoint(d)["history"]))
+            best, epoch = _best_checkpoint(result, has_val)
+            with best.as_directory() as d:
+                model, _ = model_from_checkpoint(d)
+            models.append(model)
+            bests.append((best, epoch))
     finally:
         printer.close()
-    if result.error is not None:
-        raise RuntimeError(f"two-tower training failed: {result.error}") from result.error
-    if result.checkpoint is None:
-        raise RuntimeError("two-tower training finished without a checkpoint")
-    with result.checkpoint.as_directory() as d:
-        history = list(load_checkpoint(d)["history"])
-    best, epoch = _best_checkpoint(result, has_val)
-    with best.as_directory() as d:
-        model, _ = model_from_checkpoint(d)
-    paths = save_towers(model, vocab, cfg, out_dir)
-    return TrainResult(paths["query_tower"], paths["item_tower"], paths["vocab"], history, best.path, epoch)
+    del columns
+    paths = save_towers(models, vocab, cfg, out_dir)
+    return TrainResult(paths["query_tower"], paths["item_tower"], paths["vocab"], histories[0], bests[0][0].path,
+                       bests[0][1], member_histories=histories, member_best_epochs=[e for _, e in bests])
 
 
 def _best_checkpoint(result: Any, has_val: bool) -> tuple[Any, int | None]:
