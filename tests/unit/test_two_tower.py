@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from common.config import TwoTowerConfig
 from feature_store.transforms import article_features, with_activity
@@ -477,13 +480,74 @@ def test_table_wise_dmp_trains_and_checkpoints_full_tables(data):
                                   local_batches(columns, cfg.batch_size, cfg.seed), side, run)
     assert [h["epoch"] for h in history] == [1, 2, 3] and history[-1]["train_loss"] < history[0]["train_loss"]
     blob = blobs[-1]
-    assert blob["tie_history"] is False and blob["optimizer"] is None  # fused moments restart on resume
+    assert blob["tie_history"] is False and set(blob["optimizer"]) == {"fused", "dense"}
     exported = TwoTower(blob["query_kwargs"], blob["item_kwargs"], tie_history=False)
     exported.load_state_dict(blob["state_dict"])
     hist_w = exported.query_tower.history_table.weight
     assert not torch.equal(hist_w, init["query_tower.ebc.embedding_bags.t_hist_article_id.weight"])  # trained
     q, i = _embed_both(exported, vocab, frame)
     assert np.isfinite(q).all() and np.isfinite(i).all()
+
+
+def test_table_wise_dmp_resumes_with_its_fused_optimizer_state(data):
+    """Sharded tables' fused Adagrad sums and the dense AdamW moments travel in the checkpoint: a
+    run resumed from epoch 2 trains epochs 3-4 exactly as the uninterrupted run did."""
+    frame, articles, _, vocab = data
+    cfg = CFG.model_copy(update={"epochs": 4, "sharding": "table_wise", "early_stopping_patience": 0})
+    columns, side = encode_training_data(vocab, frame, articles, cfg)
+    config = build_loop_config(vocab, cfg, progress=False, threads=1)
+    with single_process_group():
+        blobs: list[dict] = []
+        straight, straight_hist = run_training(config, local_batches(columns, cfg.batch_size, cfg.seed), side,
+                                               RunContext(distributed=True, report=lambda m, b: blobs.append(_saved(b))))
+        fused = blobs[1]["optimizer"]["fused"]["state"]
+        sums = [t for per_param in fused.values() for t in per_param.values()]
+        assert sums and all(isinstance(t, torch.Tensor) for t in sums) and any(bool(t.abs().sum()) for t in sums)
+        assert blobs[1]["optimizer"]["dense"]["state"]  # AdamW moments of the MLPs
+        resumed, hist = run_training(config, local_batches(columns, cfg.batch_size, cfg.seed), side,
+                                     RunContext(distributed=True, resume=blobs[1]))
+        fresh, fresh_hist = run_training(config, local_batches(columns, cfg.batch_size, cfg.seed), side,
+                                         RunContext(distributed=True, resume={**blobs[1], "optimizer": None}))
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
+    assert [h["train_loss"] for h in hist] == [h["train_loss"] for h in straight_hist]
+    assert [h["train_loss"] for h in fresh_hist][2:] != [h["train_loss"] for h in straight_hist][2:]  # state matters
+
+
+def _two_rank_resume(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks: train 3 epochs table-wise, then resume from rank 0's epoch-1 checkpoint."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    frame, articles, customers = synthetic(400)
+    vocab = FeatureVocab.fit(articles, customers)
+    cfg = CFG.model_copy(update={"epochs": 3, "sharding": "table_wise", "early_stopping_patience": 0})
+    columns, side = encode_training_data(vocab, frame, articles, cfg)
+    config = build_loop_config(vocab, cfg, progress=False, threads=1)
+    mine = {k: v[rank::2] for k, v in columns.items()}
+    blobs: list[dict] = []
+    _, straight = run_training(config, local_batches(mine, cfg.batch_size, cfg.seed), side,
+                               RunContext(rank=rank, world_size=2, distributed=True,
+                                          report=lambda m, b: blobs.append(_saved(b) if b else b)))
+    shared = [blobs[0] if rank == 0 else None]
+    dist.broadcast_object_list(shared, src=0)  # as Ray Train hands the checkpoint to every worker
+    _, resumed = run_training(config, local_batches(mine, cfg.batch_size, cfg.seed), side,
+                              RunContext(rank=rank, world_size=2, distributed=True, resume=shared[0]))
+    if rank == 0:
+        torch.save({"straight": [h["train_loss"] for h in straight], "resumed": [h["train_loss"] for h in resumed],
+                    "tables": sorted(blobs[0]["optimizer"]["fused"]["state"])}, out)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_resume_table_wise_with_every_tables_optimizer_state(tmp_path):
+    """Each rank holds only its own tables' fused state: rank 0's checkpoint gathers all of them, and
+    both ranks resume bit-identically."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_resume, args=(port, str(tmp_path / "out.pt")), nprocs=2, join=True)
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    model = TwoTower.from_vocab(FeatureVocab.fit(*synthetic(400)[1:]), CFG, tie_history=False)
+    assert got["tables"] == sorted(k for k in model.state_dict() if ".ebc." in k)  # both ranks' tables
+    assert got["resumed"] == got["straight"]
 
 
 def test_table_wise_needs_a_process_group(data):

@@ -28,11 +28,14 @@ Sharding (`TwoTowerConfig.sharding`): data-parallel (DDP: every worker holds eve
 CPU default; "table_wise" (and "auto" on GPU) wrap the model in TorchRec's
 DistributedModelParallel, which places whole tables on workers (CPU has no row-wise kernels).
 DMP cannot share one table between two EmbeddingBagCollections, so that path trains the history
-table untied from the article table.
+table untied from the article table. Its checkpoints hold the whole tables and their fused optimizer
+state (each rank holds its own tables' part: rank 0 gathers them) and the dense AdamW state, so a
+resumed DMP run trains on exactly as the interrupted one would have.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import socket
@@ -302,7 +305,7 @@ class Trainable:
             if not dist.is_initialized():
                 raise ValueError(f"sharding {cfg.sharding!r} uses TorchRec DistributedModelParallel, which needs a "
                                  "torch.distributed process group (run it through train_two_tower)")
-            self.net, self.opt, self.plan = _build_dmp(model, cfg, mode, device)
+            self.net, self.opt, self.plan, self.dense_opt = _build_dmp(model, cfg, mode, device)
 
     def describe(self) -> str:
         """How the tables are placed: one line for the progress output."""
@@ -331,12 +334,26 @@ class Trainable:
             _scatter_dmp_state(self.net, state)
 
     def optimizer_state(self) -> dict[str, Any] | None:
-        """DDP: the AdamW state (identical on every rank). DMP: None (fused optimizer moments restart)."""
-        return self.opt.state_dict() if self.mode == "ddp" else None
+        """DDP: the AdamW state (identical on every rank). DMP: the sharded tables' fused optimizer
+        state gathered whole onto rank 0 (a collective: every rank calls it; None elsewhere) and
+        the dense AdamW state (identical on every rank)."""
+        if self.mode == "ddp":
+            return self.opt.state_dict()
+        fused = _gather_tree(self.net.fused_optimizer.state_dict())
+        if dist.get_rank() != 0:
+            return None
+        return {"fused": fused, "dense": copy.deepcopy(self.dense_opt.state_dict())}  # a snapshot, not live moments
 
     def load_optimizer_state(self, state: dict[str, Any] | None) -> None:
-        if state is not None and self.mode == "ddp":
+        if state is None:
+            return
+        if self.mode == "ddp":
             self.opt.load_state_dict(state)
+            return
+        live = self.net.fused_optimizer.state_dict()
+        _fill_tree(live, state["fused"])  # each rank copies its own shards' regions
+        self.net.fused_optimizer.load_state_dict(live)
+        self.dense_opt.load_state_dict(state["dense"])
 
     def eval_model(self, state: dict[str, torch.Tensor] | None) -> TwoTower | None:
         """A model for validation on rank 0: the live one under DDP, a CPU copy of `state` under DMP."""
@@ -379,12 +396,15 @@ def _build_dmp(model: TwoTower, cfg: TwoTowerConfig, mode: str, device: torch.de
     sharders = [EmbeddingBagCollectionSharder()]
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     net = DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders)
-    dense = KeyedOptimizerWrapper(
-        dict(in_backward_optimizer_filter(net.named_parameters())),
-        lambda params: torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
-    )
+    made: list[torch.optim.Optimizer] = []  # the dense AdamW itself: its state_dict is checkpointed
+
+    def adamw(params: Any) -> torch.optim.Optimizer:
+        made.append(torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay))
+        return made[-1]
+
+    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(net.named_parameters())), adamw)
     _scatter_dmp_state(net, init_state)  # the same initial weights as the unsharded model (and as DDP)
-    return net, CombinedOptimizer([net.fused_optimizer, dense]), plan
+    return net, CombinedOptimizer([net.fused_optimizer, dense]), plan, made[0]
 
 
 def _dmp_state(net: torch.nn.Module) -> dict[str, Any]:
@@ -412,6 +432,58 @@ def _gather_dmp_state(net: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         if rank == 0:
             out[key] = full
     return out if rank == 0 else None
+
+
+def _gather_tree(tree: Any) -> Any:
+    """A state tree (dicts of tensors) whole on rank 0: each rank holds only its own tables'
+    entries (and of a sharded table only its shards), so every rank sends its local parts
+    (`gather_object`, a collective) and rank 0 assembles full tensors; None on other ranks."""
+    parts: list[Any] = [None] * dist.get_world_size() if dist.get_rank() == 0 else []
+    dist.gather_object(_local_parts(tree), parts if dist.get_rank() == 0 else None, dst=0)
+    return _merge_parts(parts) if dist.get_rank() == 0 else None
+
+
+def _local_parts(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _local_parts(v) for k, v in tree.items()}
+    if (shards := _shards(tree)) is not None:
+        return ("sharded", tuple(tree.size()), [(offsets, t.detach().cpu().clone()) for offsets, t in shards])
+    return tree.detach().cpu().clone() if isinstance(tree, torch.Tensor) else tree
+
+
+def _merge_parts(parts: list[Any]) -> Any:
+    """One tree from the ranks' local parts: dict keys united, sharded entries assembled."""
+    first = parts[0]
+    if isinstance(first, dict):
+        keys = dict.fromkeys(k for p in parts for k in p)
+        return {k: _merge_parts([p[k] for p in parts if k in p]) for k in keys}
+    if isinstance(first, tuple) and len(first) == 3 and first[0] == "sharded":
+        full = None
+        for _, size, shards in parts:
+            for offsets, t in shards:
+                full = torch.zeros(size, dtype=t.dtype) if full is None else full
+                full[tuple(slice(o, o + n) for o, n in zip(offsets, t.shape, strict=True))] = t
+        return full if full is not None else torch.zeros(first[1])
+    return first
+
+
+@torch.no_grad()
+def _fill_tree(live: Any, saved: Any) -> None:
+    """Copy a gathered state tree into the live one in place: each rank fills its local shards."""
+    for key, value in live.items():
+        if key not in saved:
+            raise KeyError(f"the checkpoint's optimizer state lacks {key!r}: was it saved by another model?")
+        src = saved[key]
+        if isinstance(value, dict):
+            _fill_tree(value, src)
+        elif (shards := _shards(value)) is not None:
+            for offsets, tensor in shards:
+                region = src[tuple(slice(o, o + n) for o, n in zip(offsets, tensor.shape, strict=True))]
+                tensor.copy_(region.to(tensor.device, tensor.dtype))
+        elif isinstance(value, torch.Tensor):
+            value.copy_(src.to(value.device, value.dtype))
+        else:
+            live[key] = src
 
 
 @torch.no_grad()
@@ -495,7 +567,8 @@ def run_training(
         if run.say is not None and run.rank == 0:
             run.say(progress_line(metrics, cfg.epochs, cfg.val_k))
         if run.report is not None:
-            run.report(metrics, _checkpoint_blob(trainable, state, history) if run.rank == 0 else None)
+            opt_state = trainable.optimizer_state() if mode != "ddp" or run.rank == 0 else None  # DMP: collective
+            run.report(metrics, _checkpoint_blob(trainable, state, opt_state, history) if run.rank == 0 else None)
         if should_stop(history, cfg.early_stopping_patience):
             if run.say is not None and run.rank == 0:
                 run.say(f"[two_tower] early stop: no better {VAL_METRIC} since epoch {best_epoch(history)}")
@@ -628,11 +701,12 @@ def progress_line(metrics: dict[str, Any], epochs: int, val_k: int) -> str:
 
 # -- checkpoints ------------------------------------------------------------------------------------
 def _checkpoint_blob(
-    tr: Trainable, state: dict[str, torch.Tensor] | None, history: list[dict[str, Any]]
+    tr: Trainable, state: dict[str, torch.Tensor] | None, opt_state: dict[str, Any] | None,
+    history: list[dict[str, Any]],
 ) -> dict[str, Any]:
     q_kwargs, i_kwargs = tr.model.init_kwargs()
     return {
-        "state_dict": state, "optimizer": tr.optimizer_state(), "history": list(history),
+        "state_dict": state, "optimizer": opt_state, "history": list(history),
         "query_kwargs": q_kwargs, "item_kwargs": i_kwargs, "tie_history": tr.model.tie_history,
     }
 
