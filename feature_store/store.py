@@ -145,7 +145,16 @@ def read_online_many(store: OnlineStore, reads: Sequence[tuple[FeatureGroupRef, 
         tables.append(online_table(store, ref.online_table))
     bufs = store.read_concat_many(
         [(t.spec, keys, ONLINE_ROW_COLUMN) for t, (_, _, keys) in zip(tables, reads, strict=True)])
-    return [_rows_to_dicts(t, *t.codec.decode_columns(buf), columns) for t, buf in zip(tables, bufs, strict=True)]
+    return [_rows_to_dicts(t, *t.codec.decode_columns(buf, _wanted(t, columns)), columns)
+            for t, buf in zip(tables, bufs, strict=True)]
+
+
+def _wanted(table: OnlineTable, columns: Sequence[str] | None) -> set[int] | None:
+    """The codec indexes of `columns` (None: all): the others' lists and json are not decoded."""
+    if columns is None:
+        return None
+    index = {n: i for i, n in enumerate(table.codec.names)}
+    return {index[c] for c in (table.group.feature(c).column for c in columns) if c in index}
 
 
 def _rows_to_dicts(table: OnlineTable, keys: list[Any], cols: list[tuple], columns: Sequence[str] | None):

@@ -39,6 +39,8 @@ def test_write_offline_and_online_then_read_back(tmp_path):
     assert set(rows) == {"c1", "c2"}
     assert rows["c1"]["purchased"] == ["a2", "a1"]
     assert rows["c2"]["mean_price"] is None or math.isnan(rows["c2"]["mean_price"])
+    some = read_online(online, ref, "customer_history", ["c1", "c2"], columns=["type_counts", "n_purchases"])
+    assert some == {c: {"type_counts": r["type_counts"], "n_purchases": r["n_purchases"]} for c, r in rows.items()}
 
 
 def test_each_write_is_a_new_version_and_old_one_stays(tmp_path):
