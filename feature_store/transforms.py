@@ -114,6 +114,17 @@ def snapshot_times(days: pd.Series, period: int = SNAPSHOT_DAYS) -> pd.Series:
     return pd.Series(end - pd.to_timedelta(blocks * period, unit="D"), index=days.index)
 
 
+def backfill_times(transactions: pd.DataFrame, weeks: int, period: int = SNAPSHOT_DAYS) -> list[pd.Timestamp]:
+    """The as-of times of a snapshot backfill: the starts of the data's last `weeks` blocks of
+    `snapshot_times`, oldest first."""
+    if weeks < 0:
+        raise ValueError(f"backfill weeks must be >= 0, got {weeks}")
+    if not weeks or not len(transactions):
+        return []
+    end = transactions["t_dat"].max().normalize() + pd.Timedelta(days=1)
+    return [end - pd.Timedelta(days=period * w) for w in range(weeks, 0, -1)]
+
+
 def article_activity(transactions: pd.DataFrame, article_ids: pd.Series | np.ndarray,
                      as_of: pd.Series | np.ndarray) -> pd.DataFrame:
     """Per (article_ids[i], as_of[i]): `sales_7d`, `first_seen` and `sales_day` exactly as

@@ -93,18 +93,6 @@ def _load(source: Path | DatasetConfig) -> tuple[Any, dict[str, FeatureGroup]]:
     return data, dataset_groups(data.roles)
 
 
-def backfill_times(transactions: pd.DataFrame, weeks: int) -> list[pd.Timestamp]:
-    """The as-of times of a backfill: the starts of the data's last `weeks` 7-day blocks, oldest
-    first (the blocks `snapshot_times` gives training rows, counted back from the day after the
-    last purchase)."""
-    if weeks < 0:
-        raise ValueError(f"backfill weeks must be >= 0, got {weeks}")
-    if not weeks or not len(transactions):
-        return []
-    end = transactions["t_dat"].max().normalize() + pd.Timedelta(days=1)
-    return [end - pd.Timedelta(days=7 * w) for w in range(weeks, 0, -1)]
-
-
 def build_features(fs, source: Path | DatasetConfig, names: list[str] | None = None, validation: str = "strict",
                    event_time: Any = None, backfill_weeks: int = 0) -> dict[str, Any]:
     """Write every group (or `names`) as a new version; returns name -> FeatureGroupRef.
@@ -114,7 +102,7 @@ def build_features(fs, source: Path | DatasetConfig, names: list[str] | None = N
     (only the purchases before it count; a static group such as the customer profiles once,
     at the first), so point-in-time joins of earlier labels find the values of their week."""
     from feature_store.store import prepare_frame
-    from feature_store.transforms import STATIC_GROUPS, serving_frames
+    from feature_store.transforms import STATIC_GROUPS, backfill_times, serving_frames
     from feature_store.validation import ValidationFailed, validate
 
     data, groups = _load(source)

@@ -10,9 +10,9 @@ from common.workdir import Workdir
 from feature_store.online.base import InMemoryOnlineStore
 from feature_store.sources import generate
 from feature_store.store import FeatureStore
+from feature_store.transforms import backfill_times
 from ray_apps.features_cli import (
     add_features_commands,
-    backfill_times,
     build_features,
     describe_features,
     format_table,
