@@ -6,13 +6,13 @@ plain ASCII: `_key_list`); identifiers are validated (`base.IDENTIFIER_RE`) and
 backtick-quoted before they are put in a statement. The SQL is the subset that MariaDB 10.11
 and MySQL 8.0 NDB (RonDB) both run: `CREATE TABLE IF NOT EXISTS ... ENGINE=`,
 `INSERT ... ON DUPLICATE KEY UPDATE c=VALUES(c)` (deprecated but supported by MySQL 8.0;
-MariaDB lacks the newer row-alias form), `SELECT ... WHERE k IN (...)`, `GROUP_CONCAT`,
-`SELECT ... FOR UPDATE`.
+MariaDB lacks the newer row-alias form), `SELECT ... WHERE k IN (...)`, `GROUP_CONCAT`, scalar
+subqueries in a select list (`SELECT (SELECT ..), (SELECT ..)`), `SELECT ... FOR UPDATE`.
 
 Reads are built for pymysql, which decodes every column of every row in Python: `read_concat`
 asks the server for ONE value, the concatenation of the rows' packed values
 (`GROUP_CONCAT(v SEPARATOR '')`), so the client parses one bytes object instead of one result
-row per key. The session's group_concat_max_len is raised at connect; a result that was still
+row per key; `read_concat_many` asks for one such value per table in one statement. The session's group_concat_max_len is raised at connect; a result that was still
 cut short (the server then reports a warning with the result, so checking costs nothing) is
 read again row by row. Key lists that need no escaping are put into the statement as they are
 (`_key_list`): pymysql formats parameters into the statement text anyway, key by key.
