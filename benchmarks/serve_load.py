@@ -8,6 +8,9 @@ RAY_SERVE_ENABLE_HA_PROXY=1; throughput-optimized: RAY_SERVE_THROUGHPUT_OPTIMIZE
 fresh local Ray. The same recommend pipeline called in-process without Serve gives the baseline
 (`ratio_vs_in_process` = served p50 / in-process p50). After the rates, an overload case offers
 twice the highest rate that held the target (p99 <= 50 ms, no errors) and reports the goodput.
+Each rate also reports `cpu_ms_per_request`: the machine's CPU over the rate's window per request
+sent, by process group (serve replicas, HAProxy, database, Ray's own processes, this load
+generator, ...), read from /proc, so the cost of each part of the serving stack shows.
 
 JSON lines, e.g.
     {"bench": "serve_load", "topology": "fused", "variant": "default", "target_rps": 100,
@@ -245,6 +248,41 @@ def summarise(samples: list[Sample], wall_s: float) -> dict:
     }
 
 
+# Which process a CPU second belongs to, by its command line (first match): what a request costs
+# the machine beyond the replicas' own work.
+CPU_GROUPS = (("ServeReplica", "serve_replicas"), ("haproxy", "haproxy"), ("mariadbd", "database"),
+              ("ProxyActor", "serve_proxy"), ("ServeController", "serve_controller"), ("raylet", "ray_system"),
+              ("gcs_server", "ray_system"), ("log_monitor", "ray_system"), ("dashboard", "ray_system"),
+              ("ray::", "other_ray_workers"))
+
+
+def cpu_by_group() -> dict[str, float]:
+    """CPU seconds used so far by the machine's processes, summed per `CPU_GROUPS` group (this
+    process, the open-loop client, is "load_generator"; anything unmatched "other")."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        group = "load_generator" if int(pid) == os.getpid() else next(
+            (g for pat, g in CPU_GROUPS if pat in cmd), "other")
+        out[group] = out.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_per_request(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+    """Milliseconds of CPU per request by group between two `cpu_by_group` readings, and the total."""
+    per = {g: round(1000 * max(0.0, after.get(g, 0.0) - before.get(g, 0.0)) / max(1, requests), 2)
+           for g in sorted(after)}
+    per = {g: v for g, v in per.items() if v > 0}
+    return {**per, "total": round(sum(per.values()), 2)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Serving
 
@@ -328,8 +366,10 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
         warm_up(url, payloads)
         held = None
         for rate in rates:
+            cpu0 = cpu_by_group()
             samples, wall = asyncio.run(open_loop(url, payloads, rate, duration))
             row = summarise(samples, wall)
+            row["cpu_ms_per_request"] = cpu_per_request(cpu0, cpu_by_group(), len(samples))
             ok = row["p99_ms"] is not None and row["p99_ms"] <= TARGET_P99_MS and row["error_rate"] == 0
             held = (rate, row["achieved_rps"]) if ok else held
             ratio = row["p50_ms"] / base_p50 if row["p50_ms"] else None
