@@ -325,13 +325,13 @@ class Trainable:
         """The unsharded model state on rank 0 (None elsewhere); a collective under DMP."""
         if self.mode == "ddp":
             return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        return _gather_dmp_state(self.net)
+        return _gather_tree(_dmp_state(self.net))
 
     def load_full_state(self, state: dict[str, torch.Tensor]) -> None:
         if self.mode == "ddp":
             self.model.load_state_dict(state)
         else:
-            _scatter_dmp_state(self.net, state)
+            _fill_tree(_dmp_state(self.net), state)
 
     def optimizer_state(self) -> dict[str, Any] | None:
         """DDP: the AdamW state (identical on every rank). DMP: the sharded tables' fused optimizer
@@ -403,7 +403,7 @@ def _build_dmp(model: TwoTower, cfg: TwoTowerConfig, mode: str, device: torch.de
         return made[-1]
 
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(net.named_parameters())), adamw)
-    _scatter_dmp_state(net, init_state)  # the same initial weights as the unsharded model (and as DDP)
+    _fill_tree(_dmp_state(net), init_state)  # the same initial weights as the unsharded model (and as DDP)
     return net, CombinedOptimizer([net.fused_optimizer, dense]), plan, made[0]
 
 
@@ -416,22 +416,6 @@ def _shards(value: Any) -> list[tuple[list[int], torch.Tensor]] | None:
     if hasattr(value, "local_shards"):
         return [(list(s.metadata.shard_offsets), s.tensor) for s in value.local_shards()]
     return None
-
-
-def _gather_dmp_state(net: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    rank = dist.get_rank()
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sorted(_dmp_state(net).items()):
-        if _shards(value) is None:
-            out[key] = value.detach().cpu().clone()
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # ShardedTensor -> DTensor: TorchRec still returns the former
-            full = torch.zeros(value.size(), dtype=value.dtype) if rank == 0 else None
-            value.gather(dst=0, out=full)
-        if rank == 0:
-            out[key] = full
-    return out if rank == 0 else None
 
 
 def _gather_tree(tree: Any) -> Any:
@@ -472,7 +456,7 @@ def _fill_tree(live: Any, saved: Any) -> None:
     """Copy a gathered state tree into the live one in place: each rank fills its local shards."""
     for key, value in live.items():
         if key not in saved:
-            raise KeyError(f"the checkpoint's optimizer state lacks {key!r}: was it saved by another model?")
+            raise KeyError(f"the checkpoint lacks {key!r}: was it saved by another model?")
         src = saved[key]
         if isinstance(value, dict):
             _fill_tree(value, src)
@@ -484,20 +468,6 @@ def _fill_tree(live: Any, saved: Any) -> None:
             value.copy_(src.to(value.device, value.dtype))
         else:
             live[key] = src
-
-
-@torch.no_grad()
-def _scatter_dmp_state(net: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy a full state into the sharded model, each rank filling its own shards in place."""
-    for key, value in _dmp_state(net).items():
-        src = state[key]
-        shards = _shards(value)
-        if shards is None:
-            value.copy_(src)
-            continue
-        for offsets, tensor in shards:
-            region = src[tuple(slice(o, o + s) for o, s in zip(offsets, tensor.shape, strict=True))]
-            tensor.copy_(region.to(tensor.device, tensor.dtype))
 
 
 # -- the training loop ------------------------------------------------------------------------------
