@@ -118,12 +118,6 @@ def online_table(store: OnlineStore, table_name: str) -> OnlineTable:
     return table
 
 
-def read_rows(store: OnlineStore, table: OnlineTable, keys: Sequence[Any]) -> tuple[list[Any], list[tuple]]:
-    """ONE query: (keys found, one tuple per feature column), in no particular order."""
-    buf = store.read_concat(table.spec, keys, ONLINE_ROW_COLUMN)
-    return table.codec.decode_columns(buf)
-
-
 def read_online(store: OnlineStore, ref: FeatureGroupRef, name: str, keys: Sequence[Any],
                 columns: Sequence[str] | None = None) -> dict[Any, dict[str, Any]]:
     """One batched read of a group for many keys, by manifest reference.
@@ -143,10 +137,15 @@ def read_online_many(store: OnlineStore, reads: Sequence[tuple[FeatureGroupRef, 
         if ref.online_table is None:
             raise ValueError(f"feature group {name!r} v{ref.version} has no online table")
         tables.append(online_table(store, ref.online_table))
-    bufs = store.read_concat_many(
-        [(t.spec, keys, ONLINE_ROW_COLUMN) for t, (_, _, keys) in zip(tables, reads, strict=True)])
+    return _read_dicts(store, [(t, keys) for t, (_, _, keys) in zip(tables, reads, strict=True)], columns)
+
+
+def _read_dicts(store: OnlineStore, reads: Sequence[tuple[OnlineTable, Sequence[Any]]],
+                columns: Sequence[str] | None) -> list[dict[Any, dict[str, Any]]]:
+    """ONE statement for every (table, keys): key -> {column: value} per table, keys not stored absent."""
+    bufs = store.read_concat_many([(t.spec, keys, ONLINE_ROW_COLUMN) for t, keys in reads])
     return [_rows_to_dicts(t, *t.codec.decode_columns(buf, _wanted(t, columns)), columns)
-            for t, buf in zip(tables, bufs, strict=True)]
+            for (t, _), buf in zip(reads, bufs, strict=True)]
 
 
 def _wanted(table: OnlineTable, columns: Sequence[str] | None) -> set[int] | None:
@@ -356,8 +355,7 @@ class FeatureGroupVersion:
 
     def read_online(self, keys: Sequence[Any], columns: Sequence[str] | None = None) -> dict[Any, dict[str, Any]]:
         """key -> row (frame spelling) for the stored keys, with ONE query."""
-        table = self.online_table()
-        return _rows_to_dicts(table, *read_rows(self.fs.online, table, keys), columns)
+        return _read_dicts(self.fs.online, [(self.online_table(), keys)], columns)[0]
 
     def online_table(self) -> OnlineTable:
         if not self.online_enabled:
