@@ -144,27 +144,38 @@ def _read_dicts(store: OnlineStore, reads: Sequence[tuple[OnlineTable, Sequence[
                 columns: Sequence[str] | None) -> list[dict[Any, dict[str, Any]]]:
     """ONE statement for every (table, keys): key -> {column: value} per table, keys not stored absent."""
     bufs = store.read_concat_many([(t.spec, keys, ONLINE_ROW_COLUMN) for t, keys in reads])
-    return [_rows_to_dicts(t, *t.codec.decode_columns(buf, _wanted(t, columns)), columns)
-            for (t, _), buf in zip(reads, bufs, strict=True)]
+    out = []
+    for (t, _), buf in zip(reads, bufs, strict=True):
+        names, indexes = _column_plan(t, columns)
+        out.append(_rows_to_dicts(t, *t.codec.decode_columns(buf, indexes), names))
+    return out
 
 
-def _wanted(table: OnlineTable, columns: Sequence[str] | None) -> set[int] | None:
-    """The codec indexes of `columns` (None: all): the others' lists and json are not decoded."""
-    if columns is None:
-        return None
-    index = {n: i for i, n in enumerate(table.codec.names)}
-    return {index[c] for c in (table.group.feature(c).column for c in columns) if c in index}
+# (id of the table, columns) -> (the table itself, so that its id stays taken; the plan)
+_PLANS: dict[tuple[int, tuple[str, ...] | None], tuple[OnlineTable, tuple[list[str], set[int] | None]]] = {}
 
 
-def _rows_to_dicts(table: OnlineTable, keys: list[Any], cols: list[tuple], columns: Sequence[str] | None):
-    group = table.group
-    names = table.codec.names
-    if columns is None:
-        wanted = [group.key, *names]
-    else:
-        wanted = [group.feature(c).column for c in columns]
-    by_name = dict(zip(names, cols, strict=True))
-    by_name[group.key] = keys
+def _column_plan(table: OnlineTable, columns: Sequence[str] | None) -> tuple[list[str], set[int] | None]:
+    """The output columns (frame spelling; all with the key when `columns` is None) and the codec
+    indexes to decode (None: all), worked out once per table and column list, not per read."""
+    key = (id(table), None if columns is None else tuple(columns))
+    cached = _PLANS.get(key)
+    plan = cached[1] if cached is not None and cached[0] is table else None
+    if plan is None:
+        if columns is None:
+            plan = ([table.group.key, *table.codec.names], None)
+        else:
+            names = [table.group.feature(c).column for c in columns]
+            index = {n: i for i, n in enumerate(table.codec.names)}
+            plan = (names, {index[c] for c in names if c in index})
+        _PLANS[key] = (table, plan)
+    return plan
+
+
+def _rows_to_dicts(table: OnlineTable, keys: list[Any], cols: list[tuple], wanted: list[str]):
+    """key -> {column: value} for the `wanted` columns of decoded rows."""
+    by_name = dict(zip(table.codec.names, cols, strict=True))
+    by_name[table.group.key] = keys
     picked = [by_name[c] for c in wanted]
     return {k: dict(zip(wanted, vals, strict=True)) for k, vals in zip(keys, zip(*picked, strict=True), strict=True)}
 
