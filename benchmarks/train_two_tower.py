@@ -1,7 +1,7 @@
 """Two-tower training: throughput of the embedding paths, Ray Train scaling, and retrieval quality.
 
 Usage: python benchmarks/train_two_tower.py [--customers 4000 --articles 1500 --days 120]
-           [--steps 40] [--speed-epochs 3] [--workers 1 2] [--epochs 10] [--seed 0] [--ensemble N]
+           [--steps 40] [--speed-epochs 3] [--workers 1 2] [--epochs N] [--swa-epochs N] [--seed 0] [--ensemble N]
            [--skip-speed] [--skip-ray] [--skip-quality]
 
 All on the generated H&M-shaped data set (default size = the demo's), split as the pipeline does
@@ -231,7 +231,8 @@ def quality(hm, train_tx, test_tx, cutoff, arts, custs, view, cfg: TwoTowerConfi
             extra = dict(epochs_run=len(res.history), best_epoch=res.best_epoch, fit_s=round(fit_s, 1),
                          recall_at_100_vs_popularity=round(s["recall@100"] / pop, 3) if pop else None,
                          n_random_negatives=cfg.n_random_negatives, val_days=cfg.val_days, seed=cfg.seed,
-                         ensemble=cfg.ensemble, vector_dim=int(item_vecs.shape[1]))
+                         ensemble=cfg.ensemble, epochs=cfg.epochs, swa_epochs=cfg.swa_epochs,
+                         vector_dim=int(item_vecs.shape[1]))
         emit(BENCH, model=model, recall_at_100=s["recall@100"], recall_at_12=s["recall@12"], map_at_12=s["map@12"],
              eval_customers=len(truth), test_days=TEST_DAYS, **extra)
 
@@ -245,7 +246,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--speed-epochs", type=int, default=3, help="epochs per Ray Train scaling run")
     ap.add_argument("--sharding", default="ddp", choices=["ddp", "table_wise"], help="for the Ray Train runs")
-    ap.add_argument("--epochs", type=int, default=10, help="max epochs of the quality run")
+    ap.add_argument("--epochs", type=int, default=None, help="max epochs of the quality run (default: TwoTowerConfig's)")
+    ap.add_argument("--swa-epochs", type=int, default=None,
+                    help="quality run: epochs whose weights are averaged (default: TwoTowerConfig's)")
     ap.add_argument("--val-days", type=int, default=0, help="quality run: hold out the last days for early stopping")
     ap.add_argument("--random-negatives", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0, help="training seed (the data set's is fixed)")
@@ -259,7 +262,9 @@ def main() -> None:
     a = ap.parse_args()
 
     over = {} if a.ensemble is None else {"ensemble": a.ensemble}
-    cfg = TwoTowerConfig(epochs=a.epochs, val_days=a.val_days, n_random_negatives=a.random_negatives, seed=a.seed,
+    over |= {} if a.epochs is None else {"epochs": a.epochs}
+    over |= {} if a.swa_epochs is None else {"swa_epochs": a.swa_epochs}
+    cfg = TwoTowerConfig(val_days=a.val_days, n_random_negatives=a.random_negatives, seed=a.seed,
                          **over)
     with tempfile.TemporaryDirectory(prefix="rayrec-bench-data-") as tmp:
         data_dir = a.data_dir or Path(tmp)

@@ -26,6 +26,9 @@ def init_ray(wd: Workdir) -> bool:
         ray.init(log_to_driver=False)  # resources are the cluster's: asking for CPUs here is an error
     else:
         temp = str(wd.ray_temp_dir) if wd.ray_temp_dir else None
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+        # "local": a Ray of its own, even where the temp dir names a cluster (the serving head that
+        # `rayrec serve start` runs, or a stale file a stopped head left behind): joining that by
+        # accident fails ("num_cpus ... must not be provided") or trains on the serving head.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
     ray.data.DataContext.get_current().enable_progress_bars = False
     return True

@@ -458,6 +458,35 @@ def test_resumed_run_matches_an_uninterrupted_one(data):
         torch.testing.assert_close(a, b, msg=k)
 
 
+def test_weight_averaging_exports_the_mean_of_the_last_epochs(data):
+    """swa_epochs=2 of 3: the last checkpoint and the returned model hold the mean of epochs 2 and 3's
+    weights (which the same run without averaging reports); earlier checkpoints the raw weights,
+    with the running average that a resumed run continues from."""
+    frame, articles, _, vocab = data
+    base = CFG.model_copy(update={"epochs": 3, "early_stopping_patience": 0})
+    columns, side = encode_training_data(vocab, frame, articles, base)
+
+    def run(cfg: TwoTowerConfig) -> tuple[torch.nn.Module, list[dict]]:
+        blobs: list[dict] = []
+        model, _ = run_training(build_loop_config(vocab, cfg, progress=False, threads=1),
+                                local_batches(columns, cfg.batch_size, cfg.seed), side,
+                                RunContext(report=lambda m, blob: blobs.append(_saved(blob))))
+        return model, blobs
+
+    _, raw = run(base.model_copy(update={"swa_epochs": 0}))
+    model, avg = run(base.model_copy(update={"swa_epochs": 2}))
+    assert raw[-1]["swa"] is None and avg[0]["swa"] is None and avg[1]["swa"]["count"] == 1
+    for k, v in avg[1]["state_dict"].items():
+        torch.testing.assert_close(v, raw[1]["state_dict"][k], msg=k)  # inside the window, before its end
+    last, live = avg[-1]["state_dict"], model.state_dict()
+    floats = [k for k, v in last.items() if v.is_floating_point()]
+    assert floats and avg[-1]["swa"]["count"] == 2
+    for k in floats:
+        torch.testing.assert_close(last[k], (raw[1]["state_dict"][k] + raw[2]["state_dict"][k]) / 2, msg=k)
+        torch.testing.assert_close(live[k], last[k], msg=k)
+    assert any(not torch.equal(last[k], raw[2]["state_dict"][k]) for k in floats)
+
+
 def test_table_wise_dmp_trains_and_checkpoints_full_tables(data):
     """The sharded path: state scattered into TorchRec's table-wise shards and gathered back intact,
     loss falls, and the checkpoint (untied tables) rebuilds a plain TwoTower for export."""

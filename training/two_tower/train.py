@@ -497,10 +497,12 @@ def run_training(
     if run.say is not None and run.rank == 0:
         run.say(f"[two_tower] {run.world_size} worker(s) on {run.device.type}, {trainable.describe()}")
     history: list[dict[str, Any]] = []
+    swa: dict[str, Any] | None = None  # the running weight average (cfg.swa_epochs), on rank 0
     if run.resume is not None:
         trainable.load_full_state(run.resume["state_dict"])
         trainable.load_optimizer_state(run.resume.get("optimizer"))
         history = list(run.resume["history"])
+        swa = run.resume.get("swa")
     catalog_cat = torch.from_numpy(fixed_width_items(side.catalog)[I_CAT]).to(run.device)
     catalog_cat = catalog_cat[catalog_cat[:, ART_COL] > 0]
     probs = torch.from_numpy(side.probs).to(run.device) if config.get("log_q", True) else None
@@ -529,6 +531,12 @@ def run_training(
             "train_s": round(train_s, 3),
         }
         state = trainable.full_state() if mode != "ddp" or run.rank == 0 else None
+        if state is not None and epoch >= cfg.epochs - cfg.swa_epochs:
+            swa = average_in(swa, state)
+            if epoch == cfg.epochs - 1:  # the schedule's end: validate and export the average
+                state = swa["state"]
+                if mode == "ddp":
+                    trainable.model.load_state_dict(state)
         if side.val_q is not None:
             metrics[VAL_METRIC] = _validate(trainable.eval_model(state), side, cfg.val_k, run)
         metrics["epoch_s"] = round(time.perf_counter() - t0, 3)
@@ -538,12 +546,23 @@ def run_training(
             run.say(progress_line(metrics, cfg.epochs, cfg.val_k))
         if run.report is not None:
             opt_state = trainable.optimizer_state() if mode != "ddp" or run.rank == 0 else None  # DMP: collective
-            run.report(metrics, _checkpoint_blob(trainable, state, opt_state, history) if run.rank == 0 else None)
+            run.report(metrics, _checkpoint_blob(trainable, state, opt_state, history, swa) if run.rank == 0 else None)
         if should_stop(history, cfg.early_stopping_patience):
             if run.say is not None and run.rank == 0:
                 run.say(f"[two_tower] early stop: no better {VAL_METRIC} since epoch {best_epoch(history)}")
             break
     return model, history
+
+
+def average_in(swa: dict[str, Any] | None, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Stochastic weight averaging: the running mean of the states seen so far and `state`
+    ({"state": mean, "count": n}); integer buffers are taken as they are."""
+    n = swa["count"] if swa else 0
+    if n == 0:
+        return {"state": {k: v.clone() for k, v in state.items()}, "count": 1}
+    mean = {k: swa["state"][k] + (v - swa["state"][k]) / (n + 1) if v.is_floating_point() else v.clone()
+            for k, v in state.items()}
+    return {"state": mean, "count": n + 1}
 
 
 def _known_rows(side: SideData) -> GroupTables | None:
@@ -672,11 +691,11 @@ def progress_line(metrics: dict[str, Any], epochs: int, val_k: int) -> str:
 # -- checkpoints ------------------------------------------------------------------------------------
 def _checkpoint_blob(
     tr: Trainable, state: dict[str, torch.Tensor] | None, opt_state: dict[str, Any] | None,
-    history: list[dict[str, Any]],
+    history: list[dict[str, Any]], swa: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     q_kwargs, i_kwargs = tr.model.init_kwargs()
     return {
-        "state_dict": state, "optimizer": opt_state, "history": list(history),
+        "state_dict": state, "optimizer": opt_state, "history": list(history), "swa": swa,
         "query_kwargs": q_kwargs, "item_kwargs": i_kwargs, "tie_history": tr.model.tie_history,
     }
 
