@@ -245,7 +245,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="timed steps per path (step_throughput)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--speed-epochs", type=int, default=3, help="epochs per Ray Train scaling run")
-    ap.add_argument("--sharding", default="ddp", choices=["ddp", "table_wise"], help="for the Ray Train runs")
+    ap.add_argument("--sharding", default="ddp", choices=["ddp", "table_wise", "planner"],
+                    help="for the Ray Train runs")
     ap.add_argument("--epochs", type=int, default=None, help="max epochs of the quality run (default: TwoTowerConfig's)")
     ap.add_argument("--swa-epochs", type=int, default=None,
                     help="quality run: epochs whose weights are averaged (default: TwoTowerConfig's)")

@@ -71,8 +71,9 @@ class TwoTowerConfig(_Strict):
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     # "auto": data-parallel (DDP) on CPU, TorchRec DistributedModelParallel with the planner's choice on
-    # GPU; "ddp": always data-parallel; "table_wise": DMP with whole tables per worker (CPU or GPU).
-    sharding: Literal["auto", "ddp", "table_wise"] = "auto"
+    # GPU; "ddp": always data-parallel; "table_wise": DMP with whole tables per worker (CPU or GPU);
+    # "planner": DMP with the planner's choice on CPU too (it mixes table-wise and data-parallel tables).
+    sharding: Literal["auto", "ddp", "table_wise", "planner"] = "auto"
     # "auto": GPUs when the Ray cluster has them (nccl), else CPU (gloo).
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Stochastic weight averaging: the towers exported at the end of the schedule are the mean of

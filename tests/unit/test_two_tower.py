@@ -518,6 +518,28 @@ def test_table_wise_dmp_trains_and_checkpoints_full_tables(data):
     assert np.isfinite(q).all() and np.isfinite(i).all()
 
 
+def test_the_planners_own_plan_trains_on_cpu_and_exports(data):
+    """sharding "planner" (what "auto" runs on GPU, here on gloo): the planner mixes table-wise and
+    data-parallel tables; the loss falls and the checkpoint rebuilds a plain TwoTower."""
+    frame, articles, _, vocab = data
+    cfg = CFG.model_copy(update={"epochs": 3, "sharding": "planner", "early_stopping_patience": 0})
+    columns, side = encode_training_data(vocab, frame, articles, cfg)
+    with single_process_group():
+        trainable = Trainable(TwoTower.from_vocab(vocab, cfg, tie_history=False), cfg, "planner",
+                              torch.device("cpu"), distributed=True)
+        placed = trainable.describe()
+        blobs: list[dict] = []
+        _, history = run_training(build_loop_config(vocab, cfg, progress=False, threads=1),
+                                  local_batches(columns, cfg.batch_size, cfg.seed), side,
+                                  RunContext(distributed=True, report=lambda m, blob: blobs.append(_saved(blob))))
+    assert placed.startswith("DistributedModelParallel (planner)") and "table_wise@0" in placed, placed
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    exported = TwoTower(blobs[-1]["query_kwargs"], blobs[-1]["item_kwargs"], tie_history=False)
+    exported.load_state_dict(blobs[-1]["state_dict"])
+    q, i = _embed_both(exported, vocab, frame)
+    assert np.isfinite(q).all() and np.isfinite(i).all()
+
+
 def test_table_wise_dmp_resumes_with_its_fused_optimizer_state(data):
     """Sharded tables' fused Adagrad sums and the dense AdamW moments travel in the checkpoint: a
     run resumed from epoch 2 trains epochs 3-4 exactly as the uninterrupted run did."""

@@ -281,7 +281,8 @@ def should_stop(history: list[dict[str, Any]], patience: int) -> bool:
 
 # -- model placement: DDP or TorchRec DMP ---------------------------------------------------------------
 def resolve_sharding(sharding: str, device: torch.device) -> str:
-    """"ddp" or "table_wise" as configured; "auto" is DMP with the planner's choice on GPU, DDP on CPU."""
+    """As configured ("ddp", "table_wise", "planner"); "auto" is DMP with the planner's choice on GPU,
+    DDP on CPU."""
     if sharding == "auto":
         return "planner" if device.type == "cuda" else "ddp"
     return sharding
