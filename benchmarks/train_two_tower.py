@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/train_two_tower.py [--customers 4000 --articles 1500 --days 120]
            [--steps 40] [--speed-epochs 3] [--workers 1 2] [--epochs N] [--swa-epochs N] [--seed 0] [--ensemble N]
+           [--eval-week test|validation]
            [--skip-speed] [--skip-ray] [--skip-quality]
 
 All on the generated H&M-shaped data set (default size = the demo's), split as the pipeline does
@@ -20,6 +21,8 @@ All on the generated H&M-shaped data set (default size = the demo's), split as t
   (`--ensemble` overrides), exported and loaded as the pipeline does; fit_s covers every member.
 - quality: one line per model, {"model": "two_tower" | "popularity_last_week", "recall_at_100", "map_at_12"},
   scored by training.evaluate on the test week exactly as the pipeline scores retrieval.
+  `--eval-week validation` trains on the data before the training part's last week and scores that
+  week instead: the figures settings are chosen by (TwoTowerConfig's comments), never the test week.
 """
 from __future__ import annotations
 
@@ -113,11 +116,15 @@ class PlainTwoTower(nn.Module):
 
 
 # -- data -----------------------------------------------------------------------------------------------
-def prepare(data_dir: Path, customers: int, articles: int, days: int, history_len: int):
+def prepare(data_dir: Path, customers: int, articles: int, days: int, history_len: int, week: str = "test"):
+    """The data split as the pipeline splits it; week "validation": the training part split again,
+    its last week held out (how settings are chosen without looking at the test week)."""
     if not (data_dir / "transactions_train.csv").exists():
         generate(data_dir, seed=0, customers=customers, articles=articles, days=days)
     hm = load_hm(data_dir)
     train_tx, test_tx, cutoff = ev.time_split(hm.transactions, TEST_DAYS)
+    if week == "validation":
+        train_tx, test_tx, cutoff = ev.time_split(train_tx, TEST_DAYS)
     arts = article_features(hm.articles, train_tx, cutoff, hm.extras)
     custs = customer_features(hm.customers, hm.extras.get("postal_regions"))
     view = retrieval_frame(train_tx, custs, arts, history_len)
@@ -234,7 +241,7 @@ def quality(hm, train_tx, test_tx, cutoff, arts, custs, view, cfg: TwoTowerConfi
                          ensemble=cfg.ensemble, epochs=cfg.epochs, swa_epochs=cfg.swa_epochs,
                          vector_dim=int(item_vecs.shape[1]))
         emit(BENCH, model=model, recall_at_100=s["recall@100"], recall_at_12=s["recall@12"], map_at_12=s["map@12"],
-             eval_customers=len(truth), test_days=TEST_DAYS, **extra)
+             eval_customers=len(truth), test_days=TEST_DAYS, eval_from=str(cutoff.date()), **extra)
 
 
 def main() -> None:
@@ -256,6 +263,8 @@ def main() -> None:
     ap.add_argument("--ensemble", type=int, default=None,
                     help="quality run: ensemble members (default: TwoTowerConfig's)")
     ap.add_argument("--skip-speed", action="store_true", help="skip the single-process step_throughput case")
+    ap.add_argument("--eval-week", default="test", choices=["test", "validation"],
+                    help="quality run: the held-out test week, or the training data's last week (to choose settings)")
     ap.add_argument("--eval-customers", type=int, default=5000)
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
@@ -270,7 +279,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rayrec-bench-data-") as tmp:
         data_dir = a.data_dir or Path(tmp)
         hm, train_tx, test_tx, cutoff, arts, custs, view = prepare(data_dir, a.customers, a.articles, a.days,
-                                                                    cfg.history_len)
+                                                                    cfg.history_len, a.eval_week)
         if not a.skip_speed:
             step_throughput(view, arts, custs, cfg, a.steps)
         if a.skip_ray and a.skip_quality:

@@ -63,9 +63,10 @@ class TwoTowerConfig(_Strict):
     # for two (2 seeds), 0.7995 for three (10 epochs, no weight averaging). With 15 epochs and the
     # last 6 averaged (swa_epochs), recall@100 on the test week (seeds 0, 1, 2) was 0.7874 / 0.7920 /
     # 0.7842 for one model and 0.7934 / 0.7950 / 0.7929 for two: only two are at least twice
-    # last-week popularity (0.3949) for every seed. Two members double the training time, the
-    # index's vector size and the query towers run per request; `ensemble: 1` trades that point
-    # of recall for them.
+    # last-week popularity (0.3949) for every seed (validation week: 0.8015 for two, 0.7910 for one;
+    # `train_two_tower.py --eval-week test|validation --seed S`). Two members double the training
+    # time, the index's vector size and the query towers run per request; `ensemble: 1` trades that
+    # point of recall for them.
     ensemble: int = Field(2, ge=1)
     # Ray Train workers, and the CPUs (= torch threads) each one reserves; scaled down to fit the cluster.
     num_workers: int = Field(1, ge=1)
@@ -80,9 +81,10 @@ class TwoTowerConfig(_Strict):
     # the weights at the end of its last `swa_epochs` epochs (0: the last epoch's weights). On the
     # generated data's last training week (validation, not the test week) recall@100 rose from
     # 0.775 (10 epochs, no averaging) to 0.787 (10 epochs, the last 3 averaged) and 0.791 (15
-    # epochs, the last 6): averaging lets longer training pay, which alone overfits. With validation
-    # the average is scored like any epoch (the best is exported); a run stopped early exports its
-    # best epoch, unaveraged. The running mean is in every checkpoint, so a resumed run continues it.
+    # epochs, the last 6; `benchmarks/train_two_tower.py --skip-speed --skip-ray --eval-week validation
+    # --ensemble 1 --epochs E --swa-epochs K`): averaging lets longer training pay, which alone
+    # overfits. With validation the average is scored like any epoch (the best is exported); a run
+    # stopped early exports its best epoch, unaveraged. The running mean is in every checkpoint, so a resumed run continues it.
     swa_epochs: int = Field(6, ge=0)
     # Worker failures a run recovers from (from its last checkpoint); -1 = unlimited.
     max_failures: int = Field(2, ge=-1)
