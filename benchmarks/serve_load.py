@@ -21,7 +21,7 @@ JSON lines, e.g.
 
 Usage: python benchmarks/serve_load.py [--workdir RUN] [--rates 25 50 100 150 200] [--duration 8]
        [--topologies fused split] [--variants default haproxy throughput] [--candidates 200]
-       [--max-ongoing N] [--max-queued N]
+       [--max-ongoing N] [--max-queued N] [--article-cache-ttl-s 2 0]
 Without --workdir it builds a small pipeline run in a temp folder (with its own MariaDB).
 """
 from __future__ import annotations
@@ -405,6 +405,8 @@ def main() -> None:
                     help="replicas per deployment (fixed; 0 = the run's autoscaling config)")
     ap.add_argument("--max-ongoing", type=int, help="max_ongoing_requests per replica (default: the run's config)")
     ap.add_argument("--max-queued", type=int, help="max_queued_requests (default: the run's config)")
+    ap.add_argument("--article-cache-ttl-s", type=float, nargs="+",
+                    help="serve.article_cache_ttl_s values to run each case with (default: the run's config; 0: off)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="rayrec-serve-load-") as tmp:
         if a.workdir:
@@ -423,8 +425,10 @@ def main() -> None:
         for variant in a.variants:
             for topology in a.topologies:
                 for replicas in a.replicas:
-                    run_topology(wd, payloads, topology, variant, a.rates, a.duration, a.candidates, base["p50_ms"],
-                                 replicas or None, admission)
+                    for ttl in a.article_cache_ttl_s or [None]:
+                        app_args = admission | ({} if ttl is None else {"article_cache_ttl_s": ttl})
+                        run_topology(wd, payloads, topology, variant, a.rates, a.duration, a.candidates,
+                                     base["p50_ms"], replicas or None, app_args)
         if not a.workdir:
             from feature_store.local_db import LocalMariaDB
 

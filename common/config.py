@@ -220,6 +220,14 @@ class ServeConfig(_Strict):
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_batch_events: int = Field(500, ge=1)
     prediction_log: bool = True
+    # Article rows the ranker read stay in the replica this many seconds (0: read every request).
+    # Candidates of one request overlap the last ones', so most of the articles query is saved:
+    # on the 2-core machine 1.4-2.4 ms of replica CPU and 0.7-0.9 ms of database CPU per request
+    # of the load mix at 60-100 req/s (benchmarks/serve_load.py --article-cache-ttl-s 2 0). The
+    # price: stock, availability and sales aggregates may be this old, except (fused topology)
+    # for the articles of the replica's own purchase events, which it reads again at once.
+    article_cache_ttl_s: float = Field(2.0, ge=0)
+    article_cache_entries: int = Field(100_000, ge=1)
     # At start-up a replica that takes events applies the purchases logged within this many
     # seconds that no replica applied online (one killed between its durable log write and the
     # online transaction); 0 turns the check off.

@@ -37,7 +37,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from operator import itemgetter
@@ -250,6 +250,12 @@ class TTLCache:
                 self._data.move_to_end(k)
             while len(self._data) > self.max_entries:
                 self._data.popitem(last=False)
+
+    def forget(self, keys: Iterable[Any]) -> None:
+        """Drop these keys' entries (their rows changed): the next lookup reads them again."""
+        with self._lock:
+            for k in keys:
+                self._data.pop(k, None)
 
     def clear(self) -> None:
         with self._lock:

@@ -69,6 +69,7 @@ class AppArgs(BaseModel):
     max_ongoing_requests: int | None = Field(None, ge=1)
     max_queued_requests: int | None = Field(None, ge=-1)
     n_candidates: int | None = Field(None, ge=1, le=1000, description="Candidates ranked per request")
+    article_cache_ttl_s: float | None = Field(None, ge=0, description="Seconds article rows stay cached (0: off)")
     user_config: dict[str, Any] | None = Field(
         None, description="The ingress's user_config: {workdir: PATH} switches to that run without a restart")
 
@@ -463,7 +464,7 @@ class Ingress:
     """HTTP ingress; in the fused topology it also runs every stage."""
 
     def __init__(self, workdir: str, stages: dict[str, DeploymentHandle] | None, api_key_sha256: str | None,
-                 n_candidates: int | None = None):
+                 n_candidates: int | None = None, article_cache_ttl_s: float | None = None):
         from ray_apps.metrics import ServeMetrics
 
         self.metrics = ServeMetrics()
@@ -471,6 +472,7 @@ class Ingress:
         self.rec: Recommender | None = None
         self.plog = None
         self.n_candidates = n_candidates
+        self.article_cache_ttl_s = article_cache_ttl_s
         api.state.api_key_sha256 = api_key_sha256
         self._switch(workdir)
 
@@ -482,7 +484,8 @@ class Ingress:
         cfg = load_config(wd.config_path).serve
         old = self.rec
         if self.stages is None:
-            rec = Recommender(str(wd.root), self.metrics, n_candidates=self.n_candidates)
+            rec = Recommender(str(wd.root), self.metrics, n_candidates=self.n_candidates,
+                              article_cache_ttl_s=self.article_cache_ttl_s)
             rec.warm()
             calls: LocalCalls | RemoteCalls = LocalCalls(rec, self._encode_batch, self._rank_batch)
         else:
@@ -673,19 +676,22 @@ class Stage:
 
     KEEP = 2
 
-    def __init__(self, workdir: str, role: str, n_candidates: int | None = None):
+    def __init__(self, workdir: str, role: str, n_candidates: int | None = None,
+                 article_cache_ttl_s: float | None = None):
         from ray_apps.metrics import ServeMetrics
 
         self.metrics = ServeMetrics()
         self.role = role
         self.n_candidates = n_candidates
+        self.article_cache_ttl_s = article_cache_ttl_s
         self.runs: dict[str, Recommender] = {}
         self._get(workdir)
 
     def _get(self, workdir: str) -> Recommender:
         rec = self.runs.get(workdir)
         if rec is None:
-            rec = Recommender(workdir, self.metrics, n_candidates=self.n_candidates)
+            rec = Recommender(workdir, self.metrics, n_candidates=self.n_candidates,
+                              article_cache_ttl_s=self.article_cache_ttl_s)
             rec.warm(self.role)
             self.runs[workdir] = rec
             while len(self.runs) > self.KEEP:
@@ -762,11 +768,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     workdir = str(wd.root)
     ingress_opts = opts | ({"user_config": a.user_config} if a.user_config else {})
     if topology == "fused":
-        return Ingress.options(**ingress_opts).bind(workdir, None, key_hash, a.n_candidates)
+        return Ingress.options(**ingress_opts).bind(workdir, None, key_hash, a.n_candidates, a.article_cache_ttl_s)
     stage_opts = opts | {"max_queued_requests": -1}  # admission control happens once, at the ingress
-    stages = {name: Stage.options(name=f"{name}_stage", **stage_opts).bind(workdir, name, a.n_candidates)
+    stages = {name: Stage.options(name=f"{name}_stage", **stage_opts).bind(workdir, name, a.n_candidates, a.article_cache_ttl_s)
               for name in ("encoder", "retriever", "ranker")}
-    return Ingress.options(**ingress_opts).bind(workdir, stages, key_hash, a.n_candidates)
+    return Ingress.options(**ingress_opts).bind(workdir, stages, key_hash, a.n_candidates, a.article_cache_ttl_s)
 
 
 def serve_config(workdir: Path, host: str, port: int, topology: str | None = None) -> dict[str, Any]:

@@ -18,7 +18,7 @@ class Metrics(Protocol):
     def candidates(self, stage: str, n: int) -> None: ...
     def filtered(self, rule: str, n: int) -> None: ...
     def fallback(self, reason: str) -> None: ...
-    def cache(self, group: str, hit: bool) -> None: ...
+    def cache(self, group: str, hit: bool, n: int = 1) -> None: ...
     def event(self, kind: str, applied: bool) -> None: ...
 
 
@@ -40,7 +40,7 @@ class NullMetrics:
     def fallback(self, reason: str) -> None:
         pass
 
-    def cache(self, group: str, hit: bool) -> None:
+    def cache(self, group: str, hit: bool, n: int = 1) -> None:
         pass
 
     def event(self, kind: str, applied: bool) -> None:
@@ -63,7 +63,7 @@ class ServeMetrics:
                                  tag_keys=("rule",))
         self._fallbacks = Counter("rayrec_fallbacks", description="Answers from popularity or last good data",
                                   tag_keys=("reason",))
-        self._cache = Counter("rayrec_cache", description="Last-good cache lookups", tag_keys=("group", "result"))
+        self._cache = Counter("rayrec_cache", description="Cache lookups: last-good customer rows, article rows", tag_keys=("group", "result"))
         self._events = Counter("rayrec_events", description="Events received", tag_keys=("type", "result"))
 
     def stage_ms(self, stage: str, ms: float) -> None:
@@ -83,8 +83,9 @@ class ServeMetrics:
     def fallback(self, reason: str) -> None:
         self._fallbacks.inc(tags={"reason": reason})
 
-    def cache(self, group: str, hit: bool) -> None:
-        self._cache.inc(tags={"group": group, "result": "hit" if hit else "miss"})
+    def cache(self, group: str, hit: bool, n: int = 1) -> None:
+        if n:
+            self._cache.inc(n, tags={"group": group, "result": "hit" if hit else "miss"})
 
     def event(self, kind: str, applied: bool) -> None:
         self._events.inc(tags={"type": kind, "result": "applied" if applied else "duplicate"})

@@ -93,12 +93,15 @@ class Recommender:
     except where noted (the online store serialises its own calls)."""
 
     def __init__(self, workdir: str, metrics: Metrics | None = None, follow_index: bool = True,
-                 n_candidates: int | None = None):
+                 n_candidates: int | None = None, article_cache_ttl_s: float | None = None):
         self.wd = Workdir.at(workdir)
         self.manifest: Manifest = read_manifest(self.wd)
         cfg = load_config(self.wd.config_path)
-        if n_candidates is not None:  # candidates ranked per request, instead of the run's setting
-            cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"n_candidates": n_candidates})})
+        # candidates ranked per request and article-cache seconds, instead of the run's settings
+        update = {k: v for k, v in (("n_candidates", n_candidates), ("article_cache_ttl_s", article_cache_ttl_s))
+                  if v is not None}
+        if update:
+            cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update=update)})
         self.cfg: RayrecConfig = cfg
         self.metrics: Metrics = metrics or NullMetrics()
         self.guard = StoreGuard(self.cfg.serve.db_retry_s)
@@ -148,8 +151,14 @@ class Recommender:
         if self._ranker is None:
             from ray_apps.stages.ranking import OnlineRanker
 
-            self._ranker = OnlineRanker(self.store(), self.manifest, self.stage)
+            s = self.cfg.serve
+            self._ranker = OnlineRanker(self.store(), self.manifest, self.stage, s.article_cache_ttl_s,
+                                        s.article_cache_entries, self._count_article_cache)
         return self._ranker
+
+    def _count_article_cache(self, hits: int, misses: int) -> None:
+        self.metrics.cache("articles", True, hits)
+        self.metrics.cache("articles", False, misses)
 
     @cached_property
     def popularity(self) -> dict[str, Any]:
@@ -380,6 +389,8 @@ class Recommender:
                 self._pending.append(pe)
                 self._retry_pending_later()
             self.metrics.event("purchase", applied)
+            if applied and self._ranker is not None:
+                self._ranker.forget([pe.article_id])  # its stock and sales changed: read it again
             out[pe.event_id] = {"event_id": pe.event_id, "type": "purchase", "applied": applied, "pending": still}
         for e in others:
             self.metrics.event(e["type"], True)

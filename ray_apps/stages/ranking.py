@@ -3,19 +3,24 @@
 One articles-group query per call (the candidates plus the customer's recent purchases,
 only the columns the rules and features read) is shared by the business rules and the ranker,
 and by every request of a batch (`rank_many`: what @serve.batch hands over);
-the customer's rows are those the query encoder already read. The work itself is
+the customer's rows are those the query encoder already read. With `cache_ttl_s` > 0 the
+article rows read are kept in process for that long (`serve.article_cache_ttl_s`), and only
+the keys not cached are read: a request's candidates overlap heavily with the previous ones',
+so most of its articles query and its decoding is saved, at the price of stock and sales
+aggregates up to `cache_ttl_s` old (`forget` drops the rows this process's events changed). The work itself is
 `training.ranker.RankingStage`, the same code batch recommendations and evaluation run.
 """
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from common.artifacts import Manifest
 from common.config import RayrecConfig
 from common.workdir import Workdir
+from feature_store.feature_view import TTLCache
 from feature_store.online.base import OnlineStore
 from feature_store.store import read_online
 from ray_apps.schemas import Candidates
@@ -56,10 +61,41 @@ class RankRequest:
 class OnlineRanker:
     """Business rules + ranker + diversity, reading articles online once per call."""
 
-    def __init__(self, store: OnlineStore, manifest: Manifest, stage: RankingStage):
+    def __init__(self, store: OnlineStore, manifest: Manifest, stage: RankingStage, cache_ttl_s: float = 0.0,
+                 cache_entries: int = 100_000, on_cache: Callable[[int, int], None] | None = None):
+        """`cache_ttl_s` > 0: keep article rows (and the absence of unknown ids) that long, at most
+        `cache_entries` of them; `on_cache(hits, misses)` is told each call's counts."""
         self.store = store
         self.articles_ref = manifest.feature_groups["articles"]
         self.stage = stage
+        self.cache_ttl_s = cache_ttl_s
+        self._cache_entries = cache_entries
+        self._caches: dict[tuple[str, ...], TTLCache] = {}  # one per column list the rules ask for
+        self._on_cache = on_cache
+
+    def articles(self, keys: list[str], columns: list[str]) -> dict[str, dict[str, Any]]:
+        """Article rows of `keys` (absent: not stored): from the cache where fresh, the rest in
+        ONE query. A key the store lacks is cached as absent too, so it is not asked again."""
+        if self.cache_ttl_s <= 0:
+            return read_online(self.store, self.articles_ref, "articles", keys, columns)
+        cache = self._caches.get(tuple(columns))
+        if cache is None:
+            cache = self._caches.setdefault(tuple(columns), TTLCache(self.cache_ttl_s, self._cache_entries))
+        rows = cache.get_many(keys)
+        todo = [k for k in keys if k not in rows]
+        if todo:
+            got = read_online(self.store, self.articles_ref, "articles", todo, columns)
+            fetched = {k: got.get(k) for k in todo}
+            cache.put_many(fetched)
+            rows.update(fetched)
+        if self._on_cache is not None:
+            self._on_cache(len(keys) - len(todo), len(todo))
+        return {k: r for k, r in rows.items() if r is not None}
+
+    def forget(self, keys: Sequence[str]) -> None:
+        """Drop cached rows of these articles (their stock or sales just changed here)."""
+        for cache in list(self._caches.values()):
+            cache.forget(keys)
 
     def rank(
         self,
@@ -82,7 +118,7 @@ class OnlineRanker:
         stage = self.stage
         keys = list(dict.fromkeys(a for r in requests for a in stage.article_keys(r.cands.article_ids, r.history)))
         columns = list(dict.fromkeys(c for r in requests for c in stage.article_columns(r.request)))
-        articles = read_online(self.store, self.articles_ref, "articles", keys, columns)
+        articles = self.articles(keys, columns)
         preps = [stage.prepare(r.customer, r.history, r.cands.article_ids, r.cands.scores, articles,
                                channel=r.channel, now=r.now, request=r.request) for r in requests]
         scores = stage.model.predict(FeatureBlock.concat([p.block for p in preps]))

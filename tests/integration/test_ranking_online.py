@@ -54,13 +54,13 @@ def as_of_state(mariadb, tmp_path_factory):
     cids = [*buyers[:6], *never[:2], "not-a-customer"]
     offline = rows_as_of(hm.articles, before, customers_fg, hm.extras, as_of, cids)
     try:
-        yield store, manifest, offline, cids, sorted(hm.articles["article_id"]), as_of, before, hm.articles
+        yield store, manifest, offline, cids, sorted(hm.articles["article_id"]), as_of, before, hm.articles, fs
     finally:
         store.close()
 
 
 def test_offline_and_online_feature_vectors_are_equal(as_of_state):
-    store, manifest, offline, cids, article_ids, as_of, before, articles = as_of_state
+    store, manifest, offline, cids, article_ids, as_of, before, articles, _ = as_of_state
     refs = manifest.feature_groups
     stage = RankingStage(_ByRank(), RankerConfig(), FilterConfig(), n_rank=40)
     rng = np.random.default_rng(0)
@@ -100,7 +100,7 @@ def _days_since_type(tx: pd.DataFrame, articles: pd.DataFrame, cid: str, ids: li
 
 
 def test_filter_and_rank_read_the_articles_group_once_per_request(as_of_state):
-    store, manifest, offline, cids, article_ids, as_of, _, _ = as_of_state
+    store, manifest, offline, cids, article_ids, as_of, _, _, _ = as_of_state
     refs = manifest.feature_groups
     ranker = OnlineRanker(store, manifest, RankingStage(_ByRank(), RankerConfig(), FilterConfig(), n_rank=30))
     cid = cids[0]
@@ -120,7 +120,7 @@ def test_filter_and_rank_read_the_articles_group_once_per_request(as_of_state):
 def test_query_encoder_reads_profile_and_history_in_one_statement(as_of_state):
     from ray_apps.stages.online import OnlineFeatures
 
-    store, manifest, _, cids, _, _, _, _ = as_of_state
+    store, manifest, _, cids, _, _, _, _, _ = as_of_state
     refs = manifest.feature_groups
     features = OnlineFeatures(store, manifest)
     asked = [*cids[:5], "no-such-customer"]
@@ -147,7 +147,7 @@ def test_a_batch_of_requests_ranks_as_each_alone_with_one_read(as_of_state):
     from ray_apps.stages.ranking import RankRequest
     from training.filters import RequestFilters
 
-    store, manifest, _, cids, article_ids, _, _, _ = as_of_state
+    store, manifest, _, cids, article_ids, _, _, _, _ = as_of_state
     refs = manifest.feature_groups
     ranker = OnlineRanker(store, manifest, RankingStage(_RowWise(), RankerConfig(), FilterConfig(), n_rank=40))
     day = dt.date(2020, 9, 1)
@@ -171,3 +171,54 @@ def test_a_batch_of_requests_ranks_as_each_alone_with_one_read(as_of_state):
     assert [len(r.article_ids) for r, _ in together] == [min(5 + i, r.n_after_filter) for i, (r, _) in
                                                          enumerate(together)]
     assert together[2][0].removed.get("max_price", 0) > 0
+
+
+def test_article_cache_reads_only_what_it_lacks_and_forgets_changed_rows(as_of_state):
+    """serve.article_cache_ttl_s: a repeated request reads nothing, new candidates are read
+    alone, an unknown id is remembered as absent; a row changed by an event stays as cached
+    until `forget` (what the replica applying the event calls), then is read again."""
+    from feature_store.events import PurchaseEvent, apply_purchase_event
+    from ray_apps.stages.ranking import RankRequest
+
+    store, manifest, _, cids, article_ids, _, _, _, fs = as_of_state
+    refs = manifest.feature_groups
+    counts = []
+    ranker = OnlineRanker(store, manifest, RankingStage(_RowWise(), RankerConfig(), FilterConfig(), n_rank=40),
+                          cache_ttl_s=600, on_cache=lambda hits, misses: counts.append((hits, misses)))
+    plain = OnlineRanker(store, manifest, RankingStage(_RowWise(), RankerConfig(), FilterConfig(), n_rank=40))
+    cid = cids[1]
+    cust = read_online(store, refs["customers"], "customers", [cid]).get(cid)
+    hist = read_online(store, refs["customer_history"], "customer_history", [cid]).get(cid)
+    day = dt.date(2020, 9, 1)
+    ids = [*article_ids[40:70], "0999999999"]  # the last one is not stored
+
+    def rank(r: OnlineRanker, ids: list[str]):
+        cands = Candidates(article_ids=ids, scores=list(np.linspace(1, 0, len(ids))))
+        before = store.statement_count()
+        out = r.rank_many([RankRequest(cands, cust, hist, 2, day, 40)])[0]  # k: every survivor
+        return out, store.statement_count() - before
+
+    (first, feats), n = rank(ranker, ids)
+    cached = set(ids) | set(ranker.stage.article_keys([], hist))  # the candidates and recent purchases
+    assert n == 1 and counts[-1] == (0, len(cached))
+    (again, feats_again), n = rank(ranker, ids)
+    assert n == 0 and counts[-1][1] == 0  # every row, and the absence of 0999999999, from the cache
+    assert (again.article_ids, again.scores, feats_again) == (first.article_ids, first.scores, feats)
+    assert rank(plain, ids)[0][0].article_ids == first.article_ids  # the same answer as without a cache
+    more = [*ids, *article_ids[70:75]]
+    _, n = rank(ranker, more)
+    assert n == 1 and counts[-1][1] == len(set(article_ids[70:75]) - cached) > 0  # only the new ones asked for
+
+    top = first.article_ids[0]
+    was = feats[0]["log_sales_7d"]
+    res = apply_purchase_event(fs, refs, PurchaseEvent("cache-test-1", cids[2], top, 0.02, "2020-09-01T12:00:00"),
+                               log=False)
+    assert res.applied
+    (stale, stale_feats), n = rank(ranker, ids)
+    assert n == 0 and stale_feats == feats  # within the TTL: the row as cached
+    ranker.forget([top])
+    (fresh, fresh_feats), n = rank(ranker, ids)
+    assert n == 1 and counts[-1][1] == 1  # only the forgotten row is read again
+    now = fresh_feats[fresh.article_ids.index(top)]["log_sales_7d"]
+    assert now != was  # the purchase moved the article's sales window and counts
+    assert (fresh.article_ids, fresh_feats) == (lambda o: (o[0].article_ids, o[1]))(rank(plain, ids)[0])

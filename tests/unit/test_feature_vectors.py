@@ -107,3 +107,10 @@ def test_transformations_unit():
         Transformation("x", "bucketizer", {"boundaries": [2, 1]})
     with pytest.raises(ValueError, match="unknown kind"):
         Transformation("x", "pca")
+
+
+def test_ttl_cache_forget_drops_only_the_named_keys():
+    c = TTLCache(10, clock=lambda: 0.0)
+    c.put_many({"a": (1,), "b": (2,), "absent": None})
+    c.forget(["a", "not-cached"])
+    assert c.get_many(["a", "b", "absent"]) == {"b": (2,), "absent": None}  # None: remembered as not stored
