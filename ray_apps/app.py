@@ -16,6 +16,7 @@ run (new models and index) once it is loaded; requests in flight finish on the o
 
 import asyncio
 import datetime as dt
+import gc
 import hashlib
 import hmac
 import os
@@ -72,6 +73,17 @@ class AppArgs(BaseModel):
     article_cache_ttl_s: float | None = Field(None, ge=0, description="Seconds article rows stay cached (0: off)")
     user_config: dict[str, Any] | None = Field(
         None, description="The ingress's user_config: {workdir: PATH} switches to that run without a restart")
+
+
+def settle_heap() -> None:
+    """Hide what a replica has loaded (models, index, vocabularies: ~700k objects in the demo run)
+    from the garbage collector. A full collection walks every tracked object: measured in a fused
+    replica under 100 req/s, the one that allocations trigger took 390-440 ms, a stall of every
+    request in flight; after `gc.freeze()` it took 18-20 ms. Frozen objects are still freed by
+    reference counting when dropped; the next call (another run loaded) unfreezes and collects first."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,6 +515,7 @@ class Ingress:
             old_log.close()
         if old is not None:
             old.close()
+        settle_heap()
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
     async def _encode_batch(self, customer_ids: list[str], months: list[int], channels: list[int]
@@ -696,6 +709,7 @@ class Stage:
             self.runs[workdir] = rec
             while len(self.runs) > self.KEEP:
                 self.runs.pop(next(iter(self.runs))).close()
+            settle_heap()
         return rec
 
     def call(self, workdir: str, method: str, *args: Any) -> Any:

@@ -122,3 +122,33 @@ def test_purchase_events_count_and_date_types_by_the_runs_dataset_roles():
              "has_price": False}
     assert recommender({"dataset": {"name": "ml", "roles": roles}}).type_column == "genres"
     assert recommender({"dataset": {"name": "ml", "roles": {**roles, "item_categorical": []}}}).type_column is None
+
+
+def test_settle_heap_freezes_what_is_loaded_and_still_collects_garbage_first():
+    import gc
+    import weakref
+
+    from ray_apps.app import settle_heap
+
+    class Node:
+        pass
+
+    loaded = [Node() for _ in range(1000)]  # stays: what a replica loaded
+    cycle = Node()
+    cycle.me = cycle  # garbage only a collection frees
+    dead = weakref.ref(cycle)
+    del cycle
+    gc.disable()  # no automatic collection may free the cycle before settle_heap does
+    try:
+        settle_heap()
+        assert dead() is None  # collected before freezing: garbage is not kept forever
+        assert gc.get_freeze_count() >= len(loaded)
+        later = Node()
+        later.me = later
+        gone = weakref.ref(later)
+        del later
+        settle_heap()  # another run loaded: unfreezes, collects, freezes again
+        assert gone() is None and gc.get_freeze_count() >= len(loaded)
+    finally:
+        gc.enable()
+        gc.unfreeze()
