@@ -18,6 +18,8 @@ JSON lines, e.g.
     {"bench": "serve_load", "case": "overload", "topology": ..., "offered_rps": .., "goodput_rps": ..,
      "share_503": .., "ratio_vs_sustainable": ..}
     {"bench": "serve_load", "case": "in_process", "p50_ms": .., "p99_ms": ..}
+    {"bench": "serve_load", "case": "gc_full_collect", "tracked_objects": .., "unsettled_ms": ..,
+     "settled_ms": ..}   (a full GC with a run loaded, before/after settle_heap)
 
 Usage: python benchmarks/serve_load.py [--workdir RUN] [--rates 25 50 100 150 200] [--duration 8]
        [--topologies fused split] [--variants default haproxy throughput] [--candidates 200]
@@ -351,8 +353,29 @@ def in_process(wd: Workdir, payloads: Payloads, candidates: int, n: int = 200) -
         return out
 
     ms = asyncio.run(go())
+    gc_row = full_collection_ms()
     rec.close()
-    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "requests": n}
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "requests": n}, gc_row
+
+
+def full_collection_ms() -> dict:
+    """A full garbage collection in this process, which holds a loaded run as a replica does:
+    as is, then after `settle_heap()` (what replicas do once a run is loaded). Undone after."""
+    import gc
+
+    from ray_apps.app import settle_heap
+
+    def collect_ms() -> float:
+        t0 = time.perf_counter()
+        gc.collect()
+        return (time.perf_counter() - t0) * 1000
+
+    tracked = len(gc.get_objects())
+    before = min(collect_ms() for _ in range(3))
+    settle_heap()
+    after = min(collect_ms() for _ in range(3))
+    gc.unfreeze()
+    return {"tracked_objects": tracked, "unsettled_ms": before, "settled_ms": after}
 
 
 def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, rates: list[float], duration: float,
@@ -420,8 +443,9 @@ def main() -> None:
         payloads = Payloads(wd)
         admission = {k: v for k, v in (("max_ongoing_requests", a.max_ongoing), ("max_queued_requests", a.max_queued))
                      if v is not None}
-        base = in_process(wd, payloads, a.candidates)
+        base, gc_row = in_process(wd, payloads, a.candidates)
         emit("serve_load", case="in_process", candidates=a.candidates, **base)
+        emit("serve_load", case="gc_full_collect", **gc_row)
         for variant in a.variants:
             for topology in a.topologies:
                 for replicas in a.replicas:
