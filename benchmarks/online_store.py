@@ -7,11 +7,15 @@ of --rows synthetic rows through the feature store's insert, then measures batch
 
     {"bench": "online_store", "case": "batched"|"per_key", "batch": 250, "clients": 1,
      "p50_ms": .., "p99_ms": .., "keys_per_s": .., ...}
+    {"bench": "online_store", "case": "statement_only", "batch": 250, "clients": 1, ..., "ratio_vs_batched": ..}
     {"bench": "online_store", "case": "speedup", "batch": 250, "clients": 1, "ratio": ..}
     {"bench": "online_store", "case": "purchase_event", "events": .., "p50_ms": .., "p99_ms": ..}
     {"bench": "online_store", "case": "warmup", "passes": 1, "calls": .., "warmup_s": .., "server_cpu_ms": ..}
 
-`ratio` is (per-key loop time per key) / (batched time per key). Latencies are per call as one
+`ratio` is (per-key loop time per key) / (batched time per key). `statement_only` runs the
+statement that `get_feature_vectors` sends (`read_concat`, the same keys) and leaves the packed
+rows undecoded: what the database and the wire cost alone; `ratio_vs_batched` is how many times
+longer the full call takes, so the share of the client's decoding shows. Latencies are per call as one
 client sees them; keys_per_s is the total over all clients. client_cpu_ms and server_cpu_ms are
 the CPU time per call of the client processes and of mariadbd, and load_avg_1m the machine's
 load: on a shared machine the wall-clock figures include waiting for other processes' work. `purchase_event` times
@@ -58,7 +62,8 @@ from feature_store.groups import (  # noqa: E402
 )
 from feature_store.local_db import LocalMariaDB  # noqa: E402
 from feature_store.online.mysql import MySQLOnlineStore  # noqa: E402
-from feature_store.store import FeatureStore  # noqa: E402
+from feature_store.schema import ONLINE_ROW_COLUMN  # noqa: E402
+from feature_store.store import FeatureStore, online_table  # noqa: E402
 
 VIEW = "bench_articles"
 LOAD_CHUNK = 100_000
@@ -164,7 +169,9 @@ def client(args: tuple) -> tuple[np.ndarray, float]:
     seconds over the timed calls."""
     cfg, password, root, mode, batch, reads, rows, seed, start_at = args
     store = MySQLOnlineStore.from_config(cfg, password)
-    fv = FeatureStore(Workdir.at(root), store).get_feature_view(VIEW)
+    fs = FeatureStore(Workdir.at(root), store)
+    fv = fs.get_feature_view(VIEW)
+    spec = online_table(store, fs.get_feature_group("articles").spec.name).spec
     rng = np.random.default_rng(seed)
     ids = article_ids(rows)
     batches = [[ids[j] for j in rng.choice(rows, batch, replace=False)] for _ in range(64)]
@@ -179,6 +186,8 @@ def client(args: tuple) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
         if mode == "batched":
             vecs = fv.get_feature_vectors(b)
+        elif mode == "statement":  # the same statement, its rows left undecoded
+            vecs = store.read_concat(spec, b, ONLINE_ROW_COLUMN)
         else:
             vecs = [fv.get_feature_vectors([k]) for k in b]
         out[i] = (time.perf_counter() - t0) * 1000
@@ -269,6 +278,9 @@ def main() -> None:
                 for clients in client_counts:
                     fast = measure(cfg, password, tmp, "batched", batch, clients, a.reads, a.rows, pid)
                     emit("online_store", case="batched", batch=batch, clients=clients, rows=a.rows, **fast)
+                    stmt = measure(cfg, password, tmp, "statement", batch, clients, a.reads, a.rows, pid)
+                    emit("online_store", case="statement_only", batch=batch, clients=clients, rows=a.rows, **stmt,
+                         ratio_vs_batched=round(fast["mean_ms"] / stmt["mean_ms"], 2))
                     slow = measure(cfg, password, tmp, "per_key", batch, clients, a.per_key_reads, a.rows, pid)
                     emit("online_store", case="per_key", batch=batch, clients=clients, rows=a.rows, **slow)
                     emit("online_store", case="speedup", batch=batch, clients=clients,
