@@ -107,6 +107,30 @@ def test_prediction_log_drops_and_counts_when_full(tmp_path):
     time.sleep(0)
 
 
+def test_prediction_log_writes_what_arrived_within_flush_s_in_one_append(tmp_path):
+    log = PredictionLog(tmp_path / "p", flush_s=0.5)
+    for i in range(20):
+        assert log.log({"request_id": f"r{i}", "ts": "2020-09-22T10:00:00", "score": float("nan"),
+                        "items": [{"article_id": "A", "position": 0, "score": 0.5, "features": {"t": "it's; DROP"}}]})
+    path = tmp_path / "p" / "2020-09-22.jsonl"
+    deadline = time.time() + 20
+    while log.written < 20 and time.time() < deadline:
+        time.sleep(0.05)
+    assert log.written == 20 and log.batches == 1  # one wake-up and one append, not 20
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["request_id"] for r in lines] == [f"r{i}" for i in range(20)]
+    assert lines[0]["score"] is None and lines[0]["items"][0]["features"] == {"t": "it's; DROP"}
+    log.close()
+
+
+def test_prediction_log_close_writes_at_once_without_waiting_for_the_batch_window(tmp_path):
+    log = PredictionLog(tmp_path / "p", flush_s=600)
+    assert log.log({"request_id": "r1", "ts": "2020-09-22T10:00:00", "items": []})
+    log.close(timeout=10)
+    assert not log._thread.is_alive()  # a close that waited out flush_s would still be joining
+    assert json.loads((tmp_path / "p" / "2020-09-22.jsonl").read_text())["request_id"] == "r1"
+
+
 def test_purchase_events_count_and_date_types_by_the_runs_dataset_roles():
     from common.artifacts import new_manifest
     from ray_apps.service import Recommender
