@@ -517,13 +517,17 @@ class Ingress:
             old.close()
         settle_heap()
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
+    # No batch wait: a batch is whatever queued while the previous one ran (one batch at a time
+    # per stage), so batches still form under load, and an idle replica does not arm a 1 ms timer
+    # per stage. Waking from such a timer costs ~0.1-0.2 ms of CPU on these VMs; served at 70
+    # req/s (benchmarks/serve_load.py) the timer cost 1-2 ms of CPU and 5 ms of p50 per request.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _encode_batch(self, customer_ids: list[str], months: list[int], channels: list[int]
                             ) -> list[QueryContext]:
         """Query encoding of every request waiting: one read per feature group, one forward pass."""
         return await asyncio.to_thread(self.rec.encode_many, list(zip(customer_ids, months, channels, strict=True)))
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.001)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _rank_batch(self, cands: list[Candidates], ctxs: list[QueryContext], ks: list[int],
                           filters: list[dict[str, Any] | None], days: list[dt.date]) -> list[dict[str, Any]]:
         """Ranking of every request waiting: one articles read, one model call."""
