@@ -20,6 +20,9 @@ JSON lines, e.g.
     {"bench": "serve_load", "case": "in_process", "p50_ms": .., "p99_ms": ..}
     {"bench": "serve_load", "case": "gc_full_collect", "tracked_objects": .., "unsettled_ms": ..,
      "settled_ms": ..}   (a full GC with a run loaded, before/after settle_heap)
+    {"bench": "serve_load", "case": "wakeup_cost", "sleep_wake_cpu_us": .., "thread_hop_cpu_us": ..}
+        (CPU of waking a sleeping thread on this machine, at a serving-like 100 per second: what
+         each timer, thread hop or background thread woken per request costs besides its work)
 
 Usage: python benchmarks/serve_load.py [--workdir RUN] [--rates 25 50 100 150 200] [--duration 8]
        [--topologies fused split] [--variants default haproxy throughput] [--candidates 200]
@@ -416,6 +419,26 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
         stop_app()
 
 
+def wakeup_cost(rate: float = 100.0, seconds: float = 2.0) -> dict:
+    """Process CPU per paced wake-up: a timer sleep alone, and an `asyncio.to_thread` hop on top
+    (a worker thread woken and its result handed back), 100 per second as under serving load."""
+    n = int(rate * seconds)
+
+    async def paced(hop: bool) -> float:
+        t0, c0 = time.perf_counter(), time.process_time()
+        for i in range(n):
+            await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+            if hop:
+                await asyncio.to_thread(int)
+        return (time.process_time() - c0) / n * 1e6
+
+    async def both() -> tuple[float, float]:
+        return await paced(False), await paced(True)
+
+    sleep_us, hop_us = asyncio.run(both())
+    return {"rate": rate, "sleep_wake_cpu_us": round(sleep_us, 1), "thread_hop_cpu_us": round(hop_us - sleep_us, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", help="a pipeline run to serve (default: build a small one in a temp folder)")
@@ -446,6 +469,7 @@ def main() -> None:
         base, gc_row = in_process(wd, payloads, a.candidates)
         emit("serve_load", case="in_process", candidates=a.candidates, **base)
         emit("serve_load", case="gc_full_collect", **gc_row)
+        emit("serve_load", case="wakeup_cost", **wakeup_cost())
         for variant in a.variants:
             for topology in a.topologies:
                 for replicas in a.replicas:
