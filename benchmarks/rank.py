@@ -13,6 +13,11 @@ ranker, its online tables (the run's database must be running) and its retrieval
 Prints one JSON line per candidate count:
     {"bench": "rank", "candidates": 200, "p50_ms": .., "p99_ms": .., "fetch_p50_ms": ..,
      "stage_p50_ms": .., "kept": .., "cores": 2}
+and, for the largest candidate count, the model call paced like serving (50 per second):
+    {"bench": "rank", "case": "paced_predict", "rows": .., "cpu_ms": .., "default_pool_cpu_ms": ..,
+     "ratio_vs_default_pool": ..}
+`default_pool_cpu_ms` builds the Pool with catboost's default thread count, which wakes its TBB
+worker on every call (the worker then spins); `cpu_ms` is `RankerModel.predict` as serving runs it.
 
 Usage: python benchmarks/rank.py [--candidates 100 200 500] [--requests 300] [--workdir DIR]
 """
@@ -156,11 +161,40 @@ def measure(store, manifest, stage_for, cands_for, cids, day, sizes, requests) -
 
         stage_ms = timed_ms(run, requests, warmup=5)
         kept = np.mean([run().n_after_filter for _ in range(len(cases))])
+        if n == max(sizes):
+            c, cands = cases[0]
+            prep = stage.prepare(customers.get(c), histories.get(c), cands.article_ids, cands.scores, rows[c],
+                                 channel=2, now=day)
+            emit("rank", case="paced_predict", rows=len(prep.block), **paced_predict(stage.model, prep.block))
         emit("rank", candidates=n, requests=requests, p50_ms=float(np.median(total)),
              p99_ms=float(np.percentile(total, 99)), mean_ms=float(total.mean()),
              fetch_p50_ms=float(np.median(fetch_ms)), fetch_p99_ms=float(np.percentile(fetch_ms, 99)),
              stage_p50_ms=float(np.median(stage_ms)), stage_p99_ms=float(np.percentile(stage_ms, 99)),
              kept=float(kept), columns=len(cols))
+
+
+def paced_predict(model, block, rate: float = 50.0, n: int = 150) -> dict:
+    """Process CPU per model call at `rate` calls per second: `RankerModel.predict` (its Pool on
+    one thread) first, then the same call with a Pool on catboost's default thread count."""
+    from catboost import CatBoost, FeaturesData, Pool
+
+    def default_pool():
+        data = Pool(FeaturesData(num_feature_data=block.num, cat_feature_data=block.cat))
+        return CatBoost.predict(model.model, data, prediction_type="RawFormulaVal", thread_count=1)
+
+    def cpu_ms(fn) -> float:
+        for _ in range(10):
+            fn()
+        t0, c0 = time.perf_counter(), time.process_time()
+        for i in range(n):
+            time.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+            fn()
+        return (time.process_time() - c0) / n * 1000
+
+    ours = cpu_ms(lambda: model.predict(block))
+    default = cpu_ms(default_pool)
+    return {"rate": rate, "cpu_ms": round(ours, 3), "default_pool_cpu_ms": round(default, 3),
+            "ratio_vs_default_pool": round(ours / default, 3)}
 
 
 def main() -> None:
