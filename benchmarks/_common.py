@@ -20,6 +20,16 @@ def timed_ms(fn: Callable[[], object], n: int, warmup: int = 5) -> np.ndarray:
     return out
 
 
+def paced_cpu_s(fn: Callable[[int], object], n: int, rate: float) -> float:
+    """Process CPU seconds of fn(0..n-1) called `rate` times per second (sleeping in between,
+    as serving's work arrives): what each call costs with the wake-ups that pacing brings."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in range(n):
+        time.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+        fn(i)
+    return time.process_time() - c0
+
+
 def emit(bench: str, **fields: object) -> None:
     """Print one case as a JSON line, with the machine's core count."""
     row = {"bench": bench, **fields, "cores": os.cpu_count()}

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import emit  # noqa: E402
+from _common import emit, paced_cpu_s  # noqa: E402
 from pydantic_core import to_json  # noqa: E402
 
 from training.feedback import PredictionLog  # noqa: E402
@@ -79,12 +79,10 @@ def paced(log, rate: float, seconds: float) -> tuple[int, float]:
     """Log records at `rate` per second for `seconds`; (records, process CPU seconds incl. the close)."""
     n = int(rate * seconds)
     recs = [record(i) for i in range(n)]
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    for i, rec in enumerate(recs):
-        time.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
-        log.log(rec)
+    cpu = paced_cpu_s(lambda i: log.log(recs[i]), n, rate)
+    c0 = time.process_time()
     log.close()
-    return n, time.process_time() - cpu0
+    return n, cpu + time.process_time() - c0
 
 
 def encode_us(fn, rec: dict, n: int = 2000) -> float:

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, timed_ms  # noqa: E402
+from _common import emit, paced_cpu_s, timed_ms  # noqa: E402
 
 from common.artifacts import new_manifest, read_manifest  # noqa: E402
 from common.config import DatabaseConfig, FilterConfig, RankerConfig, load_config  # noqa: E402
@@ -185,11 +185,7 @@ def paced_predict(model, block, rate: float = 50.0, n: int = 150) -> dict:
     def cpu_ms(fn) -> float:
         for _ in range(10):
             fn()
-        t0, c0 = time.perf_counter(), time.process_time()
-        for i in range(n):
-            time.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
-            fn()
-        return (time.process_time() - c0) / n * 1000
+        return paced_cpu_s(lambda _: fn(), n, rate) / n * 1000
 
     ours = cpu_ms(lambda: model.predict(block))
     default = cpu_ms(default_pool)

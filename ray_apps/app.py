@@ -519,8 +519,9 @@ class Ingress:
 
     # No batch wait: a batch is whatever queued while the previous one ran (one batch at a time
     # per stage), so batches still form under load, and an idle replica does not arm a 1 ms timer
-    # per stage. Waking from such a timer costs ~0.1-0.2 ms of CPU on these VMs; served at 70
-    # req/s (benchmarks/serve_load.py) the timer cost 1-2 ms of CPU and 5 ms of p50 per request.
+    # per stage. Waking from such a timer costs ~0.25 ms of CPU on these VMs (serve_load.py,
+    # "case": "wakeup_cost"); served at 70 req/s the timers cost 1-2 ms of CPU and 5 ms of p50
+    # per request.
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _encode_batch(self, customer_ids: list[str], months: list[int], channels: list[int]
                             ) -> list[QueryContext]:

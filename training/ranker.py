@@ -79,7 +79,8 @@ class RankerModel:
         # costs 3-4x more (2.3 ms vs 0.6 ms for 200 x 23 here), and this runs once per request.
         # The Pool gets the same thread_count: by default it builds on every core, and the TBB
         # worker that this wakes then spins (sched_yield) between requests: on this 2-core VM a
-        # request-paced predict cost 2.6 ms of CPU that way against 1.5 ms with one thread.
+        # request-paced predict cost 2.35-2.64 ms of CPU that way against 1.24-1.72 ms with one
+        # thread (benchmarks/rank.py, "case": "paced_predict").
         data = Pool(FeaturesData(num_feature_data=block.num, cat_feature_data=block.cat), thread_count=thread_count)
         # The base class's predict takes prediction_type for rankers and classifiers alike.
         return np.asarray(CatBoost.predict(self.model, data, prediction_type="RawFormulaVal",
