@@ -213,6 +213,7 @@ class RowCodec:
         wanted: Collection[int] | None = None,
         arrays: bool = False,
         order: Sequence[Any] | None = None,
+        arranged: str = "key",
     ) -> tuple[list[Any], list[Any]]:
         """Split concatenated packed values: (keys, one column per feature in schema order),
         rows in the order of `buf` or of `order`.
@@ -227,6 +228,11 @@ class RowCodec:
             order: keys to return rows for, in this order: a key that is not in `buf` gets key
                 None and every feature null (a feature view's missing keys need no second
                 pass); a repeated key repeats its row.
+            arranged: how the store usually arranges the rows of a read (its `concat_order`):
+                "request" (the distinct keys of `order` in that order), "key" (ascending) or
+                "any". A hint only: the rows are decoded in the place it gives them, the
+                decoded keys are checked against `order`, and any other arrangement is
+                reordered.
         Raises:
             ValueError: the values are truncated or corrupt.
 
@@ -243,11 +249,11 @@ class RowCodec:
             return [], [np.empty(0) if arrays and i in self._scalars else [] for i in range(n_fields)]
         st = np.array(starts, dtype=np.intp)
         ends = np.append(st[1:], len(buf))
-        if order is not None and n:
-            # A primary-key IN read returns the distinct keys in ascending order: then every
-            # row's place is known before decoding and the rows are decoded in `order` directly
-            # (no per-column reordering); the decoded keys confirm it, else the general path.
-            idx = _sorted_positions(order, n)
+        if order is not None and n and arranged in _POSITIONS:
+            # When the rows come as the store usually arranges them, every row's place is
+            # known before decoding and the rows are decoded in `order` directly (no
+            # per-column reordering); the decoded keys confirm it, else the general path.
+            idx = _POSITIONS[arranged](order, n)
             if idx is not None:
                 keys, cols = self._decode_rows(buf, st[idx], ends[idx], wanted, arrays)
                 if keys == list(order):
@@ -363,6 +369,24 @@ class RowCodec:
         return h, pick, [p[ix] for p in list_pos], [c[ix] for c in counts]
 
 
+def _request_positions(order: Sequence[Any], n: int) -> np.ndarray | None:
+    """Each requested key's row, if the `n` rows hold the distinct keys of `order` in the order
+    of their first request; None when they cannot. Checked by the caller, like
+    `_sorted_positions`."""
+    m = len(order)
+    if m == n:  # as many rows as keys: the keys are distinct (or the check fails)
+        return np.arange(n, dtype=np.intp)
+    try:
+        rank = dict.fromkeys(order)
+    except TypeError:
+        return None
+    if len(rank) != n:
+        return None
+    for i, k in enumerate(rank):
+        rank[k] = i
+    return np.fromiter(map(rank.__getitem__, order), dtype=np.intp, count=m)
+
+
 def _sorted_positions(order: Sequence[Any], n: int) -> np.ndarray | None:
     """Each requested key's row, if the `n` rows hold exactly the distinct keys of `order` in
     ascending order; None when they cannot (another count, keys that do not sort together).
@@ -381,6 +405,10 @@ def _sorted_positions(order: Sequence[Any], n: int) -> np.ndarray | None:
         return None
     rank = dict(zip(distinct, range(n), strict=True))
     return np.fromiter(map(rank.__getitem__, order), dtype=np.intp, count=m)
+
+
+_POSITIONS: dict[str, Callable[[Sequence[Any], int], np.ndarray | None]] = {
+    "request": _request_positions, "key": _sorted_positions}
 
 
 def _row_starts(buf: bytes) -> list[int]:

@@ -617,7 +617,7 @@ class FeatureViewHandle:
         cache = self._caches.get(sel.group)
         if cache is None:
             assert buf is not None, "an uncached group is read before"
-            found, cols = codec.decode_columns(buf, wanted, arrays=True, order=keys)
+            found, cols = codec.decode_columns(buf, wanted, arrays=True, order=keys, arranged=self.fs.online.concat_order)
             return ([r for r, k in enumerate(found) if k is None] if None in found else []), cols
         n = len(keys)
         keys = [None if k is None else normalise_key(table.spec, k) for k in keys]

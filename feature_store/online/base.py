@@ -273,6 +273,10 @@ class AlreadyApplied(Exception):
 class OnlineStore(ABC):
     """Key-value access to feature rows: upserts in one transaction, one query per batch read."""
 
+    #: How `read_concat` usually arranges its values, a hint for decoders (which check it):
+    #: "request" (the distinct keys in the order asked), "key" (ascending keys) or "any".
+    concat_order = "any"
+
     @abstractmethod
     def ensure_table(self, spec: TableSpec) -> None:
         """Create the table if it does not exist.
@@ -427,6 +431,8 @@ class OnlineStore(ABC):
 
 class InMemoryOnlineStore(OnlineStore):
     """A dict-backed fake with the same semantics as the SQL stores, for unit tests."""
+
+    concat_order = "request"
 
     def __init__(self) -> None:
         self._tables: dict[str, tuple[TableSpec, dict[Any, tuple[Any, ...]]]] = {}

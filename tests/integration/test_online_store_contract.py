@@ -330,6 +330,27 @@ def test_read_concat_with_keys_that_need_escaping_and_int_keys(store: OnlineStor
     assert sorted(got.split(b";")[:-1]) == sorted([b"-1", str(2**63 - 1).encode(), str(-(2**63)).encode()])
 
 
+def _pieces(got: bytes) -> list[bytes]:
+    return got.replace(b"><", b">\n<").split(b"\n") if got else []
+
+
+def test_read_concat_arranges_values_as_its_concat_order_says(store: OnlineStore) -> None:
+    spec = make_spec(store, "corder", key="k", columns=PACKED)
+    keys = ["m", "it's", "a", "ünï", "z\x00", "b", "%s"]
+    store.write_batch(spec, [{"k": k, "ts": 1, "v": f"<{i}>".encode()} for i, k in enumerate(keys)])
+    for asked in (["b", "zz", "it's", "a", "b", "m", "ünï", "z\x00"], ["m", "b", "a", "%s"], keys[::-1]):
+        got = _pieces(store.read_concat(spec, asked, "v"))
+        stored = [k for k in dict.fromkeys(asked) if k in keys]
+        assert sorted(got) == sorted(f"<{keys.index(k)}>".encode() for k in stored)
+        if store.concat_order == "request":
+            assert got == [f"<{keys.index(k)}>".encode() for k in stored]
+    ints = make_spec(store, "corder_i", key="k", columns={"k": "int64", "v": "bytes"})
+    store.write_batch(ints, [{"k": k, "v": f"<{k}>".encode()} for k in (5, -3, 2**63 - 1, 0)])
+    got = _pieces(store.read_concat(ints, [0, 7, 2**63 - 1, np.int64(-3), 0], "v"))
+    want = [b"<0>", f"<{2**63 - 1}>".encode(), b"<-3>"]
+    assert (got == want) if store.concat_order == "request" else (sorted(got) == sorted(want))
+
+
 def test_read_concat_is_one_query(store: OnlineStore) -> None:
     spec = make_spec(store, "concat1", key="k", columns=PACKED)
     store.write_batch(spec, [{"k": f"{i:06d}", "ts": i, "v": b"x" * 50} for i in range(1200)])
@@ -448,6 +469,29 @@ def test_mysql_update_rows_applies_a_concurrent_event_once(mariadb) -> None:
         stores[0].drop_table(once)
         for s in stores:
             s.close()
+
+
+@pytest.mark.integration
+def test_mysql_reads_an_in_list_under_ndb(mysql_store) -> None:
+    """Under NDBCLUSTER the keys go as an IN list (NDB batches its primary-key lookups);
+    MariaDB runs that statement too, so its results are checked here against the JSON form."""
+    spec = TableSpec(f"c{uuid.uuid4().hex[:10]}_ndb", "k", PACKED)
+    mysql_store.ensure_table(spec)
+    try:
+        keys = ["m", "it's", "a", "ünï", "z\x00", "b", "%s", "back\\slash"]
+        mysql_store.write_batch(spec, [{"k": k, "ts": 1, "v": f"<{i}>".encode()} for i, k in enumerate(keys)])
+        asks = [["b", "zz", "it's", "a", "b", "m"], ["m", "b", "a", "%s"], keys[::-1]]
+        assert mysql_store.concat_order == "request"
+        as_json = [mysql_store.read_concat(spec, asked, "v") for asked in asks]
+        mysql_store._engine = "NDBCLUSTER"  # what _engine_for finds on RonDB
+        assert mysql_store.concat_order == "key"
+        for asked, by_json in zip(asks, as_json, strict=True):
+            got = mysql_store.read_concat(spec, asked, "v")
+            assert sorted(_pieces(got)) == sorted(_pieces(by_json))
+            assert got == b"".join(f"<{keys.index(k)}>".encode() for k in sorted(set(asked) & set(keys)))
+    finally:
+        mysql_store._engine = None
+        mysql_store.drop_table(spec)
 
 
 @pytest.mark.integration

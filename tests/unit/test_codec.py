@@ -220,3 +220,38 @@ def test_a_float_list_with_a_width_code_is_corrupt():
     row[3:5] = (1 | 1 << 14).to_bytes(2, "little")
     with pytest.raises(ValueError, match="corrupt"):
         c.decode_columns(bytes(row))
+
+
+@pytest.mark.parametrize("key_type", ["string", "int64"])
+def test_rows_in_request_order_decode_directly_and_a_wrong_hint_still_decodes(key_type, monkeypatch):
+    """A JSON_TABLE read returns the distinct requested keys in the order asked
+    (arranged="request"): that buffer takes the direct path; whatever the hint says, every
+    request gives what the general path gives."""
+    c = RowCodec(key_type, FIELDS)
+    rows = {(f"k{i:02d}" if key_type == "string" else i * 7 - 40): _row(i=i, s=TRICKY[i % len(TRICKY)],
+                                                                      tags=[] if i % 4 else ["x"], x=None if i % 3 else i / 2)
+            for i in range(12)}
+    keys = list(rows)
+    absent = "zz" if key_type == "string" else 10**6
+    reordered = []
+    general = RowCodec._reorder
+    monkeypatch.setattr(RowCodec, "_reorder", lambda self, *a: reordered.append(1) or general(self, *a))
+    asked = [keys[::-1], keys[5:] + keys[:5], [keys[3], *keys, keys[3]], keys[:4], [absent, *keys], keys[:1]]
+    for order in asked[:3]:  # every asked key stored: the buffer in the order of its first request
+        as_read = b"".join(c.encode(k, rows[k]) for k in dict.fromkeys(order))
+        c.decode_columns(as_read, order=order, arranged="request")
+    assert not reordered  # decoded in the requested order directly
+    shuffled = b"".join(c.encode(k, rows[k]) for k in sorted(rows, key=str))
+    for order in asked:
+        as_read = b"".join(c.encode(k, rows[k]) for k in dict.fromkeys(order) if k in rows)
+        want_keys, want = c.decode_columns(shuffled, arrays=True, order=order, arranged="any")
+        assert want_keys == [k if k in rows else None for k in order]
+        for buf, arranged in ((as_read, "request"), (shuffled, "request"), (as_read, "key"), (as_read, "any")):
+            got_keys, got = c.decode_columns(buf, arrays=True, order=order, arranged=arranged)
+            assert got_keys == want_keys, arranged
+            for f, a, b in zip(FIELDS, got, want, strict=True):
+                if isinstance(a, np.ndarray):
+                    assert a.dtype == b.dtype, f.name
+                    a, b = (np.nan_to_num(a, nan=0.5), np.nan_to_num(b, nan=0.5)) if a.dtype.kind == "f" else (a, b)
+                    a, b = a.tolist(), b.tolist()
+                assert a == b, f.name
