@@ -8,6 +8,7 @@ of --rows synthetic rows through the feature store's insert, then measures batch
     {"bench": "online_store", "case": "batched"|"per_key", "batch": 250, "clients": 1,
      "p50_ms": .., "p99_ms": .., "keys_per_s": .., ...}
     {"bench": "online_store", "case": "statement_only", "batch": 250, "clients": 1, ..., "ratio_vs_batched": ..}
+    {"bench": "online_store", "case": "batched_plain_strings", "batch": 250, "clients": 1, ..., "ratio_vs_batched": ..}
     {"bench": "online_store", "case": "speedup", "batch": 250, "clients": 1, "ratio": ..}
     {"bench": "online_store", "case": "purchase_event", "events": .., "p50_ms": .., "p99_ms": ..}
     {"bench": "online_store", "case": "warmup", "passes": 1, "calls": .., "warmup_s": .., "server_cpu_ms": ..}
@@ -15,7 +16,10 @@ of --rows synthetic rows through the feature store's insert, then measures batch
 `ratio` is (per-key loop time per key) / (batched time per key). `statement_only` runs the
 statement that `get_feature_vectors` sends (`read_concat`, the same keys) and leaves the packed
 rows undecoded: what the database and the wire cost alone; `ratio_vs_batched` is how many times
-longer the full call takes, so the share of the client's decoding shows. Latencies are per call as one
+longer the full call takes, so the share of the client's decoding shows. `batched_plain_strings`
+reads the same rows from a second group that stores every string as text (the 12 article
+attribute names are dictionary-encoded in the `articles` group, feature_store.dictionary);
+its `ratio_vs_batched` is its mean latency over the dictionary layout's. Latencies are per call as one
 client sees them; keys_per_s is the total over all clients. client_cpu_ms and server_cpu_ms are
 the CPU time per call of the client processes and of mariadbd, and load_avg_1m the machine's
 load: on a shared machine the wall-clock figures include waiting for other processes' work. `purchase_event` times
@@ -40,6 +44,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +71,10 @@ from feature_store.schema import ONLINE_ROW_COLUMN  # noqa: E402
 from feature_store.store import FeatureStore, online_table  # noqa: E402
 
 VIEW = "bench_articles"
+VIEW_PLAIN = "bench_articles_plain"
+# the same features with every string stored as text: the layout the dictionary replaced
+ARTICLES_PLAIN = replace(ARTICLES, name="articles_plain",
+                         features=tuple(replace(f, dictionary=False) for f in ARTICLES.features))
 LOAD_CHUNK = 100_000
 
 
@@ -108,15 +117,25 @@ def synthetic_articles(ids: list[str], rng: np.random.Generator) -> pd.DataFrame
     return frame
 
 
-def load(fs: FeatureStore, rows: int, seed: int = 0) -> float:
+def load(fs: FeatureStore, rows: int, group=ARTICLES, view: str = VIEW, seed: int = 0) -> float:
+    """Insert `rows` synthetic articles into a new version of `group`; a view `view` reads it."""
     rng = np.random.default_rng(seed)
-    fgv = fs.create_feature_group(ARTICLES)
+    fgv = fs.create_feature_group(group)
     ids = article_ids(rows)
     t0 = time.perf_counter()
     for i in range(0, rows, LOAD_CHUNK):
         fgv.insert(synthetic_articles(ids[i : i + LOAD_CHUNK], rng), validation="strict", event_time="2020-09-22")
-    fs.create_feature_view(FeatureView(VIEW, features=(FeatureSelection("articles", version=fgv.version),)))
+    fs.create_feature_view(FeatureView(view, features=(FeatureSelection(group.name, version=fgv.version),)))
     return time.perf_counter() - t0
+
+
+def loaded(fs: FeatureStore, group, rows: int) -> bool:
+    """Whether a kept --workdir holds `group` as defined now with `rows` online rows (then it is
+    measured without reloading)."""
+    if not fs.versions(group.name):
+        return False
+    fgv = fs.get_feature_group(group.name)
+    return fgv.group == group and fgv.stats()["online_rows"] == rows
 
 
 def purchase_events(fs: FeatureStore, rows: int, n: int) -> dict:
@@ -145,12 +164,13 @@ def purchase_events(fs: FeatureStore, rows: int, n: int) -> dict:
     return {"events": n, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
 
 
-def warm_up(cfg: DatabaseConfig, password: str, root: str, rows: int, passes: int, pid: int | None) -> dict:
+def warm_up(cfg: DatabaseConfig, password: str, root: str, rows: int, passes: int, pid: int | None,
+            view: str = VIEW) -> dict:
     """Read every key `passes` times, in random order and batches of 250, before anything is
     timed: a restarted server's buffer pool and adaptive hash index take about 3,000 such
     reads to reach the state of a serving system (the server's CPU per read falls by half)."""
     store = MySQLOnlineStore.from_config(cfg, password)
-    fv = FeatureStore(Workdir.at(root), store).get_feature_view(VIEW)
+    fv = FeatureStore(Workdir.at(root), store).get_feature_view(view)
     ids = np.array(article_ids(rows), dtype=object)
     rng = np.random.default_rng(2)
     t0, calls, s0 = time.perf_counter(), 0, server_cpu_s(pid)
@@ -170,7 +190,7 @@ def client(args: tuple) -> tuple[np.ndarray, float]:
     cfg, password, root, mode, batch, reads, rows, seed, start_at = args
     store = MySQLOnlineStore.from_config(cfg, password)
     fs = FeatureStore(Workdir.at(root), store)
-    fv = fs.get_feature_view(VIEW)
+    fv = fs.get_feature_view(VIEW_PLAIN if mode == "plain" else VIEW)
     spec = online_table(store, fs.get_feature_group("articles").spec.name).spec
     rng = np.random.default_rng(seed)
     ids = article_ids(rows)
@@ -184,7 +204,7 @@ def client(args: tuple) -> tuple[np.ndarray, float]:
     for i in range(reads):
         b = batches[i % 64]
         t0 = time.perf_counter()
-        if mode == "batched":
+        if mode in ("batched", "plain"):
             vecs = fv.get_feature_vectors(b)
         elif mode == "statement":  # the same statement, its rows left undecoded
             vecs = store.read_concat(spec, b, ONLINE_ROW_COLUMN)
@@ -258,26 +278,31 @@ def main() -> None:
         tmp = a.workdir or scratch
         cfg = DatabaseConfig(port=a.db_port or free_port(), database="bench", user="bench",
                              password_env="RAYREC_BENCH_UNSET")
-        db = LocalMariaDB(Workdir.at(tmp), cfg, buffer_pool_size="1G")
+        db = LocalMariaDB(Workdir.at(tmp), cfg, buffer_pool_size="2G")  # both layouts' tables in memory
         db.start()
         try:
             password = db.password()
             store = MySQLOnlineStore.from_config(cfg, password)
             engine = store.server_info()["engine"]
             fs = FeatureStore(Workdir.at(tmp), store)
-            loaded = fs.versions("articles") and fs.get_feature_group("articles").stats()["online_rows"] == a.rows
-            if not loaded:  # a kept --workdir with the same --rows is measured again without reloading
-                load_s = load(fs, a.rows)
-                emit("online_store", case="load", rows=a.rows, features=len(ARTICLES.features) - 1, engine=engine,
-                     load_s=round(load_s, 1), rows_per_s=round(a.rows / load_s))
+            for group, view in ((ARTICLES, VIEW), (ARTICLES_PLAIN, VIEW_PLAIN)):
+                if not loaded(fs, group, a.rows):  # a kept --workdir with the same --rows: not reloaded
+                    load_s = load(fs, a.rows, group, view)
+                    emit("online_store", case="load", group=group.name, rows=a.rows, features=len(group.features) - 1,
+                         engine=engine, load_s=round(load_s, 1), rows_per_s=round(a.rows / load_s))
             store.close()
             pid = db.status()["pid"]
             if a.warmup_passes:
-                emit("online_store", case="warmup", **warm_up(cfg, password, tmp, a.rows, a.warmup_passes, pid))
+                for view in (VIEW, VIEW_PLAIN):
+                    emit("online_store", case="warmup", view=view,
+                         **warm_up(cfg, password, tmp, a.rows, a.warmup_passes, pid, view))
             for batch in batches:
                 for clients in client_counts:
                     fast = measure(cfg, password, tmp, "batched", batch, clients, a.reads, a.rows, pid)
                     emit("online_store", case="batched", batch=batch, clients=clients, rows=a.rows, **fast)
+                    plain = measure(cfg, password, tmp, "plain", batch, clients, a.reads, a.rows, pid)
+                    emit("online_store", case="batched_plain_strings", batch=batch, clients=clients, rows=a.rows,
+                         **plain, ratio_vs_batched=round(plain["mean_ms"] / fast["mean_ms"], 2))
                     stmt = measure(cfg, password, tmp, "statement", batch, clients, a.reads, a.rows, pid)
                     emit("online_store", case="statement_only", batch=batch, clients=clients, rows=a.rows, **stmt,
                          ratio_vs_batched=round(fast["mean_ms"] / stmt["mean_ms"], 2))

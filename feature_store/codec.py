@@ -9,7 +9,8 @@ Layout of a packed value (little-endian):
     u16  length of the rest
     head (one struct): u8 flags (bit 0: the text part is a JSON array), a u16 item count per
          numeric list, the null bitmap as u64 words (bit i: feature i in schema order is
-         None), then the int64 ('q'), float64 ('d') and bool ('?') features in schema order
+         None), then the int64 ('q'), float64 ('d') and bool ('?') features in schema order,
+         then the u32 code of each dict_string feature (feature_store.dictionary; 0: null)
     numeric lists: the values of each list_int64 / list_float64 feature. An item count's top
                two bits give the width of a list_int64 row's items: 0 int64, 1 int8, 2 int16,
                3 int32 (the narrowest that holds them: a 30-day daily sales list takes 30 bytes
@@ -22,8 +23,9 @@ Each value carries its own length and key, so values concatenated in any order (
 `OnlineStore.read_concat` returns) can be split and matched to keys without a result row per
 key. Decoding reads one u16 per row to find the rows; everything else is done for all rows
 together, in C: numpy gathers the fixed-width heads into one structured array (numeric
-columns are its fields; a feature view's key order is one reindexing of it) and the numeric
-lists, and the rows' text parts are joined, decoded and split once, then sliced into columns
+columns are its fields; a feature view's key order is one reindexing of it; a dict_string
+column is one take of its codes from the dictionary's values) and the numeric lists, and the
+rows' text parts are joined, decoded and split once, then sliced into columns
 by stride. A row whose strings contain U+001E or U+001F (or a list that is exactly [""]) is
 stored with flag bit 0 set and its text part as a JSON array, so every value round-trips
 verbatim.
@@ -46,13 +48,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from feature_store.dictionary import Dictionary, UnknownValue
 from feature_store.online.base import MAX_BYTES, MAX_KEY_CHARS, encode_json
 
 MAX_PACKED_BYTES = MAX_BYTES
 SCALAR_NUMERIC = {"int64": "q", "float64": "d", "bool": "?"}
 NUMERIC_LISTS = {"list_int64": "q", "list_float64": "d"}
 TEXT_TYPES = ("string", "list_string", "json")
-CODEC_TYPES = (*SCALAR_NUMERIC, *NUMERIC_LISTS, *TEXT_TYPES)
+DICT_STRING = "dict_string"  # a string stored as its dictionary code (feature_store.dictionary)
+CODEC_TYPES = (*SCALAR_NUMERIC, *NUMERIC_LISTS, *TEXT_TYPES, DICT_STRING)
 _SEP, _ITEM_SEP = "\x1f", "\x1e"
 _U16 = struct.Struct("<H")
 _COUNT_MASK, _WIDTH_SHIFT = 0x3FFF, 14  # a numeric list's u16 head field: item count, width code
@@ -63,6 +67,7 @@ _INT_DTYPES = ("<i8", "<i1", "<i2", "<i4")
 _Q = struct.Struct("<q")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _NA, _NAT = pd.NA, pd.NaT  # pandas' missing-value singletons count as null
+_KIND = {**dict.fromkeys(SCALAR_NUMERIC, "scalar"), **dict.fromkeys(NUMERIC_LISTS, "list"), DICT_STRING: "dict"}
 
 
 @dataclass(frozen=True)
@@ -81,13 +86,16 @@ class CodecError(ValueError):
 class RowCodec:
     """Packs rows of fixed schema `fields` keyed by a string or int64 key."""
 
-    def __init__(self, key_type: str, fields: Sequence[Field]):
+    def __init__(self, key_type: str, fields: Sequence[Field], dictionary: Dictionary | None = None):
         if key_type not in ("string", "int64"):
             raise ValueError(f"key type must be string or int64, not {key_type!r}")
         for f in fields:
             if f.dtype not in CODEC_TYPES:
                 raise ValueError(f"feature {f.name!r}: type {f.dtype!r} cannot be packed; one of {CODEC_TYPES}")
+        if dictionary is None and any(f.dtype == DICT_STRING for f in fields):
+            raise ValueError("dictionary-encoded features need the store's dictionary")
         self.key_type = key_type
+        self.dictionary = dictionary
         self.fields = list(fields)
         self.names = [f.name for f in self.fields]
         n = len(self.fields)
@@ -95,27 +103,21 @@ class RowCodec:
         self._scalars = [i for i, f in enumerate(self.fields) if f.dtype in SCALAR_NUMERIC]
         self._lists = [i for i, f in enumerate(self.fields) if f.dtype in NUMERIC_LISTS]
         self._texts = [i for i, f in enumerate(self.fields) if f.dtype in TEXT_TYPES]
+        self._dicts = [i for i, f in enumerate(self.fields) if f.dtype == DICT_STRING]
         self._head = struct.Struct(
             "<B" + "H" * len(self._lists) + "Q" * self._null_words
-            + "".join(SCALAR_NUMERIC[self.fields[i].dtype] for i in self._scalars)
+            + "".join(SCALAR_NUMERIC[self.fields[i].dtype] for i in self._scalars) + "I" * len(self._dicts)
         )
         self._list_fmt = [NUMERIC_LISTS[self.fields[i].dtype] for i in self._lists]
-        # decode: values come out as scalars + lists + texts; `_order` puts them in schema order
-        storage = self._scalars + self._lists + self._texts
-        pos = {fi: p for p, fi in enumerate(storage)}
-        self._order = [pos[i] for i in range(n)]
-        self._text_post = [
-            (j, self.fields[i].dtype) for j, i in enumerate(self._texts) if self.fields[i].dtype != "string"
-        ]
         self._defaults = tuple(_zero(self.fields[i].dtype) for i in self._scalars)
         self._part = {i: j for part in (self._lists, self._texts) for j, i in enumerate(part)}  # list / text no.
-        self._kind = ["scalar" if f.dtype in SCALAR_NUMERIC else ("list" if f.dtype in NUMERIC_LISTS else "text")
-                      for f in self.fields]
+        self._kind = [_KIND.get(f.dtype, "text") for f in self.fields]
         np_formats = {"q": "<i8", "d": "<f8", "?": "?"}
         names = ["flags", *(f"c{j}" for j in range(len(self._lists))), *(f"n{w}" for w in range(self._null_words)),
-                 *(f"s{i}" for i in self._scalars)]
+                 *(f"s{i}" for i in self._scalars), *(f"s{i}" for i in self._dicts)]
         formats = ["u1", *(["<u2"] * len(self._lists)), *(["<u8"] * self._null_words),
-                   *(np_formats[SCALAR_NUMERIC[self.fields[i].dtype]] for i in self._scalars)]
+                   *(np_formats[SCALAR_NUMERIC[self.fields[i].dtype]] for i in self._scalars),
+                   *(["<u4"] * len(self._dicts))]
         offsets, at = [], 0
         for fmt in formats:
             offsets.append(at)
@@ -130,6 +132,7 @@ class RowCodec:
             null_head[f"n{w}"] = np.uint64(0xFFFFFFFFFFFFFFFF)
         self._null_head = null_head.view(np.uint8).reshape(1, self._row_dtype.itemsize)
         self._scalar_fields = [self.fields[i] for i in self._scalars]
+        self._dict_fields = [self.fields[i] for i in self._dicts]
         self._text_fields = [self.fields[i] for i in self._texts]
         self._list_fields = [self.fields[i] for i in self._lists]
 
@@ -154,6 +157,8 @@ class RowCodec:
         scalars = []
         for i, f, d in zip(self._scalars, self._scalar_fields, self._defaults, strict=True):
             scalars.append(d if nulls >> i & 1 else _scalar(f, get(i)))
+        for i, f in zip(self._dicts, self._dict_fields, strict=True):
+            scalars.append(0 if nulls >> i & 1 else self._code(f, get(i)))
         words = [(nulls >> (64 * w)) & 0xFFFFFFFFFFFFFFFF for w in range(self._null_words)]
         parts = [b"", b""]
         texts: list[Any] = [_check_key(key) if self.key_type == "string" else str(_check_int_key(key))]
@@ -190,6 +195,15 @@ class RowCodec:
             )
         parts[0] = _U16.pack(length)
         return b"".join(parts)
+
+    def _code(self, f: Field, v: Any) -> int:
+        try:
+            return self.dictionary.code(_text_value(f, v))  # type: ignore[union-attr]
+        except UnknownValue:
+            raise CodecError(
+                f"feature {f.name!r} (dictionary): {str(v)[:40]!r} has no dictionary code yet; values get "
+                "theirs when a frame holding them is inserted"
+            ) from None
 
     # decoding --------------------------------------------------------------------------
     def decode(self, value: bytes) -> tuple[Any, dict[str, Any]]:
@@ -307,6 +321,9 @@ class RowCodec:
             kind = self._kind[i]
             if kind == "scalar":
                 cols[i] = _numeric_column(h[f"s{i}"], mask, arrays)
+                continue
+            if kind == "dict":  # a null's code is 0, which reads as None
+                cols[i] = self.dictionary.values(h[f"s{i}"])  # type: ignore[union-attr]
                 continue
             j = self._part[i]
             if kind == "list":
@@ -566,13 +583,13 @@ def _as_list(f: Field, v: Any) -> list[Any]:
 
 
 def _text_value(f: Field, v: Any) -> Any:
-    if f.dtype == "string":
+    if f.dtype in ("string", DICT_STRING):
         if type(v) is str and v.isascii() and (f.limit is None or len(v) <= f.limit):
             return v
         if not isinstance(v, str):
-            raise CodecError(f"feature {f.name!r} (string): expected a str, got {type(v).__name__}")
+            raise CodecError(f"feature {f.name!r} ({f.dtype}): expected a str, got {type(v).__name__}")
         if f.limit is not None and len(v) > f.limit:
-            raise CodecError(f"feature {f.name!r} (string): {len(v)} characters exceed the bound of {f.limit}")
+            raise CodecError(f"feature {f.name!r} ({f.dtype}): {len(v)} characters exceed the bound of {f.limit}")
         _check_unicode(f, v)
         return v
     if f.dtype == "list_string":

@@ -12,7 +12,9 @@
     transactions      purchase events (offline only): the spine of training datasets and the
                       log real-time events are appended to
 
-Columns are spelled as in the H&M files; `FN` and `Active` are stored as `fn` and `active`
+The low-cardinality strings (the article attribute names, the customers' age group, club status,
+news frequency and region) are dictionary-encoded online (feature_store.dictionary): a row holds
+a 4-byte code per value. Columns are spelled as in the H&M files; `FN` and `Active` are stored as `fn` and `active`
 (see feature_store.schema). Lists are bounded: `purchased` keeps the last MAX_PURCHASED
 articles, `daily_sales` SALES_DAYS days, `type_last_day` the MAX_TYPE_DAYS most recently bought
 types (`recent_type_days`).
@@ -58,14 +60,14 @@ CUSTOMERS = FeatureGroup(
     (
         Feature("customer_id", "string", limit=64),
         Feature("age", "float64"),
-        Feature("age_group", "string", description="0-18, 19-25, 26-35, 36-45, 46-55, 56-65, 66+"),
-        Feature("club_member_status", "string"),
-        Feature("fashion_news_frequency", "string"),
+        Feature("age_group", "string", description="0-18, 19-25, 26-35, 36-45, 46-55, 56-65, 66+", dictionary=True),
+        Feature("club_member_status", "string", dictionary=True),
+        Feature("fashion_news_frequency", "string", dictionary=True),
         Feature("fn", "float64", alias="FN"),
         Feature("active", "float64", alias="Active"),
         Feature("postal_code", "string", limit=64),
         Feature("postal_bucket", "int64", description=f"stable hash of the postal code, 0..{POSTAL_BUCKETS - 1}"),
-        Feature("region", "string"),
+        Feature("region", "string", dictionary=True),
     ),
     description="Customer profile (static in the H&M data).",
     expectations=(
@@ -86,7 +88,7 @@ ARTICLES = FeatureGroup(
         Feature("article_id", "string", limit=64),
         Feature("prod_name", "string"),
         *(Feature(c, "int64") for c in ARTICLE_INT_ATTRIBUTES),
-        *(Feature(c, "string") for c in ARTICLE_NAME_ATTRIBUTES),
+        *(Feature(c, "string", dictionary=True) for c in ARTICLE_NAME_ATTRIBUTES),
         Feature("detail_desc", "string", limit=2000),
         Feature("price", "float64", description="mean sale price"),
         Feature("sales_total", "int64"),

@@ -18,10 +18,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from feature_store.codec import CODEC_TYPES, Field, RowCodec
+from feature_store.codec import CODEC_TYPES, DICT_STRING, Field, RowCodec
+from feature_store.dictionary import Dictionary
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-DTYPES = CODEC_TYPES
+DTYPES = tuple(t for t in CODEC_TYPES if t != DICT_STRING)
 DEFAULT_LIMITS = {"string": 255, "list_string": 100, "list_int64": 100, "list_float64": 100, "json": 4096}
 KEY_DTYPES = ("string", "int64")
 # Columns of every online feature-group table besides the key (see FeatureGroup.table_spec).
@@ -51,6 +52,9 @@ class Feature:
         alias: the column's spelling in frames and returned rows when it is not `name`.
         description: free text.
         optional: an inserted frame may lack the column (stored as null).
+        dictionary: (strings) stored online as a code of the store's dictionary instead of the
+            text, for low-cardinality values (a colour or department name): smaller rows, and
+            reads make no string per value (feature_store.dictionary).
     """
 
     name: str
@@ -59,11 +63,14 @@ class Feature:
     alias: str | None = None
     description: str = ""
     optional: bool = False
+    dictionary: bool = False
 
     def __post_init__(self) -> None:
         check_name(self.name, "feature name")
         if self.dtype not in DTYPES:
             raise ValueError(f"feature {self.name!r}: unknown type {self.dtype!r}; expected one of {DTYPES}")
+        if self.dictionary and self.dtype != "string":
+            raise ValueError(f"feature {self.name!r}: only string features can be dictionary-encoded, not {self.dtype!r}")
         if self.limit is None and self.dtype in DEFAULT_LIMITS:
             object.__setattr__(self, "limit", DEFAULT_LIMITS[self.dtype])
         if self.alias is not None and (not isinstance(self.alias, str) or self.alias.lower() != self.name):
@@ -75,13 +82,20 @@ class Feature:
         return self.alias or self.name
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "limit": self.limit, "alias": self.alias,
-                "description": self.description, "optional": self.optional}
+        d = {"name": self.name, "dtype": self.dtype, "limit": self.limit, "alias": self.alias,
+             "description": self.description, "optional": self.optional}
+        if self.dictionary:  # only then: definitions registered before the option still compare equal
+            d["dictionary"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Feature:
         return cls(d["name"], d["dtype"], d.get("limit"), d.get("alias"), d.get("description", ""),
-                   bool(d.get("optional", False)))
+                   bool(d.get("optional", False)), bool(d.get("dictionary", False)))
+
+    @property
+    def codec_type(self) -> str:
+        return DICT_STRING if self.dictionary else self.dtype
 
 
 @dataclass(frozen=True)
@@ -226,9 +240,15 @@ class FeatureGroup:
         return f"fg_{self.name}_v{int(version)}"
 
     # online layout ---------------------------------------------------------------------------
-    def codec(self) -> RowCodec:
-        """The packed-row codec of the online table: every feature except the key."""
-        return RowCodec(self.key_feature.dtype, [Field(f.column, f.dtype, f.limit) for f in self.value_features])
+    def codec(self, dictionary: Dictionary | None = None) -> RowCodec:
+        """The packed-row codec of the online table: every feature except the key
+        (`dictionary`: the online store's, needed when a feature is dictionary-encoded)."""
+        return RowCodec(self.key_feature.dtype, [Field(f.column, f.codec_type, f.limit) for f in self.value_features],
+                        dictionary)
+
+    @property
+    def dictionary_features(self) -> list[Feature]:
+        return [f for f in self.value_features if f.dictionary]
 
     def table_spec(self, version: int):  # -> TableSpec (import kept local: online.base is lower level)
         from feature_store.online.base import TableSpec

@@ -36,6 +36,7 @@ import pandas as pd
 from common.artifacts import FeatureGroupRef, atomic_write_text
 from common.workdir import Workdir
 from feature_store.codec import RowCodec
+from feature_store.dictionary import Dictionary
 from feature_store.groups import GROUPS
 from feature_store.offline import OfflineTable, latest_per_key, to_event_times, to_micros
 from feature_store.online.base import OnlineStore, SchemaMismatch, TableNotFound, TableSpec, normalise_key
@@ -48,6 +49,24 @@ REGISTRY = TableSpec(
     {"table_name": "string", "group_name": "string", "version": "int64", "definition": "json", "created_us": "int64"},
 )
 META_FILE = "_meta.json"
+
+
+def _codable_values(group: FeatureGroup, columns: Sequence[list[Any]]) -> list[str]:
+    """The distinct values of the group's dictionary features that get a code (the others fail
+    their row's packing with a message naming the feature)."""
+    out: dict[str, None] = {}
+    for f, col in zip(group.value_features, columns, strict=True):
+        if not f.dictionary:
+            continue
+        for v in dict.fromkeys(v for v in col if type(v) is str):
+            if f.limit is not None and len(v) > f.limit:
+                continue
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                continue
+            out[v] = None
+    return list(out)
 
 
 def table_spec(group: FeatureGroup, version: int) -> TableSpec:
@@ -70,6 +89,15 @@ class OnlineTable:
 
 
 _TABLES: weakref.WeakKeyDictionary[OnlineStore, dict[str, OnlineTable]] = weakref.WeakKeyDictionary()
+_DICTIONARIES: weakref.WeakKeyDictionary[OnlineStore, Dictionary] = weakref.WeakKeyDictionary()
+
+
+def store_dictionary(store: OnlineStore) -> Dictionary:
+    """The string dictionary of `store` as this process knows it (one per store)."""
+    d = _DICTIONARIES.get(store)
+    if d is None:
+        d = _DICTIONARIES[store] = Dictionary(store.dictionary_entries, store.dictionary_assign)
+    return d
 
 
 def register_online_table(store: OnlineStore, group: FeatureGroup, version: int) -> OnlineTable:
@@ -89,7 +117,7 @@ def register_online_table(store: OnlineStore, group: FeatureGroup, version: int)
             "table_name": spec.name, "group_name": group.name, "version": int(version),
             "definition": group.to_dict(), "created_us": int(datetime.now(UTC).timestamp() * 1e6),
         }])
-    table = OnlineTable(group, int(version), spec, group.codec())
+    table = OnlineTable(group, int(version), spec, group.codec(store_dictionary(store)))
     _TABLES.setdefault(store, {})[spec.name] = table
     return table
 
@@ -113,7 +141,8 @@ def online_table(store: OnlineStore, table_name: str) -> OnlineTable:
             "version of rayrec: `rayrec pipeline` or `rayrec features build`)"
         )
     group = FeatureGroup.from_dict(row["definition"])
-    table = OnlineTable(group, int(row["version"]), group.table_spec(int(row["version"])), group.codec())
+    version = int(row["version"])
+    table = OnlineTable(group, version, group.table_spec(version), group.codec(store_dictionary(store)))
     _TABLES.setdefault(store, {})[table_name] = table
     return table
 
@@ -327,9 +356,12 @@ class FeatureGroupVersion:
 
     def _online_rows(self, frame: pd.DataFrame, times: pd.Series) -> list[dict[str, Any]]:
         g = self.group
-        codec = g.codec()
+        dictionary = store_dictionary(self.fs.online) if g.dictionary_features else None
+        codec = g.codec(dictionary)
         keys = _column_values(g.key_feature.dtype, frame[g.key])
         columns = [_column_values(f.dtype, frame[f.column]) for f in g.value_features]
+        if dictionary is not None:  # codes for the values first: one read and one write at most
+            dictionary.ensure(_codable_values(g, columns))
         micros = to_micros(times).tolist()
         encode = codec.encode_values
         key_col, ts_col = g.primary_key, ONLINE_TIME_COLUMN

@@ -394,6 +394,21 @@ class OnlineStore(ABC):
         """
 
     @abstractmethod
+    def dictionary_entries(self, after: int = 0) -> list[tuple[int, str]]:
+        """The string dictionary's entries (code, value) with a code above `after`, in code
+        order (feature_store.dictionary); none while no value has a code."""
+
+    @abstractmethod
+    def dictionary_assign(self, values: Sequence[str]) -> dict[str, int]:
+        """value -> code for `values`, giving each value that has none a new code (codes are
+        positive, unique, never reused or changed; concurrent callers get the same code for
+        the same value). Values are compared exactly (case, trailing spaces).
+
+        Raises:
+            ValueError: a value is not a str or longer than 1020 bytes of UTF-8 (nothing assigned).
+        """
+
+    @abstractmethod
     def drop_table(self, spec: TableSpec) -> None:
         """Drop the table if it exists.
 
@@ -436,7 +451,8 @@ class InMemoryOnlineStore(OnlineStore):
 
     def __init__(self) -> None:
         self._tables: dict[str, tuple[TableSpec, dict[Any, tuple[Any, ...]]]] = {}
-        self._lock = threading.Lock()
+        self._dictionary: dict[str, int] = {}
+        self._lock = threading.RLock()  # re-entered by a dictionary read inside update_rows
         self._statements = 0
         self._closed = False
 
@@ -590,6 +606,21 @@ class InMemoryOnlineStore(OnlineStore):
                 self._upsert(spec, prepared)
             return True
 
+    def dictionary_entries(self, after: int = 0) -> list[tuple[int, str]]:
+        with self._lock:
+            self._check_open()
+            self._statements += 1
+            return sorted((c, v) for v, c in self._dictionary.items() if c > after)
+
+    def dictionary_assign(self, values: Sequence[str]) -> dict[str, int]:
+        wanted = check_dictionary_values(values)
+        with self._lock:
+            self._check_open()
+            self._statements += 1
+            for v in wanted:
+                self._dictionary.setdefault(v, len(self._dictionary) + 1)
+            return {v: self._dictionary[v] for v in wanted}
+
     def drop_table(self, spec: TableSpec) -> None:
         with self._lock:
             self._check_open()
@@ -607,6 +638,24 @@ class InMemoryOnlineStore(OnlineStore):
 
     def statement_count(self) -> int:
         return self._statements
+
+
+MAX_DICTIONARY_BYTES = 1020  # the dictionary's value column: VARBINARY(1020)
+
+
+def check_dictionary_values(values: Sequence[Any]) -> list[str]:
+    """The distinct values, each checked to be a str of at most 1020 bytes of UTF-8."""
+    wanted = list(dict.fromkeys(values))
+    for v in wanted:
+        if not isinstance(v, str):
+            raise ValueError(f"dictionary value {v!r}: expected a str, got {type(v).__name__}")
+        try:
+            size = len(v.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise ValueError(f"dictionary value {v[:40]!r}: not valid Unicode (lone surrogate)") from None
+        if size > MAX_DICTIONARY_BYTES:
+            raise ValueError(f"dictionary value {v[:40]!r}...: {size} bytes, above {MAX_DICTIONARY_BYTES}")
+    return wanted
 
 
 def latest_per_key(spec: TableSpec, prepared: list[tuple[Any, ...]], newer: int) -> list[tuple[Any, ...]]:

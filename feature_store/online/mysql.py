@@ -40,6 +40,7 @@ from pymysql.err import InterfaceError, OperationalError
 from common.config import DatabaseConfig
 from feature_store.online.base import (
     MAX_BYTES,
+    MAX_DICTIONARY_BYTES,
     MAX_KEY_CHARS,
     MAX_STRING_CHARS,
     OnlineStore,
@@ -50,6 +51,7 @@ from feature_store.online.base import (
     check_bytes_column,
     check_columns,
     check_compatible,
+    check_dictionary_values,
     check_newer_column,
     latest_per_key,
     normalise_key,
@@ -59,6 +61,7 @@ from feature_store.online.base import (
 )
 
 T = TypeVar("T")
+DICTIONARY_TABLE = "rayrec_dictionary"  # feature_store.dictionary: code -> value, for every group
 
 # Client/server error codes that mean "this connection is gone" (worth one reconnect + retry).
 _CONNECTION_LOST = {
@@ -272,7 +275,7 @@ class MySQLOnlineStore(OnlineStore):
             init_command=f"SET SESSION group_concat_max_len = {GROUP_CONCAT_MAX_LEN}",
         )
         self._chunk_size = chunk_size
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered by a dictionary read inside update_rows
         self._conn: pymysql.connections.Connection | None = None
         self._engine: str | None = None
         self._closed = False
@@ -564,6 +567,54 @@ class MySQLOnlineStore(OnlineStore):
             raise AssertionError("unreachable")
 
         return self._run(op)
+
+    def dictionary_entries(self, after: int = 0) -> list[tuple[int, str]]:
+        def op(conn: pymysql.connections.Connection) -> list[tuple[int, str]]:
+            with conn.cursor() as cur:
+                cur.execute(f"SELECT `code`, `value` FROM {_q(DICTIONARY_TABLE)} WHERE `code` > %s ORDER BY `code`",
+                            (int(after),))
+                return [(int(c), bytes(v).decode("utf-8")) for c, v in cur.fetchall()]
+
+        try:
+            return self._run(op)
+        except TableNotFound:
+            return []
+
+    def dictionary_assign(self, values: Sequence[str]) -> dict[str, int]:
+        wanted = check_dictionary_values(values)
+
+        def codes(cur: pymysql.cursors.Cursor, part: list[bytes]) -> dict[str, int]:
+            cur.execute(f"SELECT `value`, `code` FROM {_q(DICTIONARY_TABLE)} WHERE `value` IN {_placeholders(len(part))}",
+                        part)
+            return {bytes(v).decode("utf-8"): int(c) for v, c in cur.fetchall()}
+
+        def op(conn: pymysql.connections.Connection) -> dict[str, int]:
+            self._ensure_dictionary(conn)
+            out: dict[str, int] = {}
+            with conn.cursor() as cur:
+                for i in range(0, len(wanted), 500):
+                    part = [v.encode("utf-8") for v in wanted[i : i + 500]]
+                    got = codes(cur, part)
+                    new = [b for b in part if b.decode("utf-8") not in got]
+                    if new:  # IGNORE: a value another writer coded meanwhile keeps its code
+                        cur.executemany(f"INSERT IGNORE INTO {_q(DICTIONARY_TABLE)} (`value`) VALUES (%s)", new)
+                        got.update(codes(cur, new))
+                    out.update(got)
+            lost = [v for v in wanted if v not in out]
+            if lost:
+                raise RuntimeError(f"the online store's dictionary did not keep {lost[0][:40]!r}")
+            return out
+
+        return self._run(op) if wanted else {}
+
+    def _ensure_dictionary(self, conn: pymysql.connections.Connection) -> None:
+        engine = self._engine_for(conn)
+        with conn.cursor() as cur:
+            cur.execute(
+                f"CREATE TABLE IF NOT EXISTS {_q(DICTIONARY_TABLE)} (`code` BIGINT NOT NULL AUTO_INCREMENT, "
+                f"`value` VARBINARY({MAX_DICTIONARY_BYTES}) NOT NULL, PRIMARY KEY (`code`), UNIQUE KEY `value` (`value`)) "
+                f"ENGINE={engine}"
+            )
 
     def drop_table(self, spec: TableSpec) -> None:
         def op(conn: pymysql.connections.Connection) -> None:

@@ -3,6 +3,7 @@ inserts (validation failure, connection killed mid-write), verbatim values, one 
 real-time events."""
 from __future__ import annotations
 
+import threading
 import uuid
 
 import pandas as pd
@@ -188,3 +189,35 @@ def test_purchase_event_on_mysql_applies_once(fs, tmp_path):
     assert after_h["type_last_day"][ptype] == ev.timestamp.strftime("%Y-%m-%d")  # in the same transaction
     assert after_h["type_counts"][ptype] == before_h["type_counts"].get(ptype, 0) + 1
     assert after_a["sales_total"] == before_a["sales_total"] + 1 and after_a["sales_7d"] >= 1
+
+
+def test_a_fresh_process_decodes_dictionary_codes_inside_an_event(fs, mariadb, tmp_path):
+    """A serving replica's first event reads its article row inside the event's transaction:
+    the codes it has not seen are read there too, on the same connection (no deadlock)."""
+    data = tmp_path / "hm3"
+    generate(data, seed=5, customers=40, articles=30, days=20)
+    hm = load_hm(data)
+    refs = {"articles": fs.write("articles", article_features(hm.articles, hm.transactions, None, hm.extras),
+                                 progress=False),
+            "customer_history": fs.write("customer_history", customer_history(hm.transactions, hm.articles, None),
+                                         progress=False)}
+    cid, aid = hm.transactions["customer_id"].iloc[0], hm.articles["article_id"].iloc[0]
+    fresh = MySQLOnlineStore.from_config(mariadb.cfg, mariadb.password)  # its own (empty) dictionary
+    try:
+        fresh_fs = FeatureStore(Workdir.at(tmp_path), fresh)
+        done: list = []
+        worker = threading.Thread(target=lambda: done.append(apply_purchase_event(
+            fresh_fs, refs, PurchaseEvent(unique("ev"), cid, aid, 0.02, pd.Timestamp.now(tz="UTC").isoformat()))),
+            daemon=True)  # a deadlock fails the test instead of hanging it
+        worker.start()
+        worker.join(60)
+        assert done and done[0].applied and done[0].known_article
+        after = read_online(fresh, refs["articles"], "articles", [aid])[aid]
+        want = hm.articles.set_index("article_id").loc[aid]
+        for c in ("product_type_name", "colour_group_name", "index_group_name", "department_name"):
+            assert after[c] == want[c], c
+        ptype = want["product_type_name"]
+        hist = read_online(fresh, refs["customer_history"], "customer_history", [cid])[cid]
+        assert hist["type_counts"][ptype] >= 1
+    finally:
+        fresh.close()

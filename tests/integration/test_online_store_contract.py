@@ -351,6 +351,26 @@ def test_read_concat_arranges_values_as_its_concat_order_says(store: OnlineStore
     assert (got == want) if store.concat_order == "request" else (sorted(got) == sorted(want))
 
 
+def test_dictionary_codes_are_unique_exact_and_stable(store: OnlineStore) -> None:
+    tag = uuid.uuid4().hex[:8]  # the dictionary is one table for the whole database
+    values = [f"{v}{tag}" for v in ("Ladieswear", "it's", "'; DROP TABLE x; --", "ünï ✓ 🎉", "\x1f\x1e")]
+    values += [f"pad{tag} ", f"pad{tag}", f"PAD{tag}"]  # exact: trailing spaces and case count
+    got = store.dictionary_assign(values + values[:2])
+    assert sorted(got) == sorted(values) and len(set(got.values())) == len(values) and min(got.values()) > 0
+    assert store.dictionary_assign(values[::-1]) == got  # stable
+    later = store.dictionary_assign([f"new{tag}"])[f"new{tag}"]
+    assert later > max(got.values())
+    entries = dict(store.dictionary_entries(min(got.values()) - 1))
+    assert all(entries[c] == v for v, c in got.items()) and entries[later] == f"new{tag}"
+    assert store.dictionary_entries(later) == [] or min(c for c, _ in store.dictionary_entries(later)) > later
+    with pytest.raises(ValueError, match="expected a str"):
+        store.dictionary_assign([f"ok{tag}", 3])
+    with pytest.raises(ValueError, match="bytes, above 1020"):
+        store.dictionary_assign([f"ok{tag}", "é" * 600])
+    assert f"ok{tag}" not in {v for _, v in store.dictionary_entries()}  # a refused call assigns nothing
+    assert store.dictionary_assign([]) == {}
+
+
 def test_read_concat_is_one_query(store: OnlineStore) -> None:
     spec = make_spec(store, "concat1", key="k", columns=PACKED)
     store.write_batch(spec, [{"k": f"{i:06d}", "ts": i, "v": b"x" * 50} for i in range(1200)])
@@ -469,6 +489,32 @@ def test_mysql_update_rows_applies_a_concurrent_event_once(mariadb) -> None:
         stores[0].drop_table(once)
         for s in stores:
             s.close()
+
+
+@pytest.mark.integration
+def test_mysql_concurrent_writers_get_the_same_codes(mariadb) -> None:
+    """Four connections assign overlapping new values at once: one code per value, whoever won."""
+    tag = uuid.uuid4().hex[:8]
+    values = [f"v{i}-{tag}" for i in range(60)]
+    results: list[dict[str, int]] = []
+    errors: list[BaseException] = []
+
+    def writer(offset: int) -> None:
+        s = MySQLOnlineStore.from_config(mariadb.cfg, mariadb.password)
+        try:
+            results.append(s.dictionary_assign(values[offset:] + values[:offset]))
+        except BaseException as e:  # reported below
+            errors.append(e)
+        finally:
+            s.close()
+
+    threads = [threading.Thread(target=writer, args=(15 * i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(results) == 4
+    assert all(r == results[0] for r in results) and len(set(results[0].values())) == len(values)
 
 
 @pytest.mark.integration
