@@ -9,6 +9,7 @@ of --rows synthetic rows through the feature store's insert, then measures batch
      "p50_ms": .., "p99_ms": .., "keys_per_s": .., ...}
     {"bench": "online_store", "case": "statement_only", "batch": 250, "clients": 1, ..., "ratio_vs_batched": ..}
     {"bench": "online_store", "case": "batched_plain_strings", "batch": 250, "clients": 1, ..., "ratio_vs_batched": ..}
+    {"bench": "online_store", "case": "statement_in_list", "batch": 250, "clients": 1, ..., "ratio_vs_statement": ..}
     {"bench": "online_store", "case": "speedup", "batch": 250, "clients": 1, "ratio": ..}
     {"bench": "online_store", "case": "purchase_event", "events": .., "p50_ms": .., "p99_ms": ..}
     {"bench": "online_store", "case": "warmup", "passes": 1, "calls": .., "warmup_s": .., "server_cpu_ms": ..}
@@ -19,7 +20,9 @@ rows undecoded: what the database and the wire cost alone; `ratio_vs_batched` is
 longer the full call takes, so the share of the client's decoding shows. `batched_plain_strings`
 reads the same rows from a second group that stores every string as text (the 12 article
 attribute names are dictionary-encoded in the `articles` group, feature_store.dictionary);
-its `ratio_vs_batched` is its mean latency over the dictionary layout's. Latencies are per call as one
+its `ratio_vs_batched` is its mean latency over the dictionary layout's. `statement_in_list` is
+`statement_only` with the keys sent as an IN list (`key_form="in"`, what NDB gets) instead of one
+JSON array joined by JSON_TABLE; `ratio_vs_statement` is its mean latency over the JSON form's. Latencies are per call as one
 client sees them; keys_per_s is the total over all clients. client_cpu_ms and server_cpu_ms are
 the CPU time per call of the client processes and of mariadbd, and load_avg_1m the machine's
 load: on a shared machine the wall-clock figures include waiting for other processes' work. `purchase_event` times
@@ -188,7 +191,7 @@ def client(args: tuple) -> tuple[np.ndarray, float]:
     """One client process: its own connection; returns per-call latencies (ms) and its CPU
     seconds over the timed calls."""
     cfg, password, root, mode, batch, reads, rows, seed, start_at = args
-    store = MySQLOnlineStore.from_config(cfg, password)
+    store = MySQLOnlineStore.from_config(cfg, password, key_form="in" if mode == "statement_in" else "auto")
     fs = FeatureStore(Workdir.at(root), store)
     fv = fs.get_feature_view(VIEW_PLAIN if mode == "plain" else VIEW)
     spec = online_table(store, fs.get_feature_group("articles").spec.name).spec
@@ -206,7 +209,7 @@ def client(args: tuple) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
         if mode in ("batched", "plain"):
             vecs = fv.get_feature_vectors(b)
-        elif mode == "statement":  # the same statement, its rows left undecoded
+        elif mode in ("statement", "statement_in"):  # the same statement, its rows left undecoded
             vecs = store.read_concat(spec, b, ONLINE_ROW_COLUMN)
         else:
             vecs = [fv.get_feature_vectors([k]) for k in b]
@@ -306,6 +309,9 @@ def main() -> None:
                     stmt = measure(cfg, password, tmp, "statement", batch, clients, a.reads, a.rows, pid)
                     emit("online_store", case="statement_only", batch=batch, clients=clients, rows=a.rows, **stmt,
                          ratio_vs_batched=round(fast["mean_ms"] / stmt["mean_ms"], 2))
+                    in_list = measure(cfg, password, tmp, "statement_in", batch, clients, a.reads, a.rows, pid)
+                    emit("online_store", case="statement_in_list", batch=batch, clients=clients, rows=a.rows, **in_list,
+                         ratio_vs_statement=round(in_list["mean_ms"] / stmt["mean_ms"], 2))
                     slow = measure(cfg, password, tmp, "per_key", batch, clients, a.per_key_reads, a.rows, pid)
                     emit("online_store", case="per_key", batch=batch, clients=clients, rows=a.rows, **slow)
                     emit("online_store", case="speedup", batch=batch, clients=clients,

@@ -243,6 +243,7 @@ class MySQLOnlineStore(OnlineStore):
         read_timeout: float | None = 60,
         write_timeout: float | None = 60,
         chunk_size: int = 1000,
+        key_form: str = "auto",
     ) -> None:
         """Connect (eagerly, so a wrong address or password fails here).
 
@@ -251,9 +252,16 @@ class MySQLOnlineStore(OnlineStore):
             connect_timeout: seconds to wait for the TCP connection and handshake.
             read_timeout, write_timeout: socket timeouts of one call (None: wait forever).
             chunk_size: rows per executemany call inside a write transaction.
+            key_form: how reads send their keys (`_rows_of`): "json" (one JSON array joined by
+                JSON_TABLE), "in" (an IN list) or "auto" (an IN list under NDB and for one key,
+                else JSON).
         Raises:
             ConnectionError: the server cannot be reached or refuses the login.
+            ValueError: an unknown key_form.
         """
+        if key_form not in ("auto", "json", "in"):
+            raise ValueError(f"key_form must be 'auto', 'json' or 'in', not {key_form!r}")
+        self._key_form = key_form
         if not isinstance(database, str) or not _DATABASE_RE.match(database):
             raise ValueError(f"invalid database name {database!r}: must match {_DATABASE_RE.pattern}")
         if chunk_size < 1:
@@ -299,9 +307,11 @@ class MySQLOnlineStore(OnlineStore):
 
     @property
     def concat_order(self) -> str:  # type: ignore[override]
-        """"request" (the JSON_TABLE join, `_rows_of`), or "key" under NDB (its IN list, in
-        ascending order as a primary-key range read returns it; a hint, see OnlineStore)."""
-        return "key" if self._engine == "NDBCLUSTER" else "request"
+        """"request" (the JSON_TABLE join, `_rows_of`), or "key" for IN lists (in ascending
+        order as a primary-key range read returns them; a hint, see OnlineStore)."""
+        if self._key_form == "in" or (self._key_form == "auto" and self._engine == "NDBCLUSTER"):
+            return "key"
+        return "request"
 
     def __reduce__(self) -> Any:
         raise TypeError(
@@ -479,8 +489,9 @@ class MySQLOnlineStore(OnlineStore):
             return [b"" for _ in reads]
 
         def op(conn: pymysql.connections.Connection) -> list[bytes]:
-            ndb = self._engine_for(conn) == "NDBCLUSTER"
-            sources = [_rows_of(spec, wanted, ndb or len(wanted) == 1) for _, spec, wanted, _ in asked]
+            in_list = self._key_form == "in" or (self._key_form == "auto" and self._engine_for(conn) == "NDBCLUSTER")
+            sources = [_rows_of(spec, wanted, in_list or (self._key_form == "auto" and len(wanted) == 1))
+                       for _, spec, wanted, _ in asked]
             if len(sources) > 1 and any(params is not None for _, params in sources):
                 # keys bound as parameters next to inlined ones (which may hold '%'): one at a time
                 return [_concat(conn, [(col, src)])[0] for (_, _, _, col), src in zip(asked, sources, strict=True)]

@@ -518,7 +518,7 @@ def test_mysql_concurrent_writers_get_the_same_codes(mariadb) -> None:
 
 
 @pytest.mark.integration
-def test_mysql_reads_an_in_list_under_ndb(mysql_store) -> None:
+def test_mysql_reads_an_in_list_under_ndb(mysql_store, mariadb) -> None:
     """Under NDBCLUSTER the keys go as an IN list (NDB batches its primary-key lookups);
     MariaDB runs that statement too, so its results are checked here against the JSON form."""
     spec = TableSpec(f"c{uuid.uuid4().hex[:10]}_ndb", "k", PACKED)
@@ -535,6 +535,14 @@ def test_mysql_reads_an_in_list_under_ndb(mysql_store) -> None:
             got = mysql_store.read_concat(spec, asked, "v")
             assert sorted(_pieces(got)) == sorted(_pieces(by_json))
             assert got == b"".join(f"<{keys.index(k)}>".encode() for k in sorted(set(asked) & set(keys)))
+        mysql_store._engine = None
+        for form, order in (("in", "key"), ("json", "request")):  # the form asked for, whatever the engine
+            with MySQLOnlineStore.from_config(mariadb.cfg, mariadb.password, key_form=form) as forced:
+                assert forced.concat_order == order
+                for asked, by_json in zip(asks, as_json, strict=True):
+                    assert sorted(_pieces(forced.read_concat(spec, asked, "v"))) == sorted(_pieces(by_json))
+        with pytest.raises(ValueError, match="key_form"):
+            MySQLOnlineStore("127.0.0.1", 1, "db", "u", "p", key_form="IN")
     finally:
         mysql_store._engine = None
         mysql_store.drop_table(spec)
