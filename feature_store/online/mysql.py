@@ -148,11 +148,11 @@ def _rows_of(spec: TableSpec, wanted: list[Any], by_key: bool) -> tuple[str, lis
     parameters (None when the keys are inlined).
 
     By default the keys go as ONE JSON array that JSON_TABLE turns into rows joined to the
-    table by primary key: MariaDB spends about 13% less CPU on it than on a 250-key IN list
-    (whose ranges it sorts and merges), and the rows come back in the order of `wanted`.
-    `by_key`: an IN list instead, for NDB, which reads it as one batch of primary-key lookups,
-    and for a single key, where the IN form costs the server less (about 0.10 against
-    0.14 ms; from 20 keys on the JSON form costs less).
+    table by primary key: MariaDB spends 11-18% less CPU on it than on a 250-key IN list
+    (whose ranges it sorts and merges; `benchmarks/online_store.py`, `statement_in_list`), and
+    the rows come back in the order of `wanted`. `by_key`: an IN list instead, for NDB, which
+    reads it as one batch of primary-key lookups, and for a single key, where the IN form
+    costs the server less (the join's fixed cost is not repaid below about 20 keys).
 
     pymysql binds parameters on the client: it formats each one into the statement text,
     which for 250 keys costs more than the rest of a read. Keys it would not change (int64;
