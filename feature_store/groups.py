@@ -188,18 +188,19 @@ def dataset_groups(roles: Any = None) -> dict[str, FeatureGroup]:
 
     A dataset config's customers group holds its declared customer columns; its articles group
     the declared item columns (text up to 2,000 characters) plus the sales aggregates and the
-    (null) filter columns; its history counts purchases per type and has no index groups.
+    (null) filter columns; its history counts purchases per type and has no index groups. The
+    declared categorical columns are dictionary-encoded online, like H&M's attribute names.
     """
     if roles is None or roles.is_hm:
         return GROUPS
     customers = FeatureGroup(
         "customers", "customer_id",
         (Feature("customer_id", "string", limit=64),
-         *(Feature(c, "string") for c in roles.user_categorical),
+         *(Feature(c, "string", dictionary=True) for c in roles.user_categorical),
          *(Feature(c, "float64") for c in roles.user_numeric)),
         description="Customer attributes declared in the dataset config.",
     )
-    declared = [*(Feature(c, "string") for c in roles.item_categorical),
+    declared = [*(Feature(c, "string", dictionary=True) for c in roles.item_categorical),
                 *(Feature(c, "float64") for c in roles.item_numeric),
                 *(Feature(c, "string", limit=2000) for c in roles.item_text)]
     articles = FeatureGroup(
