@@ -168,15 +168,20 @@ def test_feature_vectors_one_query_per_group(fs):
     assert v.status[:3] == ["complete", "complete", "missing"] and v.missing_groups[-1] == (a.name,)
 
 
-def test_purchase_event_on_mysql_applies_once(fs, tmp_path):
-    data = tmp_path / "hm2"
-    generate(data, seed=4, customers=60, articles=40, days=20)
-    hm = load_hm(data)
+def _event_groups(fs, path, seed: int, customers: int, articles: int):
+    """Generated H&M data written as the articles and customer_history groups: (hm, refs, a
+    customer who bought, an article)."""
+    generate(path, seed=seed, customers=customers, articles=articles, days=20)
+    hm = load_hm(path)
     refs = {"articles": fs.write("articles", article_features(hm.articles, hm.transactions, None, hm.extras),
                                  progress=False),
             "customer_history": fs.write("customer_history", customer_history(hm.transactions, hm.articles, None),
                                          progress=False)}
-    cid, aid = hm.transactions["customer_id"].iloc[0], hm.articles["article_id"].iloc[0]
+    return hm, refs, hm.transactions["customer_id"].iloc[0], hm.articles["article_id"].iloc[0]
+
+
+def test_purchase_event_on_mysql_applies_once(fs, tmp_path):
+    hm, refs, cid, aid = _event_groups(fs, tmp_path / "hm2", seed=4, customers=60, articles=40)
     before_h = read_online(fs.online, refs["customer_history"], "customer_history", [cid])[cid]
     before_a = read_online(fs.online, refs["articles"], "articles", [aid])[aid]
     ev = PurchaseEvent(unique("ev"), cid, aid, 0.02, pd.Timestamp.now(tz="UTC").isoformat())
@@ -194,14 +199,7 @@ def test_purchase_event_on_mysql_applies_once(fs, tmp_path):
 def test_a_fresh_process_decodes_dictionary_codes_inside_an_event(fs, mariadb, tmp_path):
     """A serving replica's first event reads its article row inside the event's transaction:
     the codes it has not seen are read there too, on the same connection (no deadlock)."""
-    data = tmp_path / "hm3"
-    generate(data, seed=5, customers=40, articles=30, days=20)
-    hm = load_hm(data)
-    refs = {"articles": fs.write("articles", article_features(hm.articles, hm.transactions, None, hm.extras),
-                                 progress=False),
-            "customer_history": fs.write("customer_history", customer_history(hm.transactions, hm.articles, None),
-                                         progress=False)}
-    cid, aid = hm.transactions["customer_id"].iloc[0], hm.articles["article_id"].iloc[0]
+    hm, refs, cid, aid = _event_groups(fs, tmp_path / "hm3", seed=5, customers=40, articles=30)
     fresh = MySQLOnlineStore.from_config(mariadb.cfg, mariadb.password)  # its own (empty) dictionary
     try:
         fresh_fs = FeatureStore(Workdir.at(tmp_path), fresh)

@@ -135,6 +135,16 @@ def test_decode_in_the_order_of_requested_keys_with_missing_ones_null(arrays):
     assert keys == [None, None] and math.isnan(cols[1][1]) and cols[3] == [None, None]
 
 
+def _assert_same_columns(got: list, want: list) -> None:
+    """Decoded columns equal value for value (NaN equal to NaN), numpy ones with the same dtype."""
+    for f, a, b in zip(FIELDS, got, want, strict=True):
+        if isinstance(a, np.ndarray):
+            assert a.dtype == b.dtype, f.name
+            a, b = (np.nan_to_num(a, nan=0.5), np.nan_to_num(b, nan=0.5)) if a.dtype.kind == "f" else (a, b)
+            a, b = a.tolist(), b.tolist()
+        assert a == b, f.name
+
+
 @pytest.mark.parametrize("key_type", ["string", "int64"])
 def test_rows_in_key_order_decode_in_requested_order_like_any_other_buffer(key_type, monkeypatch):
     """A primary-key read returns the rows sorted by key: that buffer takes the direct path,
@@ -158,12 +168,7 @@ def test_rows_in_key_order_decode_in_requested_order_like_any_other_buffer(key_t
             got_keys, got = c.decode_columns(ascending, arrays=arrays, order=order)
             want_keys, want = c.decode_columns(shuffled, arrays=arrays, order=order)
             assert got_keys == want_keys == [k if k in rows else None for k in order]
-            for f, a, b in zip(FIELDS, got, want, strict=True):
-                if isinstance(a, np.ndarray):
-                    assert a.dtype == b.dtype, f.name
-                    a, b = (np.nan_to_num(a, nan=0.5), np.nan_to_num(b, nan=0.5)) if a.dtype.kind == "f" else (a, b)
-                    a, b = a.tolist(), b.tolist()
-                assert a == b, f.name
+            _assert_same_columns(got, want)
 
 
 def test_decode_with_order_keeps_dtypes_when_every_key_is_found():
@@ -249,9 +254,4 @@ def test_rows_in_request_order_decode_directly_and_a_wrong_hint_still_decodes(ke
         for buf, arranged in ((as_read, "request"), (shuffled, "request"), (as_read, "key"), (as_read, "any")):
             got_keys, got = c.decode_columns(buf, arrays=True, order=order, arranged=arranged)
             assert got_keys == want_keys, arranged
-            for f, a, b in zip(FIELDS, got, want, strict=True):
-                if isinstance(a, np.ndarray):
-                    assert a.dtype == b.dtype, f.name
-                    a, b = (np.nan_to_num(a, nan=0.5), np.nan_to_num(b, nan=0.5)) if a.dtype.kind == "f" else (a, b)
-                    a, b = a.tolist(), b.tolist()
-                assert a == b, f.name
+            _assert_same_columns(got, want)
