@@ -43,10 +43,10 @@ class Dictionary:
         self._load = load
         self._assign = assign
         self._lock = threading.Lock()
-        # index = code; code 0 stands for a null. Readers take both arrays as they are at that
-        # moment: `_add` replaces them whole, never edits them in place.
-        self._values = np.array([None], dtype=object)
-        self._known = np.ones(1, dtype=bool)
+        # (values, known) indexed by code; code 0 stands for a null. One tuple, read once by
+        # `values`: `_add` replaces it whole (never edits the arrays), so a reader in another
+        # thread sees the old pair or the new one.
+        self._arrays = (np.array([None], dtype=object), np.ones(1, dtype=bool))
         self._codes: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -70,7 +70,7 @@ class Dictionary:
         if not todo:
             return
         with self._lock:
-            self._add(self._load(len(self._values) - 1))
+            self._add(self._load(len(self._arrays[0]) - 1))
             todo = [v for v in todo if v not in self._codes]
             if todo:
                 self._add([(c, v) for v, c in self._assign(todo).items()])
@@ -82,12 +82,12 @@ class Dictionary:
         Raises:
             ValueError: a code the store does not hold either (a corrupt row).
         """
-        values, known = self._values, self._known
+        values, known = self._arrays
         if len(codes) and (int(codes.max()) >= len(known) or not known[codes].all()):
             lowest = min(int(c) for c in codes.tolist() if c >= len(known) or not known[c])
             with self._lock:
                 self._add(self._load(lowest - 1))  # codes commit in any order: from the first unknown
-            values, known = self._values, self._known
+            values, known = self._arrays
             if int(codes.max()) >= len(known) or not known[codes].all():
                 raise ValueError(f"corrupt packed values: dictionary code {lowest} is not in the online store")
         return values[codes].tolist()
@@ -96,12 +96,14 @@ class Dictionary:
         pairs = [(int(c), v) for c, v in entries]
         if not pairs:
             return
-        size = max(len(self._values), max(c for c, _ in pairs) + 1)
+        old_values, old_known = self._arrays
+        size = max(len(old_values), max(c for c, _ in pairs) + 1)
         values = np.empty(size, dtype=object)
-        values[: len(self._values)] = self._values
+        values[: len(old_values)] = old_values
         known = np.zeros(size, dtype=bool)
-        known[: len(self._known)] = self._known
+        known[: len(old_known)] = old_known
         codes = dict(self._codes)
         for c, v in pairs:
             values[c], known[c], codes[v] = v, True, c
-        self._values, self._known, self._codes = values, known, codes
+        self._arrays = (values, known)
+        self._codes = codes
