@@ -201,14 +201,16 @@ def test_a_fresh_process_decodes_dictionary_codes_inside_an_event(fs, mariadb, t
     the codes it has not seen are read there too, on the same connection (no deadlock)."""
     hm, refs, cid, aid = _event_groups(fs, tmp_path / "hm3", seed=5, customers=40, articles=30)
     fresh = MySQLOnlineStore.from_config(mariadb.cfg, mariadb.password)  # its own (empty) dictionary
+    fresh_fs = FeatureStore(Workdir.at(tmp_path), fresh)
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(apply_purchase_event(
+        fresh_fs, refs, PurchaseEvent(unique("ev"), cid, aid, 0.02, pd.Timestamp.now(tz="UTC").isoformat()))),
+        daemon=True)
+    worker.start()
+    worker.join(60)
+    if worker.is_alive():  # deadlocked: its store cannot even be closed (the thread holds its lock)
+        pytest.fail("the event did not finish in 60 s: a dictionary read inside update_rows deadlocked")
     try:
-        fresh_fs = FeatureStore(Workdir.at(tmp_path), fresh)
-        done: list = []
-        worker = threading.Thread(target=lambda: done.append(apply_purchase_event(
-            fresh_fs, refs, PurchaseEvent(unique("ev"), cid, aid, 0.02, pd.Timestamp.now(tz="UTC").isoformat()))),
-            daemon=True)  # a deadlock fails the test instead of hanging it
-        worker.start()
-        worker.join(60)
         assert done and done[0].applied and done[0].known_article
         after = read_online(fresh, refs["articles"], "articles", [aid])[aid]
         want = hm.articles.set_index("article_id").loc[aid]
