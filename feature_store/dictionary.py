@@ -21,8 +21,6 @@ from typing import Any
 
 import numpy as np
 
-MAX_VALUE_BYTES = 1020  # the store's value column: VARBINARY(1020), 255 characters of UTF-8
-
 Loader = Callable[[int], Sequence[tuple[int, str]]]
 Assigner = Callable[[Sequence[str]], dict[str, int]]
 
