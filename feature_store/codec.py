@@ -131,6 +131,8 @@ class RowCodec:
         for w in range(self._null_words):
             null_head[f"n{w}"] = np.uint64(0xFFFFFFFFFFFFFFFF)
         self._null_head = null_head.view(np.uint8).reshape(1, self._row_dtype.itemsize)
+        # the dictionary codes lie side by side at the end of the head: one [rows, codes] block
+        self._dict_at = self._row_dtype.fields[f"s{self._dicts[0]}"][1] if self._dicts else 0
         self._scalar_fields = [self.fields[i] for i in self._scalars]
         self._dict_fields = [self.fields[i] for i in self._dicts]
         self._text_fields = [self.fields[i] for i in self._texts]
@@ -311,6 +313,7 @@ class RowCodec:
             h, pick, list_pos, counts = self._reorder(head_bytes, keys, order, list_pos, counts)
             keys = pick(keys)
         cols: list[Any] = [None] * n_fields
+        dict_cols = self._dict_columns(h, wanted)
         null_words = [h[f"n{w}"] for w in range(self._null_words)]
         any_null = [int(np.bitwise_or.reduce(w)) for w in null_words]
         for i in range(n_fields):
@@ -323,7 +326,7 @@ class RowCodec:
                 cols[i] = _numeric_column(h[f"s{i}"], mask, arrays)
                 continue
             if kind == "dict":  # a null's code is 0, which reads as None
-                cols[i] = self.dictionary.values(h[f"s{i}"])  # type: ignore[union-attr]
+                cols[i] = dict_cols[i]
                 continue
             j = self._part[i]
             if kind == "list":
@@ -340,6 +343,17 @@ class RowCodec:
                     col[r] = None
             cols[i] = col
         return keys, cols
+
+    def _dict_columns(self, h: np.ndarray, wanted: Collection[int] | None) -> dict[int, list[Any]]:
+        """The dictionary-coded features of the heads `h`: field index -> values, all columns
+        looked up in one numpy take (a take per column cost 7 us each, 12 of them per read)."""
+        if not self._dicts or (wanted is not None and not any(i in wanted for i in self._dicts)):
+            return {}
+        raw = np.ascontiguousarray(h).view(np.uint8).reshape(len(h), self._row_dtype.itemsize)
+        block = raw[:, self._dict_at : self._dict_at + 4 * len(self._dicts)]
+        codes = np.ascontiguousarray(block).view("<u4")  # [rows, dictionary features]
+        columns = self.dictionary.values(codes.T)  # type: ignore[union-attr]
+        return dict(zip(self._dicts, columns, strict=True))
 
     def _text_columns(self, buf: bytes, n: int, starts: np.ndarray, ends: np.ndarray,
                       flags: np.ndarray) -> list[list[Any]]:

@@ -74,15 +74,16 @@ class Dictionary:
                 self._add([(c, v) for v, c in self._assign(todo).items()])
 
     def values(self, codes: np.ndarray) -> list[Any]:
-        """The values of `codes` (0: None), reading the store's newer entries first when a code
-        is not known here (two numpy calls check it).
+        """The values of `codes` (0: None) as nested lists of `codes`' shape (a 2-D array gives a
+        list per row), reading the store's newer entries first when a code is not known here
+        (two numpy calls check it).
 
         Raises:
             ValueError: a code the store does not hold either (a corrupt row).
         """
         values, known = self._arrays
-        if len(codes) and (int(codes.max()) >= len(known) or not known[codes].all()):
-            lowest = min(int(c) for c in codes.tolist() if c >= len(known) or not known[c])
+        if codes.size and (int(codes.max()) >= len(known) or not known[codes].all()):
+            lowest = min(int(c) for c in codes.ravel().tolist() if c >= len(known) or not known[c])
             with self._lock:
                 self._add(self._load(lowest - 1))  # codes commit in any order: from the first unknown
             values, known = self._arrays

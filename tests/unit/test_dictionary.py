@@ -34,6 +34,8 @@ def test_dictionary_strings_round_trip_verbatim_with_nulls():
     keys, cols = c.decode_columns(buf, arrays=True, order=["k5", "absent", "k0"], arranged="request")
     assert keys == ["k5", None, "k0"]
     assert cols[0] == ["ünï ✓ 🎉", None, "Ladieswear"] and cols[3] == ["trailing", None, None]
+    _, only_dept = c.decode_columns(buf, wanted={3}, order=["k1", "k2", "k0"])
+    assert only_dept[3] == ["", "\x1f\x1e separators", None] and only_dept[0] is None
     plain = RowCodec("string", [Field(f.name, "string" if f.dtype == DICT_STRING else f.dtype, f.limit) for f in FIELDS])
     assert len(buf) < len(b"".join(plain.encode(k, r) for k, r in rows.items()))  # 4 bytes a value, not its text
 
@@ -62,6 +64,9 @@ def test_codes_committed_out_of_order_are_found():
     d = Dictionary(lambda after: sorted((c, v) for c, v in entries.items() if c > after), lambda values: {})
     assert d.values(np.array([1, 3, 0], dtype=np.uint32)) == ["a", "c", None]
     entries[2] = "b"
+    # a [features, rows] block, as the codec looks up all its coded columns at once: the unknown
+    # code in the second column is found too
+    assert d.values(np.array([[1, 0], [3, 2]], dtype=np.uint32)) == [["a", None], ["c", "b"]]
     assert d.values(np.array([2, 3], dtype=np.uint32)) == ["b", "c"]
     with pytest.raises(ValueError, match="dictionary code 9 is not in the online store"):
         d.values(np.array([1, 9], dtype=np.uint32))
