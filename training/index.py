@@ -53,6 +53,7 @@ EXACT_SEARCH_MAX_ROWS = ANN_MIN_ROWS  # the name callers knew
 EXACT_ENGINE_MAX_BYTES = 512 * 2**20
 SQ_MAX_BYTES = 2**30  # IVF_SQ codes (1 byte a dimension) up to 1 GiB, then IVF_PQ
 TEXT_CACHE_SIZE = 4096  # query texts whose MiniLM vector serving keeps (ItemIndex._text_vector)
+POOL_CACHE_SIZE = 1024  # query texts whose fused search pool serving keeps (ItemIndex._text_pool)
 TARGET_RECALL = 0.95
 CALIBRATION_QUERIES = 100
 CALIBRATION_K = 100
@@ -712,6 +713,8 @@ class ItemIndex:
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._text_lock = threading.Lock()
         self.text_cache_hits = self.text_cache_misses = 0
+        self._pool_cache: OrderedDict[tuple[Any, ...], tuple[tuple[str, float], ...]] = OrderedDict()
+        self.pool_cache_hits = self.pool_cache_misses = 0
         self._masks: OrderedDict[str, np.ndarray] = OrderedDict()
         self._shares: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -857,9 +860,7 @@ class ItemIndex:
         """Full-text (BM25) and semantic matches of `query_text` fused by reciprocal rank; with a
         customer's `query_vector`, the fused pool is re-ordered by adding a reciprocal-rank term
         of each candidate's item-tower similarity to it (weight `personal_weight`)."""
-        fts_ids, _ = self.text_search(query_text, candidates, where)
-        sem_ids, _ = self.semantic_search(query_text, candidates, where)
-        scores = rrf_fuse([fts_ids, sem_ids], rrf_k)
+        scores = dict(self._text_pool(query_text, candidates, _where(where), rrf_k))
         if query_vector is not None and scores:
             pool = list(scores)
             q = _unit(query_vector)
@@ -875,6 +876,30 @@ class ItemIndex:
                               filter=f"article_id IN ({', '.join(sql_str(a) for a in pool)})")
         by_id = dict(zip(t["article_id"].to_pylist(), _matrix(t[VECTOR_COLUMN]) @ q, strict=True))
         return np.array([by_id.get(a, -1.0) for a in pool])
+
+    def _text_pool(self, query_text: str, candidates: int, clause: str | None, rrf_k: int
+                   ) -> tuple[tuple[str, float], ...]:
+        """The fused full-text and semantic matches of a query, (article_id, score) best first,
+        from a bounded LRU: the two LanceDB queries are most of a search's CPU (several ms),
+        search traffic repeats its head queries, and an index version is immutable
+        (a new version is a new `ItemIndex`), so a pool never goes stale. Keyed like
+        `_text_vector`, on the whitespace-normalised text, which both searches tokenise the same."""
+        key = (" ".join(query_text.split()), candidates, clause, rrf_k)
+        with self._text_lock:
+            hit = self._pool_cache.get(key)
+            if hit is not None:
+                self._pool_cache.move_to_end(key)
+                self.pool_cache_hits += 1
+                return hit
+        fts_ids, _ = self.text_search(query_text, candidates, clause)
+        sem_ids, _ = self.semantic_search(query_text, candidates, clause)
+        pool = tuple(rrf_fuse([fts_ids, sem_ids], rrf_k).items())
+        with self._text_lock:
+            self._pool_cache[key] = pool
+            while len(self._pool_cache) > POOL_CACHE_SIZE:
+                self._pool_cache.popitem(last=False)
+            self.pool_cache_misses += 1
+        return pool
 
     def _text_vector(self, query_text: str) -> np.ndarray:
         """The query text's unit MiniLM vector, from a bounded LRU: a transformer forward pass is the

@@ -279,6 +279,40 @@ def test_query_text_vectors_are_cached_and_bounded(tmp_path, monkeypatch):
     assert len(calls) == 4 and index.text_cache_misses == 4 and len(index._text_cache) == 2
 
 
+def test_search_pools_are_cached_per_query_and_still_personalised(tmp_path, monkeypatch):
+    """A repeated query (up to whitespace) reuses its fused pool instead of querying LanceDB again;
+    the customer's re-ordering still applies to a cached pool; the cache is bounded."""
+    from training import index as index_mod
+
+    frame, vecs = articles(200, seed=5), unit_vectors(200, seed=5)
+    tbl = make_table(tmp_path, frame, vecs, text=True)
+    monkeypatch.setattr(index_mod, "POOL_CACHE_SIZE", 2)
+    index = ItemIndex(str(tmp_path), TABLE_NAME, tbl.version, text_encoder=HashingText())
+    fresh = ItemIndex(str(tmp_path), TABLE_NAME, tbl.version, text_encoder=HashingText())
+    searches = []
+    real = ItemIndex.text_search
+
+    def counting(self, *args, **kwargs):
+        searches.append(args[0])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ItemIndex, "text_search", counting)
+    plain = index.hybrid("wool socks", 10, candidates=50)
+    again = index.hybrid("  wool  socks ", 10, candidates=50)
+    assert again[0] == plain[0] and np.array_equal(again[1], plain[1])
+    assert len(searches) == 1 and index.pool_cache_hits == 1
+    customer = vecs[7]
+    personal = index.hybrid("wool socks", 10, customer, candidates=50)
+    assert len(searches) == 1  # from the cache, re-ordered for the customer
+    uncached = fresh.hybrid("wool socks", 10, customer, candidates=50)
+    assert personal[0] == uncached[0] and np.allclose(personal[1], uncached[1])
+    assert personal[0] != plain[0]  # the customer's vector changed the order
+    index.hybrid("wool socks", 10, candidates=20)  # another pool size: its own entry
+    index.hybrid("red dress", 10, candidates=50)  # the cache holds 2: the first entry is evicted
+    index.hybrid("wool socks", 10, candidates=50)
+    assert len(searches) == 5 and index.pool_cache_misses == 4 and len(index._pool_cache) == 2
+
+
 def test_missing_text_model_names_the_package(monkeypatch):
     from training import text_embed
 
