@@ -18,6 +18,8 @@ JSON lines, e.g.
     {"bench": "serve_load", "case": "overload", "topology": ..., "offered_rps": .., "goodput_rps": ..,
      "share_503": .., "ratio_vs_sustainable": ..}
     {"bench": "serve_load", "case": "in_process", "p50_ms": .., "p99_ms": ..}
+    {"bench": "serve_load", "case": "in_process_search", "first_p50_ms": .., "repeat_p50_ms": ..,
+     "ratio_vs_first": ..}   (search in-process: a query's first sight against its repeats)
     {"bench": "serve_load", "case": "gc_full_collect", "tracked_objects": .., "unsettled_ms": ..,
      "settled_ms": ..}   (a full GC with a run loaded, before/after settle_heap)
     {"bench": "serve_load", "case": "wakeup_cost", "sleep_wake_cpu_us": .., "thread_hop_cpu_us": ..}
@@ -361,6 +363,41 @@ def in_process(wd: Workdir, payloads: Payloads, candidates: int, n: int = 200) -
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "requests": n}, gc_row
 
 
+def in_process_search(wd: Workdir, payloads: Payloads, candidates: int, n: int = 100) -> dict:
+    """The search pipeline called directly: each query of the mix seen for the first time (its
+    full-text and semantic pool computed; the query's text vector already cached, as it was
+    before pools were), then `n` repeats drawn from the same queries (pools from the index's
+    cache). Each request is personalised and ranked for a random customer."""
+    from ray_apps.app import LocalCalls, Orchestrator
+    from ray_apps.metrics import NullMetrics
+    from ray_apps.schemas import SearchRequest
+    from ray_apps.service import Recommender
+
+    rec = Recommender(str(wd.root), follow_index=False, n_candidates=candidates)
+    rec.warm()
+    orch = Orchestrator(LocalCalls(rec), candidates, NullMetrics())
+    for q in payloads.words:
+        rec.index.index.semantic_search(q, 1)  # text vectors cached; their pools are not
+
+    def req(q: str) -> SearchRequest:
+        return SearchRequest(query=q, customer_id=payloads.rng.choice(payloads.customers), k=12)
+
+    async def timed(reqs: list[SearchRequest]) -> list[float]:
+        out = []
+        for r in reqs:
+            t0 = time.perf_counter()
+            await orch.search(r)
+            out.append((time.perf_counter() - t0) * 1000)
+        return out
+
+    first = asyncio.run(timed([req(q) for q in payloads.words]))
+    repeat = asyncio.run(timed([req(payloads.rng.choice(payloads.words)) for _ in range(n)]))
+    rec.close()
+    first_p50, repeat_p50 = float(np.percentile(first, 50)), float(np.percentile(repeat, 50))
+    return {"queries": len(payloads.words), "first_p50_ms": first_p50, "repeat_p50_ms": repeat_p50,
+            "repeat_p99_ms": float(np.percentile(repeat, 99)), "ratio_vs_first": repeat_p50 / first_p50}
+
+
 def full_collection_ms() -> dict:
     """A full garbage collection in this process, which holds a loaded run as a replica does:
     as is, then after `settle_heap()` (what replicas do once a run is loaded). Undone after."""
@@ -469,6 +506,8 @@ def main() -> None:
         base, gc_row = in_process(wd, payloads, a.candidates)
         emit("serve_load", case="in_process", candidates=a.candidates, **base)
         emit("serve_load", case="gc_full_collect", **gc_row)
+        emit("serve_load", case="in_process_search", candidates=a.candidates,
+             **in_process_search(wd, payloads, a.candidates))
         emit("serve_load", case="wakeup_cost", **wakeup_cost())
         for variant in a.variants:
             for topology in a.topologies:
