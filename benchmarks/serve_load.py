@@ -28,7 +28,7 @@ JSON lines, e.g.
 
 Usage: python benchmarks/serve_load.py [--workdir RUN] [--rates 25 50 100 150 200] [--duration 8]
        [--topologies fused split] [--variants default haproxy throughput] [--candidates 200]
-       [--max-ongoing N] [--max-queued N] [--article-cache-ttl-s 2 0]
+       [--max-ongoing N] [--max-queued N] [--article-cache-ttl-s 2 0] [--fused-calls inline batched]
 Without --workdir it builds a small pipeline run in a temp folder (with its own MariaDB).
 """
 from __future__ import annotations
@@ -337,14 +337,14 @@ def warm_up(url: str, payloads: Payloads, n: int = 30) -> None:
 
 def in_process(wd: Workdir, payloads: Payloads, candidates: int, n: int = 200) -> dict:
     """The recommend pipeline called directly (no Serve, no HTTP): the baseline."""
-    from ray_apps.app import LocalCalls, Orchestrator
+    from ray_apps.app import InlineCalls, Orchestrator
     from ray_apps.metrics import NullMetrics
     from ray_apps.schemas import RecommendRequest
     from ray_apps.service import Recommender
 
     rec = Recommender(str(wd.root), follow_index=False, n_candidates=candidates)
     rec.warm()
-    orch = Orchestrator(LocalCalls(rec), candidates, NullMetrics())
+    orch = Orchestrator(InlineCalls(rec), candidates, NullMetrics())
     reqs = [RecommendRequest(customer_id=payloads.rng.choice(payloads.customers), k=12,
                              context={"date": "2020-10-01"}) for _ in range(n + 20)]
 
@@ -368,14 +368,14 @@ def in_process_search(wd: Workdir, payloads: Payloads, candidates: int, n: int =
     full-text and semantic pool computed; the query's text vector already cached, as it was
     before pools were), then `n` repeats drawn from the same queries (pools from the index's
     cache). Each request is personalised and ranked for a random customer."""
-    from ray_apps.app import LocalCalls, Orchestrator
+    from ray_apps.app import InlineCalls, Orchestrator
     from ray_apps.metrics import NullMetrics
     from ray_apps.schemas import SearchRequest
     from ray_apps.service import Recommender
 
     rec = Recommender(str(wd.root), follow_index=False, n_candidates=candidates)
     rec.warm()
-    orch = Orchestrator(LocalCalls(rec), candidates, NullMetrics())
+    orch = Orchestrator(InlineCalls(rec), candidates, NullMetrics())
     for q in payloads.words:
         rec.index.index.semantic_search(q, 1)  # text vectors cached; their pools are not
 
@@ -490,6 +490,8 @@ def main() -> None:
     ap.add_argument("--max-queued", type=int, help="max_queued_requests (default: the run's config)")
     ap.add_argument("--article-cache-ttl-s", type=float, nargs="+",
                     help="serve.article_cache_ttl_s values to run each case with (default: the run's config; 0: off)")
+    ap.add_argument("--fused-calls", nargs="+", choices=["inline", "batched"],
+                    help="serve.fused_calls values to run the fused topology with (default: the run's config)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="rayrec-serve-load-") as tmp:
         if a.workdir:
@@ -513,9 +515,11 @@ def main() -> None:
             for topology in a.topologies:
                 for replicas in a.replicas:
                     for ttl in a.article_cache_ttl_s or [None]:
-                        app_args = admission | ({} if ttl is None else {"article_cache_ttl_s": ttl})
-                        run_topology(wd, payloads, topology, variant, a.rates, a.duration, a.candidates,
-                                     base["p50_ms"], replicas or None, app_args)
+                        for calls in (a.fused_calls or [None]) if topology == "fused" else [None]:
+                            app_args = admission | ({} if ttl is None else {"article_cache_ttl_s": ttl}) | (
+                                {} if calls is None else {"fused_calls": calls})
+                            run_topology(wd, payloads, topology, variant, a.rates, a.duration, a.candidates,
+                                         base["p50_ms"], replicas or None, app_args)
         if not a.workdir:
             from feature_store.local_db import LocalMariaDB
 

@@ -3,7 +3,9 @@
 `build_app(args)` is the only place that knows the graph's shape:
 
 - `fused` (default): one deployment holds every stage (`service.Recommender`) and answers
-  without a hop between replicas; on small machines hops are what costs.
+  without a hop between replicas; on small machines hops are what costs. Its stages run inline on
+  the request loop (`serve.fused_calls: inline`) or batched across requests in a worker thread
+  (`batched`).
 - `split`: the ingress orchestrates three stage deployments (encoder, retriever, ranker), each
   autoscaling on its own; query encoding is batched across requests with `@serve.batch`.
 
@@ -71,6 +73,8 @@ class AppArgs(BaseModel):
     max_queued_requests: int | None = Field(None, ge=-1)
     n_candidates: int | None = Field(None, ge=1, le=1000, description="Candidates ranked per request")
     article_cache_ttl_s: float | None = Field(None, ge=0, description="Seconds article rows stay cached (0: off)")
+    fused_calls: str | None = Field(None, pattern="^(inline|batched)$",
+                                    description="Fused topology: stages inline on the request loop, or batched")
     user_config: dict[str, Any] | None = Field(
         None, description="The ingress's user_config: {workdir: PATH} switches to that run without a restart")
 
@@ -91,8 +95,9 @@ def settle_heap() -> None:
 
 
 class LocalCalls:
-    """Stages in this process (fused topology). Stage work runs in worker threads so the
-    replica's event loop stays free for Serve's own work and for requests waiting on I/O."""
+    """Stages in this process (fused topology, `serve.fused_calls: batched`). Stage work runs in
+    worker threads, so the replica's request loop stays free for requests waiting on I/O, and
+    requests queued together share one encode and one rank call."""
 
     def __init__(self, rec: Recommender, encode: Any = None, rank: Any = None):
         self.rec = rec
@@ -141,6 +146,17 @@ class LocalCalls:
 
     async def ready(self):
         return await self._run("ready")
+
+
+class InlineCalls(LocalCalls):
+    """Stages in this process, run on the replica's request loop itself (`serve.fused_calls:
+    inline`, the default). A stage blocks the loop while it runs (the database reads included,
+    each bounded by `serve.db_timeout_s`), but the work is GIL-bound anyway, and on these VMs
+    waking a worker thread costs ~0.3 ms of CPU per hop (serve_load.py, "case": "wakeup_cost").
+    Serve runs user code on its own loop, so the replica's control plane is not blocked."""
+
+    async def _run(self, method: str, *args: Any) -> Any:
+        return getattr(self.rec, method)(*args)
 
 
 class RemoteCalls:
@@ -476,7 +492,8 @@ class Ingress:
     """HTTP ingress; in the fused topology it also runs every stage."""
 
     def __init__(self, workdir: str, stages: dict[str, DeploymentHandle] | None, api_key_sha256: str | None,
-                 n_candidates: int | None = None, article_cache_ttl_s: float | None = None):
+                 n_candidates: int | None = None, article_cache_ttl_s: float | None = None,
+                 fused_calls: str | None = None):
         from ray_apps.metrics import ServeMetrics
 
         self.metrics = ServeMetrics()
@@ -485,6 +502,7 @@ class Ingress:
         self.plog = None
         self.n_candidates = n_candidates
         self.article_cache_ttl_s = article_cache_ttl_s
+        self.fused_calls = fused_calls
         api.state.api_key_sha256 = api_key_sha256
         self._switch(workdir)
 
@@ -499,7 +517,9 @@ class Ingress:
             rec = Recommender(str(wd.root), self.metrics, n_candidates=self.n_candidates,
                               article_cache_ttl_s=self.article_cache_ttl_s)
             rec.warm()
-            calls: LocalCalls | RemoteCalls = LocalCalls(rec, self._encode_batch, self._rank_batch)
+            calls: LocalCalls | RemoteCalls = (
+                LocalCalls(rec, self._encode_batch, self._rank_batch)
+                if (self.fused_calls or cfg.fused_calls) == "batched" else InlineCalls(rec))
         else:
             rec = None
             calls = RemoteCalls(self.stages["encoder"], self.stages["retriever"], self.stages["ranker"],
@@ -789,7 +809,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     workdir = str(wd.root)
     ingress_opts = opts | ({"user_config": a.user_config} if a.user_config else {})
     if topology == "fused":
-        return Ingress.options(**ingress_opts).bind(workdir, None, key_hash, a.n_candidates, a.article_cache_ttl_s)
+        return Ingress.options(**ingress_opts).bind(workdir, None, key_hash, a.n_candidates, a.article_cache_ttl_s,
+                                                    a.fused_calls)
     stage_opts = opts | {"max_queued_requests": -1}  # admission control happens once, at the ingress
     stages = {name: Stage.options(name=f"{name}_stage", **stage_opts).bind(workdir, name, a.n_candidates, a.article_cache_ttl_s)
               for name in ("encoder", "retriever", "ranker")}

@@ -590,3 +590,34 @@ def test_split_topology_answers_like_fused(served_split):
         codes = list(pool.map(lambda c: httpx.post(f"{url}/v1/recommend", json={"customer_id": c, "k": 5},
                                                    headers=KEY, timeout=60).status_code, cids))
     assert codes == [200] * len(cids)
+
+
+@pytest.fixture(scope="module")
+def served_fused_batched(served_split):
+    """The same run fused again, with `fused_calls: batched` (the default runs stages inline)."""
+    from ray import serve
+
+    from ray_apps.app import APP_NAME, build_app
+
+    wd, url = served_split
+    serve.delete(APP_NAME)
+    serve.run(build_app({"workdir": str(wd.root), "fused_calls": "batched"}), name=APP_NAME, route_prefix="/",
+              blocking=False)
+    return wd, url
+
+
+def test_fused_batched_calls_answer_every_request(served_fused_batched):
+    wd, url = served_fused_batched
+    assert httpx.get(f"{url}/readyz", timeout=60).json()["ready"]
+    _, tx = _raw(wd)
+    import concurrent.futures as cf
+
+    cids = [_buyer(wd, 1), "not-a-customer", *tx["customer_id"].unique()[:14]]
+    with cf.ThreadPoolExecutor(8) as pool:  # concurrent requests share encode and rank batches
+        answers = list(pool.map(lambda c: httpx.post(f"{url}/v1/recommend", json={"customer_id": c, "k": 12},
+                                                     timeout=60), cids))
+    for cid, r in zip(cids, answers, strict=True):
+        assert r.status_code == 200, r.text
+        items = [i["article_id"] for i in r.json()["items"]]
+        assert len(set(items)) == 12
+        assert not set(items) & set(tx.loc[tx["customer_id"] == cid, "article_id"])

@@ -29,3 +29,10 @@ def test_serve_config_is_accepted_by_serve_schema(tmp_path):
     conf = ServeDeploySchema.model_validate(serve_config(tmp_path, "127.0.0.1", 8000))
     assert conf.http_options.host == "127.0.0.1"
     assert conf.applications[0].import_path == "ray_apps.app:build_app"
+
+
+def test_fused_calls_default_and_bad_value_named():
+    assert load_config().serve.fused_calls == "inline"
+    assert load_config(None, {"serve": {"fused_calls": "batched"}}).serve.fused_calls == "batched"
+    with pytest.raises(ConfigError, match=r"serve\.fused_calls"):
+        load_config(None, {"serve": {"fused_calls": "threads"}})

@@ -36,3 +36,32 @@ def test_item_index_returns_exact_top_k_and_pinned_version(tmp_path):
     # a new build (new version) does not change what a reader pinned to v1 sees
     db.create_table(TABLE_NAME, data=to_index_rows(frame.iloc[:50], vecs[:50]), mode="overwrite")
     assert ItemIndex(str(tmp_path), TABLE_NAME, v1).table.count_rows() == 300
+
+
+def test_fused_calls_run_inline_on_the_request_loop_or_batched_in_a_thread():
+    """`serve.fused_calls`: inline stages run on the caller's loop thread (no hop); the batched
+    form hands them to a worker thread. Both return the stage's answer."""
+    import asyncio
+    import threading
+
+    from ray_apps.app import AppArgs, InlineCalls, LocalCalls
+
+    class Stages:
+        def __init__(self):
+            self.threads = []
+
+        def popular(self, ctx, k, filters, age):
+            self.threads.append(threading.get_ident())
+            return {"k": k}
+
+    async def call(calls):
+        return await calls.popular(None, 3, None, None), threading.get_ident()
+
+    for cls, same_thread in ((InlineCalls, True), (LocalCalls, False)):
+        stages = Stages()
+        answer, loop_thread = asyncio.run(call(cls(stages)))
+        assert answer == {"k": 3}
+        assert (stages.threads == [loop_thread]) is same_thread
+    assert AppArgs(workdir="w", fused_calls="batched").fused_calls == "batched"
+    with pytest.raises(ValueError, match="fused_calls"):
+        AppArgs(workdir="w", fused_calls="threads")
