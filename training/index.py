@@ -24,11 +24,11 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -58,6 +58,7 @@ TARGET_RECALL = 0.95
 CALIBRATION_QUERIES = 100
 CALIBRATION_K = 100
 CALIBRATION_MARGIN = 0.01  # probe queries are a guess at serving's: aim a little higher
+MASK_CACHE_SIZE = 128  # filter clauses whose row mask the exact engine keeps (ItemIndex._mask)
 PRICE_BANDS = 5
 RRF_K = 60
 
@@ -679,6 +680,41 @@ class TextEncoder(Protocol):
     def encode(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class BoundedCache(Generic[K, V]):
+    """A thread-safe least-recently-used map of at most `size` entries that counts hits and misses.
+
+    `get(key, compute)` computes a missing value outside the lock, so a slow computation (a LanceDB
+    query, a transformer pass) never blocks readers of other keys; two threads missing the same key
+    at once both compute it, which is harmless for the pure functions cached here."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.hits = self.misses = 0
+        self._data: OrderedDict[K, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: K, compute: Callable[[], V]) -> V:
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                self.hits += 1
+                return self._data[key]
+        value = compute()
+        with self._lock:
+            self._data[key] = value
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+            self.misses += 1
+        return value
+
+
 class ItemIndex:
     """Read side used by serving and batch jobs, on one pinned (immutable) table version.
 
@@ -710,14 +746,11 @@ class ItemIndex:
             raise ValueError(f"engine must be 'auto', 'exact' or 'ann', not {engine!r}")
         self.engine: Engine = engine
         self._text_encoder = text_encoder
-        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._text_lock = threading.Lock()
-        self.text_cache_hits = self.text_cache_misses = 0
-        self._pool_cache: OrderedDict[tuple[Any, ...], tuple[tuple[str, float], ...]] = OrderedDict()
-        self.pool_cache_hits = self.pool_cache_misses = 0
-        self._masks: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._shares: dict[str, float] = {}
-        self._lock = threading.Lock()
+        self._text_cache: BoundedCache[str, np.ndarray] = BoundedCache(TEXT_CACHE_SIZE)
+        self._pool_cache: BoundedCache[tuple[Any, ...], tuple[tuple[str, float], ...]] = \
+            BoundedCache(POOL_CACHE_SIZE)
+        self._masks: BoundedCache[str, np.ndarray] = BoundedCache(MASK_CACHE_SIZE)
+        self._shares: BoundedCache[str, float] = BoundedCache(1024)
         self._pos: dict[str, int] | None = None
         self._mat: np.ndarray | None = None
         # Ids and row ids in memory for both engines: mapping ANN hits (row ids) to article ids
@@ -741,17 +774,12 @@ class ItemIndex:
     # -- exact engine ---------------------------------------------------------------------------
     def _mask(self, where: str) -> np.ndarray:
         """Rows passing `where` on this version (immutable, so cached per clause)."""
-        with self._lock:
-            if where in self._masks:
-                self._masks.move_to_end(where)
-                return self._masks[where]
+        return self._masks.get(where, lambda: self._compute_mask(where))
+
+    def _compute_mask(self, where: str) -> np.ndarray:
         rid = self._ds.to_table(columns=[], filter=where, with_row_id=True)["_rowid"].to_numpy()
         mask = np.zeros(len(self._rowids), dtype=bool)
         mask[self._positions(rid)] = True
-        with self._lock:
-            self._masks[where] = mask
-            while len(self._masks) > 128:
-                self._masks.popitem(last=False)
         return mask
 
     # -- queries --------------------------------------------------------------------------------
@@ -800,14 +828,7 @@ class ItemIndex:
 
     def _selectivity(self, where: str) -> float:
         """Share of this version's rows passing `where` (cached per clause, like the masks)."""
-        share = self._shares.get(where)
-        if share is None:
-            share = self._ds.count_rows(filter=where) / max(self._ds.count_rows(), 1)
-            with self._lock:
-                if len(self._shares) >= 1024:
-                    self._shares.clear()
-                self._shares[where] = share
-        return share
+        return self._shares.get(where, lambda: self._ds.count_rows(filter=where) / max(self._ds.count_rows(), 1))
 
     def vector_of(self, article_id: str) -> np.ndarray:
         """The item-tower vector of one article (KeyError when the version does not hold it)."""
@@ -885,40 +906,23 @@ class ItemIndex:
         (a new version is a new `ItemIndex`), so a pool never goes stale. Keyed like
         `_text_vector`, on the whitespace-normalised text, which both searches tokenise the same."""
         key = (" ".join(query_text.split()), candidates, clause, rrf_k)
-        with self._text_lock:
-            hit = self._pool_cache.get(key)
-            if hit is not None:
-                self._pool_cache.move_to_end(key)
-                self.pool_cache_hits += 1
-                return hit
+        return self._pool_cache.get(key, lambda: self._fused_pool(query_text, candidates, clause, rrf_k))
+
+    def _fused_pool(self, query_text: str, candidates: int, clause: str | None, rrf_k: int
+                    ) -> tuple[tuple[str, float], ...]:
         fts_ids, _ = self.text_search(query_text, candidates, clause)
         sem_ids, _ = self.semantic_search(query_text, candidates, clause)
-        pool = tuple(rrf_fuse([fts_ids, sem_ids], rrf_k).items())
-        with self._text_lock:
-            self._pool_cache[key] = pool
-            while len(self._pool_cache) > POOL_CACHE_SIZE:
-                self._pool_cache.popitem(last=False)
-            self.pool_cache_misses += 1
-        return pool
+        return tuple(rrf_fuse([fts_ids, sem_ids], rrf_k).items())
 
     def _text_vector(self, query_text: str) -> np.ndarray:
         """The query text's unit MiniLM vector, from a bounded LRU: a transformer forward pass is the
         costliest step of a search (several ms on a CPU), and search traffic repeats its head queries.
         Keyed on the whitespace-normalised text, which the tokenizer would see the same way."""
-        key = " ".join(query_text.split())
-        with self._text_lock:
-            hit = self._text_cache.get(key)
-            if hit is not None:
-                self._text_cache.move_to_end(key)
-                self.text_cache_hits += 1
-                return hit
+        return self._text_cache.get(" ".join(query_text.split()), lambda: self._encode_text(query_text))
+
+    def _encode_text(self, query_text: str) -> np.ndarray:
         vec = _unit(self._encoder().encode([query_text])[0])
         vec.setflags(write=False)
-        with self._text_lock:
-            self._text_cache[key] = vec
-            while len(self._text_cache) > TEXT_CACHE_SIZE:
-                self._text_cache.popitem(last=False)
-            self.text_cache_misses += 1
         return vec
 
     def _encoder(self) -> TextEncoder:

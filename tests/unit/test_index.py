@@ -272,11 +272,11 @@ def test_query_text_vectors_are_cached_and_bounded(tmp_path, monkeypatch):
     index = ItemIndex(str(tmp_path), TABLE_NAME, tbl.version, text_encoder=Counting())
     first = index.semantic_search("wool socks", 10)
     again = index.semantic_search("  wool   socks ", 10)
-    assert again[0] == first[0] and len(calls) == 1 and index.text_cache_hits == 1
+    assert again[0] == first[0] and len(calls) == 1 and index._text_cache.hits == 1
     index.semantic_search("red dress", 10)
     index.semantic_search("blue jeans", 10)  # the cache holds 2: "wool socks" is evicted
     index.semantic_search("wool socks", 10)
-    assert len(calls) == 4 and index.text_cache_misses == 4 and len(index._text_cache) == 2
+    assert len(calls) == 4 and index._text_cache.misses == 4 and len(index._text_cache) == 2
 
 
 def test_search_pools_are_cached_per_query_and_still_personalised(tmp_path, monkeypatch):
@@ -300,7 +300,7 @@ def test_search_pools_are_cached_per_query_and_still_personalised(tmp_path, monk
     plain = index.hybrid("wool socks", 10, candidates=50)
     again = index.hybrid("  wool  socks ", 10, candidates=50)
     assert again[0] == plain[0] and np.array_equal(again[1], plain[1])
-    assert len(searches) == 1 and index.pool_cache_hits == 1
+    assert len(searches) == 1 and index._pool_cache.hits == 1
     customer = vecs[7]
     personal = index.hybrid("wool socks", 10, customer, candidates=50)
     assert len(searches) == 1  # from the cache, re-ordered for the customer
@@ -310,7 +310,7 @@ def test_search_pools_are_cached_per_query_and_still_personalised(tmp_path, monk
     index.hybrid("wool socks", 10, candidates=20)  # another pool size: its own entry
     index.hybrid("red dress", 10, candidates=50)  # the cache holds 2: the first entry is evicted
     index.hybrid("wool socks", 10, candidates=50)
-    assert len(searches) == 5 and index.pool_cache_misses == 4 and len(index._pool_cache) == 2
+    assert len(searches) == 5 and index._pool_cache.misses == 4 and len(index._pool_cache) == 2
 
 
 def test_missing_text_model_names_the_package(monkeypatch):
@@ -445,3 +445,20 @@ def test_a_reader_mid_query_is_not_broken_by_a_swap(tmp_path):
     assert not errors and not mixed
     assert seen == {v1, v2}
     assert held.version == v2 and held.search(q, 5)[0][0].startswith("b1")  # ... still finishes on v2
+
+
+def test_bounded_cache_evicts_least_recently_used_and_counts():
+    """A hit refreshes its key; the least recently used key goes first; misses compute once each."""
+    from training.index import BoundedCache
+
+    computed = []
+
+    def value(k):
+        return lambda: computed.append(k) or k * 10
+
+    cache = BoundedCache(2)
+    assert cache.get(1, value(1)) == 10 and cache.get(2, value(2)) == 20
+    assert cache.get(1, value(1)) == 10  # a hit: 1 is now the most recent, 2 the least
+    cache.get(3, value(3))  # evicts 2
+    assert cache.get(1, value(1)) == 10 and cache.get(2, value(2)) == 20
+    assert computed == [1, 2, 3, 2] and (cache.hits, cache.misses) == (2, 4) and len(cache) == 2
