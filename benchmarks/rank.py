@@ -15,9 +15,11 @@ Prints one JSON line per candidate count:
      "stage_p50_ms": .., "kept": .., "cores": 2}
 and, for the largest candidate count, the model call paced like serving (50 per second):
     {"bench": "rank", "case": "paced_predict", "rows": .., "cpu_ms": .., "default_pool_cpu_ms": ..,
-     "ratio_vs_default_pool": ..}
+     "ratio_vs_default_pool": .., "full_model_cpu_ms": .., "ratio_vs_full_model": ..}
 `default_pool_cpu_ms` builds the Pool with catboost's default thread count, which wakes its TBB
-worker on every call (the worker then spins); `cpu_ms` is `RankerModel.predict` as serving runs it.
+worker on every call (the worker then spins); `full_model_cpu_ms` builds it on one thread but
+scores with the model as loaded, whose training parameters catboost parses on every call;
+`cpu_ms` is `RankerModel.predict` as serving runs it (one thread, the parameters left out).
 
 Usage: python benchmarks/rank.py [--candidates 100 200 500] [--requests 300] [--workdir DIR]
 """
@@ -187,10 +189,16 @@ def paced_predict(model, block, rate: float = 50.0, n: int = 150) -> dict:
             fn()
         return paced_cpu_s(lambda _: fn(), n, rate) / n * 1000
 
+    def full_model():
+        data = Pool(FeaturesData(num_feature_data=block.num, cat_feature_data=block.cat), thread_count=1)
+        return CatBoost.predict(model.model, data, prediction_type="RawFormulaVal", thread_count=1)
+
     ours = cpu_ms(lambda: model.predict(block))
     default = cpu_ms(default_pool)
+    full = cpu_ms(full_model)
     return {"rate": rate, "cpu_ms": round(ours, 3), "default_pool_cpu_ms": round(default, 3),
-            "ratio_vs_default_pool": round(ours / default, 3)}
+            "ratio_vs_default_pool": round(ours / default, 3), "full_model_cpu_ms": round(full, 3),
+            "ratio_vs_full_model": round(ours / full, 3)}
 
 
 def main() -> None:

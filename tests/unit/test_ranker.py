@@ -214,6 +214,16 @@ def test_ranker_beats_random_order_and_survives_save_load(tiny, tmp_path):
     assert set(rep["metrics"]["ranked"]) == {"map@12", "ndcg@12"}
     assert "ranked_vs_retrieval_map@12" in rep and "classifier_vs_retrieval_map@12" in rep
     assert set(rep["importance"]) == set(FEATURES)
+    # scoring runs on a copy without the training parameters: the same raw scores as the full model
+    from catboost import CatBoost, FeaturesData, Pool
+
+    block = stage.prepare(state.customers.get(c0), state.history.get(c0), cands[0], scores[0], state.articles,
+                          channel=1, now=cutoff.date()).block
+    for m in (loaded, clf):
+        full = CatBoost.predict(m.model, Pool(FeaturesData(num_feature_data=block.num, cat_feature_data=block.cat)),
+                                prediction_type="RawFormulaVal")
+        assert len(block) > 1 and np.array_equal(m.predict(block), np.asarray(full))
+        assert "params" in m.model.get_metadata() and "params" not in m._scoring_model().get_metadata()
 
 
 def test_a_model_of_another_feature_format_is_refused(tiny, tmp_path):
