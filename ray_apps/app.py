@@ -75,6 +75,7 @@ class AppArgs(BaseModel):
     article_cache_ttl_s: float | None = Field(None, ge=0, description="Seconds article rows stay cached (0: off)")
     fused_calls: str | None = Field(None, pattern="^(inline|batched)$",
                                     description="Fused topology: stages inline on the request loop, or batched")
+    access_log: bool | None = Field(None, description="Serve's per-request access log lines")
     user_config: dict[str, Any] | None = Field(
         None, description="The ingress's user_config: {workdir: PATH} switches to that run without a restart")
 
@@ -787,6 +788,7 @@ def deployment_options(s: ServeConfig, a: AppArgs, topology: str) -> dict[str, A
         "max_ongoing_requests": a.max_ongoing_requests or s.max_ongoing_requests,
         "max_queued_requests": a.max_queued_requests if a.max_queued_requests is not None else s.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
+        "logging_config": {"enable_access_log": s.access_log if a.access_log is None else a.access_log},
     }
 
 

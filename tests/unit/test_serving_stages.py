@@ -65,3 +65,18 @@ def test_fused_calls_run_inline_on_the_request_loop_or_batched_in_a_thread():
     assert AppArgs(workdir="w", fused_calls="batched").fused_calls == "batched"
     with pytest.raises(ValueError, match="fused_calls"):
         AppArgs(workdir="w", fused_calls="threads")
+
+
+def test_access_log_is_off_unless_the_config_or_the_app_args_turn_it_on():
+    """Serve's per-request access log costs the replica CPU on every request: off by default."""
+    from common.config import ServeConfig
+    from ray_apps.app import AppArgs, deployment_options
+
+    def enabled(serve_cfg, **args):
+        opts = deployment_options(serve_cfg, AppArgs(workdir="w", **args), "fused")
+        return opts["logging_config"]["enable_access_log"]
+
+    assert enabled(ServeConfig()) is False
+    assert enabled(ServeConfig(access_log=True)) is True
+    assert enabled(ServeConfig(access_log=True), access_log=False) is False
+    assert enabled(ServeConfig(), access_log=True) is True
