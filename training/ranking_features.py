@@ -232,8 +232,8 @@ def vectorise(
     if not (n == len(article_ids) == len(scores)):
         raise ValueError(f"{n} article rows, {len(article_ids)} ids and {len(scores)} scores: lengths differ")
     cust = customer or {}
-    arts = [a or {} for a in articles]
-    derived = _derived(history or {}, arts, np.asarray(scores, dtype=np.float64), article_ids, channel, now,
+    cols = _article_columns(articles, spec)
+    derived = _derived(history or {}, cols, n, np.asarray(scores, dtype=np.float64), article_ids, channel, now,
                        recent, window, spec)
     num = np.empty((n, len(spec.numeric)), dtype=np.float64)
     for j, name in enumerate(spec.numeric):
@@ -241,18 +241,29 @@ def vectorise(
             num[:, j] = derived[name]
         else:
             group, col = spec.sources[name]
-            num[:, j] = _num(cust.get(col)) if group == "customers" else [_num(a.get(col)) for a in arts]
+            num[:, j] = _num(cust.get(col)) if group == "customers" else _floats(cols[col])
     cat = np.empty((n, len(spec.categorical)), dtype=object)
     for j, name in enumerate(spec.categorical):
         group, col = spec.sources[name]
-        cat[:, j] = _cat(cust.get(col)) if group == "customers" else [_cat(a.get(col)) for a in arts]
+        cat[:, j] = _cat(cust.get(col)) if group == "customers" else _cats(cols[col])
     return FeatureBlock(num.astype(np.float32), cat)
 
 
-def _derived(hist: Row, arts: list[Row], score: np.ndarray, article_ids: Sequence[str], channel: int,
-             now: dt.date, recent: Sequence[str | None], window: int, spec: RankerFeatures) -> dict[str, Any]:
-    """The interaction features (DERIVED) of each candidate."""
-    n = len(arts)
+def _article_columns(articles: Sequence[Row | None], spec: RankerFeatures) -> dict[str, list[Any]]:
+    """Each article column the features read, as one list over the candidates (None where the
+    row or the value is missing): one pass over the rows, then every feature works on columns."""
+    names = list(dict.fromkeys([*spec.article_columns(), "index_group_name"]))  # _derived reads it always
+    if not articles:
+        return {c: [] for c in names}
+    empty: Row = {}
+    values = zip(*[list(map((a or empty).get, names)) for a in articles], strict=True)
+    return dict(zip(names, (list(v) for v in values), strict=True))
+
+
+def _derived(hist: Row, cols: Mapping[str, list[Any]], n: int, score: np.ndarray, article_ids: Sequence[str],
+             channel: int, now: dt.date, recent: Sequence[str | None], window: int,
+             spec: RankerFeatures) -> dict[str, Any]:
+    """The interaction features (DERIVED) of each candidate, from the article columns."""
     n_purchases = float(hist.get("n_purchases") or 0)
     mean_price = _num(hist.get("mean_price"))
     type_counts = hist.get("type_counts") or {}
@@ -265,11 +276,11 @@ def _derived(hist: Row, arts: list[Row], score: np.ndarray, article_ids: Sequenc
         if t is not None:
             first_seen.setdefault(t, pos)
     denom = n_purchases if n_purchases > 0 else 1.0
-    price = np.array([_num(a.get("price")) for a in arts], dtype=np.float64)
-    sales_7d = np.array([float(a.get("sales_7d") or 0) for a in arts])
-    sales_total = np.array([float(a.get("sales_total") or 0) for a in arts])
-    ptype = [a.get(spec.type_column) for a in arts] if spec.type_column else [None] * n
-    igroup = [a.get("index_group_name") for a in arts]
+    price = _floats(cols["price"])
+    sales_7d = _floats([v or 0 for v in cols["sales_7d"]])
+    sales_total = _floats([v or 0 for v in cols["sales_total"]])
+    ptype = cols[spec.type_column] if spec.type_column else [None] * n
+    days_of_type = {t: _days_since(now, type_days.get(str(t))) for t in set(ptype) if t is not None}
     return {
         "retrieval_score": score,
         "retrieval_rank": np.arange(n),
@@ -281,14 +292,26 @@ def _derived(hist: Row, arts: list[Row], score: np.ndarray, article_ids: Sequenc
         "price_ratio": price / mean_price if mean_price > 0 else math.nan,
         "log_sales_7d": np.log1p(sales_7d),
         "log_sales_total": np.log1p(sales_total),
-        "sales_trend": np.array([_num(a.get("sales_trend")) for a in arts], dtype=np.float64),
+        "sales_trend": _floats(cols["sales_trend"]),
         "sales_7d_share": sales_7d / np.maximum(sales_total, 1.0),
         "type_share": [type_counts.get(t, 0) / denom if t is not None else 0.0 for t in ptype],
-        "index_group_share": [group_counts.get(g, 0) / denom if g is not None else 0.0 for g in igroup],
+        "index_group_share": [group_counts.get(g, 0) / denom if g is not None else 0.0
+                              for g in cols["index_group_name"]],
         "purchases_since_type": [first_seen.get(t, window) if t is not None else window for t in ptype],
-        "days_since_type": [_days_since(now, type_days.get(str(t))) if t is not None else math.nan for t in ptype],
+        "days_since_type": [days_of_type[t] if t is not None else math.nan for t in ptype],
         "repurchase": [1.0 if a in bought else 0.0 for a in article_ids],
     }
+
+
+def _floats(values: Sequence[Any]) -> np.ndarray:
+    """`_num` over a column: None -> NaN (numpy's own conversion of None to a float)."""
+    return np.array(values, dtype=np.float64)
+
+
+def _cats(values: Sequence[Any]) -> list[str]:
+    """`_cat` over a column, without a call per value."""
+    return [v if type(v) is str else MISSING_CATEGORY if v is None or (isinstance(v, float) and v != v) else str(v)
+            for v in values]
 
 
 def _days_since(now: dt.date, day: str | None) -> float:

@@ -40,6 +40,7 @@ from training.features import (
 )
 from training.two_tower.groups import GROUP, SAMPLE_PROB
 from training.two_tower.model import (
+    HIST_FEATURE,
     ITEM_TOWER_FILE,
     QUERY_TOWER_FILE,
     VOCAB_FILE,
@@ -160,6 +161,25 @@ def test_plain_inference_path_equals_the_torchrec_forward(data):
     one = take_rows(q_enc, np.array([3]))
     np.testing.assert_allclose(model.query_tower.embed(one)[0], q_ref[3], atol=1e-6)
     assert not model.training
+    # the numpy forward (small batches: serving's queries) gives the same vectors, empty histories too
+    np.testing.assert_allclose(model.query_tower.forward_numpy(q_enc), q_ref, atol=1e-6)
+    np.testing.assert_allclose(model.item_tower.forward_numpy(i_enc), i_ref, atol=1e-6)
+    for i in (int(np.flatnonzero(q_enc[HIST_LENGTHS] == 0)[0]), int(np.flatnonzero(q_enc[HIST_LENGTHS] > 1)[0])):
+        np.testing.assert_allclose(model.query_tower.embed(take_rows(q_enc, np.array([i])))[0], q_ref[i], atol=1e-6)
+    with torch.no_grad():  # the numpy views follow in-place updates (an optimizer step, load_state_dict)
+        for p in model.parameters():
+            p.mul_(0.5).add_(0.01)
+        moved = model.query_tower.forward_plain(q_enc).numpy()
+    np.testing.assert_allclose(model.query_tower.forward_numpy(q_enc), moved, atol=1e-6)
+    model.query_tower.double().float()  # new parameter tensors: the views are made again
+    with torch.no_grad():
+        model.query_tower.ebc.embedding_bags[f"t_{HIST_FEATURE}"].weight.add_(0.1)
+        moved = model.query_tower.forward_plain(q_enc).numpy()
+    np.testing.assert_allclose(model.query_tower.forward_numpy(q_enc), moved, atol=1e-6)
+    calls = []
+    model.query_tower.forward_plain = lambda enc: calls.append(len(enc[HIST_LENGTHS])) or torch.zeros(0)
+    model.query_tower.embed(one)  # one row: numpy, no torch forward
+    assert calls == []
 
 
 def test_column_lists_encode_like_a_dataframe(data):

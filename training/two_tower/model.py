@@ -17,6 +17,7 @@ Ray Data) on any device and builds the same KeyedJaggedTensor there.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,12 @@ ITEM_TOWER_FILE = "item_tower.pt"
 VOCAB_FILE = "vocab.json"
 HIST_FEATURE = "hist_article_id"
 EMBED_CHUNK = 8192  # rows per forward pass in embed(): bounds memory on large catalogues
+# Up to this many rows an unsharded CPU tower embeds in numpy (`_Tower.forward_numpy`): serving's
+# one-row queries. Measured in a replica-like paced loop, the torch forward of a 2-member query
+# ensemble cost ~1.1 ms of CPU per request, mostly torch's per-op dispatch; above a few dozen
+# rows the matrix products dominate and torch's kernels are the better choice.
+NUMPY_MAX_ROWS = 64
+_NUMPY_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()  # _Tower._numpy_weights
 
 
 def _table(feature: str, rows: int, dim: int, pooling: PoolingType = PoolingType.SUM) -> EmbeddingBagConfig:
@@ -101,12 +108,21 @@ class _Tower(nn.Module):
     def inputs(self, encoded: dict[str, np.ndarray]) -> tuple[Any, ...]:
         raise NotImplementedError
 
-    @torch.no_grad()
     def embed(self, encoded: dict[str, np.ndarray], chunk: int = EMBED_CHUNK) -> np.ndarray:
         """L2-normalised float32 embeddings, one row per encoded row (computed on the tower's device).
 
         An unsharded tower on CPU runs `forward_plain` (the same tables and MLP without building a
-        KeyedJaggedTensor): for the one-row batches of serving, KJT set-up costs more than the model."""
+        KeyedJaggedTensor): for the one-row batches of serving, KJT set-up costs more than the model;
+        up to NUMPY_MAX_ROWS rows it runs `forward_numpy`, the same arithmetic without torch."""
+        if n_rows(encoded) <= NUMPY_MAX_ROWS and not self.training and self._plain_cpu():
+            return self.forward_numpy(encoded)
+        return self._embed_torch(encoded, chunk)
+
+    def _plain_cpu(self) -> bool:
+        return isinstance(self.ebc, EmbeddingBagCollection) and next(self.parameters()).device.type == "cpu"
+
+    @torch.no_grad()
+    def _embed_torch(self, encoded: dict[str, np.ndarray], chunk: int) -> np.ndarray:
         was_training = self.training
         if was_training:
             self.eval()
@@ -125,6 +141,58 @@ class _Tower(nn.Module):
 
     def forward_plain(self, encoded: dict[str, np.ndarray]) -> torch.Tensor:
         raise NotImplementedError
+
+    def forward_numpy(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def _numpy_weights(self) -> tuple[dict[str, tuple[np.ndarray, str]], list[tuple[np.ndarray, np.ndarray] | None]]:
+        """Numpy views of the tables (feature -> (weight, pooling mode)) and of the MLP's layers
+        ((weight transposed, bias); None for a ReLU), made once per tower. Views share the
+        parameters' storage, so in-place updates (optimizer steps, load_state_dict) show in them;
+        moving or casting the module (`_apply`) drops them."""
+        got = _NUMPY_WEIGHTS.get(self)
+        if got is None:
+            tables = {name.removeprefix("t_"): (bag.weight.detach().numpy(), bag.mode)
+                      for name, bag in self.ebc.embedding_bags.items()}
+            layers: list[tuple[np.ndarray, np.ndarray] | None] = []
+            for layer in self.mlp:
+                if isinstance(layer, nn.Linear):
+                    layers.append((layer.weight.detach().numpy().T, layer.bias.detach().numpy()))
+                elif isinstance(layer, nn.ReLU):
+                    layers.append(None)
+                else:
+                    raise ValueError(f"layer {type(layer).__name__} has no numpy path")
+            got = _NUMPY_WEIGHTS[self] = (tables, layers)
+        return got
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        _NUMPY_WEIGHTS.pop(self, None)
+        return super()._apply(fn, recurse)
+
+    def _pooled_numpy(self, encoded: dict[str, np.ndarray], jagged: Sequence[tuple[str, str, str]] = ()
+                      ) -> list[np.ndarray]:
+        """`_pooled_plain` in numpy."""
+        tables, _ = self._numpy_weights()
+        pooled = [tables[f][0][np.asarray(encoded[f], dtype=np.int64)] for f in self.features]
+        for feature, values, lengths in jagged:
+            weight, mode = tables[feature]
+            lens = np.asarray(encoded[lengths], dtype=np.int64)
+            rows = weight[np.asarray(encoded[values], dtype=np.int64)]
+            out = np.zeros((len(lens), weight.shape[1]), dtype=weight.dtype)
+            np.add.at(out, np.repeat(np.arange(len(lens)), lens), rows)
+            if mode == "mean":  # an empty bag pools to zeros, as embedding_bag's does
+                out /= np.maximum(lens, 1).astype(weight.dtype)[:, None]
+            elif mode != "sum":
+                raise ValueError(f"{feature}: pooling mode {mode!r} has no numpy path")
+            pooled.append(out)
+        return pooled
+
+    def _mlp_numpy(self, x: np.ndarray) -> np.ndarray:
+        """`self.mlp` in numpy, then L2 normalisation as F.normalize does it."""
+        for layer in self._numpy_weights()[1]:
+            x = np.maximum(x, 0) if layer is None else x @ layer[0] + layer[1]
+        norm = np.linalg.norm(x, axis=1, keepdims=True)
+        return (x / np.maximum(norm, 1e-12)).astype(np.float32)
 
     def _pooled_plain(self, encoded: dict[str, np.ndarray], jagged: Sequence[tuple[str, str, str]] = ()) -> list[torch.Tensor]:
         """The EBC's pooled output, table by table, with plain torch ops on its own weights:
@@ -188,6 +256,11 @@ class QueryTower(_Tower):
         dense = torch.from_numpy(np.ascontiguousarray(encoded[DENSE], dtype=np.float32))
         return F.normalize(self.mlp(torch.cat([*pooled, dense], dim=1)), dim=-1)
 
+    def forward_numpy(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
+        pooled = self._pooled_numpy(encoded, [(HIST_FEATURE, HIST_VALUES, HIST_LENGTHS)])
+        dense = np.asarray(encoded[DENSE], dtype=np.float32)
+        return self._mlp_numpy(np.concatenate([*pooled, dense], axis=1))
+
 
 class ItemTower(_Tower):
     """Article id + attributes + price bucket -> unit vector."""
@@ -221,6 +294,9 @@ class ItemTower(_Tower):
 
     def forward_plain(self, encoded: dict[str, np.ndarray]) -> torch.Tensor:
         return F.normalize(self.mlp(torch.cat(self._pooled_plain(encoded), dim=1)), dim=-1)
+
+    def forward_numpy(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
+        return self._mlp_numpy(np.concatenate(self._pooled_numpy(encoded), axis=1))
 
 
 class EnsembleTower(nn.Module):
