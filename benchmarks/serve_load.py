@@ -22,6 +22,9 @@ JSON lines, e.g.
      "ratio_vs_first": ..}   (search in-process: a query's first sight against its repeats)
     {"bench": "serve_load", "case": "gc_full_collect", "tracked_objects": .., "unsettled_ms": ..,
      "settled_ms": ..}   (a full GC with a run loaded, before/after settle_heap)
+    {"bench": "serve_load", "case": "query_encoder", "cpu_ms": .., "torch_cpu_ms": .., "ratio_vs_torch": ..}
+        (one request's query embedding, paced like serving: the numpy forward serving takes
+         against the torch forward, same rows)
     {"bench": "serve_load", "case": "wakeup_cost", "sleep_wake_cpu_us": .., "thread_hop_cpu_us": ..}
         (CPU of waking a sleeping thread on this machine, at a serving-like 100 per second: what
          each timer, thread hop or background thread woken per request costs besides its work)
@@ -49,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit  # noqa: E402
+from _common import emit, paced_cpu_s  # noqa: E402
 
 from common.config import load_config  # noqa: E402
 from common.workdir import Workdir  # noqa: E402
@@ -364,6 +367,36 @@ def in_process(wd: Workdir, payloads: Payloads, candidates: int, n: int = 200) -
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "requests": n}, gc_row
 
 
+def query_encoder(wd: Workdir, payloads: Payloads, n: int = 300, rate: float = 100.0) -> dict:
+    """Process CPU of one request's query embedding (the run's query tower on one encoded row),
+    paced like serving: the numpy forward that small batches take (`NUMPY_MAX_ROWS`) against the
+    torch forward that larger ones take, on the same rows."""
+    from feature_store.views import query_row
+    from ray_apps.service import Recommender
+    from ray_apps.stages.online import OnlineFeatures
+    from training.features import as_columns, encode_queries
+    from training.two_tower import model as towers
+
+    rec = Recommender(str(wd.root), follow_index=False)
+    enc = rec.encoder
+    ids = [payloads.rng.choice(payloads.customers) for _ in range(n)]
+    found = OnlineFeatures(rec.store(), rec.manifest).customers(list(dict.fromkeys(ids)))
+    rows = []
+    for c in ids:
+        customer, history = found[c]
+        purchased = list((history or {}).get("purchased") or [])[: enc.history_len]
+        rows.append(encode_queries(enc.vocab, as_columns([query_row(customer, c, purchased, 10, 2)]), enc.history_len))
+    ours = paced_cpu_s(lambda i: enc.tower.embed(rows[i]), n, rate) / n * 1000
+    limit, towers.NUMPY_MAX_ROWS = towers.NUMPY_MAX_ROWS, 0
+    try:
+        torch_ms = paced_cpu_s(lambda i: enc.tower.embed(rows[i]), n, rate) / n * 1000
+    finally:
+        towers.NUMPY_MAX_ROWS = limit
+    rec.close()
+    return {"rate": rate, "requests": n, "cpu_ms": round(ours, 3), "torch_cpu_ms": round(torch_ms, 3),
+            "ratio_vs_torch": round(ours / torch_ms, 3)}
+
+
 def in_process_search(wd: Workdir, payloads: Payloads, candidates: int, n: int = 100) -> dict:
     """The search pipeline called directly: each query of the mix seen for the first time (its
     full-text and semantic pool computed; the query's text vector already cached, as it was
@@ -514,6 +547,7 @@ def main() -> None:
         emit("serve_load", case="in_process_search", candidates=a.candidates,
              **in_process_search(wd, payloads, a.candidates))
         emit("serve_load", case="wakeup_cost", **wakeup_cost())
+        emit("serve_load", case="query_encoder", **query_encoder(wd, payloads))
         for variant in a.variants:
             for topology in a.topologies:
                 for replicas in a.replicas:
