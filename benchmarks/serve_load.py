@@ -63,7 +63,9 @@ from common.workdir import Workdir  # noqa: E402
 TARGET_P99_MS = 50.0
 VARIANT_ENV = {"default": {}, "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
                "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-               "haproxy_throughput": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
+               "haproxy_throughput": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+               # HAProxy, and the replica's user code on its main event loop instead of a thread of its own
+               "haproxy_same_thread": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
 MIX = (("recommend", 0.80), ("similar", 0.08), ("search", 0.07), ("event", 0.05))
 
 
