@@ -32,7 +32,7 @@ JSON lines, e.g.
 Usage: python benchmarks/serve_load.py [--workdir RUN] [--rates 25 50 100 150 200] [--duration 8]
        [--topologies fused split] [--variants default haproxy throughput] [--candidates 200]
        [--max-ongoing N] [--max-queued N] [--article-cache-ttl-s 2 0] [--fused-calls inline batched]
-       [--access-log on off]
+       [--access-log on off] [--user-code-loop thread main]
 Without --workdir it builds a small pipeline run in a temp folder (with its own MariaDB).
 """
 from __future__ import annotations
@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import itertools
 import os
 import random
 import socket
@@ -557,6 +558,8 @@ def main() -> None:
                     help="serve.fused_calls values to run the fused topology with (default: the run's config)")
     ap.add_argument("--access-log", nargs="+", choices=["on", "off"],
                     help="serve.access_log values to run each case with (default: the run's config)")
+    ap.add_argument("--user-code-loop", nargs="+", choices=["thread", "main"],
+                    help="serve.user_code_loop values to run each case with (default: the run's config)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="rayrec-serve-load-") as tmp:
         if a.workdir:
@@ -582,10 +585,11 @@ def main() -> None:
                 for replicas in a.replicas:
                     for ttl in a.article_cache_ttl_s or [None]:
                         for calls in (a.fused_calls or [None]) if topology == "fused" else [None]:
-                            for log in a.access_log or [None]:
+                            for log, loop in itertools.product(a.access_log or [None], a.user_code_loop or [None]):
                                 app_args = admission | ({} if ttl is None else {"article_cache_ttl_s": ttl}) | (
                                     {} if calls is None else {"fused_calls": calls}) | (
-                                    {} if log is None else {"access_log": log == "on"})
+                                    {} if log is None else {"access_log": log == "on"}) | (
+                                    {} if loop is None else {"user_code_loop": loop})
                                 run_topology(wd, payloads, topology, variant, a.rates, a.duration, a.candidates,
                                              base["p50_ms"], replicas or None, app_args)
         if not a.workdir:

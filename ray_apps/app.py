@@ -76,6 +76,8 @@ class AppArgs(BaseModel):
     fused_calls: str | None = Field(None, pattern="^(inline|batched)$",
                                     description="Fused topology: stages inline on the request loop, or batched")
     access_log: bool | None = Field(None, description="Serve's per-request access log lines")
+    user_code_loop: str | None = Field(None, pattern="^(thread|main)$",
+                                       description="Replicas run the app on a loop in its own thread, or on the main loop")
     user_config: dict[str, Any] | None = Field(
         None, description="The ingress's user_config: {workdir: PATH} switches to that run without a restart")
 
@@ -154,7 +156,9 @@ class InlineCalls(LocalCalls):
     inline`, the default). A stage blocks the loop while it runs (the database reads included,
     each bounded by `serve.db_timeout_s`), but the work is GIL-bound anyway, and on these VMs
     waking a worker thread costs ~0.3 ms of CPU per hop (serve_load.py, "case": "wakeup_cost").
-    Serve runs user code on its own loop, so the replica's control plane is not blocked."""
+    With `serve.user_code_loop: main` (the default) that loop is also the replica's control plane's
+    (health checks, metrics), which then waits at most one request's stages; `thread` gives the app
+    a loop of its own."""
 
     async def _run(self, method: str, *args: Any) -> Any:
         return getattr(self.rec, method)(*args)
@@ -781,8 +785,11 @@ def deployment_options(s: ServeConfig, a: AppArgs, topology: str) -> dict[str, A
     """Replica sizes, autoscaling and admission control (see ServeConfig). The split topology's
     four deployments start at one replica each unless the args say otherwise."""
     low = a.min_replicas or (s.min_replicas if topology == "fused" else 1)
+    actor: dict[str, Any] = {"num_cpus": a.num_cpus or s.num_cpus}
+    if (a.user_code_loop or s.user_code_loop) == "main":  # read by Serve when the replica's process starts
+        actor["runtime_env"] = {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
     return {
-        "ray_actor_options": {"num_cpus": a.num_cpus or s.num_cpus},
+        "ray_actor_options": actor,
         "autoscaling_config": {"min_replicas": low, "max_replicas": max(a.max_replicas or s.max_replicas, low),
                                "target_ongoing_requests": s.target_ongoing_requests},
         "max_ongoing_requests": a.max_ongoing_requests or s.max_ongoing_requests,

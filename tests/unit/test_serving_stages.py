@@ -80,3 +80,21 @@ def test_access_log_is_off_unless_the_config_or_the_app_args_turn_it_on():
     assert enabled(ServeConfig(access_log=True)) is True
     assert enabled(ServeConfig(access_log=True), access_log=False) is False
     assert enabled(ServeConfig(), access_log=True) is True
+
+
+def test_user_code_loop_main_sets_serves_variable_in_the_replicas_environment():
+    """`main` (the default) runs the app on the replica's main loop: Serve reads the variable when the
+    replica's process starts, so it goes in the deployment's runtime_env; `thread` sets nothing."""
+    from common.config import ServeConfig
+    from ray_apps.app import AppArgs, deployment_options
+
+    def actor(serve_cfg, **args):
+        return deployment_options(serve_cfg, AppArgs(workdir="w", **args), "fused")["ray_actor_options"]
+
+    assert "runtime_env" not in actor(ServeConfig(user_code_loop="thread"))
+    env = actor(ServeConfig())["runtime_env"]["env_vars"]
+    assert env == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+    assert "runtime_env" not in actor(ServeConfig(), user_code_loop="thread")
+    assert "runtime_env" in actor(ServeConfig(user_code_loop="thread"), user_code_loop="main")
+    with pytest.raises(ValueError):
+        ServeConfig(user_code_loop="fiber")
