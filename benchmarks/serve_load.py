@@ -222,10 +222,10 @@ class Http:
 def generator_gc_paused() -> Iterator[None]:
     """Keep this process's garbage collector out of a rate window.
 
-    The load generator has loaded the run for the in-process cases, and a full collection of its
-    heap took 385-460 ms here: a pause in the middle of a window holds back every request due in
-    it, then sends them at once, and the server is charged the client's pause (p99 ~430 ms and
-    3% fast 503s at 100 req/s, from the burst alone). Real clients are many processes, so the
+    The load generator has loaded the run for the in-process cases, and a full collection of such a
+    heap takes hundreds of ms ("case": "gc_full_collect", `unsettled_ms`): a pause in the middle of
+    a window holds back every request due in it, then sends them at once, and the server is
+    charged the client's pause (docs/scaling.md F26). Real clients are many processes, so the
     generator freezes what it holds and collects only between windows."""
     gc.collect()
     gc.freeze()

@@ -91,9 +91,10 @@ class RankerModel:
         """A copy of the model without the training parameters in its metadata ("params").
 
         CatBoost 1.2 parses that JSON document (4.5 kB here) on every predict call, to look up
-        the loss function: 140-250 us of CPU per call, more than scoring 200 rows takes
-        (80 us here). Raw formula values do not depend on it (a unit test checks that the
-        scores are equal); `model` keeps it for saving and for feature importance."""
+        the loss function: paced like serving, a 154-row call cost 1.21-1.44 ms of CPU with it and
+        0.97-0.99 ms without (benchmarks/rank.py, "case": "paced_predict"). Raw formula values do
+        not depend on it (a unit test checks that the scores are equal); `model` keeps it for
+        saving and for feature importance."""
         if self._scorer is None:
             scorer = self.model.copy()
             meta = scorer.get_metadata()

@@ -46,9 +46,10 @@ VOCAB_FILE = "vocab.json"
 HIST_FEATURE = "hist_article_id"
 EMBED_CHUNK = 8192  # rows per forward pass in embed(): bounds memory on large catalogues
 # Up to this many rows an unsharded CPU tower embeds in numpy (`_Tower.forward_numpy`): serving's
-# one-row queries. Measured in a replica-like paced loop, the torch forward of a 2-member query
-# ensemble cost ~1.1 ms of CPU per request, mostly torch's per-op dispatch; above a few dozen
-# rows the matrix products dominate and torch's kernels are the better choice.
+# one-row queries. Paced like serving, one request's embedding (the demo's 2-member ensemble) cost
+# 1.27-1.66 ms of CPU through torch, mostly its per-op dispatch, and 0.51-0.82 ms in numpy
+# (benchmarks/serve_load.py, "case": "query_encoder"); above a few dozen rows the matrix products
+# dominate and torch's kernels are the better choice.
 NUMPY_MAX_ROWS = 64
 _NUMPY_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()  # _Tower._numpy_weights
 
