@@ -163,6 +163,12 @@ class InlineCalls(LocalCalls):
     async def _run(self, method: str, *args: Any) -> Any:
         return getattr(self.rec, method)(*args)
 
+    async def record_events(self, events):
+        """In a worker thread: acknowledging an event waits for the durable log's fsync, which
+        usually takes under a millisecond here but 100-200 ms when the disk is busy (seen while
+        serving under load); on the request loop that wait would stall every request of the replica."""
+        return await asyncio.to_thread(self.rec.record_events, events)
+
 
 class RemoteCalls:
     """Stages behind deployment handles (split topology). Every call names the run, so a stage

@@ -67,6 +67,38 @@ def test_fused_calls_run_inline_on_the_request_loop_or_batched_in_a_thread():
         AppArgs(workdir="w", fused_calls="threads")
 
 
+def test_inline_calls_wait_for_the_event_logs_fsync_off_the_request_loop():
+    """An event's durable write can wait on a busy disk for 100+ ms: inline, the replica's other
+    requests must keep being answered meanwhile, and the event is acknowledged only after it."""
+    import asyncio
+    import threading
+
+    from ray_apps.app import InlineCalls
+
+    class Stages:
+        def __init__(self):
+            self.disk = threading.Event()  # the fsync that has not returned yet
+
+        def record_events(self, events):
+            assert self.disk.wait(10), "the disk was never released"
+            return [{"event_id": e["event_id"], "applied": True} for e in events]
+
+        def popular(self, ctx, k, filters, age):
+            return {"k": k}
+
+    async def scenario(calls, stages):
+        event = asyncio.create_task(calls.record_events([{"event_id": "e1"}]))
+        await asyncio.sleep(0.05)
+        served = await asyncio.wait_for(calls.popular(None, 3, None, None), 2)  # the loop is free
+        assert not event.done()  # not acknowledged before the durable write returned
+        stages.disk.set()
+        return served, await asyncio.wait_for(event, 10)
+
+    stages = Stages()
+    served, acked = asyncio.run(scenario(InlineCalls(stages), stages))
+    assert served == {"k": 3} and acked == [{"event_id": "e1", "applied": True}]
+
+
 def test_access_log_is_off_unless_the_config_or_the_app_args_turn_it_on():
     """Serve's per-request access log costs the replica CPU on every request: off by default."""
     from common.config import ServeConfig
