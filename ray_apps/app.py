@@ -541,7 +541,7 @@ class Ingress:
         self.manifest = read_manifest(wd)
         self.orch = Orchestrator(calls, self.n_candidates or cfg.n_candidates, self.metrics)
         self.rec = rec
-        old_log, self.plog = self.plog, PredictionLog(wd.predictions_dir) if cfg.prediction_log else None
+        old_log, self.plog = self.plog, PredictionLog(wd.predictions_dir, **cfg.prediction_log_args()) if cfg.prediction_log else None
         if old_log is not None:
             old_log.close()
         if old is not None:

@@ -2,6 +2,7 @@
 prediction log and its join with later events (no Ray, no database)."""
 import json
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -129,6 +130,61 @@ def test_prediction_log_close_writes_at_once_without_waiting_for_the_batch_windo
     log.close(timeout=10)
     assert not log._thread.is_alive()  # a close that waited out flush_s would still be joining
     assert json.loads((tmp_path / "p" / "2020-09-22.jsonl").read_text())["request_id"] == "r1"
+
+
+def _logged(log: PredictionLog, n: int, day: str = "2020-09-22", start: int = 0) -> None:
+    """Log n ~0.5 kB answers, each in an append of its own (as answers spread over time are)."""
+    for i in range(n):
+        assert log.log({"request_id": f"r{start + i}", "ts": f"{day}T10:00:00", "customer_id": "c1",
+                        "items": [{"article_id": "A", "position": 0, "score": 0.5, "features": {"pad": "x" * 400}}]})
+        deadline = time.time() + 10
+        while log.written < i + 1 and time.time() < deadline:
+            time.sleep(0.002)
+    log.close()
+
+
+def test_prediction_log_opens_a_days_next_file_at_the_segment_size_and_reads_them_all(tmp_path):
+    log = PredictionLog(tmp_path / "p", flush_s=0.01, segment_bytes=2_000, max_bytes=None)
+    _logged(log, 40)  # ~0.5 kB each: ~20 kB, several files
+    names = sorted(p.name for p in (tmp_path / "p").iterdir())
+    assert "2020-09-22.jsonl" in names and "2020-09-22.1.jsonl" in names and len(names) >= 3
+    assert all(p.stat().st_size < 2_000 + 40 * 600 for p in (tmp_path / "p").iterdir())
+    shown = read_predictions(tmp_path / "p")
+    assert sorted(shown["request_id"], key=lambda r: int(r[1:])) == [f"r{i}" for i in range(40)]
+    assert log.removed_files == 0
+
+
+def test_prediction_log_removes_its_oldest_files_to_stay_under_max_bytes(tmp_path, capsys):
+    folder = tmp_path / "p"
+    _logged(PredictionLog(folder, flush_s=0.01, segment_bytes=2_000, max_bytes=None), 20, day="2020-09-21")
+    log = PredictionLog(folder, flush_s=0.01, segment_bytes=2_000, max_bytes=6_000)
+    _logged(log, 60, day="2020-09-22", start=100)
+    files = sorted(folder.iterdir())
+    assert sum(p.stat().st_size for p in files) <= 6_000 + 2_000  # the bound, plus the file being written
+    assert log.removed_files > 0 and not any(p.name.startswith("2020-09-21") for p in files)  # oldest day first
+    ids = set(read_predictions(folder)["request_id"])
+    assert "r159" in ids and "r0" not in ids  # the newest answers are kept
+    assert "removed" in capsys.readouterr().out
+
+
+def test_prediction_log_appends_to_the_newest_file_another_writer_opened(tmp_path):
+    folder = tmp_path / "p"
+    _logged(PredictionLog(folder, flush_s=0.01, segment_bytes=1_000, max_bytes=None), 10)
+    newest = max(int(p.name.split(".")[1]) if p.name.count(".") == 2 else 0 for p in folder.iterdir())
+    before = {p.name: p.stat().st_size for p in folder.iterdir()}
+    _logged(PredictionLog(folder, flush_s=0.01, segment_bytes=1_000_000, max_bytes=None), 1, start=50)
+    grown = [p.name for p in folder.iterdir() if p.stat().st_size != before.get(p.name)]
+    assert grown == [f"2020-09-22.{newest}.jsonl"]  # not the day's first file, not a new one
+
+
+def test_prediction_log_bound_must_hold_a_file():
+    from common.config import ServeConfig
+
+    with pytest.raises(ValueError, match="prediction_log_max_mb"):
+        ServeConfig(prediction_log_max_mb=10, prediction_log_segment_mb=64)
+    assert ServeConfig(prediction_log_max_mb=0).prediction_log_args()["max_bytes"] is None
+    with pytest.raises(ValueError, match="segment_bytes"):
+        PredictionLog(Path("unused"), segment_bytes=0)
 
 
 def test_purchase_events_count_and_date_types_by_the_runs_dataset_roles():
