@@ -9,8 +9,10 @@ fresh local Ray. The same recommend pipeline called in-process without Serve giv
 (`ratio_vs_in_process` = served p50 / in-process p50). After the rates, an overload case offers
 twice the highest rate that held the target (p99 <= 50 ms, no errors) and reports the goodput.
 Each rate also reports `cpu_ms_per_request`: the machine's CPU over the rate's window per request
-sent, by process group (serve replicas, HAProxy, database, Ray's own processes, this load
-generator, ...), read from /proc, so the cost of each part of the serving stack shows.
+sent, by process group (serve replicas, HAProxy, database, Ray's own processes, the load
+generator, ...), read from /proc, so the cost of each part of the serving stack shows. The load
+generator is a process of its own (`Generator`), not this one, which is a Ray driver; its
+`send_late_p99_ms` says how late it sent requests against the schedule (its own delays).
 
 JSON lines, e.g.
     {"bench": "serve_load", "topology": "fused", "variant": "default", "target_rps": 100,
@@ -117,8 +119,9 @@ def ensure_db(wd: Workdir) -> None:
 class Sample:
     kind: str
     status: int
-    ms: float
+    ms: float  # from the scheduled send time to the whole answer read
     debug: dict = field(default_factory=dict)
+    late_ms: float = 0.0  # how late the request left against its schedule: the generator's own delay
 
 
 def pick(r: float) -> str:
@@ -164,6 +167,11 @@ class Payloads:
         return kind, "POST", "/v1/events", {"event_id": uuid.uuid4().hex, "customer_id": cid,
                                             "article_id": self.rng.choice(self.articles), "type": etype}
 
+    def plan(self, n: int, host: str) -> list[tuple[str, bytes]]:
+        """n requests drawn ahead of a window, each as (kind, its bytes on the wire)."""
+        return [(kind, Http.encode(host, method, path, body)) for kind, method, path, body in
+                (self.draw() for _ in range(n))]
+
 
 class Http:
     """A lean HTTP/1.1 keep-alive client on asyncio streams. The load generator shares the 2
@@ -174,15 +182,20 @@ class Http:
         self.host, self.port = host, port
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
-    async def request(self, method: str, path: str, body: dict | None) -> tuple[int, bytes]:
+    @staticmethod
+    def encode(host: str, method: str, path: str, body: dict | None) -> bytes:
         import json
 
+        data = json.dumps(body).encode() if body is not None else b""
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(data)}\r\n"
+                + ("Content-Type: application/json\r\n" if body is not None else "") + "\r\n")
+        return head.encode() + data
+
+    async def send(self, raw: bytes) -> tuple[int, bytes]:
+        """Send one encoded request (`encode`) on an idle connection; (status, body)."""
         conn = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
         reader, writer = conn
-        data = json.dumps(body).encode() if body is not None else b""
-        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(data)}\r\n"
-                + ("Content-Type: application/json\r\n" if body is not None else "") + "\r\n")
-        writer.write(head.encode() + data)
+        writer.write(raw)
         status_line = await reader.readline()
         if not status_line:
             writer.close()
@@ -220,13 +233,12 @@ class Http:
 
 @contextmanager
 def generator_gc_paused() -> Iterator[None]:
-    """Keep this process's garbage collector out of a rate window.
+    """Keep the generator's garbage collector out of a rate window.
 
-    The load generator has loaded the run for the in-process cases, and a full collection of such a
-    heap takes hundreds of ms ("case": "gc_full_collect", `unsettled_ms`): a pause in the middle of
-    a window holds back every request due in it, then sends them at once, and the server is
-    charged the client's pause (docs/scaling.md F26). Real clients are many processes, so the
-    generator freezes what it holds and collects only between windows."""
+    A collection in the middle of a window holds back every request due meanwhile, then sends
+    them at once, and the server is charged the client's pause (docs/scaling.md F26: when the
+    generator ran in this process, which holds the run for the in-process cases, a full collection
+    took hundreds of ms, "case": "gc_full_collect"). The generator collects between windows."""
     gc.collect()
     gc.freeze()
     gc.disable()
@@ -237,36 +249,84 @@ def generator_gc_paused() -> Iterator[None]:
         gc.unfreeze()
 
 
-async def open_loop(url: str, payloads: Payloads, rate: float, duration: float) -> tuple[list[Sample], float]:
-    """Send rate*duration requests on schedule; returns the samples and the wall time taken."""
-    with generator_gc_paused():
-        return await _open_loop(url, payloads, rate, duration)
+class Generator:
+    """The open-loop client, in a process of its own.
+
+    This benchmark's process is a Ray driver (it starts the local cluster and deploys the app),
+    and Ray's threads in a driver take the CPU for ~100 ms about every 10 s: a client on that
+    process then sends the requests due meanwhile late and at once, and the server is charged
+    the client's delay (seen as slow requests, and fast 503s from the burst, at every 10 s mark;
+    docs/scaling.md F27). The generator is a spawned process that holds only the requests of a
+    window, drawn beforehand; each sample also keeps how late it left (`late_ms`), so a client
+    that falls behind shows in the output (`send_late_p99_ms`) instead of passing as latency."""
+
+    def __init__(self) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_generator_main, args=(child,), daemon=True, name="serve-load-generator")
+        self._proc.start()
+        GENERATOR_PIDS.add(self._proc.pid)
+
+    def run(self, url: str, plan: list[tuple[str, bytes]], rate: float) -> tuple[list[Sample], float]:
+        """Send `plan` at `rate` requests/s; the samples and the wall time the window took."""
+        self._conn.send((url, plan, rate))
+        out = self._conn.recv()
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            self._conn.send(None)
+            self._proc.join(10)
+        GENERATOR_PIDS.discard(self._proc.pid)
 
 
-async def _open_loop(url: str, payloads: Payloads, rate: float, duration: float) -> tuple[list[Sample], float]:
+GENERATOR_PIDS: set[int] = set()  # the generator processes: counted as "load_generator"
+
+
+def _generator_main(conn) -> None:
+    while (job := conn.recv()) is not None:
+        try:
+            with generator_gc_paused():
+                conn.send(asyncio.run(open_loop(*job)))
+        except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
+            conn.send(e)
+
+
+async def open_loop(url: str, plan: list[tuple[str, bytes]], rate: float) -> tuple[list[Sample], float]:
+    """Send request i of `plan` at start + i/rate, whatever the earlier ones did: a scheduler
+    creates each request's task when it is due (not all of them up front, which delayed the
+    first sends of a window by the time it took to create thousands of tasks)."""
     import json
     from urllib.parse import urlparse
 
-    n = int(rate * duration)
     u = urlparse(url)
     client = Http(u.hostname, u.port)
     loop = asyncio.get_running_loop()
-    t0 = loop.time()
+    start = loop.time() + 0.05
 
-    async def one(i: int) -> Sample:
-        kind, method, path, body = payloads.draw()
-        due = t0 + i / rate
-        await asyncio.sleep(max(0.0, due - loop.time()))
+    async def one(kind: str, raw: bytes, due: float) -> tuple[str, int, float, float, bytes]:
+        late_ms = (loop.time() - due) * 1000
         try:
-            status, payload = await asyncio.wait_for(client.request(method, path, body), 10.0)
-            dbg = (json.loads(payload).get("debug") or {}) if kind == "recommend" and status == 200 else {}
+            status, payload = await asyncio.wait_for(client.send(raw), 10.0)
         except (OSError, ValueError, asyncio.IncompleteReadError, TimeoutError):
-            status, dbg = 599, {}
-        return Sample(kind, status, (loop.time() - due) * 1000, dbg)
+            status, payload = 599, b""
+        return kind, status, (loop.time() - due) * 1000, late_ms, payload if kind == "recommend" else b""
 
-    samples = await asyncio.gather(*[one(i) for i in range(n)])
+    tasks = []
+    for i, (kind, raw) in enumerate(plan):
+        due = start + i / rate
+        if (delay := due - loop.time()) > 0:
+            await asyncio.sleep(delay)
+        tasks.append(loop.create_task(one(kind, raw, due)))
+    results = await asyncio.gather(*tasks)
+    wall = loop.time() - start
     client.close()
-    return list(samples), loop.time() - t0
+    return [Sample(kind, status, ms, (json.loads(payload).get("debug") or {}) if status == 200 and payload else {},
+                   late) for kind, status, ms, late, payload in results], wall
 
 
 def summarise(samples: list[Sample], wall_s: float) -> dict:
@@ -286,6 +346,7 @@ def summarise(samples: list[Sample], wall_s: float) -> dict:
         "error_rate": 1 - len(ok) / max(1, len(samples)),
         "share_503": sum(s.status == 503 for s in samples) / max(1, len(samples)),
         "all_endpoints_p99_ms": float(np.percentile([s.ms for s in ok], 99)) if ok else None,
+        "send_late_p99_ms": float(np.percentile([s.late_ms for s in samples], 99)) if samples else None,
         **stages,
     }
 
@@ -311,7 +372,7 @@ def cpu_by_group() -> dict[str, float]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        group = "load_generator" if int(pid) == os.getpid() else next(
+        group = "load_generator" if int(pid) == os.getpid() or int(pid) in GENERATOR_PIDS else next(
             (g for pat, g in CPU_GROUPS if pat in cmd), "other")
         out[group] = out.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out
@@ -490,12 +551,15 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
         emit("serve_load", topology=topology, variant=variant, error=f"did not start: {type(e).__name__}: {e}")
         stop_app()
         return
+    gen = Generator()
+    host = url.split("//", 1)[1].split(":", 1)[0]
     try:
         warm_up(url, payloads)
         held = None
         for rate in rates:
+            plan = payloads.plan(int(rate * duration), host)
             cpu0 = cpu_by_group()
-            samples, wall = asyncio.run(open_loop(url, payloads, rate, duration))
+            samples, wall = gen.run(url, plan, rate)
             row = summarise(samples, wall)
             row["cpu_ms_per_request"] = cpu_per_request(cpu0, cpu_by_group(), len(samples))
             ok = row["p99_ms"] is not None and row["p99_ms"] <= TARGET_P99_MS and row["error_rate"] == 0
@@ -508,7 +572,7 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
                 break  # far past capacity: higher rates say nothing new
         base_rate, base_achieved = held or (rates[0], None)
         offered = 2 * base_rate
-        samples, wall = asyncio.run(open_loop(url, payloads, offered, duration))
+        samples, wall = gen.run(url, payloads.plan(int(offered * duration), host), offered)
         row = summarise(samples, wall)
         goodput = row["achieved_rps"]
         emit("serve_load", case="overload", topology=topology, variant=variant, replicas=replicas or "config",
@@ -517,6 +581,7 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
              error_rate=row["error_rate"], p99_ms=row["p99_ms"],
              ratio_vs_sustainable=(goodput / base_achieved) if base_achieved else None)
     finally:
+        gen.close()
         stop_app()
 
 

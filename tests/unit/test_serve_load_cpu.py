@@ -1,7 +1,9 @@
-"""benchmarks/serve_load.py's CPU accounting: per-group CPU per request from /proc readings."""
+"""benchmarks/serve_load.py's CPU accounting (per-group CPU per request from /proc readings) and
+its load generator process."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,3 +34,53 @@ def test_this_process_is_counted_as_the_load_generator():
         sum(range(1000))
     after = sl.cpu_by_group()
     assert after["load_generator"] - before.get("load_generator", 0.0) >= 0.15
+
+
+def test_the_generator_process_sends_the_plan_on_schedule_and_is_counted_as_the_load_generator():
+    """The open-loop client runs in a spawned process (not the Ray driver that deploys the app):
+    every planned request is sent once, in order, answers are read, and its CPU is the load
+    generator's."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    sys.path.insert(0, str(BENCH.parent))
+    import serve_load as sl  # by name: the spawned generator imports its function from it
+
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as the generator's client expects
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body["customer_id"])
+            out = json.dumps({"debug": {"encode_ms": 1.5}} if self.path == "/v1/recommend" else {}).encode()
+            self.send_response(200 if body["customer_id"] != "c3" else 503)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host, port = server.server_address
+    plan = [("recommend" if i % 2 == 0 else "search",
+             sl.Http.encode(host, "POST", "/v1/recommend" if i % 2 == 0 else "/v1/search", {"customer_id": f"c{i}"}))
+            for i in range(20)]
+    gen = sl.Generator()
+    try:
+        assert gen._proc.pid in sl.GENERATOR_PIDS
+        samples, wall = gen.run(f"http://{host}:{port}", plan, 100.0)
+        assert gen._proc.pid in {int(p) for p in os.listdir("/proc") if p.isdigit()}  # still serving windows
+    finally:
+        gen.close()
+        server.shutdown()
+    assert sorted(seen, key=lambda c: int(c[1:])) == [f"c{i}" for i in range(20)]
+    assert [s.kind for s in samples] == [k for k, _ in plan]
+    assert [s.status for s in samples] == [503 if i == 3 else 200 for i in range(20)]
+    assert samples[0].debug == {"encode_ms": 1.5} and samples[1].debug == {}
+    assert wall >= 19 / 100.0  # request i left at i/rate: 20 requests span at least 0.19 s
+    assert sl.summarise(samples, wall)["share_503"] == 1 / 20
