@@ -255,7 +255,7 @@ class ServeConfig(_Strict):
     replay_events_s: float = Field(86_400, ge=0)
 
     @model_validator(mode="after")
-    def _log_bound_holds_a_file(self) -> "ServeConfig":
+    def _log_bound_holds_a_file(self) -> ServeConfig:
         if 0 < self.prediction_log_max_mb < self.prediction_log_segment_mb:
             raise ValueError(f"prediction_log_max_mb ({self.prediction_log_max_mb}) is below "
                              f"prediction_log_segment_mb ({self.prediction_log_segment_mb}): the bound "

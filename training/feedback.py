@@ -27,8 +27,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import queue
+import re
 import threading
 from collections.abc import Mapping
 from pathlib import Path
