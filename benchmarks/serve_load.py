@@ -64,11 +64,17 @@ from common.config import load_config  # noqa: E402
 from common.workdir import Workdir  # noqa: E402
 
 TARGET_P99_MS = 50.0
-VARIANT_ENV = {"default": {}, "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
-               "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-               "haproxy_throughput": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+# Each variant's environment for the local Ray it starts. Ray's workers (the replicas, and the
+# HAProxy they start) run at `rayrec serve start`'s worker niceness, 0 (serve.worker_niceness),
+# except in `haproxy_ray_nice`: Ray's own default, 15 above Ray's processes.
+_NICE0 = {"RAY_worker_niceness": "0"}
+VARIANT_ENV = {"default": {**_NICE0}, "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", **_NICE0},
+               "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", **_NICE0},
+               "haproxy_throughput": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", **_NICE0},
                # HAProxy, and the replica's user code on its main event loop instead of a thread of its own
-               "haproxy_same_thread": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
+               "haproxy_same_thread": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                                       **_NICE0},
+               "haproxy_ray_nice": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_worker_niceness": "15"}}
 MIX = (("recommend", 0.80), ("similar", 0.08), ("search", 0.07), ("event", 0.05))
 
 

@@ -41,9 +41,11 @@ def ray_address() -> str:
     return f"127.0.0.1:{RAY_PORT}"
 
 
-def start_ray(wd: Workdir, haproxy: bool = True) -> None:
+def start_ray(wd: Workdir, haproxy: bool = True, worker_niceness: int = 0) -> None:
     """Start a Ray head for serving unless one is already up on our port; with `haproxy`, Serve's
-    HTTP ingress is HAProxy (the variant benchmarks/serve_load.py found faster here)."""
+    HTTP ingress is HAProxy (the variant benchmarks/serve_load.py found faster here). Its workers,
+    the replicas among them, get `worker_niceness` (`serve.worker_niceness`) added to this
+    process's niceness instead of Ray's 15."""
     use_ray_token(wd)
     if _listening("127.0.0.1", RAY_PORT):
         return
@@ -53,11 +55,16 @@ def start_ray(wd: Workdir, haproxy: bool = True) -> None:
         cmd.append(f"--temp-dir={wd.ray_temp_dir}")
     log = wd.ray_dir / "ray_start.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, RAY_SERVE_ENABLE_HA_PROXY="1" if haproxy else "0")
+    env = dict(os.environ, **ray_serving_env(haproxy, worker_niceness))
     with log.open("w") as f:
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if rc != 0:
         raise RuntimeError(f"`ray start` failed (exit {rc}); see {log}")
+
+
+def ray_serving_env(haproxy: bool, worker_niceness: int) -> dict[str, str]:
+    """Environment of the Ray processes that serve (read by Serve and Ray's core at start)."""
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1" if haproxy else "0", "RAY_worker_niceness": str(worker_niceness)}
 
 
 def deploy(cfg: RayrecConfig, wd: Workdir) -> str:
@@ -66,7 +73,7 @@ def deploy(cfg: RayrecConfig, wd: Workdir) -> str:
     from ray import serve
 
     read_manifest(wd)  # fail before starting anything when the run is missing
-    start_ray(wd, cfg.serve.haproxy)
+    start_ray(wd, cfg.serve.haproxy, cfg.serve.worker_niceness)
     ray.init(address=ray_address(), log_to_driver=False)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build_app({"workdir": str(wd.root)}), name=APP_NAME, route_prefix="/", blocking=False)
