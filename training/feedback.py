@@ -132,7 +132,10 @@ class PredictionLog:
         self.written += len(batch)
         self.batches += 1
         if rolled and self.max_bytes is not None:
-            self._prune()
+            try:
+                self._prune()
+            except OSError as e:  # the batch is written: a failed clean-up must not count it as dropped
+                print(f"[prediction-log] could not remove old files: {e}", flush=True)
 
     def _current(self, day: str) -> Path:
         """The day's file to append to: the newest one, which another replica may have opened."""
@@ -146,7 +149,12 @@ class PredictionLog:
 
     def _prune(self) -> None:
         """Remove the oldest files, whole, until the folder holds at most `max_bytes`."""
-        files = [(p, p.stat().st_size) for _, _, p in log_files(self.folder) if p.exists()]
+        files = []
+        for _, _, p in log_files(self.folder):
+            try:
+                files.append((p, p.stat().st_size))
+            except FileNotFoundError:  # another replica removed it meanwhile
+                pass
         total, removed = sum(size for _, size in files), []
         for p, size in files[:-1]:  # never the newest
             if total <= self.max_bytes:
