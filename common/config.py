@@ -211,10 +211,10 @@ class ServeConfig(_Strict):
     haproxy: bool = True
     # The niceness Ray adds to its worker processes (RAY_worker_niceness; Ray's own default is 15),
     # for the Ray head `rayrec serve start` starts. Replicas are workers, and HAProxy is started by
-    # one, so with Ray's default the whole request path runs below Ray's own processes: the metrics
-    # agent's export every 10 s then stalled the replicas for 100-200 ms. At 0 (the same as Ray's
-    # processes), on the 2-core machine: 150 req/s at p99 46-98 ms against 124-185 ms in the same
-    # slow hour, no errors (docs/scaling.md F27).
+    # one, so with Ray's default the whole request path runs below Ray's own processes, and the
+    # metrics agent's export every 10 s stalled the replicas. At 0 (the same as Ray's processes), on
+    # the 2-core machine in a slow hour: 150 req/s at p99 46-98 ms against 87-185 ms in four paired
+    # windows (serve_load.py --variants haproxy_ray_nice haproxy; docs/scaling.md F27).
     worker_niceness: int = Field(0, ge=0, le=19)
     target_ongoing_requests: float = Field(2, gt=0)
     max_ongoing_requests: int = Field(4, ge=1)

@@ -165,8 +165,8 @@ class InlineCalls(LocalCalls):
 
     async def record_events(self, events):
         """In a worker thread: acknowledging an event waits for the durable log's fsync, which
-        usually takes under a millisecond here but 100-200 ms when the disk is busy (seen while
-        serving under load); on the request loop that wait would stall every request of the replica."""
+        waits on the disk, far longer than usual when the disk is busy (docs/scaling.md F27); on the
+        request loop that wait would stall every request of the replica."""
         return await asyncio.to_thread(self.rec.record_events, events)
 
 
