@@ -3,7 +3,8 @@
 Requests are sent on a fixed schedule (rate r: request i leaves at i/r seconds) whether or not
 earlier ones have answered, and latency counts from the scheduled time, so a server that falls
 behind shows it (no coordinated omission). The mix is mostly recommend, some similar, search
-and events. Each topology (fused, split) and Serve variant (default proxy; HAProxy ingress:
+and events (search queries repeat; with `--search-queries novel` nearly each is new). Each
+topology (fused, split) and Serve variant (default proxy; HAProxy ingress:
 RAY_SERVE_ENABLE_HA_PROXY=1; throughput-optimized: RAY_SERVE_THROUGHPUT_OPTIMIZED=1) runs on a
 fresh local Ray. The same recommend pipeline called in-process without Serve gives the baseline
 (`ratio_vs_in_process` = served p50 / in-process p50). After the rates, an overload case offers
@@ -22,6 +23,9 @@ JSON lines, e.g.
     {"bench": "serve_load", "case": "in_process", "p50_ms": .., "p99_ms": ..}
     {"bench": "serve_load", "case": "in_process_search", "first_p50_ms": .., "repeat_p50_ms": ..,
      "ratio_vs_first": ..}   (search in-process: a query's first sight against its repeats)
+    {"bench": "serve_load", "case": "search_loop_stall", "loop_late_max_ms": .., "on_loop_late_max_ms": ..,
+     "ratio_vs_on_loop": ..}   (how late the request loop wakes while new search queries run, in a
+     worker thread as served against on the loop itself)
     {"bench": "serve_load", "case": "gc_full_collect", "tracked_objects": .., "unsettled_ms": ..,
      "settled_ms": ..}   (a full GC with a run loaded, before/after settle_heap)
     {"bench": "serve_load", "case": "query_encoder", "cpu_ms": .., "torch_cpu_ms": .., "ratio_vs_torch": ..}
@@ -34,7 +38,7 @@ JSON lines, e.g.
 Usage: python benchmarks/serve_load.py [--workdir RUN] [--rates 25 50 100 150 200] [--duration 8]
        [--topologies fused split] [--variants default haproxy throughput] [--candidates 200]
        [--max-ongoing N] [--max-queued N] [--article-cache-ttl-s 2 0] [--fused-calls inline batched]
-       [--access-log on off] [--user-code-loop thread main]
+       [--access-log on off] [--user-code-loop thread main] [--search-queries repeat|novel]
 Without --workdir it builds a small pipeline run in a temp folder (with its own MariaDB).
 """
 from __future__ import annotations
@@ -54,6 +58,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -61,20 +66,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, paced_cpu_s  # noqa: E402
 
 from common.config import load_config  # noqa: E402
+from common.ray_env import ray_serving_env  # noqa: E402
 from common.workdir import Workdir  # noqa: E402
 
 TARGET_P99_MS = 50.0
-# Each variant's environment for the local Ray it starts. Ray's workers (the replicas, and the
-# HAProxy they start) run at `rayrec serve start`'s worker niceness, 0 (serve.worker_niceness),
-# except in `haproxy_ray_nice`: Ray's own default, 15 above Ray's processes.
-_NICE0 = {"RAY_worker_niceness": "0"}
-VARIANT_ENV = {"default": {**_NICE0}, "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", **_NICE0},
-               "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", **_NICE0},
-               "haproxy_throughput": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", **_NICE0},
-               # HAProxy, and the replica's user code on its main event loop instead of a thread of its own
-               "haproxy_same_thread": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-                                       **_NICE0},
-               "haproxy_ray_nice": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_worker_niceness": "15"}}
+# Each variant's environment for the local Ray it starts, as `rayrec serve start` sets it
+# (common.ray_env): Ray's workers (the replicas, and the HAProxy they start) run at niceness 0
+# (serve.worker_niceness), except in `haproxy_ray_nice`: Ray's own default, 15 above Ray's
+# processes. Where replicas run the app's code is `--user-code-loop`, not a variant.
+_THROUGHPUT = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+VARIANT_ENV = {"default": ray_serving_env(False, 0), "haproxy": ray_serving_env(True, 0),
+               "throughput": ray_serving_env(False, 0) | _THROUGHPUT,
+               "haproxy_throughput": ray_serving_env(True, 0) | _THROUGHPUT,
+               "haproxy_ray_nice": ray_serving_env(True, 15)}
 MIX = (("recommend", 0.80), ("similar", 0.08), ("search", 0.07), ("event", 0.05))
 
 
@@ -143,7 +147,11 @@ def pick(r: float) -> str:
 class Payloads:
     """Request bodies drawn from the run's customers and articles (seeded)."""
 
-    def __init__(self, wd: Workdir, seed: int = 0):
+    def __init__(self, wd: Workdir, seed: int = 0, novel_search: bool = False):
+        """`novel_search`: search queries are a colour, a product type and an index group
+        (`novel_queries`: 2,470 of them in `make demo`'s run, so most are a first sight, as in
+        search traffic's long tail) instead of a product type alone (26 there, each seen again
+        within seconds)."""
         import pandas as pd
 
         from common.artifacts import read_manifest
@@ -156,6 +164,10 @@ class Payloads:
         self.customers = hist["customer_id"].astype(str).tolist()
         self.articles = arts["article_id"].astype(str).tolist()
         self.words = pd.Series(arts["product_type_name"].dropna().astype(str)).unique().tolist()
+        self.novel_queries = [" ".join(q) for q in itertools.product(
+            *(pd.Series(arts[c].dropna().astype(str)).unique().tolist()
+              for c in ("colour_group_name", "product_type_name", "index_group_name")))]
+        self.novel_search = novel_search
         self.rng = random.Random(seed)
 
     def draw(self) -> tuple[str, str, str, dict | None]:
@@ -168,7 +180,8 @@ class Payloads:
         if kind == "similar":
             return kind, "GET", f"/v1/items/{self.rng.choice(self.articles)}/similar?k=12", None
         if kind == "search":
-            return kind, "POST", "/v1/search", {"query": self.rng.choice(self.words), "customer_id": cid, "k": 12}
+            query = self.rng.choice(self.novel_queries if self.novel_search else self.words)
+            return kind, "POST", "/v1/search", {"query": query, "customer_id": cid, "k": 12}
         etype = "purchase" if self.rng.random() < 0.2 else "view"
         return kind, "POST", "/v1/events", {"event_id": uuid.uuid4().hex, "customer_id": cid,
                                             "article_id": self.rng.choice(self.articles), "type": etype}
@@ -307,7 +320,6 @@ async def open_loop(url: str, plan: list[tuple[str, bytes]], rate: float) -> tup
     creates each request's task when it is due (not all of them up front, which delayed the
     first sends of a window by the time it took to create thousands of tasks)."""
     import json
-    from urllib.parse import urlparse
 
     u = urlparse(url)
     client = Http(u.hostname, u.port)
@@ -529,6 +541,52 @@ def in_process_search(wd: Workdir, payloads: Payloads, candidates: int, n: int =
             "repeat_p99_ms": float(np.percentile(repeat, 99)), "ratio_vs_first": repeat_p50 / first_p50}
 
 
+def search_loop_stall(wd: Workdir, payloads: Payloads, candidates: int, n: int = 30) -> dict:
+    """How long a search query's first sight holds a fused replica's request loop: a ticker on the
+    loop (1 ms sleeps) records how late it wakes while queries never seen before are fetched
+    through `InlineCalls` (a worker thread for a new query) and, for the baseline, called on the
+    loop itself (as before). Each query is new to both: the text model and LanceDB run each time."""
+    from ray_apps.app import InlineCalls
+    from ray_apps.service import Recommender
+
+    rec = Recommender(str(wd.root), follow_index=False, n_candidates=candidates)
+    rec.warm()
+    calls = InlineCalls(rec)
+    queries = random.Random(1).sample(payloads.novel_queries, 2 * n)
+
+    async def stalls(on_loop: bool, batch: list[str]) -> list[float]:
+        late: list[float] = []
+        done = False
+
+        async def ticker() -> None:
+            while not done:
+                t0 = time.perf_counter()
+                await asyncio.sleep(0.001)
+                late.append((time.perf_counter() - t0) * 1000 - 1.0)
+
+        tick = asyncio.create_task(ticker())
+        for q in batch:
+            if on_loop:
+                rec.search_pool(q, None, candidates)
+            else:
+                await calls.search_pool(q, None, candidates)
+            await asyncio.sleep(0.005)
+        done = True
+        await tick
+        return late
+
+    async def both() -> tuple[list[float], list[float]]:
+        return await stalls(False, queries[:n]), await stalls(True, queries[n:])
+
+    threaded, on_loop = asyncio.run(both())
+    rec.close()
+    worst, base = max(threaded), max(on_loop)
+    return {"queries": n, "loop_late_max_ms": round(worst, 2),
+            "loop_late_p99_ms": round(float(np.percentile(threaded, 99)), 2),
+            "on_loop_late_max_ms": round(base, 2), "on_loop_late_p99_ms": round(float(np.percentile(on_loop, 99)), 2),
+            "ratio_vs_on_loop": round(worst / base, 3) if base > 0 else None}
+
+
 def full_collection_ms() -> dict:
     """A full garbage collection in this process, which holds a loaded run as a replica does:
     as is, then after `settle_heap()` (what replicas do once a run is loaded). Undone after."""
@@ -550,7 +608,9 @@ def full_collection_ms() -> dict:
 
 
 def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, rates: list[float], duration: float,
-                 candidates: int, base_p50: float, replicas: int | None, admission: dict | None = None) -> None:
+                 candidates: int, base_p50: float, replicas: int | None, admission: dict | None = None,
+                 labels: dict | None = None) -> None:
+    """`labels`: fields added to each row (how the load was drawn)."""
     try:
         url, _ = start_app(wd, topology, variant, candidates, replicas, admission)
     except Exception as e:  # noqa: BLE001 - a variant that does not start is reported, not fatal
@@ -558,7 +618,7 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
         stop_app()
         return
     gen = Generator()
-    host = url.split("//", 1)[1].split(":", 1)[0]
+    host = urlparse(url).hostname or "127.0.0.1"
     try:
         warm_up(url, payloads)
         held = None
@@ -572,7 +632,8 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
             held = (rate, row["achieved_rps"]) if ok else held
             ratio = row["p50_ms"] / base_p50 if row["p50_ms"] else None
             emit("serve_load", topology=topology, variant=variant, replicas=replicas or "config", target_rps=rate,
-                 duration_s=duration, candidates=candidates, **(admission or {}), **row, held_target=ok,
+                 duration_s=duration, candidates=candidates, **(admission or {}), **(labels or {}), **row,
+                 held_target=ok,
                  ratio_vs_in_process=ratio)
             if row["error_rate"] > 0.5:
                 break  # far past capacity: higher rates say nothing new
@@ -582,7 +643,7 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
         row = summarise(samples, wall)
         goodput = row["achieved_rps"]
         emit("serve_load", case="overload", topology=topology, variant=variant, replicas=replicas or "config",
-             **(admission or {}), offered_rps=offered,
+             **(admission or {}), **(labels or {}), offered_rps=offered,
              sustainable_rps=base_achieved, goodput_rps=goodput, share_503=row["share_503"],
              error_rate=row["error_rate"], p99_ms=row["p99_ms"],
              ratio_vs_sustainable=(goodput / base_achieved) if base_achieved else None)
@@ -631,6 +692,9 @@ def main() -> None:
                     help="serve.access_log values to run each case with (default: the run's config)")
     ap.add_argument("--user-code-loop", nargs="+", choices=["thread", "main"],
                     help="serve.user_code_loop values to run each case with (default: the run's config)")
+    ap.add_argument("--search-queries", choices=["repeat", "novel"], default="repeat",
+                    help="repeat: a product type (a few hundred queries, cached after their first sight); "
+                         "novel: a colour and a product type (nearly every query a first sight)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="rayrec-serve-load-") as tmp:
         if a.workdir:
@@ -641,7 +705,7 @@ def main() -> None:
             import ray
 
             ray.shutdown()
-        payloads = Payloads(wd)
+        payloads = Payloads(wd, novel_search=a.search_queries == "novel")
         admission = {k: v for k, v in (("max_ongoing_requests", a.max_ongoing), ("max_queued_requests", a.max_queued))
                      if v is not None}
         base, gc_row = in_process(wd, payloads, a.candidates)
@@ -649,6 +713,8 @@ def main() -> None:
         emit("serve_load", case="gc_full_collect", **gc_row)
         emit("serve_load", case="in_process_search", candidates=a.candidates,
              **in_process_search(wd, payloads, a.candidates))
+        emit("serve_load", case="search_loop_stall", candidates=a.candidates,
+             **search_loop_stall(wd, payloads, a.candidates))
         emit("serve_load", case="wakeup_cost", **wakeup_cost())
         emit("serve_load", case="query_encoder", **query_encoder(wd, payloads))
         for variant in a.variants:
@@ -662,7 +728,9 @@ def main() -> None:
                                     {} if log is None else {"access_log": log == "on"}) | (
                                     {} if loop is None else {"user_code_loop": loop})
                                 run_topology(wd, payloads, topology, variant, a.rates, a.duration, a.candidates,
-                                             base["p50_ms"], replicas or None, app_args)
+                                             base["p50_ms"], replicas or None, app_args,
+                                             {"search_queries": a.search_queries} if a.search_queries != "repeat"
+                                             else None)
         if not a.workdir:
             from feature_store.local_db import LocalMariaDB
 

@@ -169,6 +169,16 @@ class InlineCalls(LocalCalls):
         request loop that wait would stall every request of the replica."""
         return await asyncio.to_thread(self.rec.record_events, events)
 
+    async def search_pool(self, query, vector, n):
+        """A query seen before (its fused pool cached) inline; a new one in a worker thread: its
+        first sight runs the text model and two LanceDB queries, 13-16 ms in one process here
+        (serve_load.py, "case": "in_process_search") and more under load, during which the loop
+        would hold every other request of the replica. Torch and LanceDB release the GIL while
+        they compute, so the loop keeps answering meanwhile."""
+        if self.rec.search_pool_cached(query, n):
+            return self.rec.search_pool(query, vector, n)
+        return await asyncio.to_thread(self.rec.search_pool, query, vector, n)
+
 
 class RemoteCalls:
     """Stages behind deployment handles (split topology). Every call names the run, so a stage

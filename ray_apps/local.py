@@ -19,6 +19,7 @@ import yaml
 
 from common.artifacts import read_manifest
 from common.config import RayrecConfig
+from common.ray_env import ray_serving_env
 from common.workdir import Workdir
 from ray_apps.app import APP_NAME, build_app, serve_config
 from ray_apps.ray_auth import use_ray_token
@@ -60,11 +61,6 @@ def start_ray(wd: Workdir, haproxy: bool = True, worker_niceness: int = 0) -> No
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if rc != 0:
         raise RuntimeError(f"`ray start` failed (exit {rc}); see {log}")
-
-
-def ray_serving_env(haproxy: bool, worker_niceness: int) -> dict[str, str]:
-    """Environment of the Ray processes that serve (read by Serve and Ray's core at start)."""
-    return {"RAY_SERVE_ENABLE_HA_PROXY": "1" if haproxy else "0", "RAY_worker_niceness": str(worker_niceness)}
 
 
 def deploy(cfg: RayrecConfig, wd: Workdir) -> str:

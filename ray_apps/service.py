@@ -343,6 +343,10 @@ class Recommender:
                                  f"(version {self.index.version})") from e
         return Candidates(article_ids=ids, scores=[float(s) for s in scores])
 
+    def search_pool_cached(self, query: str, n: int) -> bool:
+        """Whether `search_pool(query, _, n)` finds the query's fused pool cached (see `hybrid`)."""
+        return self.index.has_text_pool(query, n)
+
     def search_pool(self, query: str, vector: Sequence[float] | None, n: int) -> Candidates:
         """Hybrid text + semantic matches, re-ordered toward the customer's query vector."""
         ids, scores = self.index.hybrid(query, n, vector, candidates=n)

@@ -246,6 +246,11 @@ def _where(where: str | ItemFilter | None) -> str | None:
     return where.where() if isinstance(where, ItemFilter) else (where or None)
 
 
+def _pool_key(query_text: str, candidates: int, clause: str | None, rrf_k: int) -> tuple[str, int, str | None, int]:
+    """A fused pool's cache key: the whitespace-normalised text, which both searches tokenise alike."""
+    return " ".join(query_text.split()), candidates, clause, rrf_k
+
+
 # ---------------------------------------------------------------------------------------------
 # ANN plan: index type and parameters from the table size, query knobs calibrated
 
@@ -700,6 +705,12 @@ class BoundedCache(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._data)
 
+    def __contains__(self, key: object) -> bool:
+        """Whether `key` is held now (not counted as a hit or a miss; the answer may be stale by the
+        time the caller acts on it, which only costs a computation)."""
+        with self._lock:
+            return key in self._data
+
     def get(self, key: K, compute: Callable[[], V]) -> V:
         with self._lock:
             if key in self._data:
@@ -905,8 +916,14 @@ class ItemIndex:
         search traffic repeats its head queries, and an index version is immutable
         (a new version is a new `ItemIndex`), so a pool never goes stale. Keyed like
         `_text_vector`, on the whitespace-normalised text, which both searches tokenise the same."""
-        key = (" ".join(query_text.split()), candidates, clause, rrf_k)
-        return self._pool_cache.get(key, lambda: self._fused_pool(query_text, candidates, clause, rrf_k))
+        return self._pool_cache.get(_pool_key(query_text, candidates, clause, rrf_k),
+                                    lambda: self._fused_pool(query_text, candidates, clause, rrf_k))
+
+    def has_text_pool(self, query_text: str, candidates: int, where: str | ItemFilter | None = None,
+                      rrf_k: int = RRF_K) -> bool:
+        """Whether `hybrid` would find this query's fused pool cached: when not, it runs the text
+        model and two LanceDB queries (tens of ms), which a serving loop should not wait on."""
+        return _pool_key(query_text, candidates, _where(where), rrf_k) in self._pool_cache
 
     def _fused_pool(self, query_text: str, candidates: int, clause: str | None, rrf_k: int
                     ) -> tuple[tuple[str, float], ...]:
@@ -1087,3 +1104,6 @@ class LiveItemIndex:
     def hybrid(self, query_text: str, k: int, query_vector: np.ndarray | Sequence[float] | None = None,
                where: str | ItemFilter | None = None, **kw: Any) -> tuple[list[str], np.ndarray]:
         return self._index.hybrid(query_text, k, query_vector, where, **kw)
+
+    def has_text_pool(self, query_text: str, candidates: int, where: str | ItemFilter | None = None) -> bool:
+        return self._index.has_text_pool(query_text, candidates, where)

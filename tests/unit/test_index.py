@@ -297,7 +297,9 @@ def test_search_pools_are_cached_per_query_and_still_personalised(tmp_path, monk
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(ItemIndex, "text_search", counting)
+    assert not index.has_text_pool("wool socks", 50)
     plain = index.hybrid("wool socks", 10, candidates=50)
+    assert index.has_text_pool(" wool socks", 50) and not index.has_text_pool("wool socks", 20)
     again = index.hybrid("  wool  socks ", 10, candidates=50)
     assert again[0] == plain[0] and np.array_equal(again[1], plain[1])
     assert len(searches) == 1 and index._pool_cache.hits == 1
@@ -311,6 +313,7 @@ def test_search_pools_are_cached_per_query_and_still_personalised(tmp_path, monk
     index.hybrid("red dress", 10, candidates=50)  # the cache holds 2: the first entry is evicted
     index.hybrid("wool socks", 10, candidates=50)
     assert len(searches) == 5 and index._pool_cache.misses == 4 and len(index._pool_cache) == 2
+    assert not index.has_text_pool("wool socks", 20) and index.has_text_pool("red dress", 50)
 
 
 def test_missing_text_model_names_the_package(monkeypatch):

@@ -99,6 +99,51 @@ def test_inline_calls_wait_for_the_event_logs_fsync_off_the_request_loop():
     assert served == {"k": 3} and acked == [{"event_id": "e1", "applied": True}]
 
 
+def test_inline_calls_run_a_new_search_query_off_the_request_loop_and_a_seen_one_on_it():
+    """A query's first sight runs the text model and two LanceDB queries (tens of ms): inline, the
+    replica's other requests must keep being answered meanwhile. A query whose pool is cached is
+    answered on the loop itself (no thread hop)."""
+    import asyncio
+    import threading
+
+    from ray_apps.app import InlineCalls
+
+    class Stages:
+        def __init__(self):
+            self.model = threading.Event()  # the text model's forward that has not returned yet
+            self.seen = {"shoes"}
+            self.threads = {}
+
+        def search_pool_cached(self, query, n):
+            return query in self.seen
+
+        def search_pool(self, query, vector, n):
+            self.threads[query] = threading.get_ident()
+            if query not in self.seen:
+                assert self.model.wait(10), "the model never returned"
+                self.seen.add(query)
+            return {"query": query, "n": n}
+
+        def popular(self, ctx, k, filters, age):
+            return {"k": k}
+
+    async def scenario(calls, stages):
+        new = asyncio.create_task(calls.search_pool("red summer dress", None, 200))
+        await asyncio.sleep(0.05)
+        served = await asyncio.wait_for(calls.popular(None, 3, None, None), 2)  # the loop is free
+        seen = await asyncio.wait_for(calls.search_pool("shoes", None, 200), 2)
+        assert not new.done()
+        stages.model.set()
+        return served, seen, await asyncio.wait_for(new, 10)
+
+    stages = Stages()
+    loop_thread = threading.get_ident()
+    served, seen, new = asyncio.run(scenario(InlineCalls(stages), stages))
+    assert served == {"k": 3} and seen == {"query": "shoes", "n": 200}
+    assert new == {"query": "red summer dress", "n": 200}
+    assert stages.threads["shoes"] == loop_thread and stages.threads["red summer dress"] != loop_thread
+
+
 def test_access_log_is_off_unless_the_config_or_the_app_args_turn_it_on():
     """Serve's per-request access log costs the replica CPU on every request: off by default."""
     from common.config import ServeConfig

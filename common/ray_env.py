@@ -1,0 +1,11 @@
+"""Environment variables that Ray and Serve read when their processes start.
+
+Kept apart from `ray_apps.local` (which imports Serve and FastAPI) so that light processes, such
+as the load benchmark's client, can name the same settings without loading the app."""
+from __future__ import annotations
+
+
+def ray_serving_env(haproxy: bool, worker_niceness: int) -> dict[str, str]:
+    """Environment of the Ray processes that serve: Serve's HAProxy ingress on or off, and the
+    niceness Ray adds to its workers (replicas, and the HAProxy one of them starts)."""
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1" if haproxy else "0", "RAY_worker_niceness": str(worker_niceness)}
