@@ -19,7 +19,9 @@ JSON lines, e.g.
     {"bench": "serve_load", "topology": "fused", "variant": "default", "target_rps": 100,
      "achieved_rps": .., "p50_ms": .., "p95_ms": .., "p99_ms": .., "error_rate": .., ...}
     {"bench": "serve_load", "case": "overload", "topology": ..., "offered_rps": .., "goodput_rps": ..,
-     "share_503": .., "ratio_vs_sustainable": ..}
+     "share_503": .., "ratio_vs_sustainable": .., "p99_ms": .., "handler_p99_ms": .., "refused_p99_ms": ..}
+        (p99_ms: accepted recommends, from the client; handler_p99_ms: the same requests' time in
+         the app's handler; refused_p50/p99_ms: how long a 503 took to come back)
     {"bench": "serve_load", "case": "in_process", "p50_ms": .., "p99_ms": ..}
     {"bench": "serve_load", "case": "in_process_search", "first_p50_ms": .., "repeat_p50_ms": ..,
      "ratio_vs_first": ..}   (search in-process: a query's first sight against its repeats)
@@ -351,6 +353,10 @@ def summarise(samples: list[Sample], wall_s: float) -> dict:
     rec = [s for s in samples if s.kind == "recommend"]
     ok = [s for s in samples if 200 <= s.status < 300]
     lat = np.array([s.ms for s in rec if 200 <= s.status < 300]) if rec else np.array([])
+    # The handler's own time (`debug.total_ms`) against the client's: the rest is spent before the
+    # app sees the request (queued in the replica, or unread while its loop is busy) and on the wire.
+    handler = np.array([s.debug["total_ms"] for s in rec if "total_ms" in s.debug])
+    refused = np.array([s.ms for s in samples if s.status == 503])
     stages = {}
     for key in ("encode_ms", "retrieve_ms", "filter_rank_ms", "rank_stage_ms"):
         vals = [s.debug[key] for s in rec if key in s.debug]
@@ -365,6 +371,9 @@ def summarise(samples: list[Sample], wall_s: float) -> dict:
         "share_503": sum(s.status == 503 for s in samples) / max(1, len(samples)),
         "all_endpoints_p99_ms": float(np.percentile([s.ms for s in ok], 99)) if ok else None,
         "send_late_p99_ms": float(np.percentile([s.late_ms for s in samples], 99)) if samples else None,
+        "handler_p99_ms": float(np.percentile(handler, 99)) if len(handler) else None,
+        "refused_p50_ms": float(np.percentile(refused, 50)) if len(refused) else None,
+        "refused_p99_ms": float(np.percentile(refused, 99)) if len(refused) else None,
         **stages,
     }
 
@@ -545,12 +554,17 @@ def search_loop_stall(wd: Workdir, payloads: Payloads, candidates: int, n: int =
     """How long a search query's first sight holds a fused replica's request loop: a ticker on the
     loop (1 ms sleeps) records how late it wakes while queries never seen before are fetched
     through `InlineCalls` (a worker thread for a new query) and, for the baseline, called on the
-    loop itself (as before). Each query is new to both: the text model and LanceDB run each time."""
-    from ray_apps.app import InlineCalls
+    loop itself (as before). Each query is new to both: the text model and LanceDB run each time.
+    The heap is settled first, as a replica's is: a full collection of this process otherwise
+    stalls the loop for hundreds of ms ("case": "gc_full_collect")."""
+    import gc
+
+    from ray_apps.app import InlineCalls, settle_heap
     from ray_apps.service import Recommender
 
     rec = Recommender(str(wd.root), follow_index=False, n_candidates=candidates)
     rec.warm()
+    settle_heap()
     calls = InlineCalls(rec)
     queries = random.Random(1).sample(payloads.novel_queries, 2 * n)
 
@@ -580,6 +594,7 @@ def search_loop_stall(wd: Workdir, payloads: Payloads, candidates: int, n: int =
 
     threaded, on_loop = asyncio.run(both())
     rec.close()
+    gc.unfreeze()
     worst, base = max(threaded), max(on_loop)
     return {"queries": n, "loop_late_max_ms": round(worst, 2),
             "loop_late_p99_ms": round(float(np.percentile(threaded, 99)), 2),
@@ -645,7 +660,9 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
         emit("serve_load", case="overload", topology=topology, variant=variant, replicas=replicas or "config",
              **(admission or {}), **(labels or {}), offered_rps=offered,
              sustainable_rps=base_achieved, goodput_rps=goodput, share_503=row["share_503"],
-             error_rate=row["error_rate"], p99_ms=row["p99_ms"],
+             error_rate=row["error_rate"], p50_ms=row["p50_ms"], p99_ms=row["p99_ms"],
+             handler_p99_ms=row["handler_p99_ms"], refused_p50_ms=row["refused_p50_ms"],
+             refused_p99_ms=row["refused_p99_ms"],
              ratio_vs_sustainable=(goodput / base_achieved) if base_achieved else None)
     finally:
         gen.close()

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_load.py"
 
 
@@ -84,3 +86,18 @@ def test_the_generator_process_sends_the_plan_on_schedule_and_is_counted_as_the_
     assert samples[0].debug == {"encode_ms": 1.5} and samples[1].debug == {}
     assert wall >= 19 / 100.0  # request i left at i/rate: 20 requests span at least 0.19 s
     assert sl.summarise(samples, wall)["share_503"] == 1 / 20
+
+
+def test_summary_splits_the_handlers_time_from_the_clients_and_times_the_503s():
+    """In overload the time a request spends before the app sees it, and how fast a refusal
+    comes back, are what admission control is about: both are reported."""
+    sys.path.insert(0, str(BENCH.parent))
+    import serve_load as sl
+
+    samples = [sl.Sample("recommend", 200, 40.0 + i, {"total_ms": 8.0 + i}) for i in range(10)]
+    samples += [sl.Sample("recommend", 503, ms) for ms in (2.0, 4.0, 300.0)]
+    samples += [sl.Sample("search", 200, 500.0)]  # not a recommend: in neither figure
+    row = sl.summarise(samples, 1.0)
+    assert row["p99_ms"] == pytest.approx(48.91) and row["handler_p99_ms"] == pytest.approx(16.91)
+    assert row["refused_p50_ms"] == 4.0 and row["refused_p99_ms"] == pytest.approx(294.08)
+    assert sl.summarise(samples[:10], 1.0)["refused_p99_ms"] is None
