@@ -171,10 +171,11 @@ class InlineCalls(LocalCalls):
 
     async def search_pool(self, query, vector, n):
         """A query seen before (its fused pool cached) inline; a new one in a worker thread: its
-        first sight runs the text model and two LanceDB queries, 13-16 ms in one process here
-        (serve_load.py, "case": "in_process_search") and more under load, during which the loop
-        would hold every other request of the replica. Torch and LanceDB release the GIL while
-        they compute, so the loop keeps answering meanwhile."""
+        first sight runs the text model and two LanceDB queries, 16-20 ms in one process here
+        ("case": "in_process_search"), during which a loop running it would hold every other
+        request of the replica. Torch and LanceDB release the GIL while they compute: with the
+        thread, the loop woke at most 7-25 ms late against 28-45 ms (serve_load.py, "case":
+        "search_loop_stall"; docs/scaling.md F29)."""
         if self.rec.search_pool_cached(query, n):
             return self.rec.search_pool(query, vector, n)
         return await asyncio.to_thread(self.rec.search_pool, query, vector, n)
