@@ -29,7 +29,9 @@ JSON lines, e.g.
      "ratio_vs_on_loop": ..}   (how late the request loop wakes while new search queries run, in a
      worker thread as served against on the loop itself)
     {"bench": "serve_load", "case": "gc_full_collect", "tracked_objects": .., "unsettled_ms": ..,
-     "settled_ms": ..}   (a full GC with a run loaded, before/after settle_heap)
+     "settled_ms": .., "last_good_ms": .., "python_rows_ms": .., "ratio_vs_python_rows": ..}
+        (a full GC with a run loaded, before/after settle_heap; then with the last-good customer
+         cache full, against the same rows kept as Python objects)
     {"bench": "serve_load", "case": "query_encoder", "cpu_ms": .., "torch_cpu_ms": .., "ratio_vs_torch": ..}
         (one request's query embedding, paced like serving: the numpy forward serving takes
          against the torch forward, same rows)
@@ -480,7 +482,7 @@ def in_process(wd: Workdir, payloads: Payloads, candidates: int, n: int = 200) -
         return out
 
     ms = asyncio.run(go())
-    gc_row = full_collection_ms()
+    gc_row = full_collection_ms(customer_rows(rec, payloads))
     rec.close()
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "requests": n}, gc_row
 
@@ -602,12 +604,24 @@ def search_loop_stall(wd: Workdir, payloads: Payloads, candidates: int, n: int =
             "ratio_vs_on_loop": round(worst / base, 3) if base > 0 else None}
 
 
-def full_collection_ms() -> dict:
+def customer_rows(rec, payloads: Payloads, n: int = 200) -> list:
+    """(customer, history) rows of n customers, as the encoder reads them online."""
+    from ray_apps.stages.online import OnlineFeatures
+
+    return list(OnlineFeatures(rec.store(), rec.manifest).customers(payloads.customers[:n]).values())
+
+
+def full_collection_ms(rows: list, cached: int = 50_000) -> dict:
     """A full garbage collection in this process, which holds a loaded run as a replica does:
-    as is, then after `settle_heap()` (what replicas do once a run is loaded). Undone after."""
+    as is, then after `settle_heap()` (what replicas do once a run is loaded); then with the
+    encoder's last-good cache (`LastGood`) full, `cached` customers, against the same rows held
+    as Python objects (as LastGood kept them before). Undone after."""
+    import copy
     import gc
+    from collections import OrderedDict
 
     from ray_apps.app import settle_heap
+    from ray_apps.service import LastGood
 
     def collect_ms() -> float:
         t0 = time.perf_counter()
@@ -618,8 +632,18 @@ def full_collection_ms() -> dict:
     before = min(collect_ms() for _ in range(3))
     settle_heap()
     after = min(collect_ms() for _ in range(3))
+    last_good = LastGood(size=cached)
+    for i in range(cached):
+        last_good.put(f"c{i}", rows[i % len(rows)])
+    with_cache = min(collect_ms() for _ in range(3))
+    del last_good
+    plain = OrderedDict((f"c{i}", copy.deepcopy(rows[i % len(rows)])) for i in range(cached))
+    with_plain = min(collect_ms() for _ in range(3))
+    del plain
     gc.unfreeze()
-    return {"tracked_objects": tracked, "unsettled_ms": before, "settled_ms": after}
+    return {"tracked_objects": tracked, "unsettled_ms": before, "settled_ms": after, "cached_customers": cached,
+            "last_good_ms": with_cache, "python_rows_ms": with_plain,
+            "ratio_vs_python_rows": with_cache / with_plain if with_plain > 0 else None}
 
 
 def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, rates: list[float], duration: float,

@@ -51,6 +51,21 @@ def test_last_good_keeps_the_most_recent_rows_within_its_size():
     assert lg.get("b") is None and lg.get("a") == 3 and lg.get("c") == 4
 
 
+def test_last_good_rows_are_returned_equal_and_give_the_garbage_collector_nothing_to_walk():
+    """A full cache must not lengthen the replica's full collections: the rows come back equal
+    (and as copies a caller may change), but what the cache holds is not tracked by the GC."""
+    import gc
+
+    lg = LastGood(size=10)
+    row = ({"customer_id": "c1", "age": 31.0}, {"purchased": ["a1", "a2"], "type_counts": {"Dress": 2}})
+    lg.put("c1", row)
+    got = lg.get("c1")
+    assert got == row and got is not row
+    got[1]["purchased"].append("a3")
+    assert lg.get("c1") == row
+    assert not any(gc.is_tracked(v) for v in lg._rows.values()) and len(lg) == 1
+
+
 def _tx():
     rows = [("2020-09-01", "old", "A")] * 5 + [("2020-09-20", "kid", "B")] * 3 + [("2020-09-21", "adult", "C")] * 3 \
         + [("2020-09-21", "kid", "C")]
