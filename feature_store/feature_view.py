@@ -218,7 +218,13 @@ class FeatureVectors:
 
 class TTLCache:
     """An in-process key -> row cache whose entries expire `ttl_s` seconds after they were read;
-    bounded to `max_entries` (least recently stored dropped first). Thread-safe."""
+    bounded to `max_entries` (least recently stored dropped first). Thread-safe.
+
+    A row is held as given, its expiry time apart: no (expiry, row) pair per entry, which the
+    garbage collector would walk in every full collection for as long as the entry lives. Rows
+    made only of atomic values (numbers, strings, None, tuples of those) are then left out of
+    collections once the collector has seen them once, so a full cache costs a replica's full
+    collections almost nothing."""
 
     def __init__(self, ttl_s: float, max_entries: int = 100_000, clock: Callable[[], float] = time.monotonic):
         if ttl_s <= 0 or max_entries < 1:
@@ -226,40 +232,43 @@ class TTLCache:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self.clock = clock
-        self._data: OrderedDict[Any, tuple[float, tuple]] = OrderedDict()
+        self._rows: OrderedDict[Any, Any] = OrderedDict()
+        self._expires: dict[Any, float] = {}
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
-    def get_many(self, keys: Sequence[Any]) -> dict[Any, tuple]:
+    def get_many(self, keys: Sequence[Any]) -> dict[Any, Any]:
         now = self.clock()
         out = {}
         with self._lock:
             for k in keys:
-                hit = self._data.get(k)
-                if hit is not None and hit[0] > now:
-                    out[k] = hit[1]
+                if self._expires.get(k, now) > now:
+                    out[k] = self._rows[k]
             self.hits += len(out)
             self.misses += len(keys) - len(out)
         return out
 
-    def put_many(self, rows: Mapping[Any, tuple]) -> None:
+    def put_many(self, rows: Mapping[Any, Any]) -> None:
         expires = self.clock() + self.ttl_s
         with self._lock:
             for k, row in rows.items():
-                self._data[k] = (expires, row)
-                self._data.move_to_end(k)
-            while len(self._data) > self.max_entries:
-                self._data.popitem(last=False)
+                self._rows[k] = row
+                self._rows.move_to_end(k)
+                self._expires[k] = expires
+            while len(self._rows) > self.max_entries:
+                self._expires.pop(self._rows.popitem(last=False)[0], None)
 
     def forget(self, keys: Iterable[Any]) -> None:
         """Drop these keys' entries (their rows changed): the next lookup reads them again."""
         with self._lock:
             for k in keys:
-                self._data.pop(k, None)
+                self._rows.pop(k, None)
+                self._expires.pop(k, None)
 
     def clear(self) -> None:
         with self._lock:
-            self._data.clear()
+            self._rows.clear()
+            self._expires.clear()
 
 
 # ---------------------------------------------------------------------------------------------

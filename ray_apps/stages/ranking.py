@@ -85,7 +85,7 @@ class OnlineRanker:
         todo = [k for k in keys if k not in rows]
         if todo:
             got = read_online(self.store, self.articles_ref, "articles", todo, columns)
-            fetched = {k: got.get(k) for k in todo}
+            fetched = {k: _atomic(got.get(k)) for k in todo}
             cache.put_many(fetched)
             rows.update(fetched)
         if self._on_cache is not None:
@@ -129,6 +129,15 @@ class OnlineRanker:
             pos = {a: i for i, a in enumerate(prep.ids)}
             out.append((ranked, [feature_dict(prep.block, pos[a], stage.spec) for a in ranked.article_ids]))
         return out
+
+
+def _atomic(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The row with its list values (an article's regions) as tuples: a row of atomic values is
+    one the garbage collector stops tracking, so the cached rows add nothing to the replica's
+    full collections (see TTLCache). The rules only test membership in them."""
+    if row is None:
+        return None
+    return {c: tuple(v) if type(v) is list else v for c, v in row.items()}
 
 
 def feature_dict(block: FeatureBlock, i: int, spec: RankerFeatures) -> dict[str, Any]:

@@ -197,3 +197,23 @@ def test_serving_ray_head_runs_its_workers_at_the_configured_niceness(tmp_path, 
     assert env5["RAY_worker_niceness"] == "5" and env5["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
     with pytest.raises(ValueError, match="worker_niceness"):
         ServeConfig(worker_niceness=20)
+
+
+def test_cached_article_rows_drop_out_of_garbage_collection():
+    """The ranker's article cache holds up to 100,000 rows: after one full collection nothing it
+    holds may be tracked, or every later full collection of the replica walks all of them."""
+    import gc
+
+    from feature_store.feature_view import TTLCache
+    from ray_apps.stages.ranking import _atomic
+
+    cache = TTLCache(10, clock=lambda: 0.0)
+    rows = {f"a{i}": _atomic({"price": 9.99, "regions": ["EU", "US"], "colour": f"c{i}", "min_age": None})
+            for i in range(50)}
+    cache.put_many(rows | {"unknown": None})
+    gc.collect()
+    held = [o for d in (cache._rows, cache._expires) for o in gc.get_referents(d)]
+    assert len(held) >= 2 * 51 and not any(gc.is_tracked(o) for o in held)
+    got = cache.get_many(["a7", "unknown", "never"])
+    assert got == {"a7": {"price": 9.99, "regions": ("EU", "US"), "colour": "c7", "min_age": None}, "unknown": None}
+    assert "EU" in got["a7"]["regions"]  # what the region rule asks of it
