@@ -29,9 +29,11 @@ JSON lines, e.g.
      "ratio_vs_on_loop": ..}   (how late the request loop wakes while new search queries run, in a
      worker thread as served against on the loop itself)
     {"bench": "serve_load", "case": "gc_full_collect", "tracked_objects": .., "unsettled_ms": ..,
-     "settled_ms": .., "last_good_ms": .., "python_rows_ms": .., "ratio_vs_python_rows": ..}
+     "settled_ms": .., "last_good_ms": .., "python_rows_ms": .., "ratio_vs_python_rows": ..,
+     "article_cache_ms": .., "row_pairs_ms": .., "ratio_vs_row_pairs": ..}
         (a full GC with a run loaded, before/after settle_heap; then with the last-good customer
-         cache full, against the same rows kept as Python objects)
+         cache full, against the same rows kept as Python objects; then with the article cache
+         full, against (expiry, row) pairs of the rows as read)
     {"bench": "serve_load", "case": "query_encoder", "cpu_ms": .., "torch_cpu_ms": .., "ratio_vs_torch": ..}
         (one request's query embedding, paced like serving: the numpy forward serving takes
          against the torch forward, same rows)
@@ -482,7 +484,7 @@ def in_process(wd: Workdir, payloads: Payloads, candidates: int, n: int = 200) -
         return out
 
     ms = asyncio.run(go())
-    gc_row = full_collection_ms(customer_rows(rec, payloads))
+    gc_row = full_collection_ms(customer_rows(rec, payloads), article_rows(rec, payloads))
     rec.close()
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "requests": n}, gc_row
 
@@ -611,17 +613,31 @@ def customer_rows(rec, payloads: Payloads, n: int = 200) -> list:
     return list(OnlineFeatures(rec.store(), rec.manifest).customers(payloads.customers[:n]).values())
 
 
-def full_collection_ms(rows: list, cached: int = 50_000) -> dict:
+def article_rows(rec, payloads: Payloads) -> list[dict]:
+    """Every article's row with the columns the ranker's rules read, as it reads them online."""
+    from feature_store.store import read_online
+
+    ranker = rec.ranker()
+    return list(read_online(ranker.store, ranker.articles_ref, "articles", payloads.articles,
+                            ranker.stage.article_columns(None)).values())
+
+
+def full_collection_ms(rows: list, articles: list[dict], cached: int = 50_000, cached_articles: int = 100_000
+                       ) -> dict:
     """A full garbage collection in this process, which holds a loaded run as a replica does:
     as is, then after `settle_heap()` (what replicas do once a run is loaded); then with the
     encoder's last-good cache (`LastGood`) full, `cached` customers, against the same rows held
-    as Python objects (as LastGood kept them before). Undone after."""
+    as Python objects (as LastGood kept them before); then with the ranker's article cache full,
+    `cached_articles` rows, against (expiry, row) pairs of the rows as read (as it kept them
+    before). Undone after."""
     import copy
     import gc
     from collections import OrderedDict
 
+    from feature_store.feature_view import TTLCache
     from ray_apps.app import settle_heap
     from ray_apps.service import LastGood
+    from ray_apps.stages.ranking import _atomic
 
     def collect_ms() -> float:
         t0 = time.perf_counter()
@@ -640,10 +656,20 @@ def full_collection_ms(rows: list, cached: int = 50_000) -> dict:
     plain = OrderedDict((f"c{i}", copy.deepcopy(rows[i % len(rows)])) for i in range(cached))
     with_plain = min(collect_ms() for _ in range(3))
     del plain
+    ttl = TTLCache(60.0, cached_articles)
+    ttl.put_many({f"a{i}": _atomic(articles[i % len(articles)]) for i in range(cached_articles)})
+    with_articles = min(collect_ms() for _ in range(3))
+    del ttl
+    pairs = OrderedDict((f"a{i}", (time.monotonic() + 60.0, copy.deepcopy(articles[i % len(articles)])))
+                        for i in range(cached_articles))
+    with_pairs = min(collect_ms() for _ in range(3))
+    del pairs
     gc.unfreeze()
     return {"tracked_objects": tracked, "unsettled_ms": before, "settled_ms": after, "cached_customers": cached,
             "last_good_ms": with_cache, "python_rows_ms": with_plain,
-            "ratio_vs_python_rows": with_cache / with_plain if with_plain > 0 else None}
+            "ratio_vs_python_rows": with_cache / with_plain if with_plain > 0 else None,
+            "cached_articles": cached_articles, "article_cache_ms": with_articles, "row_pairs_ms": with_pairs,
+            "ratio_vs_row_pairs": with_articles / with_pairs if with_pairs > 0 else None}
 
 
 def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, rates: list[float], duration: float,

@@ -223,8 +223,8 @@ class TTLCache:
     A row is held as given, its expiry time apart: no (expiry, row) pair per entry, which the
     garbage collector would walk in every full collection for as long as the entry lives. Rows
     made only of atomic values (numbers, strings, None, tuples of those) are then left out of
-    collections once the collector has seen them once, so a full cache costs a replica's full
-    collections almost nothing."""
+    collections once the collector has seen them once: with 100,000 article rows cached, a full
+    collection took 3.5-4.5 ms against 70-81 ms (benchmarks/serve_load.py, "case": "gc_full_collect")."""
 
     def __init__(self, ttl_s: float, max_entries: int = 100_000, clock: Callable[[], float] = time.monotonic):
         if ttl_s <= 0 or max_entries < 1:

@@ -75,7 +75,7 @@ class LastGood:
     Each value is kept pickled: as Python rows (dicts holding lists and dicts) a full cache is
     hundreds of thousands of objects that every full garbage collection of the replica walks
     while its requests wait; as bytes it is nothing to walk. With 50,000 customers' rows a full
-    collection took 70 ms one way and 0.6 ms the other (serve_load.py, "case": "gc_full_collect",
+    collection took 70-86 ms one way and 0.6-0.8 ms the other (serve_load.py, "case": "gc_full_collect",
     docs/scaling.md F31); a put costs ~8 us more, a get (only while the store is down) ~16 us."""
 
     def __init__(self, size: int = 50_000):
