@@ -5,8 +5,9 @@ earlier ones have answered, and latency counts from the scheduled time, so a ser
 behind shows it (no coordinated omission). The mix is mostly recommend, some similar, search
 and events (search queries repeat; with `--search-queries novel` nearly each is new). Each
 topology (fused, split) and Serve variant (default proxy; HAProxy ingress:
-RAY_SERVE_ENABLE_HA_PROXY=1; throughput-optimized: RAY_SERVE_THROUGHPUT_OPTIMIZED=1) runs on a
-fresh local Ray. The same recommend pipeline called in-process without Serve gives the baseline
+RAY_SERVE_ENABLE_HA_PROXY=1, with the replicas refusing past their bounds; `haproxy_admission`:
+HAProxy enforcing those bounds itself, as `rayrec serve start` runs it; throughput-optimized:
+RAY_SERVE_THROUGHPUT_OPTIMIZED=1) runs on a fresh local Ray. The same recommend pipeline called in-process without Serve gives the baseline
 (`ratio_vs_in_process` = served p50 / in-process p50). After the rates, an overload case offers
 twice the highest rate that held the target (p99 <= 50 ms, no errors) and reports the goodput.
 Each rate also reports `cpu_ms_per_request`: the machine's CPU over the rate's window per request
@@ -45,6 +46,7 @@ Usage: python benchmarks/serve_load.py [--workdir RUN] [--rates 25 50 100 150 20
        [--topologies fused split] [--variants default haproxy throughput] [--candidates 200]
        [--max-ongoing N] [--max-queued N] [--article-cache-ttl-s 2 0] [--fused-calls inline batched]
        [--access-log on off] [--user-code-loop thread main] [--search-queries repeat|novel]
+       [--served-only]
 Without --workdir it builds a small pipeline run in a temp folder (with its own MariaDB).
 """
 from __future__ import annotations
@@ -74,6 +76,12 @@ from _common import emit, paced_cpu_s  # noqa: E402
 from common.config import load_config  # noqa: E402
 from common.ray_env import ray_serving_env  # noqa: E402
 from common.workdir import Workdir  # noqa: E402
+from ray_apps.haproxy_admission import ENV as _ADMISSION_ENV  # noqa: E402  (standard library only)
+from ray_apps.haproxy_admission import MESSAGE as _REFUSAL  # noqa: E402
+from ray_apps.haproxy_admission import admission_for, serving_env  # noqa: E402
+
+ADMISSION_ENV_KEYS = ["RAY_SERVE_HAPROXY_BINARY_PATH", *_ADMISSION_ENV.values()]
+HAPROXY_REFUSAL = _REFUSAL.encode()  # the body of HAProxy's own 503s
 
 TARGET_P99_MS = 50.0
 # Each variant's environment for the local Ray it starts, as `rayrec serve start` sets it
@@ -84,7 +92,10 @@ _THROUGHPUT = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 VARIANT_ENV = {"default": ray_serving_env(False, 0), "haproxy": ray_serving_env(True, 0),
                "throughput": ray_serving_env(False, 0) | _THROUGHPUT,
                "haproxy_throughput": ray_serving_env(True, 0) | _THROUGHPUT,
-               "haproxy_ray_nice": ray_serving_env(True, 15)}
+               "haproxy_ray_nice": ray_serving_env(True, 15), "haproxy_admission": ray_serving_env(True, 0)}
+# Variants whose HAProxy enforces the app's admission bounds itself (rayrec-haproxy), as
+# `rayrec serve start` runs it with serve.haproxy_admission; in the others the replicas do.
+ADMISSION_VARIANTS = {"haproxy_admission"}
 MIX = (("recommend", 0.80), ("similar", 0.08), ("search", 0.07), ("event", 0.05))
 
 
@@ -138,6 +149,7 @@ class Sample:
     ms: float  # from the scheduled send time to the whole answer read
     debug: dict = field(default_factory=dict)
     late_ms: float = 0.0  # how late the request left against its schedule: the generator's own delay
+    by_haproxy: bool = False  # a 503 that HAProxy answered itself (rayrec-haproxy), not a replica
 
 
 def pick(r: float) -> str:
@@ -338,7 +350,7 @@ async def open_loop(url: str, plan: list[tuple[str, bytes]], rate: float) -> tup
             status, payload = await asyncio.wait_for(client.send(raw), 10.0)
         except (OSError, ValueError, asyncio.IncompleteReadError, TimeoutError):
             status, payload = 599, b""
-        return kind, status, (loop.time() - due) * 1000, late_ms, payload if kind == "recommend" else b""
+        return kind, status, (loop.time() - due) * 1000, late_ms, payload if kind == "recommend" or status == 503 else b""
 
     tasks = []
     for i, (kind, raw) in enumerate(plan):
@@ -350,7 +362,7 @@ async def open_loop(url: str, plan: list[tuple[str, bytes]], rate: float) -> tup
     wall = loop.time() - start
     client.close()
     return [Sample(kind, status, ms, (json.loads(payload).get("debug") or {}) if status == 200 and payload else {},
-                   late) for kind, status, ms, late, payload in results], wall
+                   late, status == 503 and payload == HAPROXY_REFUSAL) for kind, status, ms, late, payload in results], wall
 
 
 def summarise(samples: list[Sample], wall_s: float) -> dict:
@@ -378,6 +390,7 @@ def summarise(samples: list[Sample], wall_s: float) -> dict:
         "handler_p99_ms": float(np.percentile(handler, 99)) if len(handler) else None,
         "refused_p50_ms": float(np.percentile(refused, 50)) if len(refused) else None,
         "refused_p99_ms": float(np.percentile(refused, 99)) if len(refused) else None,
+        "refused_by_haproxy_share": sum(s.by_haproxy for s in samples) / len(refused) if len(refused) else None,
         **stages,
     }
 
@@ -424,10 +437,14 @@ def cpu_per_request(before: dict[str, float], after: dict[str, float], requests:
 def start_app(wd: Workdir, topology: str, variant: str, candidates: int, replicas: int | None,
               admission: dict | None = None) -> tuple[str, object]:
     """A fresh local Ray with the variant's environment, the app deployed on a free port."""
-    for env in VARIANT_ENV.values():
-        for k in env:
-            os.environ.pop(k, None)
+    for k in [*(k for env in VARIANT_ENV.values() for k in env), *ADMISSION_ENV_KEYS]:
+        os.environ.pop(k, None)
     os.environ.update(VARIANT_ENV[variant])
+    if variant in ADMISSION_VARIANTS:
+        admission = admission or {}
+        os.environ.update(serving_env(admission_for(load_config(wd.config_path).serve,
+                                                    admission.get("max_ongoing_requests"),
+                                                    admission.get("max_queued_requests"))))
     import ray
     from ray import serve
 
@@ -673,7 +690,7 @@ def full_collection_ms(rows: list, articles: list[dict], cached: int = 50_000, c
 
 
 def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, rates: list[float], duration: float,
-                 candidates: int, base_p50: float, replicas: int | None, admission: dict | None = None,
+                 candidates: int, base_p50: float | None, replicas: int | None, admission: dict | None = None,
                  labels: dict | None = None) -> None:
     """`labels`: fields added to each row (how the load was drawn)."""
     try:
@@ -695,7 +712,7 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
             row["cpu_ms_per_request"] = cpu_per_request(cpu0, cpu_by_group(), len(samples))
             ok = row["p99_ms"] is not None and row["p99_ms"] <= TARGET_P99_MS and row["error_rate"] == 0
             held = (rate, row["achieved_rps"]) if ok else held
-            ratio = row["p50_ms"] / base_p50 if row["p50_ms"] else None
+            ratio = row["p50_ms"] / base_p50 if row["p50_ms"] and base_p50 else None
             emit("serve_load", topology=topology, variant=variant, replicas=replicas or "config", target_rps=rate,
                  duration_s=duration, candidates=candidates, **(admission or {}), **(labels or {}), **row,
                  held_target=ok,
@@ -712,7 +729,7 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
              sustainable_rps=base_achieved, goodput_rps=goodput, share_503=row["share_503"],
              error_rate=row["error_rate"], p50_ms=row["p50_ms"], p99_ms=row["p99_ms"],
              handler_p99_ms=row["handler_p99_ms"], refused_p50_ms=row["refused_p50_ms"],
-             refused_p99_ms=row["refused_p99_ms"],
+             refused_p99_ms=row["refused_p99_ms"], refused_by_haproxy_share=row["refused_by_haproxy_share"],
              ratio_vs_sustainable=(goodput / base_achieved) if base_achieved else None)
     finally:
         gen.close()
@@ -745,7 +762,8 @@ def main() -> None:
     ap.add_argument("--rates", type=float, nargs="+", default=[25, 50, 100, 150, 200])
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per rate")
     ap.add_argument("--topologies", nargs="+", default=["fused", "split"], choices=["fused", "split"])
-    ap.add_argument("--variants", nargs="+", default=["default", "haproxy"], choices=list(VARIANT_ENV))
+    ap.add_argument("--variants", nargs="+", default=["default", "haproxy", "haproxy_admission"],
+                    choices=list(VARIANT_ENV))
     ap.add_argument("--candidates", type=int, default=200)
     ap.add_argument("--replicas", type=int, nargs="+", default=[0],
                     help="replicas per deployment (fixed; 0 = the run's autoscaling config)")
@@ -762,6 +780,8 @@ def main() -> None:
     ap.add_argument("--search-queries", choices=["repeat", "novel"], default="repeat",
                     help="repeat: a product type (a few hundred queries, cached after their first sight); "
                          "novel: a colour and a product type (nearly every query a first sight)")
+    ap.add_argument("--served-only", action="store_true",
+                    help="skip the in-process cases (for A/B runs of served variants; no ratio_vs_in_process)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="rayrec-serve-load-") as tmp:
         if a.workdir:
@@ -775,15 +795,18 @@ def main() -> None:
         payloads = Payloads(wd, novel_search=a.search_queries == "novel")
         admission = {k: v for k, v in (("max_ongoing_requests", a.max_ongoing), ("max_queued_requests", a.max_queued))
                      if v is not None}
-        base, gc_row = in_process(wd, payloads, a.candidates)
-        emit("serve_load", case="in_process", candidates=a.candidates, **base)
-        emit("serve_load", case="gc_full_collect", **gc_row)
-        emit("serve_load", case="in_process_search", candidates=a.candidates,
-             **in_process_search(wd, payloads, a.candidates))
-        emit("serve_load", case="search_loop_stall", candidates=a.candidates,
-             **search_loop_stall(wd, payloads, a.candidates))
-        emit("serve_load", case="wakeup_cost", **wakeup_cost())
-        emit("serve_load", case="query_encoder", **query_encoder(wd, payloads))
+        base_p50 = None
+        if not a.served_only:
+            base, gc_row = in_process(wd, payloads, a.candidates)
+            base_p50 = base["p50_ms"]
+            emit("serve_load", case="in_process", candidates=a.candidates, **base)
+            emit("serve_load", case="gc_full_collect", **gc_row)
+            emit("serve_load", case="in_process_search", candidates=a.candidates,
+                 **in_process_search(wd, payloads, a.candidates))
+            emit("serve_load", case="search_loop_stall", candidates=a.candidates,
+                 **search_loop_stall(wd, payloads, a.candidates))
+            emit("serve_load", case="wakeup_cost", **wakeup_cost())
+            emit("serve_load", case="query_encoder", **query_encoder(wd, payloads))
         for variant in a.variants:
             for topology in a.topologies:
                 for replicas in a.replicas:
@@ -795,7 +818,7 @@ def main() -> None:
                                     {} if log is None else {"access_log": log == "on"}) | (
                                     {} if loop is None else {"user_code_loop": loop})
                                 run_topology(wd, payloads, topology, variant, a.rates, a.duration, a.candidates,
-                                             base["p50_ms"], replicas or None, app_args,
+                                             base_p50, replicas or None, app_args,
                                              {"search_queries": a.search_queries} if a.search_queries != "repeat"
                                              else None)
         if not a.workdir:

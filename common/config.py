@@ -187,8 +187,8 @@ class ServeConfig(_Strict):
     `topology`: "fused" runs every stage in one deployment (no hops between replicas: the
     fastest on small machines); "split" runs encoder, retriever and ranker as deployments of
     their own that scale independently. Past `max_ongoing_requests` per replica plus
-    `max_queued_requests` waiting, requests get an immediate 503 with Retry-After instead of
-    queueing until they time out. The API key, when its environment variable is set, is
+    `max_queued_requests` waiting, requests get a 503 with Retry-After instead of queueing until
+    they time out (from HAProxy itself with `haproxy_admission`). The API key, when its environment variable is set, is
     required on every endpoint but the health checks.
     """
 
@@ -217,9 +217,22 @@ class ServeConfig(_Strict):
     # windows (serve_load.py --variants haproxy_ray_nice haproxy; docs/scaling.md F27).
     worker_niceness: int = Field(0, ge=0, le=19)
     target_ongoing_requests: float = Field(2, gt=0)
-    max_ongoing_requests: int = Field(4, ge=1)
+    # 8 at a time per replica: with HAProxy enforcing it (haproxy_admission), 4 served 181-208 req/s
+    # offered 300 against 194-269 with 8 (serve_load.py --max-ongoing; docs/scaling.md F32): a
+    # replica's requests also wait on worker threads (event writes, new searches), and 4 left it idle.
+    # The replica's own queue bound is the same number as HAProxy's: HAProxy sends the next request
+    # as soon as an answer is out, before the replica has counted it done, so a smaller replica
+    # queue (4 or 2) made the replica refuse some requests itself, slowly, on its loop.
+    max_ongoing_requests: int = Field(8, ge=1)
     max_queued_requests: int = Field(8, ge=-1)
     retry_after_s: float = Field(1.0, ge=0)
+    # With `haproxy`, HAProxy itself enforces the bounds above before a request reaches a replica
+    # (ray_apps/haproxy_admission.py): at most max_ongoing_requests per replica, queued in
+    # HAProxy past that, an immediate 503 once max_queued_requests per replica wait, and a 503
+    # after queue_timeout_ms in the queue. Without it the replica refuses, on the loop that runs
+    # the stages, so in overload its 503s wait behind the work (docs/scaling.md F29).
+    haproxy_admission: bool = True
+    queue_timeout_ms: int = Field(1000, ge=1)
     # The online store: a call waits at most db_timeout_s; after a failure it is skipped for
     # db_retry_s (answers come from the last good data or popularity, flagged degraded).
     db_timeout_s: float = Field(0.5, gt=0)

@@ -10,9 +10,10 @@
   autoscaling on its own; query encoding is batched across requests with `@serve.batch`.
 
 The orchestration (`Orchestrator`) is written once over `Calls`, either in-process calls or
-deployment handles, so both topologies answer the same way. Admission control is Serve's own:
-`max_ongoing_requests` per replica plus `max_queued_requests` waiting, then an immediate 503 with
-`Retry-After`. Hot reload: a new `user_config: {workdir: ...}` on the ingress switches to another
+deployment handles, so both topologies answer the same way. Admission control: at most
+`max_ongoing_requests` per replica plus `max_queued_requests` waiting, then a 503 with
+`Retry-After`; Serve enforces it in each replica, and with HAProxy's ingress so does HAProxy, before
+a request reaches a replica (`ray_apps/haproxy_admission.py`). Hot reload: a new `user_config: {workdir: ...}` on the ingress switches to another
 run (new models and index) once it is loaded; requests in flight finish on the old one.
 """
 

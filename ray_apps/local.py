@@ -18,10 +18,11 @@ import httpx
 import yaml
 
 from common.artifacts import read_manifest
-from common.config import RayrecConfig
+from common.config import RayrecConfig, ServeConfig
 from common.ray_env import ray_serving_env
 from common.workdir import Workdir
 from ray_apps.app import APP_NAME, build_app, serve_config
+from ray_apps.haproxy_admission import admission_for, serving_env
 from ray_apps.ray_auth import use_ray_token
 
 RAY_PORT = 6390
@@ -42,11 +43,13 @@ def ray_address() -> str:
     return f"127.0.0.1:{RAY_PORT}"
 
 
-def start_ray(wd: Workdir, haproxy: bool = True, worker_niceness: int = 0) -> None:
-    """Start a Ray head for serving unless one is already up on our port; with `haproxy`, Serve's
-    HTTP ingress is HAProxy (the variant benchmarks/serve_load.py found faster here). Its workers,
-    the replicas among them, get `worker_niceness` (`serve.worker_niceness`) added to this
-    process's niceness instead of Ray's 15."""
+def start_ray(wd: Workdir, serve_cfg: ServeConfig) -> None:
+    """Start a Ray head for serving unless one is already up on our port. With `serve.haproxy`,
+    Serve's HTTP ingress is HAProxy (the variant benchmarks/serve_load.py found faster here), and
+    with `serve.haproxy_admission` that HAProxy enforces the replicas' admission bounds
+    (ray_apps/haproxy_admission.py); both are fixed for the head's life. Ray's workers, the
+    replicas among them, get `serve.worker_niceness` added to this process's niceness instead of
+    Ray's 15."""
     use_ray_token(wd)
     if _listening("127.0.0.1", RAY_PORT):
         return
@@ -56,7 +59,9 @@ def start_ray(wd: Workdir, haproxy: bool = True, worker_niceness: int = 0) -> No
         cmd.append(f"--temp-dir={wd.ray_temp_dir}")
     log = wd.ray_dir / "ray_start.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, **ray_serving_env(haproxy, worker_niceness))
+    env = dict(os.environ, **ray_serving_env(serve_cfg.haproxy, serve_cfg.worker_niceness))
+    if serve_cfg.haproxy and serve_cfg.haproxy_admission:
+        env |= serving_env(admission_for(serve_cfg))
     with log.open("w") as f:
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if rc != 0:
@@ -69,7 +74,7 @@ def deploy(cfg: RayrecConfig, wd: Workdir) -> str:
     from ray import serve
 
     read_manifest(wd)  # fail before starting anything when the run is missing
-    start_ray(wd, cfg.serve.haproxy, cfg.serve.worker_niceness)
+    start_ray(wd, cfg.serve)
     ray.init(address=ray_address(), log_to_driver=False)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build_app({"workdir": str(wd.root)}), name=APP_NAME, route_prefix="/", blocking=False)

@@ -58,7 +58,9 @@ def test_the_generator_process_sends_the_plan_on_schedule_and_is_counted_as_the_
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             seen.append(body["customer_id"])
             out = json.dumps({"debug": {"encode_ms": 1.5}} if self.path == "/v1/recommend" else {}).encode()
-            self.send_response(200 if body["customer_id"] != "c3" else 503)
+            if body["customer_id"] in ("c3", "c4"):  # c4 as HAProxy refuses (rayrec-haproxy), c3 otherwise
+                out = sl.HAPROXY_REFUSAL if body["customer_id"] == "c4" else b"Request dropped"
+            self.send_response(200 if body["customer_id"] not in ("c3", "c4") else 503)
             self.send_header("Content-Length", str(len(out)))
             self.end_headers()
             self.wfile.write(out)
@@ -82,10 +84,12 @@ def test_the_generator_process_sends_the_plan_on_schedule_and_is_counted_as_the_
         server.shutdown()
     assert sorted(seen, key=lambda c: int(c[1:])) == [f"c{i}" for i in range(20)]
     assert [s.kind for s in samples] == [k for k, _ in plan]
-    assert [s.status for s in samples] == [503 if i == 3 else 200 for i in range(20)]
+    assert [s.status for s in samples] == [503 if i in (3, 4) else 200 for i in range(20)]
+    assert [i for i, s in enumerate(samples) if s.by_haproxy] == [4]
     assert samples[0].debug == {"encode_ms": 1.5} and samples[1].debug == {}
     assert wall >= 19 / 100.0  # request i left at i/rate: 20 requests span at least 0.19 s
-    assert sl.summarise(samples, wall)["share_503"] == 1 / 20
+    row = sl.summarise(samples, wall)
+    assert row["share_503"] == 2 / 20 and row["refused_by_haproxy_share"] == 1 / 2
 
 
 def test_summary_splits_the_handlers_time_from_the_clients_and_times_the_503s():
@@ -95,9 +99,10 @@ def test_summary_splits_the_handlers_time_from_the_clients_and_times_the_503s():
     import serve_load as sl
 
     samples = [sl.Sample("recommend", 200, 40.0 + i, {"total_ms": 8.0 + i}) for i in range(10)]
-    samples += [sl.Sample("recommend", 503, ms) for ms in (2.0, 4.0, 300.0)]
+    samples += [sl.Sample("recommend", 503, ms, by_haproxy=ms < 10) for ms in (2.0, 4.0, 300.0)]
     samples += [sl.Sample("search", 200, 500.0)]  # not a recommend: in neither figure
     row = sl.summarise(samples, 1.0)
     assert row["p99_ms"] == pytest.approx(48.91) and row["handler_p99_ms"] == pytest.approx(16.91)
     assert row["refused_p50_ms"] == 4.0 and row["refused_p99_ms"] == pytest.approx(294.08)
+    assert row["refused_by_haproxy_share"] == pytest.approx(2 / 3)
     assert sl.summarise(samples[:10], 1.0)["refused_p99_ms"] is None

@@ -189,14 +189,43 @@ def test_serving_ray_head_runs_its_workers_at_the_configured_niceness(tmp_path, 
     monkeypatch.setattr(local, "_listening", lambda host, port: False)
     monkeypatch.setattr(local.subprocess, "call", lambda cmd, **kw: calls.append((cmd, kw["env"])) or 0)
     wd = Workdir.at(tmp_path / "run")
-    local.start_ray(wd, haproxy=True, worker_niceness=ServeConfig().worker_niceness)
-    local.start_ray(wd, haproxy=False, worker_niceness=5)
+    local.start_ray(wd, ServeConfig())
+    local.start_ray(wd, ServeConfig(haproxy=False, worker_niceness=5))
     (cmd, env), (_, env5) = calls
     assert "start" in cmd and "--head" in cmd
     assert env["RAY_worker_niceness"] == "0" and env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     assert env5["RAY_worker_niceness"] == "5" and env5["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
     with pytest.raises(ValueError, match="worker_niceness"):
         ServeConfig(worker_niceness=20)
+
+
+def test_serving_ray_head_has_haproxy_enforce_the_replicas_admission_bounds(tmp_path, monkeypatch):
+    """With HAProxy and `serve.haproxy_admission` (the default), the head's HAProxy is
+    rayrec-haproxy with the bounds the replicas have; without either, Ray's own HAProxy."""
+    import os
+
+    from common.config import ServeConfig
+    from common.workdir import Workdir
+    from ray_apps import local
+    from ray_apps.haproxy_admission import ENV, Admission, admission_from_env
+
+    calls = []
+    monkeypatch.setattr(local, "_listening", lambda host, port: False)
+    monkeypatch.setattr(local.subprocess, "call", lambda cmd, **kw: calls.append(kw["env"]) or 0)
+    for k in [*ENV.values(), "RAY_SERVE_HAPROXY_BINARY_PATH"]:
+        monkeypatch.delenv(k, raising=False)
+    wd = Workdir.at(tmp_path / "run")
+    local.start_ray(wd, ServeConfig(max_ongoing_requests=3, max_queued_requests=5, queue_timeout_ms=400,
+                                    retry_after_s=2.4))
+    local.start_ray(wd, ServeConfig(haproxy_admission=False))
+    local.start_ray(wd, ServeConfig(haproxy=False))
+    on, off, no_haproxy = calls
+    assert admission_from_env(on) == Admission(server_maxconn=3, queue_per_replica=5, queue_timeout_ms=400,
+                                               retry_after_s=2)
+    assert os.access(on["RAY_SERVE_HAPROXY_BINARY_PATH"], os.X_OK)
+    assert on["RAY_SERVE_HAPROXY_BINARY_PATH"].endswith("/rayrec-haproxy")
+    for env in (off, no_haproxy):
+        assert admission_from_env(env) is None and "RAY_SERVE_HAPROXY_BINARY_PATH" not in env
 
 
 def test_cached_article_rows_drop_out_of_garbage_collection():

@@ -1,0 +1,111 @@
+"""Admission in Serve's HAProxy ingress (rayrec-haproxy), on real local Ray and Serve: requests
+past a replica's bound wait in HAProxy, not in the replica, and past the queue bound or the queue
+timeout they get a 503 with Retry-After without ever reaching the replica."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from ray_apps.haproxy_admission import REASON_HEADER, Admission, serving_env
+
+pytestmark = pytest.mark.integration
+HOLD_S = 4.0  # how long the replica holds each request; far longer than the queue timeout
+ADMISSION = Admission(server_maxconn=1, queue_per_replica=2, queue_timeout_ms=1000, retry_after_s=3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def slow_app():
+    """One replica that holds each /hold request HOLD_S and counts the requests it saw, served
+    through HAProxy with `ADMISSION`."""
+    import ray
+    from fastapi import FastAPI
+    from ray import serve
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    for k, v in serving_env(ADMISSION).items():
+        mp.setenv(k, v)
+    api = FastAPI()
+
+    @serve.deployment(max_ongoing_requests=ADMISSION.server_maxconn, max_queued_requests=ADMISSION.queue_per_replica,
+                      num_replicas=1)
+    @serve.ingress(api)
+    class Slow:
+        def __init__(self) -> None:
+            self.seen = 0
+
+        @api.get("/hold")
+        async def hold(self, s: float = HOLD_S) -> dict:
+            self.seen += 1
+            await asyncio.sleep(s)
+            return {"ok": True}
+
+        @api.get("/seen")
+        def count(self) -> dict:
+            return {"seen": self.seen}
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(Slow.bind(), name="slow", route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # HAProxy answers once it has the replica
+            try:
+                if httpx.get(f"{url}/seen", timeout=10).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        mp.undo()
+
+
+def _get(url: str) -> tuple[httpx.Response, float]:
+    r = httpx.get(url, timeout=60)
+    return r, time.monotonic()
+
+
+def test_past_the_bounds_haproxy_answers_503_and_the_replica_never_sees_the_request(slow_app):
+    base = httpx.get(f"{slow_app}/seen", timeout=30).json()["seen"]
+    with ThreadPoolExecutor(6) as pool:
+        first = pool.submit(_get, f"{slow_app}/hold")
+        time.sleep(0.5)  # the replica holds the first; the next five find it at its maxconn
+        rest = [pool.submit(_get, f"{slow_app}/hold") for _ in range(5)]
+        done = [first.result(), *(f.result() for f in rest)]
+    ok = [t for r, t in done if r.status_code == 200]
+    refused = [(r, t) for r, t in done if r.status_code == 503]
+    assert len(ok) == 1 and len(refused) == 5, [r.status_code for r, _ in done]
+    reasons = sorted(r.headers[REASON_HEADER] for r, _ in refused)
+    # two waited in HAProxy's queue (2 per replica) until its timeout; three found it full
+    assert reasons == ["queue-full"] * 3 + ["queue-timeout"] * 2
+    for r, t in refused:
+        assert r.headers["Retry-After"] == "3"
+        assert r.json() == {"message": "the service is at capacity, retry later"}
+        assert t < ok[0]  # every refusal came back while the replica still held the first request
+    assert httpx.get(f"{slow_app}/seen", timeout=30).json()["seen"] == base + 1
+
+
+def test_within_the_bounds_a_queued_request_waits_in_haproxy_and_is_served_in_turn(slow_app):
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(_get, f"{slow_app}/hold?s=0.6")  # shorter than the queue timeout
+        time.sleep(0.2)
+        second = pool.submit(_get, f"{slow_app}/seen")
+        (r1, t1), (r2, t2) = first.result(), second.result()
+    assert r1.status_code == 200 and r2.status_code == 200
+    assert t2 >= t1  # it reached the replica only once the first had left
