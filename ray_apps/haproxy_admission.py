@@ -48,8 +48,9 @@ EXEMPT_PATHS = ("/healthz",)  # liveness answers even in overload (it still wait
 class Admission:
     """The bounds HAProxy enforces per app backend.
 
-    `queue_per_replica` < 0 means no bound on the queue (requests still time out after
-    `queue_timeout_ms`)."""
+    A request is refused at once when the queue holds `queue_per_replica` per usable replica
+    (HAProxy's `avg_queue()`, rounded up; 0 acts as 1). Below 0 the queue has no bound, and
+    requests still time out after `queue_timeout_ms`."""
 
     server_maxconn: int
     queue_per_replica: int
