@@ -654,7 +654,7 @@ def full_collection_ms(rows: list, articles: list[dict], cached: int = 50_000, c
     from feature_store.feature_view import TTLCache
     from ray_apps.app import settle_heap
     from ray_apps.service import LastGood
-    from ray_apps.stages.ranking import _atomic
+    from ray_apps.stages.ranking import atomic_row
 
     def collect_ms() -> float:
         t0 = time.perf_counter()
@@ -674,7 +674,7 @@ def full_collection_ms(rows: list, articles: list[dict], cached: int = 50_000, c
     with_plain = min(collect_ms() for _ in range(3))
     del plain
     ttl = TTLCache(60.0, cached_articles)
-    ttl.put_many({f"a{i}": _atomic(articles[i % len(articles)]) for i in range(cached_articles)})
+    ttl.put_many({f"a{i}": atomic_row(articles[i % len(articles)]) for i in range(cached_articles)})
     with_articles = min(collect_ms() for _ in range(3))
     del ttl
     pairs = OrderedDict((f"a{i}", (time.monotonic() + 60.0, copy.deepcopy(articles[i % len(articles)])))

@@ -246,9 +246,15 @@ def _where(where: str | ItemFilter | None) -> str | None:
     return where.where() if isinstance(where, ItemFilter) else (where or None)
 
 
+def _normalised(query_text: str) -> str:
+    """The text with its whitespace collapsed, which both searches and the text model tokenise
+    alike: the key of every search cache."""
+    return " ".join(query_text.split())
+
+
 def _pool_key(query_text: str, candidates: int, clause: str | None, rrf_k: int) -> tuple[str, int, str | None, int]:
-    """A fused pool's cache key: the whitespace-normalised text, which both searches tokenise alike."""
-    return " ".join(query_text.split()), candidates, clause, rrf_k
+    """A fused pool's cache key."""
+    return _normalised(query_text), candidates, clause, rrf_k
 
 
 # ---------------------------------------------------------------------------------------------
@@ -935,7 +941,7 @@ class ItemIndex:
         """The query text's unit MiniLM vector, from a bounded LRU: a transformer forward pass is the
         costliest step of a search (several ms on a CPU), and search traffic repeats its head queries.
         Keyed on the whitespace-normalised text, which the tokenizer would see the same way."""
-        return self._text_cache.get(" ".join(query_text.split()), lambda: self._encode_text(query_text))
+        return self._text_cache.get(_normalised(query_text), lambda: self._encode_text(query_text))
 
     def _encode_text(self, query_text: str) -> np.ndarray:
         vec = _unit(self._encoder().encode([query_text])[0])

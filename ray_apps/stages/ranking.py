@@ -85,7 +85,7 @@ class OnlineRanker:
         todo = [k for k in keys if k not in rows]
         if todo:
             got = read_online(self.store, self.articles_ref, "articles", todo, columns)
-            fetched = {k: _atomic(got.get(k)) for k in todo}
+            fetched = {k: atomic_row(got.get(k)) for k in todo}
             cache.put_many(fetched)
             rows.update(fetched)
         if self._on_cache is not None:
@@ -131,7 +131,7 @@ class OnlineRanker:
         return out
 
 
-def _atomic(row: dict[str, Any] | None) -> dict[str, Any] | None:
+def atomic_row(row: dict[str, Any] | None) -> dict[str, Any] | None:
     """The row with its list values (an article's regions) as tuples: a row of atomic values is
     one the garbage collector stops tracking, so the cached rows add nothing to the replica's
     full collections (see TTLCache). The rules only test membership in them."""

@@ -234,10 +234,10 @@ def test_cached_article_rows_drop_out_of_garbage_collection():
     import gc
 
     from feature_store.feature_view import TTLCache
-    from ray_apps.stages.ranking import _atomic
+    from ray_apps.stages.ranking import atomic_row
 
     cache = TTLCache(10, clock=lambda: 0.0)
-    rows = {f"a{i}": _atomic({"price": 9.99, "regions": ["EU", "US"], "colour": f"c{i}", "min_age": None})
+    rows = {f"a{i}": atomic_row({"price": 9.99, "regions": ["EU", "US"], "colour": f"c{i}", "min_age": None})
             for i in range(50)}
     cache.put_many(rows | {"unknown": None})
     gc.collect()
