@@ -90,6 +90,11 @@ def serving_env(admission: Admission) -> dict[str, str]:
     return {"RAY_SERVE_HAPROXY_BINARY_PATH": str(binary_path())} | admission_env(admission)
 
 
+def without_admission(environ: dict[str, str]) -> dict[str, str]:
+    """`environ` less `serving_env`'s variables, say from an earlier shell: Ray's own HAProxy."""
+    return {k: v for k, v in environ.items() if k not in ("RAY_SERVE_HAPROXY_BINARY_PATH", *ENV.values())}
+
+
 def admission_from_env(environ: dict[str, str] | os._Environ) -> Admission | None:
     """The settings in `environ`; None when none is set (HAProxy then runs Ray's config as is)."""
     if not any(v in environ for v in ENV.values()):

@@ -22,7 +22,7 @@ from common.config import RayrecConfig, ServeConfig
 from common.ray_env import ray_serving_env
 from common.workdir import Workdir
 from ray_apps.app import APP_NAME, build_app, serve_config
-from ray_apps.haproxy_admission import admission_for, serving_env
+from ray_apps.haproxy_admission import admission_for, serving_env, without_admission
 from ray_apps.ray_auth import use_ray_token
 
 RAY_PORT = 6390
@@ -59,7 +59,7 @@ def start_ray(wd: Workdir, serve_cfg: ServeConfig) -> None:
         cmd.append(f"--temp-dir={wd.ray_temp_dir}")
     log = wd.ray_dir / "ray_start.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, **ray_serving_env(serve_cfg.haproxy, serve_cfg.worker_niceness))
+    env = without_admission(dict(os.environ, **ray_serving_env(serve_cfg.haproxy, serve_cfg.worker_niceness)))
     if serve_cfg.haproxy and serve_cfg.haproxy_admission:
         env |= serving_env(admission_for(serve_cfg))
     with log.open("w") as f:

@@ -212,8 +212,8 @@ def test_serving_ray_head_has_haproxy_enforce_the_replicas_admission_bounds(tmp_
     calls = []
     monkeypatch.setattr(local, "_listening", lambda host, port: False)
     monkeypatch.setattr(local.subprocess, "call", lambda cmd, **kw: calls.append(kw["env"]) or 0)
-    for k in [*ENV.values(), "RAY_SERVE_HAPROXY_BINARY_PATH"]:
-        monkeypatch.delenv(k, raising=False)
+    for k in [*ENV.values(), "RAY_SERVE_HAPROXY_BINARY_PATH"]:  # as an earlier shell may have left them
+        monkeypatch.setenv(k, "9")
     wd = Workdir.at(tmp_path / "run")
     local.start_ray(wd, ServeConfig(max_ongoing_requests=3, max_queued_requests=5, queue_timeout_ms=400,
                                     retry_after_s=2.4))
