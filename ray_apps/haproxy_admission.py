@@ -133,6 +133,28 @@ def _backend_lines(admission: Admission, error_file: str) -> list[str]:
     return lines
 
 
+def _sections(lines: list[str]) -> list[list[str]]:
+    """The config's sections (global, defaults, frontend, backend, ...), each headed by its
+    unindented line."""
+    out: list[list[str]] = []
+    for line in lines:
+        if (line and not line[0].isspace()) or not out:
+            out.append([line])
+        else:
+            out[-1].append(line)
+    return out
+
+
+def _with_maxconn(line: str, maxconn: int) -> str:
+    """A Serve replica's server line with `maxconn` (not the backup, Serve's own proxy, nor a
+    router backend's `track` line)."""
+    words = line.split()
+    if len(words) >= 3 and words[0] == "server" and words[1].startswith(REPLICA_PREFIX) and not (
+            {"track", "backup"} & set(words)):
+        return f"{line} maxconn {maxconn}"
+    return line
+
+
 def patch_config(text: str, admission: Admission, error_file: str) -> str:
     """Ray's HAProxy config with the admission lines added to every backend that has Serve
     replicas: the bounds above, and `maxconn` on each replica's server line. A config already
@@ -141,34 +163,12 @@ def patch_config(text: str, admission: Admission, error_file: str) -> str:
     if MARK in text:
         return text
     out: list[str] = []
-    pending: list[str] | None = None  # the current backend's lines, until we know it has replicas
-    has_replicas = False
-
-    def flush() -> None:
-        if pending is None:
-            return
-        if has_replicas:
-            out.append(pending[0])
-            out.extend(_backend_lines(admission, error_file))
-            out.extend(pending[1:])
-        else:
-            out.extend(pending)
-
-    for line in text.splitlines():
-        stripped = line.strip()
-        if line and not line[0].isspace():  # a new section
-            flush()
-            pending, has_replicas = ([line], False) if stripped.startswith("backend ") else (None, False)
-            if pending is None:
-                out.append(line)
+    for head, *body in _sections(text.splitlines()):
+        if not head.startswith("backend "):
+            out += [head, *body]
             continue
-        words = stripped.split()
-        if (pending is not None and len(words) >= 3 and words[0] == "server" and words[1].startswith(REPLICA_PREFIX)
-                and "track" not in words and "backup" not in words):
-            line = f"{line} maxconn {admission.server_maxconn}"
-            has_replicas = True
-        (pending if pending is not None else out).append(line)
-    flush()
+        patched = [_with_maxconn(line, admission.server_maxconn) for line in body]
+        out += [head, *(_backend_lines(admission, error_file) if patched != body else []), *patched]
     return "\n".join(out) + ("\n" if text.endswith("\n") else "")
 
 
