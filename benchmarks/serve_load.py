@@ -16,6 +16,12 @@ sent, by process group (serve replicas, HAProxy, database, Ray's own processes, 
 generator, ...), read from /proc, so the cost of each part of the serving stack shows. The load
 generator is a process of its own (`Generator`), not this one, which is a Ray driver; its
 `send_late_p99_ms` says how late it sent requests against the schedule (its own delays).
+`db_statements_per_request` is the database server's statement count over the window per
+request sent (every client's; the counter's own reads left out).
+Two more variants measure Ray settings against `haproxy_admission`: `haproxy_no_metrics`
+(RAY_SERVE_HAPROXY_METRICS_ENABLED=0: no per-request log line from HAProxy for Serve's ingress
+metrics, which the Grafana dashboard reads, so it stays on) and `haproxy_ray_control` (Serve's
+control loop every 0.1 s, Ray's default, against `serve.control_loop_interval_s`, 0.5 s).
 
 JSON lines, e.g.
     {"bench": "serve_load", "topology": "fused", "variant": "default", "target_rps": 100,
@@ -93,10 +99,12 @@ _THROUGHPUT = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 VARIANT_ENV = {"default": ray_serving_env(False, 0), "haproxy": ray_serving_env(True, 0),
                "throughput": ray_serving_env(False, 0) | _THROUGHPUT,
                "haproxy_throughput": ray_serving_env(True, 0) | _THROUGHPUT,
-               "haproxy_ray_nice": ray_serving_env(True, 15), "haproxy_admission": ray_serving_env(True, 0)}
+               "haproxy_ray_nice": ray_serving_env(True, 15), "haproxy_admission": ray_serving_env(True, 0),
+               "haproxy_no_metrics": ray_serving_env(True, 0) | {"RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"},
+               "haproxy_ray_control": ray_serving_env(True, 0, control_loop_interval_s=0.1)}
 # Variants whose HAProxy enforces the app's admission bounds itself (rayrec-haproxy), as
 # `rayrec serve start` runs it with serve.haproxy_admission; in the others the replicas do.
-ADMISSION_VARIANTS = {"haproxy_admission"}
+ADMISSION_VARIANTS = {"haproxy_admission", "haproxy_no_metrics", "haproxy_ray_control"}
 MIX = (("recommend", 0.80), ("similar", 0.08), ("search", 0.07), ("event", 0.05))
 
 
@@ -398,7 +406,7 @@ def summarise(samples: list[Sample], wall_s: float) -> dict:
 
 # Which process a CPU second belongs to, by its command line (first match): what a request costs
 # the machine beyond the replicas' own work.
-CPU_GROUPS = (("ServeReplica", "serve_replicas"), ("haproxy", "haproxy"), ("mariadbd", "database"),
+CPU_GROUPS = (("ServeReplica", "serve_replicas"), ("HAProxyManager", "haproxy_manager"), ("haproxy", "haproxy"), ("mariadbd", "database"),
               ("ProxyActor", "serve_proxy"), ("ServeController", "serve_controller"), ("raylet", "ray_system"),
               ("gcs_server", "ray_system"), ("log_monitor", "ray_system"), ("dashboard", "ray_system"),
               ("ray::", "other_ray_workers"))
@@ -701,15 +709,17 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
         return
     gen = Generator()
     host = urlparse(url).hostname or "127.0.0.1"
+    db = statement_counter(wd)
     try:
         warm_up(url, payloads)
         held = None
         for rate in rates:
             plan = payloads.plan(int(rate * duration), host)
-            cpu0 = cpu_by_group()
+            cpu0, q0 = cpu_by_group(), db.server_statement_count()
             samples, wall = gen.run(url, plan, rate)
             row = summarise(samples, wall)
             row["cpu_ms_per_request"] = cpu_per_request(cpu0, cpu_by_group(), len(samples))
+            row["db_statements_per_request"] = round((db.server_statement_count() - q0 - 1) / max(1, len(samples)), 3)
             ok = row["p99_ms"] is not None and row["p99_ms"] <= TARGET_P99_MS and row["error_rate"] == 0
             held = (rate, row["achieved_rps"]) if ok else held
             ratio = row["p50_ms"] / base_p50 if row["p50_ms"] and base_p50 else None
@@ -732,8 +742,16 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
              refused_p99_ms=row["refused_p99_ms"], refused_by_haproxy_share=row["refused_by_haproxy_share"],
              ratio_vs_sustainable=(goodput / base_achieved) if base_achieved else None)
     finally:
+        db.close()
         gen.close()
         stop_app()
+
+
+def statement_counter(wd: Workdir):
+    """A connection to the run's database that reads how many statements the server has run."""
+    from feature_store.connect import open_online_store
+
+    return open_online_store(load_config(wd.config_path).database, wd)
 
 
 def wakeup_cost(rate: float = 100.0, seconds: float = 2.0) -> dict:

@@ -216,6 +216,12 @@ class ServeConfig(_Strict):
     # the 2-core machine in a slow hour: 150 req/s at p99 46-98 ms against 87-185 ms in four paired
     # windows (serve_load.py --variants haproxy_ray_nice haproxy; docs/scaling.md F27).
     worker_niceness: int = Field(0, ge=0, le=19)
+    # Seconds between two runs of Serve's control loop (RAY_SERVE_CONTROL_LOOP_INTERVAL_S; Ray's
+    # default is 0.1) on the head `rayrec serve start` starts. The controller spent 0.27-0.28 ms of
+    # CPU per request at 150 req/s with Ray's default and 0.11-0.12 ms at 0.5 s (serve_load.py
+    # --variants haproxy_ray_control haproxy_admission; docs/scaling.md F34). Scaling decisions
+    # and deployment changes are acted on at most this much later.
+    control_loop_interval_s: float = Field(0.5, gt=0, le=10)
     target_ongoing_requests: float = Field(2, gt=0)
     # 8 at a time per replica: with HAProxy enforcing it (haproxy_admission), 4 served 181-208 req/s
     # offered 300 against 194-269 with 8 (serve_load.py --max-ongoing; docs/scaling.md F32): a

@@ -5,7 +5,9 @@ as the load benchmark's client, can name the same settings without loading the a
 from __future__ import annotations
 
 
-def ray_serving_env(haproxy: bool, worker_niceness: int) -> dict[str, str]:
-    """Environment of the Ray processes that serve: Serve's HAProxy ingress on or off, and the
-    niceness Ray adds to its workers (replicas, and the HAProxy one of them starts)."""
-    return {"RAY_SERVE_ENABLE_HA_PROXY": "1" if haproxy else "0", "RAY_worker_niceness": str(worker_niceness)}
+def ray_serving_env(haproxy: bool, worker_niceness: int, control_loop_interval_s: float = 0.5) -> dict[str, str]:
+    """Environment of the Ray processes that serve: Serve's HAProxy ingress on or off, the
+    niceness Ray adds to its workers (replicas, and the HAProxy one of them starts), and how often
+    Serve's controller runs its control loop (common.config.ServeConfig says why each)."""
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1" if haproxy else "0", "RAY_worker_niceness": str(worker_niceness),
+            "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": repr(float(control_loop_interval_s))}

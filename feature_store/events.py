@@ -31,6 +31,7 @@ import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ import pandas as pd
 from common.artifacts import FeatureGroupRef
 from common.workdir import Workdir
 from feature_store.groups import INDEX_GROUPS, SALES_DAYS, recent_type_days
-from feature_store.offline import to_event_times, to_micros
+from feature_store.offline import to_event_time, to_event_times
 from feature_store.online.base import MAX_KEY_CHARS, TableSpec
 from feature_store.schema import ONLINE_ROW_COLUMN, ONLINE_TIME_COLUMN
 
@@ -73,13 +74,14 @@ class PurchaseEvent:
         if self.sales_channel_id not in (1, 2):
             raise ValueError(f"purchase event {self.event_id!r}: sales_channel_id must be 1 or 2")
         try:
-            to_event_times([self.event_time])
+            self.timestamp  # noqa: B018 - parsed (and kept) here to name a bad value early
         except (ValueError, TypeError) as e:
             raise ValueError(f"purchase event {self.event_id!r}: bad event_time {self.event_time!r}: {e}") from None
 
-    @property
+    @cached_property
     def timestamp(self) -> pd.Timestamp:
-        return to_event_times([self.event_time]).iloc[0]
+        """`event_time` as naive UTC, parsed once (a frozen dataclass still takes a cached value)."""
+        return to_event_time(self.event_time)
 
     def to_dict(self) -> dict[str, Any]:
         return {"event_id": self.event_id, "customer_id": self.customer_id, "article_id": self.article_id,
@@ -126,7 +128,7 @@ def apply_purchase_event(fs, refs: Mapping[str, FeatureGroupRef], event: Purchas
     if store not in _READY:
         store.ensure_table(APPLIED_EVENTS)
         _READY.add(store)
-    ts = int(to_micros(pd.Series([event.timestamp]))[0])
+    ts = event.timestamp.value // 1000  # microseconds since the epoch (.value: nanoseconds)
     day = event.timestamp.strftime("%Y-%m-%d")
     known = {"article": False}
 
@@ -277,7 +279,7 @@ def append_interactions(wd: Workdir, records: list[dict[str, Any]], durable: boo
     for r in records:
         if r.get("type") not in INTERACTION_TYPES:
             raise ValueError(f"interaction event {r.get('event_id')!r}: type must be one of {INTERACTION_TYPES}")
-    append_log_lines(interaction_log_dir(wd), [(to_event_times([r["ts"]]).iloc[0], r) for r in records], durable)
+    append_log_lines(interaction_log_dir(wd), [(to_event_time(r["ts"]), r) for r in records], durable)
 
 
 def read_interactions(wd: Workdir) -> pd.DataFrame:

@@ -671,6 +671,18 @@ class MySQLOnlineStore(OnlineStore):
 
         return self._run(op)
 
+    def server_statement_count(self) -> int:
+        """Statements the server has run for all its clients (the global 'Questions' counter,
+        this method's own included): a benchmark's count of what each request costs the store."""
+
+        def op(conn: pymysql.connections.Connection) -> int:
+            with conn.cursor() as cur:
+                cur.execute("SHOW GLOBAL STATUS LIKE 'Questions'")
+                row = cur.fetchone()
+            return int(row[1])
+
+        return self._run(op)
+
     def server_info(self) -> dict[str, Any]:
         """Returns: {"version", "engine" (the one ensure_table uses), "host", "port", "database"}."""
 

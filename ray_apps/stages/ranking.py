@@ -81,15 +81,15 @@ class OnlineRanker:
         cache = self._caches.get(tuple(columns))
         if cache is None:
             cache = self._caches.setdefault(tuple(columns), TTLCache(self.cache_ttl_s, self._cache_entries))
-        rows = cache.get_many(keys)
-        todo = [k for k in keys if k not in rows]
+        rows, todo = cache.lookup(keys)
+        missed = sum(1 for k in todo if k not in rows)  # the rest are refreshed ahead
         if todo:
             got = read_online(self.store, self.articles_ref, "articles", todo, columns)
             fetched = {k: atomic_row(got.get(k)) for k in todo}
             cache.put_many(fetched)
             rows.update(fetched)
         if self._on_cache is not None:
-            self._on_cache(len(keys) - len(todo), len(todo))
+            self._on_cache(len(keys) - missed, missed)
         return {k: r for k, r in rows.items() if r is not None}
 
     def forget(self, keys: Sequence[str]) -> None:

@@ -257,6 +257,21 @@ def test_mysql_server_info(mysql_store) -> None:
 
 
 @pytest.mark.integration
+def test_mysql_server_statement_count_sees_other_connections(mariadb, mysql_store) -> None:
+    """The server-wide count (what serve_load divides by requests) includes every client's
+    statements, unlike the session count."""
+    other = MySQLOnlineStore.from_config(mariadb.cfg, mariadb.password)
+    try:
+        before = mysql_store.server_statement_count()
+        for _ in range(3):
+            other.ping()
+        seen = mysql_store.server_statement_count() - before - 1  # less its own second read
+        assert seen >= 3
+    finally:
+        other.close()
+
+
+@pytest.mark.integration
 def test_mysql_wrong_password_is_a_connection_error(mariadb) -> None:
     with pytest.raises(ConnectionError, match="Access denied"):
         MySQLOnlineStore.from_config(mariadb.cfg, mariadb.password + "x")

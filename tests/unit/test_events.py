@@ -1,6 +1,8 @@
 """Real-time purchase events: online rows updated once per event id, offline log, materialisation."""
 from __future__ import annotations
 
+import datetime as dt
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -168,3 +170,19 @@ def test_logged_purchases_not_applied_online_are_found(setup):
     assert [e.event_id for e in unapplied_events(fs, recent)] == ["e-lost"]
     empty = FeatureStore(Workdir.at(fs.wd.root / "other"), InMemoryOnlineStore())
     assert [e.event_id for e in unapplied_events(empty, recent)] == ["e-done", "e-lost"]  # no events table yet
+
+
+@pytest.mark.parametrize("value", [
+    "2020-09-23", "2020-09-23T12:00:00", "2020-09-23 12:00:00.123456", "2020-09-23T12:00:00Z",
+    "2020-09-23T14:00:00+02:00", "2020-09-23T01:30:00-05:30", "2020/09/23 12:00",  # the last: pandas' own path
+    dt.datetime(2020, 9, 23, 12, 0, 1, 5), dt.datetime(2020, 9, 23, 14, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+    pd.Timestamp("2020-09-23T12:00:00.000001"),
+])
+def test_one_event_time_parses_as_a_series_of_them_does(value):
+    """`to_event_time` (one value, the serving path) gives what `to_event_times` gives it."""
+    from feature_store.offline import to_event_time, to_event_times
+
+    want = to_event_times([value]).iloc[0]
+    got = to_event_time(value)
+    assert got == want and got.tzinfo is None and got.unit == "us"
+    assert PurchaseEvent("e", "c1", "a1", 0.02, value).timestamp == want

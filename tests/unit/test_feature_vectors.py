@@ -90,6 +90,31 @@ def test_ttl_cache_is_bounded():
     assert c.get_many(["a", "b", "c"]) == {"b": (2,), "c": (3,)}
 
 
+def test_ttl_cache_lookup_refreshes_due_keys_only_with_a_read_that_happens_anyway():
+    """A lookup that has to read (a key missing or expired) also asks again for the requested
+    keys in the last half of their life; one that has everything fresh reads nothing, however
+    old its entries; young entries are never read again; nothing outlives ttl_s."""
+    now = [0.0]
+    c = TTLCache(10, clock=lambda: now[0])
+    c.put_many({"old": (1,)})
+    now[0] = 6.0
+    c.put_many({"young": (2,)})
+    now[0] = 7.0  # "old" is 7 s into its 10, "young" 1 s
+    assert c.lookup(["old", "young"]) == ({"old": (1,), "young": (2,)}, [])  # all fresh: no read
+    assert c.lookup(["young", "new", "old", "new"]) == ({"old": (1,), "young": (2,)}, ["new", "old"])
+    assert (c.hits, c.misses, c.refreshed) == (4, 1, 1)
+    now[0] = 10.0  # "old" has expired: a miss, not a refresh
+    assert c.lookup(["old", "young"]) == ({"young": (2,)}, ["old"])  # "young" is 4 s old: not due
+    now[0] = 12.0
+    assert c.lookup(["old", "young"]) == ({"young": (2,)}, ["old", "young"])  # now it is due
+    none_ahead = TTLCache(10, clock=lambda: now[0], refresh_ahead=0)
+    none_ahead.put_many({"a": (1,)})
+    now[0] = 21.9
+    assert none_ahead.lookup(["a", "b"]) == ({"a": (1,)}, ["b"])
+    with pytest.raises(ValueError, match="refresh_ahead"):
+        TTLCache(10, refresh_ahead=1.5)
+
+
 def test_transformations_unit():
     t = Transformation("x", "standard_scaler")
     p = t.fit([1.0, 2.0, 3.0, None])
