@@ -101,10 +101,11 @@ VARIANT_ENV = {"default": ray_serving_env(False, 0), "haproxy": ray_serving_env(
                "haproxy_throughput": ray_serving_env(True, 0) | _THROUGHPUT,
                "haproxy_ray_nice": ray_serving_env(True, 15), "haproxy_admission": ray_serving_env(True, 0),
                "haproxy_no_metrics": ray_serving_env(True, 0) | {"RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"},
-               "haproxy_ray_control": ray_serving_env(True, 0, control_loop_interval_s=0.1)}
+               "haproxy_ray_control": ray_serving_env(True, 0, control_loop_interval_s=0.1),
+               "haproxy_nbthread_1": ray_serving_env(True, 0) | {"RAY_SERVE_HAPROXY_NBTHREAD": "1"}}
 # Variants whose HAProxy enforces the app's admission bounds itself (rayrec-haproxy), as
 # `rayrec serve start` runs it with serve.haproxy_admission; in the others the replicas do.
-ADMISSION_VARIANTS = {"haproxy_admission", "haproxy_no_metrics", "haproxy_ray_control"}
+ADMISSION_VARIANTS = {"haproxy_admission", "haproxy_no_metrics", "haproxy_ray_control", "haproxy_nbthread_1"}
 MIX = (("recommend", 0.80), ("similar", 0.08), ("search", 0.07), ("event", 0.05))
 
 
