@@ -28,6 +28,25 @@ def test_cpu_per_request_divides_each_groups_cpu_by_the_requests():
     assert got == {"database": 2.0, "haproxy": 0.4, "serve_replicas": 10.0, "total": 12.4}
 
 
+def test_the_admission_variant_runs_rays_processes_as_rayrec_serve_start_does():
+    """The benchmark's `haproxy_admission` is the default serving setup: the same Ray environment
+    as `rayrec serve start` builds from the default `serve:` config; each other Ray setting
+    measured against it differs in one variable only."""
+    from common.config import ServeConfig
+    from common.ray_env import ray_serving_env
+
+    sl = _load()
+    cfg = ServeConfig()
+    base = sl.VARIANT_ENV["haproxy_admission"]
+    assert base == ray_serving_env(cfg.haproxy, cfg.worker_niceness, cfg.control_loop_interval_s)
+    for variant, var in (("haproxy_ray_control", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S"),
+                         ("haproxy_no_metrics", "RAY_SERVE_HAPROXY_METRICS_ENABLED"),
+                         ("haproxy_nbthread_1", "RAY_SERVE_HAPROXY_NBTHREAD")):
+        env = sl.VARIANT_ENV[variant]
+        assert {k for k in env.keys() | base.keys() if env.get(k) != base.get(k)} == {var}, variant
+        assert variant in sl.ADMISSION_VARIANTS
+
+
 def test_this_process_is_counted_as_the_load_generator():
     sl = _load()
     before = sl.cpu_by_group()
