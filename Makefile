@@ -41,7 +41,7 @@ serve: install ## serve an existing run ($(WORKDIR))
 	$(BIN)/rayrec serve start --workdir $(WORKDIR)
 
 test: install mariadb ## run the test suite (unit + integration on real MariaDB and Ray)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --durations=15
 
 stop: ## stop the app, Ray and the local database
 	@if [ -x $(BIN)/rayrec ]; then $(BIN)/rayrec stop --workdir $(WORKDIR); fi

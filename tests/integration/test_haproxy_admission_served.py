@@ -34,6 +34,9 @@ def slow_app():
 
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    # A stopped replica behind HAProxy stays reachable this long (Ray's 30 s, so that load balancers
+    # deregister it first): nothing routes here after the tests, so shutdown need not wait.
+    mp.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     for k, v in serving_env(ADMISSION).items():
         mp.setenv(k, v)
     api = FastAPI()
