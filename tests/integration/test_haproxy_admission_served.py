@@ -7,6 +7,7 @@ import asyncio
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -72,6 +73,7 @@ def slow_app():
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
+        _wait_until_haproxy_settles()
         yield url
     finally:
         serve.shutdown()
@@ -79,18 +81,58 @@ def slow_app():
         mp.undo()
 
 
+def _haproxy_pids() -> frozenset[int]:
+    """The HAProxy processes Ray runs (`haproxy -db -f <config>`). Ray reloads HAProxy by starting
+    a new process whenever Serve's targets are broadcast; the new one counts each server's
+    connections from zero, so a reload in the middle of a test lets one more request through."""
+    pids = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # it exited meanwhile
+            continue
+        if b"haproxy" in cmd[0] and b"-db" in cmd and b"-f" in cmd:
+            pids.add(int(proc.name))
+    return frozenset(pids)
+
+
+def _wait_until_haproxy_settles(quiet_s: float = 3.0, timeout_s: float = 60.0) -> None:
+    """Wait until no HAProxy process has started or stopped for `quiet_s`: the reloads that follow
+    an app's start are over."""
+    deadline = time.monotonic() + timeout_s
+    pids, since = _haproxy_pids(), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        assert time.monotonic() < deadline, f"HAProxy kept reloading for {timeout_s} s: {sorted(pids)}"
+        time.sleep(0.2)
+        now = _haproxy_pids()
+        if now != pids:
+            pids, since = now, time.monotonic()
+    assert pids, "no HAProxy process found"
+
+
 def _get(url: str) -> tuple[httpx.Response, float]:
     r = httpx.get(url, timeout=60)
     return r, time.monotonic()
 
 
-def test_past_the_bounds_haproxy_answers_503_and_the_replica_never_sees_the_request(slow_app):
-    base = httpx.get(f"{slow_app}/seen", timeout=30).json()["seen"]
+def _burst(url: str) -> list[tuple[httpx.Response, float]]:
+    """One /hold, then five more while the replica holds it."""
     with ThreadPoolExecutor(6) as pool:
-        first = pool.submit(_get, f"{slow_app}/hold")
+        first = pool.submit(_get, f"{url}/hold")
         time.sleep(0.5)  # the replica holds the first; the next five find it at its maxconn
-        rest = [pool.submit(_get, f"{slow_app}/hold") for _ in range(5)]
-        done = [first.result(), *(f.result() for f in rest)]
+        rest = [pool.submit(_get, f"{url}/hold") for _ in range(5)]
+        return [first.result(), *(f.result() for f in rest)]
+
+
+def test_past_the_bounds_haproxy_answers_503_and_the_replica_never_sees_the_request(slow_app):
+    for _attempt in range(3):  # again only if Ray reloaded HAProxy during the burst (see _haproxy_pids)
+        _wait_until_haproxy_settles()
+        pids, base = _haproxy_pids(), httpx.get(f"{slow_app}/seen", timeout=30).json()["seen"]
+        done = _burst(slow_app)
+        if _haproxy_pids() == pids:
+            break
+    else:
+        pytest.fail("Ray reloaded HAProxy during each of 3 bursts")
     ok = [t for r, t in done if r.status_code == 200]
     refused = [(r, t) for r, t in done if r.status_code == 503]
     assert len(ok) == 1 and len(refused) == 5, [r.status_code for r, _ in done]
