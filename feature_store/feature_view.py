@@ -249,17 +249,6 @@ class TTLCache:
         self._lock = threading.Lock()
         self.hits = self.misses = self.refreshed = 0
 
-    def get_many(self, keys: Sequence[Any]) -> dict[Any, Any]:
-        now = self.clock()
-        out = {}
-        with self._lock:
-            for k in keys:
-                if self._expires.get(k, now) > now:
-                    out[k] = self._rows[k]
-            self.hits += len(out)
-            self.misses += len(keys) - len(out)
-        return out
-
     def lookup(self, keys: Sequence[Any]) -> tuple[dict[Any, Any], list[Any]]:
         """(the fresh rows of `keys`, the distinct keys to read): the missing and expired ones,
         and when there are any, also the fresh ones due within `refresh_ahead` of their life

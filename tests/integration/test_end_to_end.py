@@ -8,14 +8,11 @@ import pandas as pd
 import pytest
 
 from common.artifacts import read_manifest
-from common.config import load_config
 from common.workdir import Workdir
-from feature_store.online.mysql import MySQLOnlineStore
-from feature_store.sources import FILES, generate
+from feature_store.sources import FILES
 from feature_store.views import RETRIEVAL_VIEW_VERSION
 
 pytestmark = pytest.mark.integration
-PASSWORD_ENV = "RAYREC_E2E_DB_PASSWORD"
 
 
 def free_tcp_port() -> int:
@@ -27,40 +24,24 @@ def free_tcp_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(mariadb, tmp_path_factory):
-    """Run the pipeline into a fresh workdir and serve it; yields (workdir, base url)."""
+def served(tiny_run):
+    """Serve the session's tiny run (tests/integration/conftest.py); yields (workdir, base url)."""
     import os
 
     import ray
     from ray import serve
 
     from ray_apps.app import APP_NAME, build_app
-    from training.pipeline import run_pipeline
 
-    os.environ[PASSWORD_ENV] = mariadb.password  # replicas inherit it; never stored in config
-    root = tmp_path_factory.mktemp("e2e")
-    wd = Workdir.at(root / "run")
-    generate(wd.data_dir, seed=3, customers=300, articles=200, days=40)
-    cfg = load_config(None, {
-        "name": "e2e",
-        "database": {"host": mariadb.host, "port": mariadb.port, "database": mariadb.database,
-                     "user": mariadb.user, "password_env": PASSWORD_ENV, "local": False},
-        "two_tower": {"epochs": 2, "batch_size": 256},
-        "ranker": {"iterations": 30, "n_candidates": 50},
-        "serve": {"n_candidates": 50},
-    })
-    store = MySQLOnlineStore.from_config(cfg.database, mariadb.password)
     metrics_port = free_tcp_port()
     os.environ["RAYREC_E2E_METRICS_PORT"] = str(metrics_port)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     try:
-        run_pipeline(cfg, wd, None, store)
         port = free_tcp_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"workdir": str(wd.root)}), name=APP_NAME, route_prefix="/", blocking=False)
-        yield wd, f"http://127.0.0.1:{port}"
+        serve.run(build_app({"workdir": str(tiny_run.root)}), name=APP_NAME, route_prefix="/", blocking=False)
+        yield tiny_run, f"http://127.0.0.1:{port}"
     finally:
-        store.close()
         serve.shutdown()
         ray.shutdown()
 

@@ -13,13 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from common.config import load_config
-from common.workdir import Workdir
-from feature_store.online.mysql import MySQLOnlineStore
-from feature_store.sources import generate
-
 pytestmark = pytest.mark.integration
-PASSWORD_ENV = "RAYREC_WEB_DB_PASSWORD"
 API_KEY = "web-page-test-key"
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -37,41 +31,25 @@ def free_tcp_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(mariadb, tmp_path_factory):
-    """A tiny pipeline run served with an API key; yields the base URL."""
+def served(tiny_run):
+    """The session's tiny run (tests/integration/conftest.py) served with an API key; yields the
+    base URL. The end-to-end module served it before, so some customers have bought more."""
     import ray
     from ray import serve
 
     from ray_apps.app import APP_NAME, build_app
-    from training.pipeline import run_pipeline
 
-    os.environ[PASSWORD_ENV] = mariadb.password
-    wd = Workdir.at(tmp_path_factory.mktemp("web") / "run")
-    generate(wd.data_dir, seed=5, customers=300, articles=200, days=40)
-    cfg = load_config(None, {
-        "name": "web",
-        "database": {"host": mariadb.host, "port": mariadb.port, "database": mariadb.database,
-                     "user": mariadb.user, "password_env": PASSWORD_ENV, "local": False},
-        "two_tower": {"epochs": 2, "batch_size": 256},
-        # The page needs a working ranker, not a good one: no second two-tower fit, no evaluation.
-        "ranker": {"iterations": 30, "n_candidates": 50, "n_cutoffs": 1, "retrieval_for_training": "served"},
-        "serve": {"n_candidates": 50},
-        "eval": {"split": "none"},
-    })
-    store = MySQLOnlineStore.from_config(cfg.database, mariadb.password)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        run_pipeline(cfg, wd, None, store)
         port = free_tcp_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         os.environ["RAYREC_API_KEY"] = API_KEY  # read by build_app, passed on as its hash
         try:
-            serve.run(build_app({"workdir": str(wd.root)}), name=APP_NAME, route_prefix="/", blocking=False)
+            serve.run(build_app({"workdir": str(tiny_run.root)}), name=APP_NAME, route_prefix="/", blocking=False)
         finally:
             os.environ.pop("RAYREC_API_KEY")
         yield f"http://127.0.0.1:{port}"
     finally:
-        store.close()
         serve.shutdown()
         ray.shutdown()
 

@@ -87,7 +87,7 @@ def test_cache_serves_slow_groups_until_the_ttl_expires(fs):
 def test_ttl_cache_is_bounded():
     c = TTLCache(10, max_entries=2, clock=lambda: 0.0)
     c.put_many({"a": (1,), "b": (2,), "c": (3,)})
-    assert c.get_many(["a", "b", "c"]) == {"b": (2,), "c": (3,)}
+    assert c.lookup(["a", "b", "c"]) == ({"b": (2,), "c": (3,)}, ["a"])
 
 
 def test_ttl_cache_lookup_refreshes_due_keys_only_with_a_read_that_happens_anyway():
@@ -138,4 +138,4 @@ def test_ttl_cache_forget_drops_only_the_named_keys():
     c = TTLCache(10, clock=lambda: 0.0)
     c.put_many({"a": (1,), "b": (2,), "absent": None})
     c.forget(["a", "not-cached"])
-    assert c.get_many(["a", "b", "absent"]) == {"b": (2,), "absent": None}  # None: remembered as not stored
+    assert c.lookup(["a", "b", "absent"]) == ({"b": (2,), "absent": None}, ["a"])  # None: remembered as not stored

@@ -245,6 +245,7 @@ def test_cached_article_rows_drop_out_of_garbage_collection():
     gc.collect()
     held = [o for d in (cache._rows, cache._expires) for o in gc.get_referents(d)]
     assert len(held) >= 2 * 51 and not any(gc.is_tracked(o) for o in held)
-    got = cache.get_many(["a7", "unknown", "never"])
+    got, todo = cache.lookup(["a7", "unknown", "never"])
+    assert todo == ["never"]
     assert got == {"a7": {"price": 9.99, "regions": ("EU", "US"), "colour": "c7", "min_age": None}, "unknown": None}
     assert "EU" in got["a7"]["regions"]  # what the region rule asks of it
