@@ -39,11 +39,18 @@ def served(tiny_run):
     try:
         port = free_tcp_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"workdir": str(tiny_run.root)}), name=APP_NAME, route_prefix="/", blocking=False)
+        serve.run(build_app(_reloadable(tiny_run)), name=APP_NAME, route_prefix="/", blocking=False)
         yield tiny_run, f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _reloadable(wd: Workdir, serving: Workdir | None = None) -> dict:
+    """build_app's arguments for `wd` deployed as README's hot reload has it: the ingress's
+    user_config names the run it serves (`serving`, by default `wd`), so a new one switches runs
+    in place, without new replicas."""
+    return {"workdir": str(wd.root), "user_config": {"workdir": str((serving or wd).root)}}
 
 
 def _raw(wd: Workdir):
@@ -484,8 +491,6 @@ def test_hot_reload_switches_runs_without_failed_requests(served):
 
     wd, url = served
     v2 = _copy_run(wd, "run-v2")
-    args = {"workdir": str(wd.root), "user_config": {"workdir": str(wd.root)}}
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
     cid, seen, failures, stop = _buyer(wd), [], [], threading.Event()
 
     def hammer():
@@ -497,8 +502,7 @@ def test_hot_reload_switches_runs_without_failed_requests(served):
     t = threading.Thread(target=hammer)
     t.start()
     try:
-        serve.run(build_app(args | {"user_config": {"workdir": str(v2.root)}}), name=APP_NAME, route_prefix="/",
-                  blocking=False)
+        serve.run(build_app(_reloadable(wd, v2)), name=APP_NAME, route_prefix="/", blocking=False)
         import time
 
         deadline = time.time() + 60
@@ -509,7 +513,12 @@ def test_hot_reload_switches_runs_without_failed_requests(served):
         t.join()
     assert failures == []
     assert "e2e" in seen and seen[-1] == "run-v2"
-    serve.run(build_app({"workdir": str(wd.root)}), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(build_app(_reloadable(wd)), name=APP_NAME, route_prefix="/", blocking=False)  # and back
+    deadline = time.time() + 60
+    while (run := httpx.post(f"{url}/v1/recommend", json={"customer_id": cid, "k": 5}, timeout=30
+                             ).json()["model"]["run"]) != "e2e" and time.time() < deadline:
+        time.sleep(0.2)
+    assert run == "e2e"
 
 
 @pytest.fixture(scope="module")
