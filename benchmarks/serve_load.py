@@ -450,8 +450,6 @@ def start_app(wd: Workdir, topology: str, variant: str, candidates: int, replica
     for k in [*(k for env in VARIANT_ENV.values() for k in env), *ADMISSION_VARIABLES]:
         os.environ.pop(k, None)
     os.environ.update(VARIANT_ENV[variant])
-    # Stopping a variant: its replicas need not stay reachable for Ray's 30 s drain (HAProxy mode).
-    os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
     if variant in ADMISSION_VARIANTS:
         args = admission or {}
         os.environ.update(serving_env(admission_for(load_config(wd.config_path).serve,

@@ -222,6 +222,12 @@ class ServeConfig(_Strict):
     # --variants haproxy_ray_control haproxy_admission; docs/scaling.md F34). Scaling decisions
     # and deployment changes are acted on at most this much later.
     control_loop_interval_s: float = Field(0.5, gt=0, le=10)
+    # Seconds a stopped replica behind HAProxy still answers (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S)
+    # on the head `rayrec serve start` starts. Ray's default, 30 s, gives an external load
+    # balancer that targets replicas directly time to deregister one; here the only router is
+    # the HAProxy Ray reloads about a second after a replica's stop. With 30 s, `rayrec serve stop`
+    # (Serve's shutdown) took 43 s, and every scale-down held a replica's memory that long.
+    drain_s: float = Field(5.0, ge=0, le=300)
     target_ongoing_requests: float = Field(2, gt=0)
     # 8 at a time per replica: with HAProxy enforcing it (haproxy_admission), 4 served 181-208 req/s
     # offered 300 against 194-269 with 8 (serve_load.py --max-ongoing; docs/scaling.md F32): a

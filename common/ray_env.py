@@ -5,9 +5,12 @@ as the load benchmark's client, can name the same settings without loading the a
 from __future__ import annotations
 
 
-def ray_serving_env(haproxy: bool, worker_niceness: int, control_loop_interval_s: float = 0.5) -> dict[str, str]:
+def ray_serving_env(haproxy: bool, worker_niceness: int, control_loop_interval_s: float = 0.5,
+                    drain_s: float = 5.0) -> dict[str, str]:
     """Environment of the Ray processes that serve: Serve's HAProxy ingress on or off, the
-    niceness Ray adds to its workers (replicas, and the HAProxy one of them starts), and how often
-    Serve's controller runs its control loop (common.config.ServeConfig says why each)."""
+    niceness Ray adds to its workers (replicas, and the HAProxy one of them starts), how often
+    Serve's controller runs its control loop, and how long a stopped replica behind HAProxy still
+    answers (common.config.ServeConfig says why each)."""
     return {"RAY_SERVE_ENABLE_HA_PROXY": "1" if haproxy else "0", "RAY_worker_niceness": str(worker_niceness),
-            "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": repr(float(control_loop_interval_s))}
+            "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": repr(float(control_loop_interval_s)),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": repr(float(drain_s))}

@@ -60,7 +60,7 @@ def start_ray(wd: Workdir, serve_cfg: ServeConfig) -> None:
     log = wd.ray_dir / "ray_start.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     env = without_admission(dict(os.environ, **ray_serving_env(serve_cfg.haproxy, serve_cfg.worker_niceness,
-                                                                  serve_cfg.control_loop_interval_s)))
+                                                                  serve_cfg.control_loop_interval_s, serve_cfg.drain_s)))
     if serve_cfg.haproxy and serve_cfg.haproxy_admission:
         env |= serving_env(admission_for(serve_cfg))
     with log.open("w") as f:

@@ -38,7 +38,7 @@ def test_the_admission_variant_runs_rays_processes_as_rayrec_serve_start_does():
     sl = _load()
     cfg = ServeConfig()
     base = sl.VARIANT_ENV["haproxy_admission"]
-    assert base == ray_serving_env(cfg.haproxy, cfg.worker_niceness, cfg.control_loop_interval_s)
+    assert base == ray_serving_env(cfg.haproxy, cfg.worker_niceness, cfg.control_loop_interval_s, cfg.drain_s)
     for variant, var in (("haproxy_ray_control", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S"),
                          ("haproxy_no_metrics", "RAY_SERVE_HAPROXY_METRICS_ENABLED"),
                          ("haproxy_nbthread_1", "RAY_SERVE_HAPROXY_NBTHREAD")):

@@ -181,7 +181,7 @@ def test_serving_ray_head_runs_its_workers_at_the_configured_niceness(tmp_path, 
     """Ray adds 15 to its workers' niceness by default; the replicas (workers) and the HAProxy they
     start would then run below Ray's own processes: `rayrec serve start` passes
     `serve.worker_niceness` (0 by default) to the Ray head it starts, and Serve's control loop
-    interval (`serve.control_loop_interval_s`)."""
+    interval (`serve.control_loop_interval_s`) and a stopped replica's drain (`serve.drain_s`)."""
     from common.config import ServeConfig
     from common.workdir import Workdir
     from ray_apps import local
@@ -191,12 +191,14 @@ def test_serving_ray_head_runs_its_workers_at_the_configured_niceness(tmp_path, 
     monkeypatch.setattr(local.subprocess, "call", lambda cmd, **kw: calls.append((cmd, kw["env"])) or 0)
     wd = Workdir.at(tmp_path / "run")
     local.start_ray(wd, ServeConfig())
-    local.start_ray(wd, ServeConfig(haproxy=False, worker_niceness=5, control_loop_interval_s=0.1))
+    local.start_ray(wd, ServeConfig(haproxy=False, worker_niceness=5, control_loop_interval_s=0.1, drain_s=30))
     (cmd, env), (_, env5) = calls
     assert "start" in cmd and "--head" in cmd
     assert env["RAY_worker_niceness"] == "0" and env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     assert env5["RAY_worker_niceness"] == "5" and env5["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
     assert env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.5" and env5["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.1"
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "5.0"
+    assert env5["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30.0"
     with pytest.raises(ValueError, match="worker_niceness"):
         ServeConfig(worker_niceness=20)
 
