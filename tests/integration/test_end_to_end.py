@@ -25,7 +25,7 @@ def free_tcp_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tiny_run):
-    """Serve the session's tiny run (tests/integration/conftest.py); yields (workdir, base url)."""
+    """Serve the session's tiny run (tests/conftest.py); yields (workdir, base url)."""
     import os
 
     import ray

@@ -32,7 +32,7 @@ def free_tcp_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tiny_run):
-    """The session's tiny run (tests/integration/conftest.py) served with an API key; yields the
+    """The session's tiny run (tests/conftest.py) served with an API key; yields the
     base URL. The end-to-end module served it before, so some customers have bought more."""
     import ray
     from ray import serve
