@@ -465,7 +465,7 @@ def start_app(wd: Workdir, topology: str, variant: str, candidates: int, replica
     args = {"workdir": str(wd.root), "topology": topology, "n_candidates": candidates}
     if replicas:
         args |= {"min_replicas": replicas, "max_replicas": replicas}
-    args |= admission or {}
+    args |= (admission or {}) | {"haproxy_admission": variant in ADMISSION_VARIANTS}
     serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://127.0.0.1:{port}", serve
 

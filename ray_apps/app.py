@@ -81,6 +81,9 @@ class AppArgs(BaseModel):
                                        description="Replicas run the app on a loop in its own thread, or on the main loop")
     user_config: dict[str, Any] | None = Field(
         None, description="The ingress's user_config: {workdir: PATH} switches to that run without a restart")
+    haproxy_admission: bool = Field(
+        False, description="HAProxy enforces the bounds before the replicas (`rayrec serve start` with "
+                           "serve.haproxy_admission): a replica's own queue then takes max_ongoing_requests more")
 
 
 def settle_heap() -> None:
@@ -803,6 +806,14 @@ def deployment_options(s: ServeConfig, a: AppArgs, topology: str) -> dict[str, A
     """Replica sizes, autoscaling and admission control (see ServeConfig). The split topology's
     four deployments start at one replica each unless the args say otherwise."""
     low = a.min_replicas or (s.min_replicas if topology == "fused" else 1)
+    ongoing = a.max_ongoing_requests or s.max_ongoing_requests
+    queued = a.max_queued_requests if a.max_queued_requests is not None else s.max_queued_requests
+    if a.haproxy_admission and queued >= 0:
+        # HAProxy counts a request done when its answer is out, before the replica does, and sends
+        # the next one at once: up to `ongoing` of them can reach a replica that still counts its
+        # answered ones. Without this slack the replica refused them itself, slowly, on the loop
+        # that runs the stages (docs/scaling.md F32, F35). HAProxy still holds the bounds.
+        queued += ongoing
     actor: dict[str, Any] = {"num_cpus": a.num_cpus or s.num_cpus}
     if (a.user_code_loop or s.user_code_loop) == "main":  # read by Serve when the replica's process starts
         actor["runtime_env"] = {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
@@ -810,8 +821,8 @@ def deployment_options(s: ServeConfig, a: AppArgs, topology: str) -> dict[str, A
         "ray_actor_options": actor,
         "autoscaling_config": {"min_replicas": low, "max_replicas": max(a.max_replicas or s.max_replicas, low),
                                "target_ongoing_requests": s.target_ongoing_requests},
-        "max_ongoing_requests": a.max_ongoing_requests or s.max_ongoing_requests,
-        "max_queued_requests": a.max_queued_requests if a.max_queued_requests is not None else s.max_queued_requests,
+        "max_ongoing_requests": ongoing,
+        "max_queued_requests": queued,
         "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
         "logging_config": {"enable_access_log": s.access_log if a.access_log is None else a.access_log},
     }

@@ -78,7 +78,9 @@ def deploy(cfg: RayrecConfig, wd: Workdir) -> str:
     start_ray(wd, cfg.serve)
     ray.init(address=ray_address(), log_to_driver=False)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(build_app({"workdir": str(wd.root)}), name=APP_NAME, route_prefix="/", blocking=False)
+    admission = cfg.serve.haproxy and cfg.serve.haproxy_admission  # as start_ray started HAProxy
+    serve.run(build_app({"workdir": str(wd.root), "haproxy_admission": admission}), name=APP_NAME, route_prefix="/",
+              blocking=False)
     conf = wd.root / "serve_config.yaml"
     conf.write_text(yaml.safe_dump(serve_config(wd.root, cfg.serve.host, cfg.serve.port), sort_keys=False))
     ray.shutdown()

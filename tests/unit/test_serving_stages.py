@@ -159,6 +159,25 @@ def test_access_log_is_off_unless_the_config_or_the_app_args_turn_it_on():
     assert enabled(ServeConfig(), access_log=True) is True
 
 
+def test_behind_haproxys_admission_a_replica_queues_what_haproxy_sends_before_it_counts_an_answer():
+    """HAProxy enforces the bounds; the replica's own queue gets max_ongoing_requests of slack for
+    the requests HAProxy sends as soon as answers are out. Without HAProxy's admission (Serve's
+    proxy, the cluster's serve_config.yaml) the replica's bounds are the config's, and an
+    unbounded queue (-1) stays unbounded."""
+    from common.config import ServeConfig
+    from ray_apps.app import AppArgs, deployment_options
+
+    def bounds(serve_cfg, **args):
+        opts = deployment_options(serve_cfg, AppArgs(workdir="w", **args), "fused")
+        return opts["max_ongoing_requests"], opts["max_queued_requests"]
+
+    cfg = ServeConfig(max_ongoing_requests=4, max_queued_requests=2)
+    assert bounds(cfg) == (4, 2)
+    assert bounds(cfg, haproxy_admission=True) == (4, 6)
+    assert bounds(cfg, haproxy_admission=True, max_ongoing_requests=8, max_queued_requests=0) == (8, 8)
+    assert bounds(ServeConfig(max_queued_requests=-1), haproxy_admission=True)[1] == -1
+
+
 def test_user_code_loop_main_sets_serves_variable_in_the_replicas_environment():
     """`main` (the default) runs the app on the replica's main loop: Serve reads the variable when the
     replica's process starts, so it goes in the deployment's runtime_env; `thread` sets nothing."""
