@@ -232,9 +232,11 @@ class ServeConfig(_Strict):
     # 8 at a time per replica: with HAProxy enforcing it (haproxy_admission), 4 served 181-208 req/s
     # offered 300 against 194-269 with 8 (serve_load.py --max-ongoing; docs/scaling.md F32): a
     # replica's requests also wait on worker threads (event writes, new searches), and 4 left it idle.
-    # The replica's own queue bound is the same number as HAProxy's: HAProxy sends the next request
-    # as soon as an answer is out, before the replica has counted it done, so a smaller replica
-    # queue (4 or 2) made the replica refuse some requests itself, slowly, on its loop.
+    # HAProxy sends the next request as soon as an answer is out, before the replica has counted it
+    # done, so behind HAProxy's admission the replica's own queue takes max_ongoing_requests more
+    # (ray_apps.app.deployment_options): with the same bound as HAProxy's, 4 + 2 made the replica
+    # refuse some requests itself, slowly, on its loop. 4 + 2 with that slack: accepted requests at
+    # p99 81-98 ms instead of 233-260 ms offered 300 req/s, as many served (docs/scaling.md F35).
     max_ongoing_requests: int = Field(8, ge=1)
     max_queued_requests: int = Field(8, ge=-1)
     retry_after_s: float = Field(1.0, ge=0)
