@@ -855,11 +855,15 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return Ingress.options(**ingress_opts).bind(workdir, stages, key_hash, a.n_candidates, a.article_cache_ttl_s)
 
 
-def serve_config(workdir: Path, host: str, port: int, topology: str | None = None) -> dict[str, Any]:
-    """A Serve config that `serve deploy` accepts, for this workdir."""
+def serve_config(workdir: Path, host: str, port: int, topology: str | None = None,
+                 haproxy_admission: bool = False) -> dict[str, Any]:
+    """A Serve config that `serve deploy` accepts, for this workdir (`haproxy_admission`: for a
+    head whose HAProxy enforces the bounds, as `rayrec serve start` starts it)."""
     args: dict[str, Any] = {"workdir": str(workdir)}
     if topology:
         args["topology"] = topology
+    if haproxy_admission:
+        args["haproxy_admission"] = True
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": host, "port": port},

@@ -82,7 +82,8 @@ def deploy(cfg: RayrecConfig, wd: Workdir) -> str:
     serve.run(build_app({"workdir": str(wd.root), "haproxy_admission": admission}), name=APP_NAME, route_prefix="/",
               blocking=False)
     conf = wd.root / "serve_config.yaml"
-    conf.write_text(yaml.safe_dump(serve_config(wd.root, cfg.serve.host, cfg.serve.port), sort_keys=False))
+    conf.write_text(yaml.safe_dump(serve_config(wd.root, cfg.serve.host, cfg.serve.port, haproxy_admission=admission),
+                                   sort_keys=False))
     ray.shutdown()
     return f"http://{cfg.serve.host}:{cfg.serve.port}"
 

@@ -29,6 +29,9 @@ def test_serve_config_is_accepted_by_serve_schema(tmp_path):
     conf = ServeDeploySchema.model_validate(serve_config(tmp_path, "127.0.0.1", 8000))
     assert conf.http_options.host == "127.0.0.1"
     assert conf.applications[0].import_path == "ray_apps.app:build_app"
+    assert "haproxy_admission" not in conf.applications[0].args
+    local = ServeDeploySchema.model_validate(serve_config(tmp_path, "127.0.0.1", 8000, haproxy_admission=True))
+    assert local.applications[0].args["haproxy_admission"] is True
 
 
 def test_fused_calls_default_and_bad_value_named():
