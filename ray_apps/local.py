@@ -43,6 +43,11 @@ def ray_address() -> str:
     return f"127.0.0.1:{RAY_PORT}"
 
 
+def haproxy_admits(serve_cfg: ServeConfig) -> bool:
+    """Whether the head `start_ray` starts has HAProxy enforce the replicas' admission bounds."""
+    return serve_cfg.haproxy and serve_cfg.haproxy_admission
+
+
 def start_ray(wd: Workdir, serve_cfg: ServeConfig) -> None:
     """Start a Ray head for serving unless one is already up on our port. With `serve.haproxy`,
     Serve's HTTP ingress is HAProxy (the variant benchmarks/serve_load.py found faster here), and
@@ -61,7 +66,7 @@ def start_ray(wd: Workdir, serve_cfg: ServeConfig) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     env = without_admission(dict(os.environ, **ray_serving_env(serve_cfg.haproxy, serve_cfg.worker_niceness,
                                                                   serve_cfg.control_loop_interval_s, serve_cfg.drain_s)))
-    if serve_cfg.haproxy and serve_cfg.haproxy_admission:
+    if haproxy_admits(serve_cfg):
         env |= serving_env(admission_for(serve_cfg))
     with log.open("w") as f:
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -78,7 +83,7 @@ def deploy(cfg: RayrecConfig, wd: Workdir) -> str:
     start_ray(wd, cfg.serve)
     ray.init(address=ray_address(), log_to_driver=False)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    admission = cfg.serve.haproxy and cfg.serve.haproxy_admission  # as start_ray started HAProxy
+    admission = haproxy_admits(cfg.serve)  # as start_ray started HAProxy
     serve.run(build_app({"workdir": str(wd.root), "haproxy_admission": admission}), name=APP_NAME, route_prefix="/",
               blocking=False)
     conf = wd.root / "serve_config.yaml"
