@@ -453,7 +453,8 @@ def start_app(wd: Workdir, topology: str, variant: str, candidates: int, replica
     if variant in ADMISSION_VARIANTS:
         args = admission or {}
         os.environ.update(serving_env(admission_for(load_config(wd.config_path).serve,
-                                                    args.get("max_ongoing_requests"), args.get("max_queued_requests"))))
+                                                    args.get("max_ongoing_requests"), args.get("max_queued_requests"),
+                                                    args.get("queue_timeout_ms"))))
     import ray
     from ray import serve
 
@@ -465,7 +466,8 @@ def start_app(wd: Workdir, topology: str, variant: str, candidates: int, replica
     args = {"workdir": str(wd.root), "topology": topology, "n_candidates": candidates}
     if replicas:
         args |= {"min_replicas": replicas, "max_replicas": replicas}
-    args |= (admission or {}) | {"haproxy_admission": variant in ADMISSION_VARIANTS}
+    app_admission = {k: v for k, v in (admission or {}).items() if k != "queue_timeout_ms"}  # HAProxy's alone
+    args |= app_admission | {"haproxy_admission": variant in ADMISSION_VARIANTS}
     serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://127.0.0.1:{port}", serve
 
@@ -788,6 +790,8 @@ def main() -> None:
                     help="replicas per deployment (fixed; 0 = the run's autoscaling config)")
     ap.add_argument("--max-ongoing", type=int, help="max_ongoing_requests per replica (default: the run's config)")
     ap.add_argument("--max-queued", type=int, help="max_queued_requests (default: the run's config)")
+    ap.add_argument("--queue-timeout-ms", type=int,
+                    help="HAProxy's queue timeout, admission variants only (default: the run's serve.queue_timeout_ms)")
     ap.add_argument("--article-cache-ttl-s", type=float, nargs="+",
                     help="serve.article_cache_ttl_s values to run each case with (default: the run's config; 0: off)")
     ap.add_argument("--fused-calls", nargs="+", choices=["inline", "batched"],
@@ -812,8 +816,8 @@ def main() -> None:
 
             ray.shutdown()
         payloads = Payloads(wd, novel_search=a.search_queries == "novel")
-        admission = {k: v for k, v in (("max_ongoing_requests", a.max_ongoing), ("max_queued_requests", a.max_queued))
-                     if v is not None}
+        admission = {k: v for k, v in (("max_ongoing_requests", a.max_ongoing), ("max_queued_requests", a.max_queued),
+                                       ("queue_timeout_ms", a.queue_timeout_ms)) if v is not None}
         base_p50 = None
         if not a.served_only:
             base, gc_row = in_process(wd, payloads, a.candidates)

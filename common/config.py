@@ -229,16 +229,16 @@ class ServeConfig(_Strict):
     # (Serve's shutdown) took 43 s, and every scale-down held a replica's memory that long.
     drain_s: float = Field(5.0, ge=0, le=300)
     target_ongoing_requests: float = Field(2, gt=0)
-    # 8 at a time per replica: with HAProxy enforcing it (haproxy_admission), 4 served 181-208 req/s
-    # offered 300 against 194-269 with 8 (serve_load.py --max-ongoing; docs/scaling.md F32): a
-    # replica's requests also wait on worker threads (event writes, new searches), and 4 left it idle.
-    # HAProxy sends the next request as soon as an answer is out, before the replica has counted it
-    # done, so behind HAProxy's admission the replica's own queue takes max_ongoing_requests more
-    # (ray_apps.app.deployment_options): with the same bound as HAProxy's, 4 + 2 made the replica
-    # refuse some requests itself, slowly, on its loop. 4 + 2 with that slack: accepted requests at
-    # p99 81-98 ms instead of 233-260 ms offered 300 req/s, as many served (docs/scaling.md F35).
-    max_ongoing_requests: int = Field(8, ge=1)
-    max_queued_requests: int = Field(8, ge=-1)
+    # 4 at a time and 2 waiting per replica. HAProxy sends the next request as soon as an answer is
+    # out, before the replica has counted it done, so behind HAProxy's admission the replica's own
+    # queue takes max_ongoing_requests more (ray_apps.app.deployment_options). With that slack,
+    # 4 + 2 held 150 req/s like 8 + 8 and, offered 300 req/s, served as many with accepted
+    # requests at p99 61-98 ms instead of 144-260 ms (serve_load.py --max-ongoing --max-queued;
+    # docs/scaling.md F35, F36); 2 + 2 cut that to 40-44 ms but refused some requests at 150.
+    # An earlier finding that 4 left a replica idle (F32) came from runs without the slack,
+    # where the replica refused requests itself.
+    max_ongoing_requests: int = Field(4, ge=1)
+    max_queued_requests: int = Field(2, ge=-1)
     retry_after_s: float = Field(1.0, ge=0)
     # With `haproxy`, HAProxy itself enforces the bounds above before a request reaches a replica
     # (ray_apps/haproxy_admission.py): at most max_ongoing_requests per replica, queued in

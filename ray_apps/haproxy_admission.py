@@ -66,12 +66,14 @@ class Admission:
                 raise ValueError(f"{ENV[name]}={getattr(self, name)}: must be >= {low}")
 
 
-def admission_for(serve: ServeConfig, max_ongoing: int | None = None, max_queued: int | None = None) -> Admission:
+def admission_for(serve: ServeConfig, max_ongoing: int | None = None, max_queued: int | None = None,
+                  queue_timeout_ms: int | None = None) -> Admission:
     """The bounds of a run's `serve:` config (the same numbers the replicas enforce), with the
-    overrides an app's args may give."""
+    overrides an app's args (or a benchmark) may give."""
     return Admission(server_maxconn=max_ongoing or serve.max_ongoing_requests,
                      queue_per_replica=serve.max_queued_requests if max_queued is None else max_queued,
-                     queue_timeout_ms=serve.queue_timeout_ms, retry_after_s=round(serve.retry_after_s))
+                     queue_timeout_ms=queue_timeout_ms or serve.queue_timeout_ms,
+                     retry_after_s=round(serve.retry_after_s))
 
 
 def admission_env(admission: Admission) -> dict[str, str]:

@@ -521,6 +521,13 @@ def test_hot_reload_switches_runs_without_failed_requests(served):
     assert run == "e2e"
 
 
+# The split and batched tests below send bursts of 8 concurrent requests to check that they share
+# batches. Behind Serve's own proxy (no HAProxy here) the default bounds, 4 at a time + 2 queued,
+# would refuse part of a burst at the split graph's single ingress replica, as designed; these
+# fixtures give the bursts room, so that a refusal there is a bug.
+BURST_ROOM = {"max_queued_requests": 8}
+
+
 @pytest.fixture(scope="module")
 def served_split(served):
     """The same run as the split topology (encoder, retriever, ranker deployments), with an API key."""
@@ -535,8 +542,8 @@ def served_split(served):
     try:
         # a topology change is a new app: the fused replicas' CPUs are needed by the split graph
         serve.delete(APP_NAME)
-        serve.run(build_app({"workdir": str(wd.root), "topology": "split"}), name=APP_NAME, route_prefix="/",
-                  blocking=False)
+        serve.run(build_app({"workdir": str(wd.root), "topology": "split", **BURST_ROOM}), name=APP_NAME,
+                  route_prefix="/", blocking=False)
     finally:
         os.environ.pop("RAYREC_API_KEY")
     return wd, url
@@ -591,8 +598,8 @@ def served_fused_batched(served_split):
 
     wd, url = served_split
     serve.delete(APP_NAME)
-    serve.run(build_app({"workdir": str(wd.root), "fused_calls": "batched"}), name=APP_NAME, route_prefix="/",
-              blocking=False)
+    serve.run(build_app({"workdir": str(wd.root), "fused_calls": "batched", **BURST_ROOM}), name=APP_NAME,
+              route_prefix="/", blocking=False)
     return wd, url
 
 

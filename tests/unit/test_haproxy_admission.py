@@ -14,6 +14,7 @@ from ray_apps.haproxy_admission import (
     MARK,
     Admission,
     admission_env,
+    admission_for,
     admission_from_env,
     error_page,
     patch_config,
@@ -138,6 +139,16 @@ def test_settings_come_from_the_environment_and_bad_ones_are_named():
         admission_from_env(admission_env(ADMISSION) | {ENV["server_maxconn"]: "four"})
     with pytest.raises(ValueError, match=f"{ENV['server_maxconn']}=0: must be >= 1"):
         admission_from_env(admission_env(ADMISSION) | {ENV["server_maxconn"]: "0"})
+
+
+def test_the_bounds_come_from_the_serve_config_unless_overridden():
+    from common.config import ServeConfig
+
+    cfg = ServeConfig(max_ongoing_requests=3, max_queued_requests=5, queue_timeout_ms=400, retry_after_s=2)
+    assert admission_for(cfg) == Admission(server_maxconn=3, queue_per_replica=5, queue_timeout_ms=400,
+                                           retry_after_s=2)
+    assert admission_for(cfg, 2, 0, 25) == Admission(server_maxconn=2, queue_per_replica=0, queue_timeout_ms=25,
+                                                     retry_after_s=2)
 
 
 def _fake_haproxy(tmp_path: Path) -> Path:
