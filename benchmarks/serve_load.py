@@ -81,7 +81,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, paced_cpu_s  # noqa: E402
 
-from common.config import load_config  # noqa: E402
+from common.config import ServeConfig, load_config  # noqa: E402
 from common.ray_env import ray_serving_env  # noqa: E402
 from common.workdir import Workdir  # noqa: E402
 from ray_apps.haproxy_admission import MESSAGE as _REFUSAL  # noqa: E402  (standard library only)
@@ -96,13 +96,22 @@ TARGET_P99_MS = 50.0
 # (serve.worker_niceness), except in `haproxy_ray_nice`: Ray's own default, 15 above Ray's
 # processes. Where replicas run the app's code is `--user-code-loop`, not a variant.
 _THROUGHPUT = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
-VARIANT_ENV = {"default": ray_serving_env(False, 0), "haproxy": ray_serving_env(True, 0),
-               "throughput": ray_serving_env(False, 0) | _THROUGHPUT,
-               "haproxy_throughput": ray_serving_env(True, 0) | _THROUGHPUT,
-               "haproxy_ray_nice": ray_serving_env(True, 15), "haproxy_admission": ray_serving_env(True, 0),
-               "haproxy_no_metrics": ray_serving_env(True, 0) | {"RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"},
-               "haproxy_ray_control": ray_serving_env(True, 0, control_loop_interval_s=0.1),
-               "haproxy_nbthread_1": ray_serving_env(True, 0) | {"RAY_SERVE_HAPROXY_NBTHREAD": "1"}}
+_SERVE = ServeConfig()  # the defaults `rayrec serve start` uses
+
+
+def _ray_env(haproxy: bool, worker_niceness: int = 0, **changed: float) -> dict[str, str]:
+    """`rayrec serve start`'s Ray environment with the default `serve:` config, less `changed`."""
+    s = _SERVE.model_copy(update=changed)
+    return ray_serving_env(haproxy, worker_niceness, s.control_loop_interval_s, s.drain_s)
+
+
+VARIANT_ENV = {"default": _ray_env(False), "haproxy": _ray_env(True),
+               "throughput": _ray_env(False) | _THROUGHPUT,
+               "haproxy_throughput": _ray_env(True) | _THROUGHPUT,
+               "haproxy_ray_nice": _ray_env(True, 15), "haproxy_admission": _ray_env(True),
+               "haproxy_no_metrics": _ray_env(True) | {"RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"},
+               "haproxy_ray_control": _ray_env(True, control_loop_interval_s=0.1),
+               "haproxy_nbthread_1": _ray_env(True) | {"RAY_SERVE_HAPROXY_NBTHREAD": "1"}}
 # Variants whose HAProxy enforces the app's admission bounds itself (rayrec-haproxy), as
 # `rayrec serve start` runs it with serve.haproxy_admission; in the others the replicas do.
 ADMISSION_VARIANTS = {"haproxy_admission", "haproxy_no_metrics", "haproxy_ray_control", "haproxy_nbthread_1"}

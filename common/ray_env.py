@@ -5,8 +5,8 @@ as the load benchmark's client, can name the same settings without loading the a
 from __future__ import annotations
 
 
-def ray_serving_env(haproxy: bool, worker_niceness: int, control_loop_interval_s: float = 0.5,
-                    drain_s: float = 5.0) -> dict[str, str]:
+def ray_serving_env(haproxy: bool, worker_niceness: int, control_loop_interval_s: float,
+                    drain_s: float) -> dict[str, str]:
     """Environment of the Ray processes that serve: Serve's HAProxy ingress on or off, the
     niceness Ray adds to its workers (replicas, and the HAProxy one of them starts), how often
     Serve's controller runs its control loop, and how long a stopped replica behind HAProxy still

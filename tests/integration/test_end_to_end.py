@@ -6,6 +6,7 @@ import json
 import httpx
 import pandas as pd
 import pytest
+from conftest import free_tcp_port
 
 from common.artifacts import read_manifest
 from common.workdir import Workdir
@@ -13,14 +14,6 @@ from feature_store.sources import FILES
 from feature_store.views import RETRIEVAL_VIEW_VERSION
 
 pytestmark = pytest.mark.integration
-
-
-def free_tcp_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -4,25 +4,19 @@ timeout they get a 503 with Retry-After without ever reaching the replica."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_tcp_port
 
 from ray_apps.haproxy_admission import REASON_HEADER, Admission, serving_env
 
 pytestmark = pytest.mark.integration
 HOLD_S = 4.0  # how long the replica holds each request; far longer than the queue timeout
 ADMISSION = Admission(server_maxconn=1, queue_per_replica=2, queue_timeout_ms=1000, retry_after_s=3)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +55,7 @@ def slow_app():
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        port = _free_port()
+        port = free_tcp_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(Slow.bind(), name="slow", route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}"

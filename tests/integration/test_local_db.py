@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import free_tcp_port
 
 from common.config import DatabaseConfig
 from common.workdir import Workdir
@@ -23,15 +24,9 @@ pytestmark = pytest.mark.integration
 PASSWORD_ENV = "RAYREC_TEST_LOCALDB_PASSWORD"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cfg(port: int | None = None, **kw: object) -> DatabaseConfig:
     values: dict[str, object] = dict(
-        port=port or _free_port(), database="rayrec_ldb", user="rayrec_ldb", password_env=PASSWORD_ENV
+        port=port or free_tcp_port(), database="rayrec_ldb", user="rayrec_ldb", password_env=PASSWORD_ENV
     )
     values.update(kw)
     return DatabaseConfig(**values)
@@ -247,7 +242,7 @@ def test_reserved_users_are_refused(tmp_path: Path, user: str) -> None:
 
 
 def test_start_refuses_a_running_server_on_another_port(server: LocalMariaDB) -> None:
-    other = LocalMariaDB(server.wd, server.cfg.model_copy(update={"port": _free_port()}))
+    other = LocalMariaDB(server.wd, server.cfg.model_copy(update={"port": free_tcp_port()}))
     with pytest.raises(RuntimeError, match=f"already running on port {server.cfg.port}"):
         other.start()
     assert server.status()["running"]

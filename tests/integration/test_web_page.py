@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_tcp_port
 
 pytestmark = pytest.mark.integration
 API_KEY = "web-page-test-key"
@@ -20,14 +21,6 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 INSTALL_HINT = "apt-get install -y chromium chromium-driver"
 ARTIFACT = Path(__file__).resolve().parents[1] / "artifacts" / "web_page.png"
 WAIT_S = 90  # two busy cores: a refresh can take a while
-
-
-def free_tcp_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
