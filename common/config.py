@@ -232,9 +232,10 @@ class ServeConfig(_Strict):
     # 4 at a time and 2 waiting per replica. HAProxy sends the next request as soon as an answer is
     # out, before the replica has counted it done, so behind HAProxy's admission the replica's own
     # queue takes max_ongoing_requests more (ray_apps.app.deployment_options). With that slack,
-    # 4 + 2 held 150 req/s like 8 + 8 and, offered 300 req/s, served as many with accepted
-    # requests at p99 61-98 ms instead of 144-260 ms (serve_load.py --max-ongoing --max-queued;
-    # docs/scaling.md F35, F36); 2 + 2 cut that to 40-44 ms but refused some requests at 150.
+    # Offered 300 req/s, 4 + 2 served as many as 8 + 8 with accepted requests at p99 61-98 ms
+    # instead of 144-260 ms; at 150 req/s it refused 0.04% of the requests in 2 of 10 windows,
+    # where 8 + 8 refused none (serve_load.py --max-ongoing --max-queued; docs/scaling.md F35,
+    # F36). 2 + 2 cut the accepted p99 to 40-44 ms but refused up to 2% at 150.
     # An earlier finding that 4 left a replica idle (F32) came from runs without the slack,
     # where the replica refused requests itself.
     max_ongoing_requests: int = Field(4, ge=1)
