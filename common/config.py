@@ -225,8 +225,8 @@ class ServeConfig(_Strict):
     # Seconds a stopped replica behind HAProxy still answers (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S)
     # on the head `rayrec serve start` starts. Ray's default, 30 s, gives an external load
     # balancer that targets replicas directly time to deregister one; here the only router is
-    # the HAProxy Ray reloads about a second after a replica's stop. With 30 s, `rayrec serve stop`
-    # (Serve's shutdown) took 43 s, and every scale-down held a replica's memory that long.
+    # the HAProxy that Ray reloads with the new replica set when one stops. With 30 s, `rayrec
+    # serve stop` (Serve's shutdown) took 43 s, and every scale-down held a replica's memory that long.
     drain_s: float = Field(5.0, ge=0, le=300)
     target_ongoing_requests: float = Field(2, gt=0)
     # 4 at a time and 2 waiting per replica. HAProxy sends the next request as soon as an answer is
