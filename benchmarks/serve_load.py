@@ -52,7 +52,7 @@ JSON lines, e.g.
 Usage: python benchmarks/serve_load.py [--workdir RUN] [--rates 25 50 100 150 200] [--duration 8]
        [--topologies fused split] [--variants default haproxy haproxy_admission throughput]
        [--candidates 200]
-       [--max-ongoing N] [--max-queued N] [--article-cache-ttl-s 2 0] [--fused-calls inline batched]
+       [--max-ongoing N] [--max-queued N] [--queue-timeout-ms T] [--article-cache-ttl-s 2 0] [--fused-calls inline batched]
        [--access-log on off] [--user-code-loop thread main] [--search-queries repeat|novel]
        [--served-only]
 Without --workdir it builds a small pipeline run in a temp folder (with its own MariaDB).
@@ -100,7 +100,7 @@ _SERVE = ServeConfig()  # the defaults `rayrec serve start` uses
 
 
 def _ray_env(haproxy: bool, worker_niceness: int = 0, **changed: float) -> dict[str, str]:
-    """`rayrec serve start`'s Ray environment with the default `serve:` config, less `changed`."""
+    """`rayrec serve start`'s Ray environment for the default `serve:` config with `changed` fields."""
     s = _SERVE.model_copy(update=changed)
     return ray_serving_env(haproxy, worker_niceness, s.control_loop_interval_s, s.drain_s)
 
