@@ -233,8 +233,8 @@ class ServeConfig(_Strict):
     # out, before the replica has counted it done, so behind HAProxy's admission the replica's own
     # queue takes max_ongoing_requests more (ray_apps.app.deployment_options). With that slack,
     # Offered 300 req/s, 4 + 2 served as many as 8 + 8 with accepted requests at p99 61-98 ms
-    # instead of 144-260 ms; at 150 req/s it refused 0.04% of the requests in 2 of 10 windows,
-    # where 8 + 8 refused none (serve_load.py --max-ongoing --max-queued; docs/scaling.md F35,
+    # instead of 144-260 ms; at 150 req/s it refused 0.04-0.07% of the requests in 3 of 12
+    # windows, where 8 + 8 refused none (serve_load.py --max-ongoing --max-queued; docs/scaling.md F35,
     # F36). 2 + 2 cut the accepted p99 to 40-44 ms but refused up to 2% at 150.
     # An earlier finding that 4 left a replica idle (F32) came from runs without the slack,
     # where the replica refused requests itself.
