@@ -110,6 +110,18 @@ def _q(name: str) -> str:
     return f"`{validate_identifier(name)}`"
 
 
+def _retry_deadlocks(statement: Callable[..., T], *args: Any) -> T:
+    """`statement(*args)` (one autocommit statement), run again when the server rolled it back
+    as a deadlock victim or after a lock wait timeout: it was undone whole, so rerunning is safe."""
+    for n in range(_TXN_ATTEMPTS):
+        try:
+            return statement(*args)
+        except OperationalError as e:
+            if not (e.args and e.args[0] in _RETRY_TXN) or n + 1 == _TXN_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _translate(e: pymysql.err.MySQLError) -> Exception:
     """Map the server errors callers act on to the store's exceptions; others pass unchanged."""
     code = e.args[0] if e.args else None
@@ -599,16 +611,21 @@ class MySQLOnlineStore(OnlineStore):
                         part)
             return {bytes(v).decode("utf-8"): int(c) for v, c in cur.fetchall()}
 
+        insert = f"INSERT IGNORE INTO {_q(DICTIONARY_TABLE)} (`value`) VALUES (%s)"
+
         def op(conn: pymysql.connections.Connection) -> dict[str, int]:
             self._ensure_dictionary(conn)
             out: dict[str, int] = {}
+            # In sorted order (UTF-8 keeps code point order), concurrent writers lock the unique
+            # index in the same order; a deadlock that still happens is retried.
+            ordered = sorted(wanted)
             with conn.cursor() as cur:
-                for i in range(0, len(wanted), 500):
-                    part = [v.encode("utf-8") for v in wanted[i : i + 500]]
+                for i in range(0, len(ordered), 500):
+                    part = [v.encode("utf-8") for v in ordered[i : i + 500]]
                     got = codes(cur, part)
                     new = [b for b in part if b.decode("utf-8") not in got]
                     if new:  # IGNORE: a value another writer coded meanwhile keeps its code
-                        cur.executemany(f"INSERT IGNORE INTO {_q(DICTIONARY_TABLE)} (`value`) VALUES (%s)", new)
+                        _retry_deadlocks(cur.executemany, insert, new)
                         got.update(codes(cur, new))
                     out.update(got)
             lost = [v for v in wanted if v not in out]
