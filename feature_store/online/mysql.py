@@ -122,6 +122,31 @@ def _retry_deadlocks(statement: Callable[..., T], *args: Any) -> T:
     raise AssertionError("unreachable")
 
 
+def _in_transaction(conn: pymysql.connections.Connection,
+                    body: Callable[[pymysql.connections.Connection], bool]) -> bool:
+    """`body(conn)` in one transaction: committed when it returns True, else rolled back. Run
+    again whole when the server rolled it back as a deadlock victim or after a lock wait
+    timeout (concurrent writers of the same keys); any other error rolls back and is raised."""
+    for n in range(_TXN_ATTEMPTS):
+        try:
+            conn.begin()
+            done = body(conn)
+            if done:
+                conn.commit()
+            else:
+                conn.rollback()
+            return done
+        except BaseException as e:
+            try:
+                conn.rollback()
+            except Exception:  # a lost connection rolls back on the server
+                pass
+            if isinstance(e, OperationalError) and e.args and e.args[0] in _RETRY_TXN and n + 1 < _TXN_ATTEMPTS:
+                continue
+            raise
+    raise AssertionError("unreachable")
+
+
 def _translate(e: pymysql.err.MySQLError) -> Exception:
     """Map the server errors callers act on to the store's exceptions; others pass unchanged."""
     code = e.args[0] if e.args else None
@@ -431,22 +456,14 @@ class MySQLOnlineStore(OnlineStore):
         sql = _upsert_sql(spec, newer_column)
         step = self._chunk_size
 
-        def op(conn: pymysql.connections.Connection) -> int:
-            try:
-                conn.begin()
-                with conn.cursor() as cur:
-                    for i in range(0, len(prepared), step):
-                        cur.executemany(sql, prepared[i : i + step])
-                conn.commit()
-            except BaseException:
-                try:
-                    conn.rollback()
-                except Exception:  # a lost connection rolls back on the server
-                    pass
-                raise
-            return len(prepared)
+        def upsert(conn: pymysql.connections.Connection) -> bool:
+            with conn.cursor() as cur:
+                for i in range(0, len(prepared), step):
+                    cur.executemany(sql, prepared[i : i + step])
+            return True
 
-        return self._run(op)
+        self._run(lambda conn: _in_transaction(conn, upsert))
+        return len(prepared)
 
     def read_batch(
         self, spec: TableSpec, keys: Sequence[Any], columns: Sequence[str] | None = None
@@ -568,28 +585,7 @@ class MySQLOnlineStore(OnlineStore):
                     cur.executemany(_upsert_sql(spec, None), prepared)
             return True
 
-        def op(conn: pymysql.connections.Connection) -> bool:
-            for n in range(_TXN_ATTEMPTS):
-                try:
-                    conn.begin()
-                    done = attempt(conn)
-                    if done:
-                        conn.commit()
-                    else:
-                        conn.rollback()
-                    return done
-                except BaseException as e:
-                    try:
-                        conn.rollback()
-                    except Exception:  # a lost connection rolls back on the server
-                        pass
-                    if isinstance(e, OperationalError) and e.args and e.args[0] in _RETRY_TXN:
-                        if n + 1 < _TXN_ATTEMPTS:
-                            continue
-                    raise
-            raise AssertionError("unreachable")
-
-        return self._run(op)
+        return self._run(lambda conn: _in_transaction(conn, attempt))
 
     def dictionary_entries(self, after: int = 0) -> list[tuple[int, str]]:
         def op(conn: pymysql.connections.Connection) -> list[tuple[int, str]]:

@@ -47,36 +47,3 @@ def test_invalid_keys_are_refused():
     with pytest.raises(ValueError, match="invalid key"):
         _distinct_keys(STR, [5])
 
-
-def test_a_statement_the_server_rolled_back_for_a_deadlock_is_run_again():
-    from pymysql.err import OperationalError
-
-    from feature_store.online.mysql import _TXN_ATTEMPTS, _retry_deadlocks
-
-    calls: list[tuple] = []
-
-    def flaky(*args: object) -> int:
-        calls.append(args)
-        if len(calls) < 3:
-            raise OperationalError(1213 if len(calls) == 1 else 1205, "try restarting transaction")
-        return 7
-
-    assert _retry_deadlocks(flaky, "sql", [b"v"]) == 7 and calls == [("sql", [b"v"])] * 3
-
-    def always() -> None:
-        calls.append(())
-        raise OperationalError(1213, "Deadlock found")
-
-    calls.clear()
-    with pytest.raises(OperationalError):
-        _retry_deadlocks(always)
-    assert len(calls) == _TXN_ATTEMPTS
-
-    def other() -> None:  # any other error is not retried
-        calls.append(())
-        raise OperationalError(1045, "Access denied")
-
-    calls.clear()
-    with pytest.raises(OperationalError, match="Access denied"):
-        _retry_deadlocks(other)
-    assert len(calls) == 1
