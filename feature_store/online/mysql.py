@@ -24,6 +24,8 @@ store per thread or process for parallelism). The connection runs in autocommit 
 never see a stale snapshot; writes open an explicit transaction. When the server restarted or
 the connection dropped, the call reconnects and is retried once: every operation here is
 idempotent (upserts, IF [NOT] EXISTS DDL, reads), so a retry cannot apply anything twice.
+A write the server rolled back as a deadlock victim or on a lock wait timeout (concurrent
+writers of the same keys) is run again whole, up to `_TXN_ATTEMPTS` times.
 """
 
 from __future__ import annotations
