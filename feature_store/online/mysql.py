@@ -112,6 +112,11 @@ def _q(name: str) -> str:
     return f"`{validate_identifier(name)}`"
 
 
+def _rolled_back_by_the_server(e: BaseException) -> bool:
+    """A deadlock victim or a lock wait timeout: the server undid the work, which may run again."""
+    return isinstance(e, OperationalError) and bool(e.args) and e.args[0] in _RETRY_TXN
+
+
 def _retry_deadlocks(statement: Callable[..., T], *args: Any) -> T:
     """`statement(*args)` (one autocommit statement), run again when the server rolled it back
     as a deadlock victim or after a lock wait timeout: it was undone whole, so rerunning is safe."""
@@ -119,7 +124,7 @@ def _retry_deadlocks(statement: Callable[..., T], *args: Any) -> T:
         try:
             return statement(*args)
         except OperationalError as e:
-            if not (e.args and e.args[0] in _RETRY_TXN) or n + 1 == _TXN_ATTEMPTS:
+            if not _rolled_back_by_the_server(e) or n + 1 == _TXN_ATTEMPTS:
                 raise
     raise AssertionError("unreachable")
 
@@ -143,7 +148,7 @@ def _in_transaction(conn: pymysql.connections.Connection,
                 conn.rollback()
             except Exception:  # a lost connection rolls back on the server
                 pass
-            if isinstance(e, OperationalError) and e.args and e.args[0] in _RETRY_TXN and n + 1 < _TXN_ATTEMPTS:
+            if _rolled_back_by_the_server(e) and n + 1 < _TXN_ATTEMPTS:
                 continue
             raise
     raise AssertionError("unreachable")

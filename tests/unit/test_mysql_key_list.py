@@ -46,4 +46,3 @@ def test_invalid_keys_are_refused():
         _distinct_keys(INT, [True])
     with pytest.raises(ValueError, match="invalid key"):
         _distinct_keys(STR, [5])
-

@@ -37,7 +37,6 @@ def test_a_statement_the_server_rolled_back_for_a_deadlock_is_run_again():
     assert len(calls) == 1
 
 
-
 class FakeConnection:
     """Records begin / commit / rollback, as a pymysql connection would see them."""
 
