@@ -28,13 +28,20 @@ the CPU time per call of the client processes and of mariadbd, and load_avg_1m t
 load: on a shared machine the wall-clock figures include waiting for other processes' work. `purchase_event` times
 `apply_purchase_event` (one online transaction updating a customer_history and an articles row).
 
+Each case's clients wait at a start line (so that 4 clients run together), then call back to
+back for --settle-s seconds before the --reads timed calls: after seconds of idling at the start
+line, client and server run slower for about a second (250 keys, 1 client, A/B in one process:
+p99 2.07-2.81 ms for 400 calls after a 5 s idle against 1.57-2.03 ms without, p50 +0.3 ms).
+Those first calls are reported apart, as settle_calls, settle_p50_ms and settle_p99_ms; the other
+figures are the steady state of one or more clients reading back to back.
+
 The server is measured warm, as it serves: before the timed cases every key is read
 --warmup-passes times in batches (a `warmup` line reports how long that took and the
 server's CPU per read meanwhile; after a restart InnoDB's buffer pool and adaptive hash index
 make the first few thousand reads cost about twice as much server CPU as later ones).
 
 Usage: python benchmarks/online_store.py [--rows 200000] [--batches 250,100] [--clients 1,4]
-                                          [--reads 400] [--warmup-passes 1] [--events 200]
+                                          [--reads 1500] [--settle-s 1] [--warmup-passes 1] [--events 200]
                                           [--db-port PORT] [--workdir DIR]
 """
 from __future__ import annotations
@@ -187,10 +194,11 @@ def warm_up(cfg: DatabaseConfig, password: str, root: str, rows: int, passes: in
             "server_cpu_ms": round((server_cpu_s(pid) - s0) / max(calls, 1) * 1000, 3)}
 
 
-def client(args: tuple) -> tuple[np.ndarray, float]:
-    """One client process: its own connection; returns per-call latencies (ms) and its CPU
-    seconds over the timed calls."""
-    cfg, password, root, mode, batch, reads, rows, seed, start_at = args
+def client(args: tuple) -> dict:
+    """One client process: its own connection. Returns the timed calls' latencies (ms), its CPU
+    seconds over them, the settling calls' latencies, and (when given the server's pid) the
+    server's CPU seconds over the timed calls."""
+    cfg, password, root, mode, batch, reads, rows, seed, start_at, settle_s, server_pid = args
     store = MySQLOnlineStore.from_config(cfg, password, key_form="in" if mode == "statement_in" else "auto")
     fs = FeatureStore(Workdir.at(root), store)
     fv = fs.get_feature_view(VIEW_PLAIN if mode == "plain" else VIEW)
@@ -198,26 +206,40 @@ def client(args: tuple) -> tuple[np.ndarray, float]:
     rng = np.random.default_rng(seed)
     ids = article_ids(rows)
     batches = [[ids[j] for j in rng.choice(rows, batch, replace=False)] for _ in range(64)]
+
+    def call(b: list[str]) -> object:
+        if mode in ("batched", "plain"):
+            return fv.get_feature_vectors(b)
+        if mode in ("statement", "statement_in"):  # the same statement, its rows left undecoded
+            return store.read_concat(spec, b, ONLINE_ROW_COLUMN)
+        return [fv.get_feature_vectors([k]) for k in b]
+
     for b in batches[:8]:  # warm up: connection, registry lookup, code paths
-        fv.get_feature_vectors(b)
+        call(b)
     while time.time() < start_at:
         time.sleep(0.001)
+    # Settle: the same calls back to back for settle_s before the timed ones. Waiting at the
+    # start line leaves client and server idle for seconds, and the calls right after that run
+    # slower for about a second (p50 +0.3 ms, p99 +0.5 ms at 250 keys here): reported apart.
+    settle: list[float] = []
+    settle_end = time.perf_counter() + settle_s
+    i = 0
+    while time.perf_counter() < settle_end:
+        t0 = time.perf_counter()
+        call(batches[i % 64])
+        settle.append((time.perf_counter() - t0) * 1000)
+        i += 1
     out = np.empty(reads)
-    cpu0 = time.process_time()
+    s0, cpu0 = server_cpu_s(server_pid), time.process_time()
     for i in range(reads):
         b = batches[i % 64]
         t0 = time.perf_counter()
-        if mode in ("batched", "plain"):
-            vecs = fv.get_feature_vectors(b)
-        elif mode in ("statement", "statement_in"):  # the same statement, its rows left undecoded
-            vecs = store.read_concat(spec, b, ONLINE_ROW_COLUMN)
-        else:
-            vecs = [fv.get_feature_vectors([k]) for k in b]
+        vecs = call(b)
         out[i] = (time.perf_counter() - t0) * 1000
-    cpu = time.process_time() - cpu0
+    cpu, server = time.process_time() - cpu0, server_cpu_s(server_pid) - s0
     assert vecs is not None
     store.close()
-    return out, cpu
+    return {"lat": out, "cpu": cpu, "settle": np.array(settle), "server_cpu": server}
 
 
 def server_cpu_s(pid: int | None) -> float:
@@ -232,23 +254,23 @@ def server_cpu_s(pid: int | None) -> float:
 
 
 def measure(cfg, password, root, mode: str, batch: int, clients: int, reads: int, rows: int,
-            server_pid: int | None = None) -> dict:
+            server_pid: int | None = None, settle_s: float = 1.0) -> dict:
     start_at = time.time() + 4.0 + clients  # after every client connected and warmed up
-    jobs = [(cfg, password, root, mode, batch, reads, rows, 100 + c, start_at) for c in range(clients)]
-    if clients == 1:
-        s0 = server_cpu_s(server_pid)
-        results = [client(jobs[0])]
-        s1 = server_cpu_s(server_pid)
+    jobs = [(cfg, password, root, mode, batch, reads, rows, 100 + c, start_at, settle_s, None) for c in range(clients)]
+    if clients == 1:  # in this process: the client samples the server's CPU around its timed calls
+        results = [client((*jobs[0][:-1], server_pid))]
+        server_s = results[0]["server_cpu"]
     else:
         with mp.get_context("spawn").Pool(clients) as pool:
             pending = pool.map_async(client, jobs)
-            time.sleep(max(0.0, start_at - time.time()))
+            time.sleep(max(0.0, start_at + settle_s - time.time()))
             s0 = server_cpu_s(server_pid)
             results = pending.get()
-            s1 = server_cpu_s(server_pid)
-    lat = [r[0] for r in results]
+            server_s = server_cpu_s(server_pid) - s0
+    lat = [r["lat"] for r in results]
     all_lat = np.concatenate(lat)
-    wall = max(lat_i.sum() for lat_i in lat) / 1000  # each client runs back to back from start_at
+    settle = np.concatenate([r["settle"] for r in results])
+    wall = max(lat_i.sum() for lat_i in lat) / 1000  # each client runs back to back after settling
     calls = reads * clients
     return {
         "p50_ms": float(np.percentile(all_lat, 50)),
@@ -256,8 +278,12 @@ def measure(cfg, password, root, mode: str, batch: int, clients: int, reads: int
         "mean_ms": float(all_lat.mean()),
         "keys_per_s": float(batch * calls / wall),
         # CPU per call, client and database server: what the machine's cores bound
-        "client_cpu_ms": float(sum(r[1] for r in results) / calls * 1000),
-        "server_cpu_ms": float((s1 - s0) / calls * 1000),
+        "client_cpu_ms": float(sum(r["cpu"] for r in results) / calls * 1000),
+        "server_cpu_ms": float(server_s / calls * 1000),
+        # the calls of the first settle_s after the idle start line, not in the figures above
+        "settle_calls": int(len(settle)),
+        "settle_p50_ms": float(np.percentile(settle, 50)) if len(settle) else None,
+        "settle_p99_ms": float(np.percentile(settle, 99)) if len(settle) else None,
         "load_avg_1m": round(os.getloadavg()[0], 1),
     }
 
@@ -267,7 +293,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--batches", default="250,100")
     ap.add_argument("--clients", default="1,4")
-    ap.add_argument("--reads", type=int, default=400, help="batched calls per client and case")
+    ap.add_argument("--reads", type=int, default=1500, help="batched calls per client and case")
+    ap.add_argument("--settle-s", type=float, default=1.0,
+                    help="seconds of untimed calls after the clients' start line (reported as settle_*)")
     ap.add_argument("--per-key-reads", type=int, default=20, help="per-key batches per client and case")
     ap.add_argument("--events", type=int, default=200, help="purchase events to time (0: none)")
     ap.add_argument("--warmup-passes", type=int, default=1,
@@ -301,18 +329,18 @@ def main() -> None:
                          **warm_up(cfg, password, tmp, a.rows, a.warmup_passes, pid, view))
             for batch in batches:
                 for clients in client_counts:
-                    fast = measure(cfg, password, tmp, "batched", batch, clients, a.reads, a.rows, pid)
+                    fast = measure(cfg, password, tmp, "batched", batch, clients, a.reads, a.rows, pid, a.settle_s)
                     emit("online_store", case="batched", batch=batch, clients=clients, rows=a.rows, **fast)
-                    plain = measure(cfg, password, tmp, "plain", batch, clients, a.reads, a.rows, pid)
+                    plain = measure(cfg, password, tmp, "plain", batch, clients, a.reads, a.rows, pid, a.settle_s)
                     emit("online_store", case="batched_plain_strings", batch=batch, clients=clients, rows=a.rows,
                          **plain, ratio_vs_batched=round(plain["mean_ms"] / fast["mean_ms"], 2))
-                    stmt = measure(cfg, password, tmp, "statement", batch, clients, a.reads, a.rows, pid)
+                    stmt = measure(cfg, password, tmp, "statement", batch, clients, a.reads, a.rows, pid, a.settle_s)
                     emit("online_store", case="statement_only", batch=batch, clients=clients, rows=a.rows, **stmt,
                          ratio_vs_batched=round(fast["mean_ms"] / stmt["mean_ms"], 2))
-                    in_list = measure(cfg, password, tmp, "statement_in", batch, clients, a.reads, a.rows, pid)
+                    in_list = measure(cfg, password, tmp, "statement_in", batch, clients, a.reads, a.rows, pid, a.settle_s)
                     emit("online_store", case="statement_in_list", batch=batch, clients=clients, rows=a.rows, **in_list,
                          ratio_vs_statement=round(in_list["mean_ms"] / stmt["mean_ms"], 2))
-                    slow = measure(cfg, password, tmp, "per_key", batch, clients, a.per_key_reads, a.rows, pid)
+                    slow = measure(cfg, password, tmp, "per_key", batch, clients, a.per_key_reads, a.rows, pid, a.settle_s)
                     emit("online_store", case="per_key", batch=batch, clients=clients, rows=a.rows, **slow)
                     emit("online_store", case="speedup", batch=batch, clients=clients,
                          ratio=round(slow["mean_ms"] / fast["mean_ms"], 1))
