@@ -52,7 +52,8 @@ JSON lines, e.g.
 Usage: python benchmarks/serve_load.py [--workdir RUN] [--rates 25 50 100 150 200] [--duration 8]
        [--topologies fused split] [--variants default haproxy haproxy_admission throughput]
        [--candidates 200]
-       [--max-ongoing N] [--max-queued N] [--queue-timeout-ms T] [--article-cache-ttl-s 2 0] [--fused-calls inline batched]
+       [--max-ongoing N] [--max-queued N] [--queue-timeout-ms T] [--shed-delay-ms 0 15] [--shed-interval-ms I]
+       [--article-cache-ttl-s 2 0] [--fused-calls inline batched]
        [--access-log on off] [--user-code-loop thread main] [--search-queries repeat|novel]
        [--served-only]
 Without --workdir it builds a small pipeline run in a temp folder (with its own MariaDB).
@@ -87,8 +88,10 @@ from common.workdir import Workdir  # noqa: E402
 from ray_apps.haproxy_admission import MESSAGE as _REFUSAL  # noqa: E402  (standard library only)
 from ray_apps.haproxy_admission import VARIABLES as ADMISSION_VARIABLES  # noqa: E402
 from ray_apps.haproxy_admission import admission_for, serving_env  # noqa: E402
+from ray_apps.shedding import MESSAGE as _SHED  # noqa: E402
 
 HAPROXY_REFUSAL = _REFUSAL.encode()  # the body of HAProxy's own 503s
+SHED_REFUSAL = _SHED.encode()  # the body of a replica's 503 for a request that waited too long
 
 TARGET_P99_MS = 50.0
 # Each variant's environment for the local Ray it starts, as `rayrec serve start` sets it
@@ -169,6 +172,7 @@ class Sample:
     debug: dict = field(default_factory=dict)
     late_ms: float = 0.0  # how late the request left against its schedule: the generator's own delay
     by_haproxy: bool = False  # a 503 that HAProxy answered itself (rayrec-haproxy), not a replica
+    shed: bool = False  # a 503 from a replica's shedder (ray_apps.shedding)
 
 
 def pick(r: float) -> str:
@@ -381,7 +385,8 @@ async def open_loop(url: str, plan: list[tuple[str, bytes]], rate: float) -> tup
     wall = loop.time() - start
     client.close()
     return [Sample(kind, status, ms, (json.loads(payload).get("debug") or {}) if status == 200 and payload else {},
-                   late, status == 503 and payload == HAPROXY_REFUSAL) for kind, status, ms, late, payload in results], wall
+                   late, status == 503 and payload == HAPROXY_REFUSAL, status == 503 and payload == SHED_REFUSAL)
+            for kind, status, ms, late, payload in results], wall
 
 
 def summarise(samples: list[Sample], wall_s: float) -> dict:
@@ -391,6 +396,7 @@ def summarise(samples: list[Sample], wall_s: float) -> dict:
     # The handler's own time (`debug.total_ms`) against the client's: the rest is spent before the
     # app sees the request (queued in the replica, or unread while its loop is busy) and on the wire.
     handler = np.array([s.debug["total_ms"] for s in rec if "total_ms" in s.debug])
+    queued = np.array([s.debug["queued_ms"] for s in rec if "queued_ms" in s.debug])
     refused = np.array([s.ms for s in samples if s.status == 503])
     stages = {}
     for key in ("encode_ms", "retrieve_ms", "filter_rank_ms", "rank_stage_ms"):
@@ -407,9 +413,13 @@ def summarise(samples: list[Sample], wall_s: float) -> dict:
         "all_endpoints_p99_ms": float(np.percentile([s.ms for s in ok], 99)) if ok else None,
         "send_late_p99_ms": float(np.percentile([s.late_ms for s in samples], 99)) if samples else None,
         "handler_p99_ms": float(np.percentile(handler, 99)) if len(handler) else None,
+        # how long accepted recommends waited between HAProxy and the handler (admission variants)
+        "queued_p50_ms": float(np.percentile(queued, 50)) if len(queued) else None,
+        "queued_p99_ms": float(np.percentile(queued, 99)) if len(queued) else None,
         "refused_p50_ms": float(np.percentile(refused, 50)) if len(refused) else None,
         "refused_p99_ms": float(np.percentile(refused, 99)) if len(refused) else None,
         "refused_by_haproxy_share": sum(s.by_haproxy for s in samples) / len(refused) if len(refused) else None,
+        "refused_shed_share": sum(s.shed for s in samples) / len(refused) if len(refused) else None,
         **stages,
     }
 
@@ -750,8 +760,10 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
              **(admission or {}), **(labels or {}), offered_rps=offered,
              sustainable_rps=base_achieved, goodput_rps=goodput, share_503=row["share_503"],
              error_rate=row["error_rate"], p50_ms=row["p50_ms"], p99_ms=row["p99_ms"],
-             handler_p99_ms=row["handler_p99_ms"], refused_p50_ms=row["refused_p50_ms"],
+             handler_p99_ms=row["handler_p99_ms"], queued_p50_ms=row["queued_p50_ms"],
+             queued_p99_ms=row["queued_p99_ms"], refused_p50_ms=row["refused_p50_ms"],
              refused_p99_ms=row["refused_p99_ms"], refused_by_haproxy_share=row["refused_by_haproxy_share"],
+             refused_shed_share=row["refused_shed_share"],
              ratio_vs_sustainable=(goodput / base_achieved) if base_achieved else None)
     finally:
         db.close()
@@ -801,6 +813,10 @@ def main() -> None:
     ap.add_argument("--max-queued", type=int, help="max_queued_requests (default: the run's config)")
     ap.add_argument("--queue-timeout-ms", type=int,
                     help="HAProxy's queue timeout, admission variants only (default: the run's serve.queue_timeout_ms)")
+    ap.add_argument("--shed-delay-ms", type=float, nargs="+",
+                    help="serve.shed_delay_ms values to run each case with (admission variants; 0: off; "
+                         "default: the run's config)")
+    ap.add_argument("--shed-interval-ms", type=float, help="serve.shed_interval_ms (default: the run's config)")
     ap.add_argument("--article-cache-ttl-s", type=float, nargs="+",
                     help="serve.article_cache_ttl_s values to run each case with (default: the run's config; 0: off)")
     ap.add_argument("--fused-calls", nargs="+", choices=["inline", "batched"],
@@ -826,7 +842,8 @@ def main() -> None:
             ray.shutdown()
         payloads = Payloads(wd, novel_search=a.search_queries == "novel")
         admission = {k: v for k, v in (("max_ongoing_requests", a.max_ongoing), ("max_queued_requests", a.max_queued),
-                                       ("queue_timeout_ms", a.queue_timeout_ms)) if v is not None}
+                                       ("queue_timeout_ms", a.queue_timeout_ms),
+                                       ("shed_interval_ms", a.shed_interval_ms)) if v is not None}
         base_p50 = None
         if not a.served_only:
             base, gc_row = in_process(wd, payloads, a.candidates)
@@ -844,8 +861,10 @@ def main() -> None:
                 for replicas in a.replicas:
                     for ttl in a.article_cache_ttl_s or [None]:
                         for calls in (a.fused_calls or [None]) if topology == "fused" else [None]:
-                            for log, loop in itertools.product(a.access_log or [None], a.user_code_loop or [None]):
-                                app_args = admission | ({} if ttl is None else {"article_cache_ttl_s": ttl}) | (
+                            for log, loop, shed in itertools.product(a.access_log or [None], a.user_code_loop or [None],
+                                                                     a.shed_delay_ms or [None]):
+                                app_args = admission | ({} if shed is None else {"shed_delay_ms": shed}) | (
+                                    {} if ttl is None else {"article_cache_ttl_s": ttl}) | (
                                     {} if calls is None else {"fused_calls": calls}) | (
                                     {} if log is None else {"access_log": log == "on"}) | (
                                     {} if loop is None else {"user_code_loop": loop})

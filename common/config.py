@@ -248,6 +248,12 @@ class ServeConfig(_Strict):
     # the stages, so in overload its 503s wait behind the work (docs/scaling.md F29).
     haproxy_admission: bool = True
     queue_timeout_ms: int = Field(1000, ge=1)
+    # Behind HAProxy's admission, a replica also refuses (503 + Retry-After, before parsing) a
+    # request that waited more than shed_delay_ms since HAProxy received it, but only once no
+    # request has waited less for shed_interval_ms: a standing overload, not a stall's backlog
+    # (ray_apps/shedding.py). 0: off.
+    shed_delay_ms: float = Field(0, ge=0)
+    shed_interval_ms: float = Field(200, gt=0)
     # The online store: a call waits at most db_timeout_s; after a failure it is skipped for
     # db_retry_s (answers come from the last good data or popularity, flagged degraded).
     db_timeout_s: float = Field(0.5, gt=0)

@@ -30,7 +30,7 @@ from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -39,6 +39,7 @@ from starlette.datastructures import Headers
 from common.artifacts import read_manifest
 from common.config import FilterConfig, ServeConfig, load_config
 from common.workdir import Workdir
+from ray_apps import shedding
 from ray_apps.schemas import (
     Candidates,
     Event,
@@ -84,6 +85,8 @@ class AppArgs(BaseModel):
     haproxy_admission: bool = Field(
         False, description="HAProxy enforces the bounds before the replicas (`rayrec serve start` with "
                            "serve.haproxy_admission): a replica's own queue then takes max_ongoing_requests more")
+    shed_delay_ms: float | None = Field(None, ge=0, description="Shed requests that waited longer (0: off)")
+    shed_interval_ms: float | None = Field(None, gt=0, description="...once none waited less for this long")
 
 
 def settle_heap() -> None:
@@ -434,6 +437,11 @@ class Guard:
                 await JSONResponse(status_code=401, content={"message": "missing or wrong API key: send X-API-Key"},
                                    headers={"WWW-Authenticate": "ApiKey"})(scope, receive, send)
                 return
+        received = shedding.received_us(headers.get(shedding.RECEIVED_HEADER))
+        if (refusal := _shed(state, received, path)) is not None:
+            await refusal(scope, receive, send)
+            return
+        shedding.RECEIVED_US.set(received)  # the app's pickled by value: a module attribute
         limit, length = getattr(state, "max_body_bytes", None), headers.get("content-length")
         if limit and length is not None and length.isdigit() and int(length) > limit:
             await _too_large(f"request body of {length} bytes is over the limit of {limit} bytes")(scope, receive, send)
@@ -445,6 +453,29 @@ class Guard:
                 return
             receive = _replay(body, receive)
         await self.app(scope, receive, send)
+
+
+def _shedder(cfg: ServeConfig, delay_ms: float | None, interval_ms: float | None,
+             current: shedding.QueueDelayShedder | None) -> shedding.QueueDelayShedder | None:
+    """The replica's shedder for the config and the app's overrides (None: off); `current` is
+    kept when the settings are the same (a hot reload keeps its state)."""
+    delay = cfg.shed_delay_ms if delay_ms is None else delay_ms
+    interval = cfg.shed_interval_ms if interval_ms is None else interval_ms
+    if not delay:
+        return None
+    if current is not None and (current.delay_ms, current.interval_ms) == (delay, interval):
+        return current
+    return shedding.QueueDelayShedder(delay, interval)
+
+
+def _shed(state: Any, received: int | None, path: str) -> Response | None:
+    """A 503 for a request the replica's shedder refuses (ray_apps.shedding), else None."""
+    shedder = getattr(state, "shedder", None)
+    if shedder is None or received is None or path in EXEMPT_PATHS or shedder.admit(received, time.time()):
+        return None
+    state.metrics.request(path.rsplit("/", 1)[-1] or "root", "shed")
+    return Response(shedding.MESSAGE, status_code=503, media_type="application/json",
+                    headers={"Retry-After": str(state.retry_after_s), shedding.REFUSED_HEADER: shedding.REASON})
 
 
 def _too_large(message: str) -> JSONResponse:
@@ -519,7 +550,8 @@ class Ingress:
 
     def __init__(self, workdir: str, stages: dict[str, DeploymentHandle] | None, api_key_sha256: str | None,
                  n_candidates: int | None = None, article_cache_ttl_s: float | None = None,
-                 fused_calls: str | None = None):
+                 fused_calls: str | None = None, shed_delay_ms: float | None = None,
+                 shed_interval_ms: float | None = None):
         from ray_apps.metrics import ServeMetrics
 
         self.metrics = ServeMetrics()
@@ -529,7 +561,9 @@ class Ingress:
         self.n_candidates = n_candidates
         self.article_cache_ttl_s = article_cache_ttl_s
         self.fused_calls = fused_calls
+        self.shed_args = (shed_delay_ms, shed_interval_ms)
         api.state.api_key_sha256 = api_key_sha256
+        api.state.metrics = self.metrics
         self._switch(workdir)
 
     def _switch(self, workdir: str) -> None:
@@ -551,7 +585,9 @@ class Ingress:
             calls = RemoteCalls(self.stages["encoder"], self.stages["retriever"], self.stages["ranker"],
                                 str(wd.root), cfg.stage_timeout_s, cfg.stage_retries)
         api.state.max_body_bytes = cfg.max_body_bytes
+        api.state.retry_after_s = max(1, round(cfg.retry_after_s))
         self.cfg: ServeConfig = cfg
+        api.state.shedder = _shedder(cfg, *self.shed_args, getattr(api.state, "shedder", None))
         self.workdir = str(wd.root)
         self.manifest = read_manifest(wd)
         self.orch = Orchestrator(calls, self.n_candidates or cfg.n_candidates, self.metrics)
@@ -622,6 +658,8 @@ class Ingress:
     @api.post("/v1/recommend", response_model=RecommendResponse)
     async def recommend(self, req: RecommendRequest) -> RecommendResponse | JSONResponse:
         t0 = time.perf_counter()
+        received = shedding.RECEIVED_US.get()
+        queued_ms = None if received is None else round(time.time() * 1000 - received / 1000, 2)
         try:
             result, details = await self.orch.recommend(req)
         except TimeoutError:
@@ -629,6 +667,8 @@ class Ingress:
         rid = uuid.uuid4().hex
         self._log(rid, "recommend", req.customer_id, result, details)
         details["total_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+        if queued_ms is not None:
+            details["queued_ms"] = queued_ms
         self.metrics.stage_ms("recommend_total", details["total_ms"])
         self.metrics.request("recommend", "degraded" if result["degraded"] else "ok")
         return RecommendResponse(request_id=rid, customer_id=req.customer_id,
@@ -848,11 +888,12 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     ingress_opts = opts | ({"user_config": a.user_config} if a.user_config else {})
     if topology == "fused":
         return Ingress.options(**ingress_opts).bind(workdir, None, key_hash, a.n_candidates, a.article_cache_ttl_s,
-                                                    a.fused_calls)
+                                                    a.fused_calls, a.shed_delay_ms, a.shed_interval_ms)
     stage_opts = opts | {"max_queued_requests": -1}  # admission control happens once, at the ingress
     stages = {name: Stage.options(name=f"{name}_stage", **stage_opts).bind(workdir, name, a.n_candidates, a.article_cache_ttl_s)
               for name in ("encoder", "retriever", "ranker")}
-    return Ingress.options(**ingress_opts).bind(workdir, stages, key_hash, a.n_candidates, a.article_cache_ttl_s)
+    return Ingress.options(**ingress_opts).bind(workdir, stages, key_hash, a.n_candidates, a.article_cache_ttl_s,
+                                                None, a.shed_delay_ms, a.shed_interval_ms)
 
 
 def serve_config(workdir: Path, host: str, port: int, topology: str | None = None,

@@ -17,7 +17,8 @@ becomes the real HAProxy (`exec`, same pid, same arguments), so Ray's reloads, h
 process tracking work as before. Settings come from the environment (`admission_env`), which
 `rayrec serve start` sets from the run's `serve:` config when it starts the Ray head.
 
-Only the standard library is imported here: HAProxy starts on every reload.
+Only the standard library is imported here (and ray_apps.shedding, which imports no more):
+HAProxy starts on every reload.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ray_apps.shedding import RECEIVED_HEADER, REFUSED_HEADER  # standard library only, like this module
+
 if TYPE_CHECKING:
     from common.config import ServeConfig
 
@@ -41,7 +44,7 @@ BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"  # Ray's: the HAProxy it runs
 VARIABLES = (BINARY_ENV, *ENV.values())  # everything `serving_env` sets
 REAL_BINARY_ENV = "RAYREC_HAPROXY_REAL_BINARY"
 REPLICA_PREFIX = "SERVE_REPLICA_"
-REASON_HEADER = "X-Rayrec-Refused"  # why HAProxy refused: queue-full (at once) or queue-timeout
+REASON_HEADER = REFUSED_HEADER  # why HAProxy refused: queue-full (at once) or queue-timeout
 MESSAGE = json.dumps({"message": "the service is at capacity, retry later"})
 EXEMPT_PATHS = ("/healthz",)  # liveness answers even in overload (it still waits for a free replica)
 
@@ -134,6 +137,8 @@ def _backend_lines(admission: Admission, error_file: str) -> list[str]:
                      f"hdr Retry-After {admission.retry_after_s} hdr {REASON_HEADER} queue-full "
                      f"string {json.dumps(MESSAGE)} "
                      f"if {{ avg_queue() ge {max(admission.queue_per_replica, 1)} }} {exempt}")
+    # when HAProxy received the request, replacing any client's value (ray_apps.shedding)
+    lines.append(f"    http-request set-header {RECEIVED_HEADER} %[date(0,us)]")
     return lines
 
 

@@ -11,8 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import free_tcp_port
+from fastapi import Header
 
 from ray_apps.haproxy_admission import REASON_HEADER, Admission, serving_env
+from ray_apps.shedding import RECEIVED_HEADER
 
 pytestmark = pytest.mark.integration
 HOLD_S = 4.0  # how long the replica holds each request; far longer than the queue timeout
@@ -52,6 +54,10 @@ def slow_app():
         @api.get("/seen")
         def count(self) -> dict:
             return {"seen": self.seen}
+
+        @api.get("/stamp")
+        def stamp(self, received: str | None = Header(None, alias=RECEIVED_HEADER)) -> dict:
+            return {"received_us": received, "now_us": time.time_ns() // 1000}
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -150,3 +156,17 @@ def test_within_the_bounds_a_queued_request_is_served_in_turn_not_refused(slow_a
         (r1, t1), (r2, t2) = first.result(), second.result()
     assert r1.status_code == 200 and r2.status_code == 200
     assert t2 >= t1  # it reached the replica only once the first had left
+
+
+def test_haproxy_stamps_when_it_received_a_request_before_it_queues_it(slow_app):
+    """The replicas' shedder (ray_apps.shedding) reads how long a request waited from this stamp."""
+    got = httpx.get(f"{slow_app}/stamp", headers={RECEIVED_HEADER: "1"}, timeout=30).json()
+    assert abs(int(got["received_us"]) - got["now_us"]) < 5_000_000  # HAProxy's, not the client's "1"
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(_get, f"{slow_app}/hold?s=0.6")
+        time.sleep(0.2)
+        second = pool.submit(httpx.get, f"{slow_app}/stamp", timeout=30)
+        assert first.result()[0].status_code == 200
+        got = second.result().json()
+    waited_ms = (got["now_us"] - int(got["received_us"])) / 1000
+    assert 300 <= waited_ms < 1000  # stamped on arrival, then queued behind the first (~0.4 s)

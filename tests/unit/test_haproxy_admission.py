@@ -86,8 +86,11 @@ def test_replica_servers_get_maxconn_and_the_backend_a_bounded_queue(tmp_path):
     assert "    errorfile 503 /x/rayrec-503.http" in app
     (rule,) = [line for line in app if "http-request return status 503" in line]
     assert "hdr Retry-After 2" in rule and rule.endswith("if { avg_queue() ge 8 } !{ path /healthz }")
+    # after the refusal: the time HAProxy received a request, for the replicas' shedder
+    stamp = "    http-request set-header X-Rayrec-Received-Us %[date(0,us)]"
+    assert app.index(stamp) == app.index(rule) + 1
     # everything else is Ray's, in Ray's order
-    added = {app[0], "    timeout queue 700ms", "    errorfile 503 /x/rayrec-503.http", rule}
+    added = {app[0], "    timeout queue 700ms", "    errorfile 503 /x/rayrec-503.http", rule, stamp}
     assert MARK in app[0]
     assert [line.removesuffix(" maxconn 4") for line in out.splitlines() if line not in added] == text.splitlines()
     assert _backend(out, "default_backend") == _backend(text, "default_backend")
