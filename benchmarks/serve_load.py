@@ -29,7 +29,10 @@ JSON lines, e.g.
     {"bench": "serve_load", "case": "overload", "topology": ..., "offered_rps": .., "goodput_rps": ..,
      "share_503": .., "ratio_vs_sustainable": .., "p99_ms": .., "handler_p99_ms": .., "refused_p99_ms": ..}
         (p99_ms: accepted recommends, from the client; handler_p99_ms: the same requests' time in
-         the app's handler; refused_p50/p99_ms: how long a 503 took to come back)
+         the app's handler; queued_p50/p99_ms: how long they waited between HAProxy and the
+         handler (admission variants: HAProxy's queue, the replica's, its loop); refused_p50/p99_ms:
+         how long a 503 took to come back; refused_by_haproxy_share and refused_shed_share: the
+         503s HAProxy answered itself and those a replica's shedder answered, ray_apps.shedding)
     {"bench": "serve_load", "case": "in_process", "p50_ms": .., "p99_ms": ..}
     {"bench": "serve_load", "case": "in_process_search", "first_p50_ms": .., "repeat_p50_ms": ..,
      "ratio_vs_first": ..}   (search in-process: a query's first sight against its repeats)
