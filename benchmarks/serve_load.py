@@ -58,7 +58,7 @@ Usage: python benchmarks/serve_load.py [--workdir RUN] [--rates 25 50 100 150 20
        [--max-ongoing N] [--max-queued N] [--queue-timeout-ms T] [--shed-delay-ms 0 15] [--shed-interval-ms I]
        [--article-cache-ttl-s 2 0] [--fused-calls inline batched]
        [--access-log on off] [--user-code-loop thread main] [--search-queries repeat|novel]
-       [--served-only]
+       [--served-only] [--samples-out FILE]
 Without --workdir it builds a small pipeline run in a temp folder (with its own MariaDB).
 """
 from __future__ import annotations
@@ -722,10 +722,25 @@ def full_collection_ms(rows: list, articles: list[dict], cached: int = 50_000, c
             "ratio_vs_row_pairs": with_articles / with_pairs if with_pairs > 0 else None}
 
 
+def dump_samples(path: Path | None, window: dict, samples: list[Sample], rate: float) -> None:
+    """Append one line per request to `path` (--samples-out): when it was due (s into the window),
+    what it was and how it went, so slow or refused requests can be placed in time."""
+    if path is None:
+        return
+    import json
+
+    with path.open("a") as f:
+        for i, x in enumerate(samples):
+            f.write(json.dumps({**window, "due_s": round(i / rate, 4), "kind": x.kind, "status": x.status,
+                                "ms": round(x.ms, 2), "late_ms": round(x.late_ms, 2), "by_haproxy": x.by_haproxy,
+                                "shed": x.shed, **{k: x.debug[k] for k in ("total_ms", "queued_ms") if k in x.debug}})
+                    + "\n")
+
+
 def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, rates: list[float], duration: float,
                  candidates: int, base_p50: float | None, replicas: int | None, admission: dict | None = None,
-                 labels: dict | None = None) -> None:
-    """`labels`: fields added to each row (how the load was drawn)."""
+                 labels: dict | None = None, samples_out: Path | None = None) -> None:
+    """`labels`: fields added to each row (how the load was drawn); `samples_out`: see dump_samples."""
     try:
         url, _ = start_app(wd, topology, variant, candidates, replicas, admission)
     except Exception as e:  # noqa: BLE001 - a variant that does not start is reported, not fatal
@@ -742,6 +757,7 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
             plan = payloads.plan(int(rate * duration), host)
             cpu0, q0 = cpu_by_group(), db.server_statement_count()
             samples, wall = gen.run(url, plan, rate)
+            dump_samples(samples_out, {"variant": variant, "target_rps": rate, **(admission or {})}, samples, rate)
             row = summarise(samples, wall)
             row["cpu_ms_per_request"] = cpu_per_request(cpu0, cpu_by_group(), len(samples))
             row["db_statements_per_request"] = round((db.server_statement_count() - q0 - 1) / max(1, len(samples)), 3)
@@ -757,6 +773,7 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
         base_rate, base_achieved = held or (rates[0], None)
         offered = 2 * base_rate
         samples, wall = gen.run(url, payloads.plan(int(offered * duration), host), offered)
+        dump_samples(samples_out, {"variant": variant, "case": "overload", "target_rps": offered, **(admission or {})}, samples, offered)
         row = summarise(samples, wall)
         goodput = row["achieved_rps"]
         emit("serve_load", case="overload", topology=topology, variant=variant, replicas=replicas or "config",
@@ -831,6 +848,8 @@ def main() -> None:
     ap.add_argument("--search-queries", choices=["repeat", "novel"], default="repeat",
                     help="repeat: a product type (a few hundred queries, cached after their first sight); "
                          "novel: a colour and a product type (nearly every query a first sight)")
+    ap.add_argument("--samples-out", type=Path,
+                    help="append every request of every window to this file, one JSON line each (for analysis)")
     ap.add_argument("--served-only", action="store_true",
                     help="skip the in-process cases (for A/B runs of served variants; no ratio_vs_in_process)")
     a = ap.parse_args()
@@ -874,7 +893,7 @@ def main() -> None:
                                 run_topology(wd, payloads, topology, variant, a.rates, a.duration, a.candidates,
                                              base_p50, replicas or None, app_args,
                                              {"search_queries": a.search_queries} if a.search_queries != "repeat"
-                                             else None)
+                                             else None, a.samples_out)
         if not a.workdir:
             from feature_store.local_db import LocalMariaDB
 
