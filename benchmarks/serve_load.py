@@ -723,8 +723,9 @@ def full_collection_ms(rows: list, articles: list[dict], cached: int = 50_000, c
 
 
 def dump_samples(path: Path | None, window: dict, samples: list[Sample], rate: float) -> None:
-    """Append one line per request to `path` (--samples-out): when it was due (s into the window),
-    what it was and how it went, so slow or refused requests can be placed in time."""
+    """Append one line per request to `path` (--samples-out): when it was due (s into the window,
+    which was handed to the generator at `sent_at`, epoch seconds), what it was and how it went,
+    so slow or refused requests can be placed in time."""
     if path is None:
         return
     import json
@@ -756,8 +757,10 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
         for rate in rates:
             plan = payloads.plan(int(rate * duration), host)
             cpu0, q0 = cpu_by_group(), db.server_statement_count()
+            sent_at = time.time()
             samples, wall = gen.run(url, plan, rate)
-            dump_samples(samples_out, {"variant": variant, "target_rps": rate, **(admission or {})}, samples, rate)
+            dump_samples(samples_out, {"variant": variant, "target_rps": rate, "sent_at": round(sent_at, 3),
+                                       **(admission or {})}, samples, rate)
             row = summarise(samples, wall)
             row["cpu_ms_per_request"] = cpu_per_request(cpu0, cpu_by_group(), len(samples))
             row["db_statements_per_request"] = round((db.server_statement_count() - q0 - 1) / max(1, len(samples)), 3)
