@@ -441,7 +441,7 @@ class Guard:
         if (refusal := _shed(state, received, path)) is not None:
             await refusal(scope, receive, send)
             return
-        shedding.RECEIVED_US.set(received)  # the app's pickled by value: a module attribute
+        shedding.RECEIVED_US.set(received)  # (a module's attribute: Serve pickles the app, a ContextVar cannot be)
         limit, length = getattr(state, "max_body_bytes", None), headers.get("content-length")
         if limit and length is not None and length.isdigit() and int(length) > limit:
             await _too_large(f"request body of {length} bytes is over the limit of {limit} bytes")(scope, receive, send)

@@ -10,8 +10,9 @@ The rule is the "controlled delay" of request queues in Facebook's servers (B. M
 Scale", ACM Queue 13(8), 2015), after CoDel: while some request in the last `interval_ms` waited
 at most `delay_ms`, every request is let through (HAProxy's bounds still hold); once none has
 for `interval_ms`, a request that waited longer than `delay_ms` gets a 503 with Retry-After at
-once, before any parsing, which drains the standing queue so that the requests let through wait
-about `delay_ms`.
+once, before any parsing, to drain the standing queue. Measured on 2 cores with two replicas
+(docs/scaling.md F37) it drained less than that: a request that finds a free slot waits less
+than `delay_ms` and reopens the gate while others wait longer, so it is off by default.
 
 How long a request waited: HAProxy stamps the time it received the request
 (`RECEIVED_HEADER`, microseconds since the epoch, `rayrec-haproxy`), replacing any value a
