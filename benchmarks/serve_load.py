@@ -722,7 +722,7 @@ def full_collection_ms(rows: list, articles: list[dict], cached: int = 50_000, c
             "ratio_vs_row_pairs": with_articles / with_pairs if with_pairs > 0 else None}
 
 
-def dump_samples(path: Path | None, window: dict, samples: list[Sample], rate: float) -> None:
+def dump_samples(path: Path | None, window: dict, sent_at: float, samples: list[Sample], rate: float) -> None:
     """Append one line per request to `path` (--samples-out): when it was due (s into the window,
     which was handed to the generator at `sent_at`, epoch seconds), what it was and how it went,
     so slow or refused requests can be placed in time."""
@@ -732,7 +732,7 @@ def dump_samples(path: Path | None, window: dict, samples: list[Sample], rate: f
 
     with path.open("a") as f:
         for i, x in enumerate(samples):
-            f.write(json.dumps({**window, "due_s": round(i / rate, 4), "kind": x.kind, "status": x.status,
+            f.write(json.dumps({**window, "target_rps": rate, "sent_at": round(sent_at, 3), "due_s": round(i / rate, 4), "kind": x.kind, "status": x.status,
                                 "ms": round(x.ms, 2), "late_ms": round(x.late_ms, 2), "by_haproxy": x.by_haproxy,
                                 "shed": x.shed, **{k: x.debug[k] for k in ("total_ms", "queued_ms") if k in x.debug}})
                     + "\n")
@@ -759,8 +759,7 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
             cpu0, q0 = cpu_by_group(), db.server_statement_count()
             sent_at = time.time()
             samples, wall = gen.run(url, plan, rate)
-            dump_samples(samples_out, {"variant": variant, "target_rps": rate, "sent_at": round(sent_at, 3),
-                                       **(admission or {})}, samples, rate)
+            dump_samples(samples_out, {"variant": variant, **(admission or {})}, sent_at, samples, rate)
             row = summarise(samples, wall)
             row["cpu_ms_per_request"] = cpu_per_request(cpu0, cpu_by_group(), len(samples))
             row["db_statements_per_request"] = round((db.server_statement_count() - q0 - 1) / max(1, len(samples)), 3)
@@ -775,8 +774,9 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
                 break  # far past capacity: higher rates say nothing new
         base_rate, base_achieved = held or (rates[0], None)
         offered = 2 * base_rate
-        samples, wall = gen.run(url, payloads.plan(int(offered * duration), host), offered)
-        dump_samples(samples_out, {"variant": variant, "case": "overload", "target_rps": offered, **(admission or {})}, samples, offered)
+        plan, sent_at = payloads.plan(int(offered * duration), host), time.time()
+        samples, wall = gen.run(url, plan, offered)
+        dump_samples(samples_out, {"variant": variant, "case": "overload", **(admission or {})}, sent_at, samples, offered)
         row = summarise(samples, wall)
         goodput = row["achieved_rps"]
         emit("serve_load", case="overload", topology=topology, variant=variant, replicas=replicas or "config",

@@ -60,6 +60,6 @@ class QueueDelayShedder:
 
 def received_us(value: str | None) -> int | None:
     """The header's value, or None when absent or not a plain integer."""
-    if value is None or not value.isdigit():
+    if value is None or not (value.isascii() and value.isdigit()):  # isdigit() alone takes "²"
         return None
     return int(value)

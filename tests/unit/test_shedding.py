@@ -63,7 +63,7 @@ def test_settings_must_be_positive(bad):
 
 
 @pytest.mark.parametrize("value, expected", [("1796078075081364", 1796078075081364), (None, None), ("", None),
-                                             ("-5", None), ("12.5", None), ("1e6", None)])
+                                             ("-5", None), ("12.5", None), ("1e6", None), ("\u00b2", None)])
 def test_the_header_is_a_plain_integer_or_ignored(value, expected):
     assert received_us(value) == expected
 
