@@ -51,6 +51,10 @@ JSON lines, e.g.
     {"bench": "serve_load", "case": "wakeup_cost", "sleep_wake_cpu_us": .., "thread_hop_cpu_us": ..}
         (CPU of waking a sleeping thread on this machine, at a serving-like 100 per second: what
          each timer, thread hop or background thread woken per request costs besides its work)
+    {"bench": "serve_load", "case": "stage_batch_cost", "batch": 1|2|4, "encode_cpu_ms": ..,
+     "rank_cpu_ms": .., "ratio_vs_alone": ..}
+        (process CPU per request of the encoder's and the ranker's calls for requests alone or
+         in groups sharing one call, as `fused_calls: coalesced` groups them, paced like serving)
 
 Usage: python benchmarks/serve_load.py [--workdir RUN] [--rates 25 50 100 150 200] [--duration 8]
        [--topologies fused split] [--variants default haproxy haproxy_admission throughput]
@@ -406,6 +410,9 @@ def summarise(samples: list[Sample], wall_s: float) -> dict:
         vals = [s.debug[key] for s in rec if key in s.debug]
         if vals:
             stages[f"{key[:-3]}_p50_ms"] = float(np.median(vals))
+    batches = [s.debug["rank_batch"] for s in rec if "rank_batch" in s.debug]  # fused_calls: coalesced
+    if batches:
+        stages["rank_batch_mean"] = round(float(np.mean(batches)), 2)
     return {
         "requests": len(samples), "achieved_rps": len(ok) / wall_s,
         "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
@@ -567,6 +574,34 @@ def query_encoder(wd: Workdir, payloads: Payloads, n: int = 300, rate: float = 1
     rec.close()
     return {"rate": rate, "requests": n, "cpu_ms": round(ours, 3), "torch_cpu_ms": round(torch_ms, 3),
             "ratio_vs_torch": round(ours / torch_ms, 3)}
+
+
+def stage_batch_cost(wd: Workdir, payloads: Payloads, candidates: int, sizes: tuple[int, ...] = (1, 2, 4),
+                     n: int = 240, rate: float = 75.0) -> list[dict]:
+    """Process CPU per request of the two stages `fused_calls: coalesced` shares, for requests
+    arriving alone or `size` at a time (one `encode_many` and one `rank_many` per group), with the
+    groups paced at `rate / size` per second as a replica's share of the load would arrive."""
+    import datetime as dt
+
+    from ray_apps.app import settle_heap
+    from ray_apps.service import Recommender
+
+    rec = Recommender(str(wd.root), follow_index=False, n_candidates=candidates)
+    rec.warm()
+    settle_heap()
+    day = dt.date(2020, 10, 1)
+    rows = []
+    for size in sizes:
+        groups = [[(payloads.rng.choice(payloads.customers), 10, 2) for _ in range(size)] for _ in range(n // size)]
+        ranks = [[(rec.retrieve(c.vector, candidates), c, 12, None, day) for c in rec.encode_many(g)] for g in groups]
+        enc = paced_cpu_s(lambda i, g=groups: rec.encode_many(g[i]), len(groups), rate / size)
+        rank = paced_cpu_s(lambda i, r=ranks: rec.rank_many(r[i]), len(groups), rate / size)
+        per = len(groups) * size
+        rows.append({"batch": size, "requests": per, "rate": rate, "encode_cpu_ms": round(enc / per * 1000, 3),
+                     "rank_cpu_ms": round(rank / per * 1000, 3)})
+    rec.close()
+    alone = rows[0]["encode_cpu_ms"] + rows[0]["rank_cpu_ms"]
+    return [r | {"ratio_vs_alone": round((r["encode_cpu_ms"] + r["rank_cpu_ms"]) / alone, 3)} for r in rows]
 
 
 def in_process_search(wd: Workdir, payloads: Payloads, candidates: int, n: int = 100) -> dict:
@@ -734,7 +769,7 @@ def dump_samples(path: Path | None, window: dict, sent_at: float, samples: list[
         for i, x in enumerate(samples):
             f.write(json.dumps({**window, "target_rps": rate, "sent_at": round(sent_at, 3), "due_s": round(i / rate, 4), "kind": x.kind, "status": x.status,
                                 "ms": round(x.ms, 2), "late_ms": round(x.late_ms, 2), "by_haproxy": x.by_haproxy,
-                                "shed": x.shed, **{k: x.debug[k] for k in ("total_ms", "queued_ms") if k in x.debug}})
+                                "shed": x.shed, **{k: x.debug[k] for k in ("total_ms", "queued_ms", "rank_batch") if k in x.debug}})
                     + "\n")
 
 
@@ -787,6 +822,7 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
              queued_p99_ms=row["queued_p99_ms"], refused_p50_ms=row["refused_p50_ms"],
              refused_p99_ms=row["refused_p99_ms"], refused_by_haproxy_share=row["refused_by_haproxy_share"],
              refused_shed_share=row["refused_shed_share"],
+             **({"rank_batch_mean": row["rank_batch_mean"]} if "rank_batch_mean" in row else {}),
              ratio_vs_sustainable=(goodput / base_achieved) if base_achieved else None)
     finally:
         db.close()
@@ -842,7 +878,7 @@ def main() -> None:
     ap.add_argument("--shed-interval-ms", type=float, help="serve.shed_interval_ms (default: the run's config)")
     ap.add_argument("--article-cache-ttl-s", type=float, nargs="+",
                     help="serve.article_cache_ttl_s values to run each case with (default: the run's config; 0: off)")
-    ap.add_argument("--fused-calls", nargs="+", choices=["inline", "batched"],
+    ap.add_argument("--fused-calls", nargs="+", choices=["inline", "coalesced", "batched"],
                     help="serve.fused_calls values to run the fused topology with (default: the run's config)")
     ap.add_argument("--access-log", nargs="+", choices=["on", "off"],
                     help="serve.access_log values to run each case with (default: the run's config)")
@@ -881,6 +917,8 @@ def main() -> None:
                  **search_loop_stall(wd, payloads, a.candidates))
             emit("serve_load", case="wakeup_cost", **wakeup_cost())
             emit("serve_load", case="query_encoder", **query_encoder(wd, payloads))
+            for row in stage_batch_cost(wd, payloads, a.candidates):
+                emit("serve_load", case="stage_batch_cost", candidates=a.candidates, **row)
         for variant in a.variants:
             for topology in a.topologies:
                 for replicas in a.replicas:

@@ -196,11 +196,12 @@ class ServeConfig(_Strict):
     port: int = Field(8000, ge=1, le=65535)
     n_candidates: int = Field(100, ge=1, le=1000)
     topology: Literal["fused", "split"] = "fused"
-    # How the fused replica runs its stages: "inline" on its request loop, one request's stage at
-    # a time (no thread hop, no batch queue), or "batched": queued requests share one encode and
-    # one rank call (@serve.batch) in a worker thread. On the 2-core machine inline served the
-    # same load with less CPU and about half the p99 (serve_load.py --fused-calls).
-    fused_calls: Literal["inline", "batched"] = "inline"
+    # How the fused replica runs its stages: "coalesced" on its request loop, where the requests that
+    # reach the encoder or the ranker together share one call (ray_apps/coalesce.py); "inline" on the
+    # loop one request's stage at a time; or "batched": @serve.batch queues and a worker thread. On
+    # the 2-core machine inline beat batched (less CPU, about half the p99; docs/scaling.md F25), and
+    # coalesced served 16% more than inline when offered twice the rate it holds (F38).
+    fused_calls: Literal["coalesced", "inline", "batched"] = "coalesced"
     num_cpus: float = Field(0.5, gt=0)
     # Replicas of the fused deployment (the split topology starts each deployment at 1). On the
     # 2-core machine two fused replicas held p99 <= 50 ms to a higher rate than one (serve_load.py).

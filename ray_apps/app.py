@@ -3,9 +3,9 @@
 `build_app(args)` is the only place that knows the graph's shape:
 
 - `fused` (default): one deployment holds every stage (`service.Recommender`) and answers
-  without a hop between replicas; on small machines hops are what costs. Its stages run inline on
-  the request loop (`serve.fused_calls: inline`) or batched across requests in a worker thread
-  (`batched`).
+  without a hop between replicas; on small machines hops are what costs. Its stages run on the
+  request loop, shared by the requests that reach them together (`serve.fused_calls: coalesced`),
+  one request at a time (`inline`), or batched across requests in a worker thread (`batched`).
 - `split`: the ingress orchestrates three stage deployments (encoder, retriever, ranker), each
   autoscaling on its own; query encoding is batched across requests with `@serve.batch`.
 
@@ -40,6 +40,7 @@ from common.artifacts import read_manifest
 from common.config import FilterConfig, ServeConfig, load_config
 from common.workdir import Workdir
 from ray_apps import shedding
+from ray_apps.coalesce import Coalescer
 from ray_apps.schemas import (
     Candidates,
     Event,
@@ -75,8 +76,9 @@ class AppArgs(BaseModel):
     max_queued_requests: int | None = Field(None, ge=-1)
     n_candidates: int | None = Field(None, ge=1, le=1000, description="Candidates ranked per request")
     article_cache_ttl_s: float | None = Field(None, ge=0, description="Seconds article rows stay cached (0: off)")
-    fused_calls: str | None = Field(None, pattern="^(inline|batched)$",
-                                    description="Fused topology: stages inline on the request loop, or batched")
+    fused_calls: str | None = Field(None, pattern="^(inline|coalesced|batched)$",
+                                    description="Fused topology: stages inline on the request loop (coalesced: "
+                                                "requests waiting together share a call), or batched in a thread")
     access_log: bool | None = Field(None, description="Serve's per-request access log lines")
     user_code_loop: str | None = Field(None, pattern="^(thread|main)$",
                                        description="Replicas run the app on a loop in its own thread, or on the main loop")
@@ -160,7 +162,7 @@ class LocalCalls:
 
 class InlineCalls(LocalCalls):
     """Stages in this process, run on the replica's request loop itself (`serve.fused_calls:
-    inline`, the default). A stage blocks the loop while it runs (the database reads included,
+    inline`; `coalesced`, the default, is this with shared calls). A stage blocks the loop while it runs (the database reads included,
     each bounded by `serve.db_timeout_s`), but the work is GIL-bound anyway, and on these VMs
     waking a worker thread costs ~0.3 ms of CPU per hop (serve_load.py, "case": "wakeup_cost").
     With `serve.user_code_loop: main` (the default) that loop is also the replica's control plane's
@@ -186,6 +188,26 @@ class InlineCalls(LocalCalls):
         if self.rec.search_pool_cached(query, n):
             return self.rec.search_pool(query, vector, n)
         return await asyncio.to_thread(self.rec.search_pool, query, vector, n)
+
+
+class CoalescedCalls(InlineCalls):
+    """Inline, and the requests that reach the encoder or the ranker together share one call
+    (`serve.fused_calls: coalesced`, the default; ray_apps/coalesce.py): one customer read and
+    one forward pass, one article read and one model call, for all of them, with no thread and no
+    timer. Alone a request runs as inline; behind a queue the calls are shared, so a replica
+    serves more exactly when it is behind (docs/scaling.md F38)."""
+
+    def __init__(self, rec: Recommender):
+        super().__init__(rec)
+        self._encoder = Coalescer(rec.encode_many)
+        self._ranker = Coalescer(rec.rank_many)
+
+    async def encode(self, customer_id, month, channel):
+        return await self._encoder((customer_id, month, channel))
+
+    async def rank(self, cands, ctx, k, filters, day):
+        out, n = await self._ranker.sized((cands, ctx, k, filters, day))
+        return {**out, "batch": n}
 
 
 class RemoteCalls:
@@ -329,7 +351,7 @@ class Orchestrator:
         self.metrics.stage_ms("filter_rank", rank_s * 1000)
         self._count(ranked)
         timings |= {"retrieve_ms": round(retrieve_s * 1000, 2), "filter_rank_ms": round(rank_s * 1000, 2),
-                    "rank_stage_ms": ranked["stage_ms"]}
+                    "rank_stage_ms": ranked["stage_ms"]} | ({"rank_batch": ranked["batch"]} if "batch" in ranked else {})
         details = {**timings, "n_retrieved": ranked["n_candidates"], "n_after_filter": ranked["n_after_filter"],
                    "n_ranked": ranked["n_ranked"], "filter_removed": ranked["removed"], "fetches": fetches,
                    "known_customer": ctx.known_customer}
@@ -577,9 +599,10 @@ class Ingress:
             rec = Recommender(str(wd.root), self.metrics, n_candidates=self.n_candidates,
                               article_cache_ttl_s=self.article_cache_ttl_s)
             rec.warm()
+            mode = self.fused_calls or cfg.fused_calls
             calls: LocalCalls | RemoteCalls = (
-                LocalCalls(rec, self._encode_batch, self._rank_batch)
-                if (self.fused_calls or cfg.fused_calls) == "batched" else InlineCalls(rec))
+                LocalCalls(rec, self._encode_batch, self._rank_batch) if mode == "batched"
+                else CoalescedCalls(rec) if mode == "coalesced" else InlineCalls(rec))
         else:
             rec = None
             calls = RemoteCalls(self.stages["encoder"], self.stages["retriever"], self.stages["ranker"],

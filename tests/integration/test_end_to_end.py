@@ -39,11 +39,16 @@ def served(tiny_run):
         ray.shutdown()
 
 
+# Serve's Python proxy (the tests' ingress) counts a burst of concurrent requests as queued until
+# it has assigned them to replicas: room for the tests' bursts of up to 8.
+BURST_ROOM = {"max_queued_requests": 8}
+
+
 def _reloadable(wd: Workdir, serving: Workdir | None = None) -> dict:
     """build_app's arguments for `wd` deployed as README's hot reload has it: the ingress's
     user_config names the run it serves (`serving`, by default `wd`), so a new one switches runs
     in place, without new replicas."""
-    return {"workdir": str(wd.root), "user_config": {"workdir": str((serving or wd).root)}}
+    return {"workdir": str(wd.root), "user_config": {"workdir": str((serving or wd).root)}, **BURST_ROOM}
 
 
 def _raw(wd: Workdir):
@@ -90,6 +95,32 @@ def test_recommend_returns_k_unbought_existing_articles(served):
             scores = [i["score"] for i in r.json()["items"]]
             assert scores == sorted(scores, reverse=True)
             assert r.json()["debug"]["n_after_filter"] >= 12
+
+
+def test_concurrent_recommends_answer_as_they_would_alone(served):
+    """The default `fused_calls: coalesced` shares encode and rank calls between requests that
+    arrive together: each must still get exactly its own list, with the batch size in debug."""
+    import asyncio
+
+    wd, url = served
+    _, tx = _raw(wd)
+    cids = tx["customer_id"].value_counts().index[:6].tolist()
+    body = lambda cid: {"customer_id": cid, "k": 12, "debug": True, "context": {"date": "2020-09-20"}}  # noqa: E731
+
+    def items(r: httpx.Response) -> list[tuple[str, float]]:
+        assert r.status_code == 200, r.text
+        return [(i["article_id"], round(i["score"], 6)) for i in r.json()["items"]]
+
+    with httpx.Client(timeout=60) as c:
+        alone = [items(c.post(f"{url}/v1/recommend", json=body(cid))) for cid in cids]
+
+    async def together() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            return await asyncio.gather(*(c.post(f"{url}/v1/recommend", json=body(cid)) for cid in cids))
+
+    answers = asyncio.run(together())
+    assert [items(r) for r in answers] == alone
+    assert all(r.json()["debug"]["rank_batch"] >= 1 for r in answers)
 
 
 def test_unknown_customer_gets_popular_articles_for_the_age_group(served):
@@ -518,9 +549,6 @@ def test_hot_reload_switches_runs_without_failed_requests(served):
 # batches. Behind Serve's own proxy (no HAProxy here) the default bounds, 4 at a time + 2 queued,
 # would refuse part of a burst at the split graph's single ingress replica, as designed; these
 # fixtures give the bursts room, so that a refusal there is a bug.
-BURST_ROOM = {"max_queued_requests": 8}
-
-
 @pytest.fixture(scope="module")
 def served_split(served):
     """The same run as the split topology (encoder, retriever, ranker deployments), with an API key."""
@@ -584,7 +612,7 @@ def test_split_topology_answers_like_fused(served_split):
 
 @pytest.fixture(scope="module")
 def served_fused_batched(served_split):
-    """The same run fused again, with `fused_calls: batched` (the default runs stages inline)."""
+    """The same run fused again, with `fused_calls: batched` (the default runs stages on the request loop)."""
     from ray import serve
 
     from ray_apps.app import APP_NAME, build_app

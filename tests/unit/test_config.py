@@ -35,7 +35,7 @@ def test_serve_config_is_accepted_by_serve_schema(tmp_path):
 
 
 def test_fused_calls_default_and_bad_value_named():
-    assert load_config().serve.fused_calls == "inline"
+    assert load_config().serve.fused_calls == "coalesced"
     assert load_config(None, {"serve": {"fused_calls": "batched"}}).serve.fused_calls == "batched"
     with pytest.raises(ConfigError, match=r"serve\.fused_calls"):
         load_config(None, {"serve": {"fused_calls": "threads"}})

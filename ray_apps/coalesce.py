@@ -1,0 +1,106 @@
+"""Requests waiting at a stage together run as ONE batch call, on the event loop that serves them.
+
+Why: on these VMs a stage call pays a large fixed cost (a database round trip, a model call, and
+caches gone cold while the replica idled): encoding one query took 1.4-1.5 ms of CPU and two 0.7
+each; ranking 200 candidates 2.1-2.2 ms alone and 1.1-1.3 ms each in fours (docs/scaling.md F38).
+Serve's `@serve.batch` shares that cost but runs the batch in a worker thread behind a queue, and
+on these VMs a thread hop costs more than it saves (F20, F25). Here the first request to reach a
+stage leads: it yields to the loop a few times so that requests already delivered to the replica
+can reach the same stage, then runs the batch call itself and hands each member its result. An
+idle replica pays a few empty loop turns; a busy one runs its queue in batches, which drains it
+faster exactly when it is long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+A = TypeVar("A")
+R = TypeVar("R")
+
+ROUNDS = 4  # loop turns the leader waits: a request needs a few to get from Serve to a stage
+
+
+class Coalescer(Generic[A, R]):
+    """`await c(args)` -> `fn([args, ...])[i]`, with the calls made while a leader waits in one
+    batch of at most `max_batch`. One event loop per coalescer (the replica's request loop).
+
+    A batch that raises is run again one member at a time, so that a request that breaks the
+    call fails alone; except on `TimeoutError`, which every member then gets (a slow store is
+    slow for all of them, and running them one by one would multiply the wait)."""
+
+    def __init__(self, fn: Callable[[Sequence[A]], Sequence[R]], max_batch: int = 16, rounds: int = ROUNDS):
+        if max_batch < 1 or rounds < 0:
+            raise ValueError(f"max_batch must be >= 1 and rounds >= 0, got {max_batch}, {rounds}")
+        self.fn = fn
+        self.max_batch = max_batch
+        self.rounds = rounds
+        self._open: list[tuple[A, asyncio.Future | None]] | None = None  # the batch a leader holds open
+        self.batches = 0  # calls of fn, and requests through them: the mean batch size
+        self.members = 0
+
+    async def __call__(self, args: A) -> R:
+        return (await self.sized(args))[0]
+
+    async def sized(self, args: A) -> tuple[R, int]:
+        """The result and the size of the batch it came from."""
+        batch = self._open
+        if batch is not None and len(batch) < self.max_batch:
+            fut = asyncio.get_running_loop().create_future()
+            batch.append((args, fut))
+            return await fut
+        batch = [(args, None)]
+        self._open = batch
+        cancelled: BaseException | None = None
+        try:
+            for _ in range(self.rounds):
+                await asyncio.sleep(0)
+                if len(batch) >= self.max_batch:
+                    break
+        except asyncio.CancelledError as e:  # the leader's request went away: its members still run
+            cancelled = e
+        finally:
+            if self._open is batch:
+                self._open = None
+        run = batch[1:] if cancelled is not None else batch
+        outcomes = self._run([a for a, _ in run]) if run else []
+        n = len(run)
+        for (_, fut), (ok, value) in zip(run, outcomes, strict=True):
+            if fut is not None and not fut.done():  # a member cancelled meanwhile has no one to tell
+                if ok:
+                    fut.set_result((value, n))
+                else:
+                    fut.set_exception(value)
+        if cancelled is not None:
+            raise cancelled
+        ok, value = outcomes[0]
+        if not ok:
+            raise value
+        return value, n
+
+    def _run(self, args: list[A]) -> list[tuple[bool, Any]]:
+        """(True, result) or (False, exception) per member."""
+        self.batches += 1
+        self.members += len(args)
+        try:
+            return [(True, r) for r in self._call(args)]
+        except TimeoutError as e:
+            return [(False, e)] * len(args)
+        except Exception as e:
+            if len(args) == 1:
+                return [(False, e)]
+        return [self._one(a) for a in args]
+
+    def _one(self, a: A) -> tuple[bool, Any]:
+        try:
+            return True, self._call([a])[0]
+        except Exception as e:
+            return False, e
+
+    def _call(self, args: list[A]) -> list[R]:
+        out = list(self.fn(args))
+        if len(out) != len(args):
+            raise RuntimeError(f"batch call returned {len(out)} results for {len(args)} requests")
+        return out
