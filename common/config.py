@@ -200,7 +200,7 @@ class ServeConfig(_Strict):
     # reach the encoder or the ranker together share one call (ray_apps/coalesce.py); "inline" on the
     # loop one request's stage at a time; or "batched": @serve.batch queues and a worker thread. On
     # the 2-core machine inline beat batched (less CPU, about half the p99; docs/scaling.md F25), and
-    # coalesced served 16% more than inline when offered twice the rate it holds (F38).
+    # coalesced served 10% more than inline when offered twice the rate it holds (F38).
     fused_calls: Literal["coalesced", "inline", "batched"] = "coalesced"
     num_cpus: float = Field(0.5, gt=0)
     # Replicas of the fused deployment (the split topology starts each deployment at 1). On the

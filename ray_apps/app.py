@@ -40,7 +40,7 @@ from common.artifacts import read_manifest
 from common.config import FilterConfig, ServeConfig, load_config
 from common.workdir import Workdir
 from ray_apps import shedding
-from ray_apps.coalesce import Coalescer
+from ray_apps.coalesce import IN_APP, Coalescer
 from ray_apps.schemas import (
     Candidates,
     Event,
@@ -199,8 +199,8 @@ class CoalescedCalls(InlineCalls):
 
     def __init__(self, rec: Recommender):
         super().__init__(rec)
-        self._encoder = Coalescer(rec.encode_many)
-        self._ranker = Coalescer(rec.rank_many)
+        self._encoder = Coalescer(rec.encode_many, alone=IN_APP.alone)
+        self._ranker = Coalescer(rec.rank_many, alone=IN_APP.alone)
 
     async def encode(self, customer_id, month, channel):
         return await self._encoder((customer_id, month, channel))
@@ -452,6 +452,13 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        IN_APP.n += 1  # what the stages' coalescers ask: may another request be on its way?
+        try:
+            await self._guarded(scope, receive, send)
+        finally:
+            IN_APP.n -= 1
+
+    async def _guarded(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         state, headers, path = scope["app"].state, Headers(scope=scope), scope["path"]
         if getattr(state, "api_key_sha256", None) and path not in EXEMPT_PATHS and not path.startswith(PUBLIC_PREFIXES):
             given = headers.get("x-api-key") or _bearer(headers.get("authorization"))

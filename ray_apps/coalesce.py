@@ -6,9 +6,9 @@ each; ranking 200 candidates 2.1-2.2 ms alone and 1.1-1.3 ms each in fours (docs
 Serve's `@serve.batch` shares that cost but runs the batch in a worker thread behind a queue, and
 on these VMs a thread hop costs more than it saves (F20, F25). Here the first request to reach a
 stage leads: it yields to the loop a few times so that requests already delivered to the replica
-can reach the same stage, then runs the batch call itself and hands each member its result. An
-idle replica pays a few empty loop turns; a busy one runs its queue in batches, which drains it
-faster exactly when it is long.
+can reach the same stage, then runs the batch call itself and hands each member its result. A
+request alone in the app (`InFlight`) does not wait: it runs its call at once, as `inline` would;
+a busy replica runs its queue in batches, which drains it faster exactly when it is long.
 """
 
 from __future__ import annotations
@@ -23,6 +23,20 @@ R = TypeVar("R")
 ROUNDS = 4  # loop turns the leader waits: a request needs a few to get from Serve to a stage
 
 
+class InFlight:
+    """How many requests are inside the app now: the ASGI guard counts each one in and out, so a
+    stage knows whether another request may be on its way to it."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def alone(self) -> bool:
+        return self.n <= 1
+
+
+IN_APP = InFlight()  # one per replica process (a module's attribute: Serve pickles the app)
+
+
 class Coalescer(Generic[A, R]):
     """`await c(args)` -> `fn([args, ...])[i]`, with the calls made while a leader waits in one
     batch of at most `max_batch`. One event loop per coalescer (the replica's request loop).
@@ -31,10 +45,13 @@ class Coalescer(Generic[A, R]):
     call fails alone; except on `TimeoutError`, which every member then gets (a slow store is
     slow for all of them, and running them one by one would multiply the wait)."""
 
-    def __init__(self, fn: Callable[[Sequence[A]], Sequence[R]], max_batch: int = 16, rounds: int = ROUNDS):
+    def __init__(self, fn: Callable[[Sequence[A]], Sequence[R]], max_batch: int = 16, rounds: int = ROUNDS,
+                 alone: Callable[[], bool] | None = None):
+        """`alone`: true when no other request can join (then the call runs at once)."""
         if max_batch < 1 or rounds < 0:
             raise ValueError(f"max_batch must be >= 1 and rounds >= 0, got {max_batch}, {rounds}")
         self.fn = fn
+        self.alone = alone
         self.max_batch = max_batch
         self.rounds = rounds
         self._open: list[tuple[A, asyncio.Future | None]] | None = None  # the batch a leader holds open
@@ -51,6 +68,11 @@ class Coalescer(Generic[A, R]):
             fut = asyncio.get_running_loop().create_future()
             batch.append((args, fut))
             return await fut
+        if self.alone is not None and self.alone():
+            ok, value = self._run([args])[0]
+            if not ok:
+                raise value
+            return value, 1
         batch = [(args, None)]
         self._open = batch
         cancelled: BaseException | None = None

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from ray_apps.coalesce import Coalescer
+from ray_apps.coalesce import IN_APP, Coalescer, InFlight
 
 
 class Batches:
@@ -90,6 +90,54 @@ def test_members_still_get_answers_when_the_leaders_request_is_cancelled():
     assert fn.calls == [[2]]
 
 
+def test_a_request_alone_in_the_app_runs_its_call_at_once():
+    """No other request in the app: nothing can join, so no loop turns are spent waiting (and
+    no other request's work runs first)."""
+    fn = Batches()
+    inside = InFlight()
+    inside.n = 1
+    c = Coalescer(fn, alone=inside.alone)
+    order = []
+
+    async def other():
+        order.append("other")
+
+    async def main():
+        t = asyncio.ensure_future(other())
+        order.append(await c(1))
+        await t
+
+    asyncio.run(main())
+    assert order == [10, "other"] and fn.calls == [[1]]
+    inside.n = 2  # another request is in the app: wait for it
+    out = asyncio.run(_gather(c, [1, 2]))
+    assert out == [(10, 2), (20, 2)]
+
+
+def test_the_guard_counts_requests_in_and_out_of_the_app():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from ray_apps.app import Guard
+
+    app = FastAPI()
+    app.add_middleware(Guard)
+
+    @app.get("/v1/inside")
+    async def inside() -> dict:
+        return {"n": IN_APP.n}
+
+    @app.get("/v1/boom")
+    async def boom() -> dict:
+        raise RuntimeError("boom")
+
+    before = IN_APP.n
+    c = TestClient(app, raise_server_exceptions=False)
+    assert c.get("/v1/inside").json() == {"n": before + 1}
+    assert c.get("/v1/boom").status_code == 500
+    assert IN_APP.n == before  # counted out after an error too
+
+
 def test_bad_sizes_are_refused():
     for kwargs in ({"max_batch": 0}, {"rounds": -1}):
         with pytest.raises(ValueError, match="max_batch must be >= 1"):
@@ -124,7 +172,12 @@ def test_coalesced_calls_share_encode_and_rank_and_say_the_batch_size():
     async def main():
         return await asyncio.gather(one("a"), one("b"))
 
-    assert asyncio.run(main()) == [{"items": ["ctx-a"], "batch": 2}, {"items": ["ctx-b"], "batch": 2}]
+    IN_APP.n += 2  # as the guard counts two requests in the app
+    try:
+        answers = asyncio.run(main())
+    finally:
+        IN_APP.n -= 2
+    assert answers == [{"items": ["ctx-a"], "batch": 2}, {"items": ["ctx-b"], "batch": 2}]
     assert stages.encoded == [[("a", 10, 2), ("b", 10, 2)]] and len(stages.ranked) == 1
     assert AppArgs(workdir="w", fused_calls="coalesced").fused_calls == "coalesced"
     assert load_config(None, {"serve": {"fused_calls": "coalesced"}}).serve.fused_calls == "coalesced"
