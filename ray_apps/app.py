@@ -162,12 +162,12 @@ class LocalCalls:
 
 class InlineCalls(LocalCalls):
     """Stages in this process, run on the replica's request loop itself (`serve.fused_calls:
-    inline`; `coalesced`, the default, is this with shared calls). A stage blocks the loop while it runs (the database reads included,
-    each bounded by `serve.db_timeout_s`), but the work is GIL-bound anyway, and on these VMs
-    waking a worker thread costs ~0.3 ms of CPU per hop (serve_load.py, "case": "wakeup_cost").
-    With `serve.user_code_loop: main` (the default) that loop is also the replica's control plane's
-    (health checks, metrics), which then waits at most one request's stages; `thread` gives the app
-    a loop of its own."""
+    inline`; the default, `coalesced`, is this with calls shared). A stage blocks the loop while it
+    runs (the database reads included, each bounded by `serve.db_timeout_s`), but the work is
+    GIL-bound anyway, and on these VMs waking a worker thread costs ~0.3 ms of CPU per hop
+    (serve_load.py, "case": "wakeup_cost"). With `serve.user_code_loop: main` (the default) that
+    loop is also the replica's control plane's (health checks, metrics), which then waits at most
+    one request's stages; `thread` gives the app a loop of its own."""
 
     async def _run(self, method: str, *args: Any) -> Any:
         return getattr(self.rec, method)(*args)

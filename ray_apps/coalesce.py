@@ -1,8 +1,9 @@
 """Requests waiting at a stage together run as ONE batch call, on the event loop that serves them.
 
 Why: on these VMs a stage call pays a large fixed cost (a database round trip, a model call, and
-caches gone cold while the replica idled): encoding one query took 1.4-1.5 ms of CPU and two 0.7
-each; ranking 200 candidates 2.1-2.2 ms alone and 1.1-1.3 ms each in fours (docs/scaling.md F38).
+caches gone cold since the last call): the encoder and the ranker took 4.6-4.9 ms of CPU for a
+request alone and 2.8-2.9 ms per request four to a call (docs/scaling.md F38, serve_load.py's
+"stage_batch_cost").
 Serve's `@serve.batch` shares that cost but runs the batch in a worker thread behind a queue, and
 on these VMs a thread hop costs more than it saves (F20, F25). Here the first request to reach a
 stage leads: it yields to the loop a few times so that requests already delivered to the replica
