@@ -56,8 +56,6 @@ class Coalescer(Generic[A, R]):
         self.max_batch = max_batch
         self.rounds = rounds
         self._open: list[tuple[A, asyncio.Future | None]] | None = None  # the batch a leader holds open
-        self.batches = 0  # calls of fn, and requests through them: the mean batch size
-        self.members = 0
 
     async def __call__(self, args: A) -> R:
         return (await self.sized(args))[0]
@@ -105,8 +103,6 @@ class Coalescer(Generic[A, R]):
 
     def _run(self, args: list[A]) -> list[tuple[bool, Any]]:
         """(True, result) or (False, exception) per member."""
-        self.batches += 1
-        self.members += len(args)
         try:
             return [(True, r) for r in self._call(args)]
         except TimeoutError as e:
