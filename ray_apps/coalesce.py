@@ -67,16 +67,12 @@ class Coalescer(Generic[A, R]):
             fut = asyncio.get_running_loop().create_future()
             batch.append((args, fut))
             return await fut
-        if self.alone is not None and self.alone():
-            ok, value = self._run([args])[0]
-            if not ok:
-                raise value
-            return value, 1
+        rounds = 0 if self.alone is not None and self.alone() else self.rounds  # alone: nobody can join
         batch = [(args, None)]
         self._open = batch
         cancelled: BaseException | None = None
         try:
-            for _ in range(self.rounds):
+            for _ in range(rounds):
                 await asyncio.sleep(0)
                 if len(batch) >= self.max_batch:
                     break
