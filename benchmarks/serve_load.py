@@ -90,7 +90,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, paced_cpu_s  # noqa: E402
 
 from common.config import ServeConfig, load_config  # noqa: E402
-from common.ray_env import ray_serving_env  # noqa: E402
+from common.ray_env import (  # noqa: E402
+    HAPROXY_FILE_VARIABLES,
+    clear_haproxy_dir,
+    haproxy_files_env,
+    ray_serving_env,
+    remove_haproxy_link,
+)
 from common.workdir import Workdir  # noqa: E402
 from ray_apps.haproxy_admission import MESSAGE as _REFUSAL  # noqa: E402  (standard library only)
 from ray_apps.haproxy_admission import VARIABLES as ADMISSION_VARIABLES  # noqa: E402
@@ -476,9 +482,12 @@ def cpu_per_request(before: dict[str, float], after: dict[str, float], requests:
 def start_app(wd: Workdir, topology: str, variant: str, candidates: int, replicas: int | None,
               admission: dict | None = None) -> tuple[str, object]:
     """A fresh local Ray with the variant's environment, the app deployed on a free port."""
-    for k in [*(k for env in VARIANT_ENV.values() for k in env), *ADMISSION_VARIABLES]:
+    for k in [*(k for env in VARIANT_ENV.values() for k in env), *ADMISSION_VARIABLES, *HAPROXY_FILE_VARIABLES]:
         os.environ.pop(k, None)
     os.environ.update(VARIANT_ENV[variant])
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":  # HAProxy's files in the run, as `rayrec serve start` has them
+        clear_haproxy_dir(wd.haproxy_dir)
+        os.environ.update(haproxy_files_env(wd.haproxy_dir))
     if variant in ADMISSION_VARIANTS:
         args = admission or {}
         os.environ.update(serving_env(admission_for(load_config(wd.config_path).serve,
@@ -501,12 +510,13 @@ def start_app(wd: Workdir, topology: str, variant: str, candidates: int, replica
     return f"http://127.0.0.1:{port}", serve
 
 
-def stop_app() -> None:
+def stop_app(wd: Workdir) -> None:
     import ray
     from ray import serve
 
     serve.shutdown()
     ray.shutdown()
+    remove_haproxy_link(wd.haproxy_dir)
 
 
 def warm_up(url: str, payloads: Payloads, n: int = 30) -> None:
@@ -781,7 +791,7 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
         url, _ = start_app(wd, topology, variant, candidates, replicas, admission)
     except Exception as e:  # noqa: BLE001 - a variant that does not start is reported, not fatal
         emit("serve_load", topology=topology, variant=variant, error=f"did not start: {type(e).__name__}: {e}")
-        stop_app()
+        stop_app(wd)
         return
     gen = Generator()
     host = urlparse(url).hostname or "127.0.0.1"
@@ -827,7 +837,7 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
     finally:
         db.close()
         gen.close()
-        stop_app()
+        stop_app(wd)
 
 
 def statement_counter(wd: Workdir):

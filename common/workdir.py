@@ -71,6 +71,11 @@ class Workdir:
         return self.root / "ray"
 
     @property
+    def haproxy_dir(self) -> Path:
+        """Serve's HAProxy files (common.ray_env.haproxy_files_env)."""
+        return self.ray_dir / "haproxy"
+
+    @property
     def ray_temp_dir(self) -> Path | None:
         """Ray's session files inside the workdir, unless the path is too long for the unix
         sockets Ray creates under it (108 bytes with ~62 of Ray's own): then Ray's default."""

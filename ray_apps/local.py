@@ -19,7 +19,7 @@ import yaml
 
 from common.artifacts import read_manifest
 from common.config import RayrecConfig, ServeConfig
-from common.ray_env import ray_serving_env
+from common.ray_env import clear_haproxy_dir, haproxy_files_env, ray_serving_env, remove_haproxy_link
 from common.workdir import Workdir
 from ray_apps.app import APP_NAME, build_app, serve_config
 from ray_apps.haproxy_admission import admission_for, serving_env, without_admission
@@ -52,9 +52,9 @@ def start_ray(wd: Workdir, serve_cfg: ServeConfig) -> None:
     """Start a Ray head for serving unless one is already up on our port. With `serve.haproxy`,
     Serve's HTTP ingress is HAProxy (the variant benchmarks/serve_load.py found faster here), and
     with `serve.haproxy_admission` that HAProxy enforces the replicas' admission bounds
-    (ray_apps/haproxy_admission.py); both are fixed for the head's life. Ray's workers, the
-    replicas among them, get `serve.worker_niceness` added to this process's niceness instead of
-    Ray's 15."""
+    (ray_apps/haproxy_admission.py); both are fixed for the head's life, and HAProxy's files are
+    in the workdir (`Workdir.haproxy_dir`). Ray's workers, the replicas among them, get
+    `serve.worker_niceness` added to this process's niceness instead of Ray's 15."""
     use_ray_token(wd)
     if _listening("127.0.0.1", RAY_PORT):
         return
@@ -68,6 +68,9 @@ def start_ray(wd: Workdir, serve_cfg: ServeConfig) -> None:
                                                                   serve_cfg.control_loop_interval_s, serve_cfg.drain_s)))
     if haproxy_admits(serve_cfg):
         env |= serving_env(admission_for(serve_cfg))
+    if serve_cfg.haproxy:
+        clear_haproxy_dir(wd.haproxy_dir)
+        env |= haproxy_files_env(wd.haproxy_dir)
     with log.open("w") as f:
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if rc != 0:
@@ -112,6 +115,7 @@ def stop(wd: Workdir) -> bool:
         if not _listening("127.0.0.1", RAY_PORT):
             break
         time.sleep(0.2)
+    remove_haproxy_link(wd.haproxy_dir)
     return True
 
 

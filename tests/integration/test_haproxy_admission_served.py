@@ -13,6 +13,7 @@ import pytest
 from conftest import free_tcp_port
 from fastapi import Header
 
+from common.ray_env import HAPROXY_BASE_MAX_LEN, haproxy_files_env, haproxy_link, remove_haproxy_link
 from ray_apps.haproxy_admission import REASON_HEADER, Admission, serving_env
 from ray_apps.shedding import RECEIVED_HEADER
 
@@ -22,9 +23,16 @@ ADMISSION = Admission(server_maxconn=1, queue_per_replica=2, queue_timeout_ms=10
 
 
 @pytest.fixture(scope="module")
-def slow_app():
+def haproxy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where this module's HAProxy keeps its files, as a workdir's `ray/haproxy` (too long a path
+    for HAProxy's sockets, so reached through the short link)."""
+    return tmp_path_factory.mktemp("haproxy-files") / "ray" / "haproxy"
+
+
+@pytest.fixture(scope="module")
+def slow_app(haproxy_dir: Path):
     """One replica that holds each /hold request HOLD_S and counts the requests it saw, served
-    through HAProxy with `ADMISSION`."""
+    through HAProxy with `ADMISSION`, its files in `haproxy_dir`."""
     import ray
     from fastapi import FastAPI
     from ray import serve
@@ -34,7 +42,7 @@ def slow_app():
     # A stopped replica behind HAProxy stays reachable this long (Ray's 30 s, so that load balancers
     # deregister it first): nothing routes here after the tests, so shutdown need not wait.
     mp.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
-    for k, v in serving_env(ADMISSION).items():
+    for k, v in (serving_env(ADMISSION) | haproxy_files_env(haproxy_dir)).items():
         mp.setenv(k, v)
     api = FastAPI()
 
@@ -79,21 +87,27 @@ def slow_app():
         serve.shutdown()
         ray.shutdown()
         mp.undo()
+        remove_haproxy_link(haproxy_dir)
 
 
-def _haproxy_pids() -> frozenset[int]:
-    """The HAProxy processes Ray runs (`haproxy -db -f <config>`). Ray reloads HAProxy by starting
-    a new process whenever Serve's targets are broadcast; the new one counts each server's
-    connections from zero, so a reload in the middle of a test lets one more request through."""
-    pids = set()
+def _haproxy_commands() -> dict[int, list[str]]:
+    """The HAProxy processes Ray runs (`haproxy -db -f <config>`) and their command lines."""
+    out = {}
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             cmd = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:  # it exited meanwhile
             continue
         if b"haproxy" in cmd[0] and b"-db" in cmd and b"-f" in cmd:
-            pids.add(int(proc.name))
-    return frozenset(pids)
+            out[int(proc.name)] = [c.decode() for c in cmd]
+    return out
+
+
+def _haproxy_pids() -> frozenset[int]:
+    """The HAProxy processes Ray runs. Ray reloads HAProxy by starting a new process whenever
+    Serve's targets are broadcast; the new one counts each server's connections from zero, so a
+    reload in the middle of a test lets one more request through."""
+    return frozenset(_haproxy_commands())
 
 
 def _wait_until_haproxy_settles(quiet_s: float = 3.0, timeout_s: float = 60.0) -> None:
@@ -170,3 +184,16 @@ def test_haproxy_stamps_when_it_received_a_request_before_it_queues_it(slow_app)
         got = second.result().json()
     waited_ms = (got["now_us"] - int(got["received_us"])) / 1000
     assert 300 <= waited_ms < 1000  # stamped on arrival, then queued behind the first (~0.4 s)
+
+
+def test_haproxy_files_are_in_the_folder_given(slow_app: str, haproxy_dir: Path):
+    """Ray's HAProxy config, server state and admin socket are in the folder `haproxy_files_env`
+    names (a workdir's), not in /tmp/haproxy-serve; the running HAProxy reads that config through
+    the short link, and Ray reaches it over the admin socket there (it answered above)."""
+    assert len(str(haproxy_dir)) > HAPROXY_BASE_MAX_LEN  # the link case
+    (cfg,) = haproxy_dir.glob("*/haproxy.cfg")
+    node = cfg.parent
+    assert (node / "admin.sock").is_socket() and (node / "server-state").exists()
+    via_link = str(haproxy_link(haproxy_dir) / node.name / "haproxy.cfg")
+    configs = [cmd[cmd.index("-f") + 1] for cmd in _haproxy_commands().values()]
+    assert via_link in configs, configs
