@@ -22,6 +22,18 @@ from feature_store.local_db import LocalMariaDB, MariaDBMissing
 # MariaDB
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _leaked_servers_stopped(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Claim this session's temp folder, and stop the test MariaDBs of earlier sessions that
+    ended without their teardown (tests/leaks.py)."""
+    import leaks
+
+    base = tmp_path_factory.getbasetemp()
+    leaks.claim_session(base)
+    for pid, datadir in leaks.reap(base.parent, base):
+        print(f"\n[tests] stopped MariaDB pid {pid} ({datadir}), left running by a session that ended")
+
+
 def free_tcp_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import leaks
 import pytest
 from conftest import free_tcp_port
 
@@ -246,3 +247,27 @@ def test_start_refuses_a_running_server_on_another_port(server: LocalMariaDB) ->
     with pytest.raises(RuntimeError, match=f"already running on port {server.cfg.port}"):
         other.start()
     assert server.status()["running"]
+
+
+def test_a_server_left_by_a_session_that_ended_is_stopped(tmp_path: Path):
+    """tests/leaks.py: a server whose test session ended without its teardown is found by its data
+    dir under the pytest root and stopped; the running session's own servers are left alone."""
+    root = tmp_path / "pytest-of-someone"
+    ended, current = root / "pytest-7", root / "pytest-8"
+    ended.mkdir(parents=True)
+    current.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (ended / leaks.OWNER_FILE).write_text(str(gone.pid))  # a session process that is not running
+    leaks.claim_session(current)
+    left, mine = (LocalMariaDB(Workdir.at(d / "mariadb0"), _cfg()) for d in (ended, current))
+    try:
+        left.start()
+        mine.start()
+        pid, my_pid = left.status()["pid"], mine.status()["pid"]
+        assert leaks.reap(root, current) == [(pid, str(left.data_dir))]
+        assert not left.status()["running"]
+        assert mine.status()["pid"] == my_pid
+    finally:
+        left.stop()
+        mine.stop()
