@@ -30,7 +30,26 @@ def paced_cpu_s(fn: Callable[[int], object], n: int, rate: float) -> float:
     return time.process_time() - c0
 
 
+CALIBRATION_LOOP = 200_000  # multiply-adds of the reference loop
+
+
+def calibration_loop_ms(repeats: int = 3) -> float:
+    """Milliseconds this machine takes for a fixed pure-Python loop, the best of `repeats`.
+
+    The shared 2-vCPU VMs these benchmarks run on change speed from one hour to the next (the
+    same code measured 2-3x apart on different days; docs/scaling.md F39): a figure from one run
+    is compared with another's only next to this one."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0, s = time.perf_counter(), 0
+        for i in range(CALIBRATION_LOOP):
+            s += i * i
+        best = min(best, (time.perf_counter() - t0) * 1000)
+    return best
+
+
 def emit(bench: str, **fields: object) -> None:
-    """Print one case as a JSON line, with the machine's core count."""
-    row = {"bench": bench, **fields, "cores": os.cpu_count()}
+    """Print one case as a JSON line, with the machine's core count and its speed as the line is
+    printed (`calibration_loop_ms`)."""
+    row = {"bench": bench, **fields, "calibration_loop_ms": calibration_loop_ms(), "cores": os.cpu_count()}
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
