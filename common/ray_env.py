@@ -1,4 +1,5 @@
-"""Environment variables that Ray and Serve read when their processes start.
+"""Environment variables that Ray and Serve read when their processes start, and the folder
+(with its short link) that they name for Serve's HAProxy files.
 
 Kept apart from `ray_apps.local` (which imports Serve and FastAPI) so that light processes, such
 as the load benchmark's client, can name the same settings without loading the app."""
@@ -38,18 +39,19 @@ def haproxy_files_env(directory: Path) -> dict[str, str]:
     sockets, HAProxy's output) in `directory`, instead of /tmp/haproxy-serve where every Ray head
     would leave a folder. A `directory` too long for the sockets is named through a short link
     in /tmp (`haproxy_link`): the files themselves stay in `directory`."""
+    directory = directory.absolute()  # the link's target, and the string its name is hashed from
     directory.mkdir(parents=True, exist_ok=True)
     base = directory if len(str(directory)) <= HAPROXY_BASE_MAX_LEN else haproxy_link(directory)
     return {var: str(base / name) if name else str(base) for var, name in HAPROXY_FILE_VARIABLES.items()}
 
 
 def _link_path(directory: Path) -> Path:
-    return LINK_DIR / f"rrh-{hashlib.sha1(str(directory).encode()).hexdigest()[:10]}"
+    return LINK_DIR / f"rrh-{hashlib.sha1(str(directory.absolute()).encode()).hexdigest()[:10]}"
 
 
 def haproxy_link(directory: Path) -> Path:
     """/tmp/rrh-<hash of `directory`>, a symlink to it (made, or repointed if it is a stale link)."""
-    link = _link_path(directory)
+    directory, link = directory.absolute(), _link_path(directory)
     for _ in range(2):  # again if another process made the link between the check and the create
         if link.is_symlink() and os.readlink(link) == str(directory):
             return link
@@ -68,7 +70,7 @@ def haproxy_link(directory: Path) -> Path:
 def remove_haproxy_link(directory: Path) -> None:
     """Remove the link `haproxy_files_env` made for `directory`, if any (when its head stops)."""
     link = _link_path(directory)
-    if link.is_symlink() and os.readlink(link) == str(directory):
+    if link.is_symlink() and os.readlink(link) == str(directory.absolute()):
         link.unlink(missing_ok=True)
 
 

@@ -90,3 +90,14 @@ def test_stop_removes_only_its_own_link_and_a_new_head_clears_old_folders(tmp_pa
     clear_haproxy_dir(d)
     assert d.is_dir() and not list(d.iterdir())
     clear_haproxy_dir(tmp_path / "never-made")  # nothing to clear is fine
+
+
+def test_a_relative_folder_is_linked_by_its_absolute_path(tmp_path: Path, links: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    rel = Path("y" * 40) / "ray" / "haproxy"
+    haproxy_files_env(rel)
+    (link,) = links.iterdir()
+    assert os.readlink(link) == str(tmp_path / rel) and link.resolve() == (tmp_path / rel).resolve()
+    remove_haproxy_link(rel)
+    assert not list(links.iterdir())
