@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from feature_store.local_db import _alive
+
 OWNER_FILE = ".rayrec_session_pid"
 SERVER_NAMES = ("mariadbd", "mysqld")
 
@@ -31,16 +33,6 @@ def processes() -> Iterable[tuple[int, list[str]]]:
         except OSError:  # it exited meanwhile
             continue
         yield int(proc.name), [c.decode(errors="replace") for c in cmd if c]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def leaked_servers(root: Path, current: Path, procs: Iterable[tuple[int, list[str]]],
@@ -72,19 +64,12 @@ def stop(pid: int, timeout_s: float = 20.0) -> None:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if not _alive(pid) or _zombie(pid):
+            if not _alive(pid):  # gone, or a zombie
                 return
             time.sleep(0.1)
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         return
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return False
 
 
 def reap(root: Path, current: Path) -> list[tuple[int, str]]:
