@@ -9,6 +9,7 @@ a server whose session is not running any more is a leak.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections.abc import Iterable
@@ -18,6 +19,7 @@ from feature_store.local_db import _alive
 
 OWNER_FILE = ".rayrec_session_pid"
 SERVER_NAMES = ("mariadbd", "mysqld")
+SESSION_NAME = re.compile(r"pytest-\d+")  # the session folders pytest numbers under its root
 
 
 def claim_session(basetemp: Path) -> None:
@@ -37,8 +39,8 @@ def processes() -> Iterable[tuple[int, list[str]]]:
 
 def leaked_servers(root: Path, current: Path, procs: Iterable[tuple[int, list[str]]],
                    alive=_alive) -> list[tuple[int, str]]:
-    """(pid, data dir) of the servers under `root` whose session (a folder of `root`) is not
-    `current` and has no live owner: its OWNER_FILE is missing or names a process that ended."""
+    """(pid, data dir) of the servers under `root` whose session (a `pytest-<N>` folder of `root`)
+    is not `current` and has no live owner: its OWNER_FILE is missing or names a process that ended."""
     out = []
     for pid, cmd in procs:
         if not cmd or Path(cmd[0]).name not in SERVER_NAMES:
@@ -47,8 +49,8 @@ def leaked_servers(root: Path, current: Path, procs: Iterable[tuple[int, list[st
         if datadir is None or not Path(datadir).is_relative_to(root):
             continue
         session = root / Path(datadir).relative_to(root).parts[0]
-        if session == current:
-            continue
+        if session == current or not SESSION_NAME.fullmatch(session.name):
+            continue  # ours, or not a folder pytest numbered (under a --basetemp's parent: a user's own files)
         try:
             owner = int((session / OWNER_FILE).read_text())
         except (OSError, ValueError):

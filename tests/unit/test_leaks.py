@@ -24,6 +24,7 @@ def test_only_servers_of_ended_sessions_under_the_root_are_leaks(tmp_path: Path)
         (3, _server(ended / "ft_db0" / "db" / "data")),  # its session ended: a leak
         (4, _server(unowned / "ldb0" / "db" / "data")),  # a session that never claimed its folder
         (5, _server(tmp_path / "elsewhere" / "db" / "data")),  # not a test server (a user's run)
+        (8, _server(root / ".rayrec" / "demo" / "db" / "data")),  # under the root, but no pytest session folder
         (6, ["/usr/bin/python3", f"--datadir={ended}/x"]),  # not a server
         (7, []),  # a kernel thread
     ]
