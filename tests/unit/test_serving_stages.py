@@ -1,7 +1,11 @@
+import os
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
+from common import ray_env
 from ray_apps.schemas import RecommendRequest
 from training.index import TABLE_NAME, ItemIndex, to_index_rows
 
@@ -208,6 +212,7 @@ def test_serving_ray_head_runs_its_workers_at_the_configured_niceness(tmp_path, 
     calls = []
     monkeypatch.setattr(local, "_listening", lambda host, port: False)
     monkeypatch.setattr(local.subprocess, "call", lambda cmd, **kw: calls.append((cmd, kw["env"])) or 0)
+    monkeypatch.setattr(ray_env, "LINK_DIR", tmp_path)  # the short link HAProxy's sockets need, made here
     wd = Workdir.at(tmp_path / "run")
     local.start_ray(wd, ServeConfig())
     local.start_ray(wd, ServeConfig(haproxy=False, worker_niceness=5, control_loop_interval_s=0.1, drain_s=30))
@@ -218,6 +223,9 @@ def test_serving_ray_head_runs_its_workers_at_the_configured_niceness(tmp_path, 
     assert env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.5" and env5["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.1"
     assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "5.0"
     assert env5["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30.0"
+    # HAProxy's files in the workdir (through the short link), none named without HAProxy
+    assert Path(env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).resolve() == wd.haproxy_dir / "haproxy.cfg"
+    assert not set(ray_env.HAPROXY_FILE_VARIABLES) & set(env5) - set(os.environ)
     with pytest.raises(ValueError, match="worker_niceness"):
         ServeConfig(worker_niceness=20)
 
@@ -235,6 +243,7 @@ def test_serving_ray_head_has_haproxy_enforce_the_replicas_admission_bounds(tmp_
     calls = []
     monkeypatch.setattr(local, "_listening", lambda host, port: False)
     monkeypatch.setattr(local.subprocess, "call", lambda cmd, **kw: calls.append(kw["env"]) or 0)
+    monkeypatch.setattr(ray_env, "LINK_DIR", tmp_path)
     for k in [*ENV.values(), "RAY_SERVE_HAPROXY_BINARY_PATH"]:  # as an earlier shell may have left them
         monkeypatch.setenv(k, "9")
     wd = Workdir.at(tmp_path / "run")
