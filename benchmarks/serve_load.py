@@ -92,8 +92,7 @@ from _common import emit, paced_cpu_s  # noqa: E402
 from common.config import ServeConfig, load_config  # noqa: E402
 from common.ray_env import (  # noqa: E402
     HAPROXY_FILE_VARIABLES,
-    clear_haproxy_dir,
-    haproxy_files_env,
+    new_head_haproxy_env,
     ray_serving_env,
     remove_haproxy_link,
 )
@@ -486,8 +485,7 @@ def start_app(wd: Workdir, topology: str, variant: str, candidates: int, replica
         os.environ.pop(k, None)
     os.environ.update(VARIANT_ENV[variant])
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":  # HAProxy's files in the run, as `rayrec serve start` has them
-        clear_haproxy_dir(wd.haproxy_dir)
-        os.environ.update(haproxy_files_env(wd.haproxy_dir))
+        os.environ.update(new_head_haproxy_env(wd.haproxy_dir))
     if variant in ADMISSION_VARIANTS:
         args = admission or {}
         os.environ.update(serving_env(admission_for(load_config(wd.config_path).serve,
@@ -498,7 +496,8 @@ def start_app(wd: Workdir, topology: str, variant: str, candidates: int, replica
 
     from ray_apps.app import APP_NAME, build_app
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    temp = str(wd.ray_temp_dir) if wd.ray_temp_dir else None  # Ray's session files in the run too
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"workdir": str(wd.root), "topology": topology, "n_candidates": candidates}

@@ -45,6 +45,13 @@ def haproxy_files_env(directory: Path) -> dict[str, str]:
     return {var: str(base / name) if name else str(base) for var, name in HAPROXY_FILE_VARIABLES.items()}
 
 
+def new_head_haproxy_env(directory: Path) -> dict[str, str]:
+    """`haproxy_files_env` for a Ray head about to start: `directory` first emptied of what earlier
+    heads left there (`clear_haproxy_dir`)."""
+    clear_haproxy_dir(directory)
+    return haproxy_files_env(directory)
+
+
 def _link_path(directory: Path) -> Path:
     return LINK_DIR / f"rrh-{hashlib.sha1(str(directory.absolute()).encode()).hexdigest()[:10]}"
 

@@ -19,7 +19,7 @@ import yaml
 
 from common.artifacts import read_manifest
 from common.config import RayrecConfig, ServeConfig
-from common.ray_env import clear_haproxy_dir, haproxy_files_env, ray_serving_env, remove_haproxy_link
+from common.ray_env import new_head_haproxy_env, ray_serving_env, remove_haproxy_link
 from common.workdir import Workdir
 from ray_apps.app import APP_NAME, build_app, serve_config
 from ray_apps.haproxy_admission import admission_for, serving_env, without_admission
@@ -69,8 +69,7 @@ def start_ray(wd: Workdir, serve_cfg: ServeConfig) -> None:
     if haproxy_admits(serve_cfg):
         env |= serving_env(admission_for(serve_cfg))
     if serve_cfg.haproxy:
-        clear_haproxy_dir(wd.haproxy_dir)
-        env |= haproxy_files_env(wd.haproxy_dir)
+        env |= new_head_haproxy_env(wd.haproxy_dir)
     with log.open("w") as f:
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if rc != 0:
@@ -97,8 +96,10 @@ def deploy(cfg: RayrecConfig, wd: Workdir) -> str:
 
 
 def stop(wd: Workdir) -> bool:
-    """Shut Serve down and stop the local Ray head; False when nothing was running."""
+    """Shut Serve down and stop the local Ray head; False when nothing was running. HAProxy's short
+    link goes either way: a head that died leaves it behind."""
     if not _listening("127.0.0.1", RAY_PORT):
+        remove_haproxy_link(wd.haproxy_dir)
         return False
     use_ray_token(wd)
     try:

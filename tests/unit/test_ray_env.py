@@ -13,6 +13,7 @@ from common.ray_env import (
     clear_haproxy_dir,
     haproxy_files_env,
     haproxy_link,
+    new_head_haproxy_env,
     remove_haproxy_link,
 )
 
@@ -101,3 +102,25 @@ def test_a_relative_folder_is_linked_by_its_absolute_path(tmp_path: Path, links:
     assert os.readlink(link) == str(tmp_path / rel) and link.resolve() == (tmp_path / rel).resolve()
     remove_haproxy_link(rel)
     assert not list(links.iterdir())
+
+
+def test_a_new_head_gets_an_emptied_folder_and_its_files_there(tmp_path: Path, links: Path):
+    d = tmp_path / ("z" * 40) / "ray" / "haproxy"
+    (d / NODE_ID).mkdir(parents=True)
+    (d / NODE_ID / "haproxy.cfg").write_text("an earlier head's")
+    env = new_head_haproxy_env(d)
+    assert list(d.iterdir()) == []
+    assert Path(env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).resolve() == d.resolve() / "haproxy.cfg"
+
+
+def test_stop_removes_the_link_of_a_head_that_died(tmp_path: Path, links: Path, monkeypatch: pytest.MonkeyPatch):
+    """`rayrec stop` with no head listening (it died) still removes the link that head's start made."""
+    from common.workdir import Workdir
+    from ray_apps import local
+
+    wd = Workdir.at(tmp_path / ("w" * 40))
+    new_head_haproxy_env(wd.haproxy_dir)
+    assert [p.name for p in links.iterdir()] == [ray_env._link_path(wd.haproxy_dir).name]
+    monkeypatch.setattr(local, "_listening", lambda host, port: False)
+    assert local.stop(wd) is False
+    assert list(links.iterdir()) == []
