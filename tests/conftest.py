@@ -15,8 +15,11 @@ from pathlib import Path
 import pytest
 
 from common.config import DatabaseConfig, load_config
+from common.ray_env import use_train_env
 from common.workdir import Workdir
 from feature_store.local_db import LocalMariaDB, MariaDBMissing
+
+use_train_env()  # every Ray the tests start trains as `init_ray`'s local Ray does
 
 # ---------------------------------------------------------------------------------------------
 # MariaDB

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from common.ray_env import use_train_env
 from common.workdir import Workdir
 
 
@@ -12,7 +13,8 @@ def in_ray_job() -> bool:
 
 
 def init_ray(wd: Workdir) -> bool:
-    """Join the cluster of a Ray job, else start a local Ray (2 CPUs, the workdir's temp dir).
+    """Join the cluster of a Ray job, else start a local Ray (2 CPUs, the workdir's temp dir, Ray
+    Train's controller polling often: common.ray_env.RAY_TRAIN_ENV).
 
     Returns:
         True when this call connected or started Ray (the caller shuts it down), False when this
@@ -25,6 +27,7 @@ def init_ray(wd: Workdir) -> bool:
     if in_ray_job():
         ray.init(log_to_driver=False)  # resources are the cluster's: asking for CPUs here is an error
     else:
+        use_train_env()
         temp = str(wd.ray_temp_dir) if wd.ray_temp_dir else None
         # "local": a Ray of its own, even where the temp dir names a cluster (the serving head that
         # `rayrec serve start` runs, or a stale file a stopped head left behind): joining that by

@@ -124,3 +124,13 @@ def test_stop_removes_the_link_of_a_head_that_died(tmp_path: Path, links: Path, 
     monkeypatch.setattr(local, "_listening", lambda host, port: False)
     assert local.stop(wd) is False
     assert list(links.iterdir()) == []
+
+
+def test_a_local_training_ray_has_train_poll_often_unless_the_user_said_otherwise(monkeypatch: pytest.MonkeyPatch):
+    for name in ray_env.RAY_TRAIN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    ray_env.use_train_env()
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.2"
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.5")
+    ray_env.use_train_env()
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1.5"
