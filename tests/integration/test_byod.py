@@ -34,7 +34,7 @@ def run(mariadb, tmp_path_factory, movielens_writer):
         "name": "byod",
         "database": {"host": mariadb.host, "port": mariadb.port, "database": mariadb.database,
                      "user": mariadb.user, "password_env": PASSWORD_ENV, "local": False},
-        "two_tower": {"epochs": 4, "batch_size": 256},
+        "two_tower": {"epochs": 4, "batch_size": 256, "ensemble": 1},  # the tiny run trains the ensemble
         "ranker": {"iterations": 30, "n_candidates": 50, "retrieval_for_training": "served",
                    "compare_classifier": False},
         "serve": {"n_candidates": 50},
