@@ -180,7 +180,7 @@ def served(cluster: Any, db: MariaDBHandle, tmp_path_factory: pytest.TempPathFac
         "name": "ft",
         "database": {"host": db.host, "port": db.port, "database": db.database, "user": db.user,
                      "password_env": PASSWORD_ENV, "local": False},
-        "two_tower": {"epochs": 1, "batch_size": 256},
+        "two_tower": {"epochs": 1, "batch_size": 256, "ensemble": 1},  # what is served does not matter here
         "ranker": {"iterations": 20, "n_candidates": 40, "retrieval_for_training": "served",
                    "compare_classifier": False},
         "eval": {"split": "none"},
