@@ -14,7 +14,8 @@ deployment handles, so both topologies answer the same way. Admission control: a
 `max_ongoing_requests` per replica plus `max_queued_requests` waiting, then a 503 with
 `Retry-After`; Serve enforces it in each replica, and with HAProxy's ingress so does HAProxy, before
 a request reaches a replica (`ray_apps/haproxy_admission.py`). Hot reload: a new `user_config: {workdir: ...}` on the ingress switches to another
-run (new models and index) once it is loaded; requests in flight finish on the old one.
+run (new models and index) once it is loaded; requests in flight finish on the old one (`serve_config`
+says how to deploy it so that the replicas stay).
 """
 
 import asyncio
@@ -57,6 +58,7 @@ from ray_apps.service import Recommender, UnknownArticle
 from ray_apps.web import mount_ui
 
 APP_NAME = "rayrec"
+INGRESS_NAME = "Ingress"  # the ingress deployment's name (its class's), as a Serve config names it
 # Health checks, the web page (it asks for the key) and the API's documentation: no data behind them.
 EXEMPT_PATHS = {"/healthz", "/readyz", "/", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
 PUBLIC_PREFIXES = ("/ui/",)  # the page's static assets: no data behind them
@@ -83,7 +85,9 @@ class AppArgs(BaseModel):
     user_code_loop: str | None = Field(None, pattern="^(thread|main)$",
                                        description="Replicas run the app on a loop in its own thread, or on the main loop")
     user_config: dict[str, Any] | None = Field(
-        None, description="The ingress's user_config: {workdir: PATH} switches to that run without a restart")
+        None, description="The ingress's user_config: {workdir: PATH}, the run it answers from. Set it in the "
+                          "Serve config's `deployments` entry of the ingress, not here, for a switch without new "
+                          "replicas (serve_config)")
     haproxy_admission: bool = Field(
         False, description="HAProxy enforces the bounds before the replicas (`rayrec serve start` with "
                            "serve.haproxy_admission): a replica's own queue then takes max_ongoing_requests more")
@@ -929,7 +933,12 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 def serve_config(workdir: Path, host: str, port: int, topology: str | None = None,
                  haproxy_admission: bool = False) -> dict[str, Any]:
     """A Serve config that `serve deploy` accepts, for this workdir (`haproxy_admission`: for a
-    head whose HAProxy enforces the bounds, as `rayrec serve start` starts it)."""
+    head whose HAProxy enforces the bounds, as `rayrec serve start` starts it).
+
+    The run served is named twice: `args.workdir` builds the app, and the ingress deployment's
+    `user_config.workdir` is the run it answers from. Hot reload changes only the latter: Serve
+    then reconfigures the running replicas in place. A change to `args` is a new code version
+    for Serve, which replaces every replica (README, "hot reload")."""
     args: dict[str, Any] = {"workdir": str(workdir)}
     if topology:
         args["topology"] = topology
@@ -939,6 +948,7 @@ def serve_config(workdir: Path, host: str, port: int, topology: str | None = Non
         "proxy_location": "HeadOnly",
         "http_options": {"host": host, "port": port},
         "applications": [
-            {"name": APP_NAME, "route_prefix": "/", "import_path": "ray_apps.app:build_app", "args": args}
+            {"name": APP_NAME, "route_prefix": "/", "import_path": "ray_apps.app:build_app", "args": args,
+             "deployments": [{"name": INGRESS_NAME, "user_config": {"workdir": str(workdir)}}]}
         ],
     }

@@ -32,7 +32,8 @@ def served(tiny_run):
     try:
         port = free_tcp_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(_reloadable(tiny_run)), name=APP_NAME, route_prefix="/", blocking=False)
+        serve.run(build_app({"workdir": str(tiny_run.root), **BURST_ROOM}), name=APP_NAME, route_prefix="/",
+                  blocking=False)
         yield tiny_run, f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -42,13 +43,6 @@ def served(tiny_run):
 # Serve's Python proxy (the tests' ingress) counts a burst of concurrent requests as queued until
 # it has assigned them to replicas: room for the tests' bursts of up to 8.
 BURST_ROOM = {"max_queued_requests": 8}
-
-
-def _reloadable(wd: Workdir, serving: Workdir | None = None) -> dict:
-    """build_app's arguments for `wd` deployed as README's hot reload has it: the ingress's
-    user_config names the run it serves (`serving`, by default `wd`), so a new one switches runs
-    in place, without new replicas."""
-    return {"workdir": str(wd.root), "user_config": {"workdir": str((serving or wd).root)}, **BURST_ROOM}
 
 
 def _raw(wd: Workdir):
@@ -506,15 +500,47 @@ def _copy_run(wd: Workdir, name: str) -> Workdir:
     return dst
 
 
-def test_hot_reload_switches_runs_without_failed_requests(served):
+def _ingress_pids() -> set[str]:
+    """The ingress replicas' processes (Ray titles them `ray::ServeReplica:<app>:<deployment>`)."""
+    import subprocess
+
+    from ray_apps.app import APP_NAME, INGRESS_NAME
+
+    out = subprocess.run(["pgrep", "-f", f"ServeReplica:{APP_NAME}:{INGRESS_NAME}"], capture_output=True, text=True)
+    return set(out.stdout.split())
+
+
+def test_hot_reload_switches_runs_in_place_without_failed_requests(served):
+    """README's hot reload: `rayrec serve config`'s Serve config with the ingress's user_config
+    naming another run, deployed through the controller call that `serve deploy` ends in (the
+    dashboard's REST handler calls the same `deploy_apps`; these tests run Ray without a
+    dashboard). Requests keep coming throughout: while the app, deployed from Python by the
+    fixture, is rebuilt from the config (new replicas), then while the replicas switch runs in
+    place (no new replica process), and back."""
     import threading
+    import time
 
-    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
 
-    from ray_apps.app import APP_NAME, build_app
+    from ray_apps.app import serve_config
 
     wd, url = served
     v2 = _copy_run(wd, "run-v2")
+    client = _get_global_client()
+
+    def deploy(serving: Workdir) -> None:
+        conf = serve_config(wd.root, "127.0.0.1", int(url.rsplit(":", 1)[1]))
+        (app,) = conf["applications"]
+        app["args"] |= BURST_ROOM
+        app["deployments"][0]["user_config"] = {"workdir": str(serving.root)}
+        client.deploy_apps(ServeDeploySchema.model_validate(conf), _blocking=True)
+
+    def answered_by(run: str, timeout_s: float = 60) -> None:
+        n, deadline = len(seen), time.time() + timeout_s
+        while time.time() < deadline and not (len(seen) > n and seen[-1] == run):
+            time.sleep(0.05)
+
     cid, seen, failures, stop = _buyer(wd), [], [], threading.Event()
 
     def hammer():
@@ -526,23 +552,21 @@ def test_hot_reload_switches_runs_without_failed_requests(served):
     t = threading.Thread(target=hammer)
     t.start()
     try:
-        serve.run(build_app(_reloadable(wd, v2)), name=APP_NAME, route_prefix="/", blocking=False)
-        import time
-
-        deadline = time.time() + 60
-        while time.time() < deadline and (not seen or seen[-1] != "run-v2"):
-            time.sleep(0.2)
+        deploy(wd)  # from Python to the config: a new code version for Serve, so new replicas
+        answered_by("e2e")
+        before = _ingress_pids()
+        deploy(v2)
+        answered_by("run-v2")
+        after_v2 = _ingress_pids()
+        deploy(wd)
+        answered_by("e2e")
+        after_back = _ingress_pids()
     finally:
         stop.set()
         t.join()
     assert failures == []
-    assert "e2e" in seen and seen[-1] == "run-v2"
-    serve.run(build_app(_reloadable(wd)), name=APP_NAME, route_prefix="/", blocking=False)  # and back
-    deadline = time.time() + 60
-    while (run := httpx.post(f"{url}/v1/recommend", json={"customer_id": cid, "k": 5}, timeout=30
-                             ).json()["model"]["run"]) != "e2e" and time.time() < deadline:
-        time.sleep(0.2)
-    assert run == "e2e"
+    assert seen[-1] == "e2e" and "run-v2" in seen
+    assert after_v2 and after_v2 <= before and after_back <= before, "the switch started new replicas"
 
 
 # The split and batched tests below send bursts of 8 concurrent requests to check that they share

@@ -30,6 +30,11 @@ def test_serve_config_is_accepted_by_serve_schema(tmp_path):
     assert conf.http_options.host == "127.0.0.1"
     assert conf.applications[0].import_path == "ray_apps.app:build_app"
     assert "haproxy_admission" not in conf.applications[0].args
+    # the run answered from is the ingress's user_config (hot reload changes it, not the args)
+    from ray_apps.app import Ingress
+
+    (ingress,) = conf.applications[0].deployments
+    assert ingress.name == Ingress.name and ingress.user_config == {"workdir": str(tmp_path)}
     local = ServeDeploySchema.model_validate(serve_config(tmp_path, "127.0.0.1", 8000, haproxy_admission=True))
     assert local.applications[0].args["haproxy_admission"] is True
 
