@@ -24,8 +24,8 @@ LINK_DIR = Path("/tmp")  # not $TMPDIR, which can be long (macOS)
 
 # Ray Train's controller moves one step per health-check poll (every 2 s by default): starting the
 # worker group, taking a report, seeing the run finish each wait for the next poll. At 0.2 s a
-# 3-report fit whose worker imports the two-tower module took 14.7-16.6 s on the 2-core machine
-# instead of 20.8-23.2 (docs/scaling.md F40); a pipeline run has four fits. A poll is one small
+# 3-report fit whose worker imports the two-tower module took 14.7-20.1 s on the 2-core machine
+# instead of 20.8-26.4 (docs/scaling.md F40); a pipeline run has four fits. A poll is one small
 # actor call per worker, and one that misses is awaited in the next round, not failed.
 RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
