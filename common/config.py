@@ -65,9 +65,14 @@ class TwoTowerConfig(_Strict):
     # 0.7842 for one model and 0.7934 / 0.7950 / 0.7929 for two: only two are at least twice
     # last-week popularity (0.3949) for every seed (validation week: 0.8015 for two, 0.7910 for one;
     # `train_two_tower.py --eval-week test|validation --seed S`). Two members double the training
-    # time, the index's vector size and the query towers run per request; `ensemble: 1` trades that
-    # point of recall for them.
+    # CPU time (not the wall time where the CPUs hold both: `parallel_members`), the index's vector
+    # size and the query towers run per request; `ensemble: 1` trades that point of recall for them.
     ensemble: int = Field(2, ge=1)
+    # Ensemble members trained at the same time, each its own Ray Train run (0: as many as the free
+    # CPUs (GPUs) hold, num_workers x cpus_per_worker each; 1: one after the other). Each member keeps
+    # its own seed and data order, so the towers are the same either way; two 1-CPU members on 2 cores
+    # took 0.52-0.55x the time of one after the other on the demo (docs/scaling.md F42).
+    parallel_members: int = Field(0, ge=0)
     # Ray Train workers, and the CPUs (= torch threads) each one reserves; scaled down to fit the cluster.
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)

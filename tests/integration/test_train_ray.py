@@ -73,8 +73,10 @@ def _check_exported_towers(result, out_dir: Path, frame: pd.DataFrame, articles:
     assert np.isfinite(q).all() and np.isfinite(i).all()
 
 
-def test_one_worker_trains_from_a_ray_dataset(ray_cluster, tmp_path: Path):
-    """An ensemble of two: each member a Ray Train run of its own, exported as one pair of towers."""
+def test_one_worker_trains_from_a_ray_dataset(ray_cluster, tmp_path: Path, capsys):
+    """An ensemble of two: each member a Ray Train run of its own, exported as one pair of towers. The
+    two members train at the same time (2 free CPUs, 1 each), and the towers equal those of the same
+    members trained one after the other."""
     frame, articles, customers = tiny_frames()
     cfg = TwoTowerConfig(embedding_dim=8, output_dim=8, hidden_dims=[16], history_len=3, batch_size=64,
                          epochs=EPOCHS, num_workers=1, n_random_negatives=8, ensemble=2)
@@ -93,6 +95,17 @@ def test_one_worker_trains_from_a_ray_dataset(ray_cluster, tmp_path: Path):
     losses = [[h["train_loss"] for h in hist] for hist in result.member_histories]
     assert losses[0] != losses[1]  # another seed: another run
     _check_exported_towers(result, out_dir, frame, articles, cfg)
+    assert "ensemble of 2 (seeds 0, 1000), 2 at a time" in capsys.readouterr().out
+
+    seq_dir = tmp_path / "sequential"
+    seq = train_two_tower(frame.iloc[:500], articles, customers, cfg.model_copy(update={"parallel_members": 1}),
+                          seq_dir, tmp_path / "ray_sequential", val_frame=frame.iloc[500:])
+    assert "1 at a time" in capsys.readouterr().out
+    assert [[h["train_loss"] for h in hist] for hist in seq.member_histories] == losses
+    for load, rows in ((load_query_tower, None), (load_item_tower, articles)):
+        (a, vocab), (b, _) = load(out_dir), load(seq_dir)
+        x = encode_items(vocab, rows) if rows is not None else encode_queries(vocab, frame.iloc[:50], cfg.history_len)
+        assert np.array_equal(a.embed(x), b.embed(x))
 
 
 def test_two_workers_survive_a_worker_failure_and_resume(ray_cluster, tmp_path: Path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import io
 import json
 import socket
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +65,10 @@ from training.two_tower.train import (
     fit_vocab,
     local_batches,
     member_configs,
+    members_at_once,
     progress_line,
     recall_at_k,
+    run_members,
     run_training,
     should_stop,
     single_process_group,
@@ -333,6 +337,48 @@ def test_ensemble_members_differ_only_by_seed():
     assert all(m.model_dump(exclude=strip) == cfg.model_dump(exclude=strip) for m in members)
     single = CFG.model_copy(update={"ensemble": 1})
     assert member_configs(single) == [single]
+
+
+def test_members_at_once_fit_the_free_resources_and_the_cap():
+    two = CFG.model_copy(update={"ensemble": 2, "num_workers": 1})
+    assert members_at_once(two, 1.0, False, {"CPU": 2.0}) == 2
+    assert members_at_once(two, 1.0, False, {"CPU": 1.0}) == 1  # something else holds a CPU
+    assert members_at_once(two, 0.5, False, {"CPU": 0.99}) == 1
+    assert members_at_once(two.model_copy(update={"num_workers": 2}), 1.0, False, {"CPU": 2.0}) == 1
+    assert members_at_once(two, 1.0, False, {}) == 1  # never fewer than one
+    four = two.model_copy(update={"ensemble": 4})
+    assert members_at_once(four, 1.0, False, {"CPU": 16.0}) == 4  # never more than the members
+    assert members_at_once(four.model_copy(update={"parallel_members": 1}), 1.0, False, {"CPU": 16.0}) == 1
+    assert members_at_once(four, 1.0, True, {"CPU": 16.0, "GPU": 2.0}) == 2  # one GPU per worker
+
+
+def test_run_members_keeps_member_order_and_raises_the_first_failure():
+    started: list[int] = []
+    both = threading.Barrier(2, timeout=10)
+
+    def fit(m: int) -> str:
+        started.append(m)
+        if m < 2:
+            both.wait()  # members 0 and 1 run at the same time, or this times out
+        time.sleep(0.01 * (3 - m))
+        return f"member {m}"
+
+    assert run_members(fit, 3, parallel=2) == ["member 0", "member 1", "member 2"]
+    assert sorted(started) == [0, 1, 2]
+
+    started.clear()
+
+    def failing(m: int) -> str:
+        started.append(m)
+        if m in (1, 2):
+            raise ValueError(f"member {m} failed")
+        time.sleep(0.2)
+        return "ok"
+
+    with pytest.raises(ValueError, match="member 1 failed"):
+        run_members(failing, 4, parallel=2)
+    assert 3 not in started  # no member starts after a failure
+    assert run_members(lambda m: m * m, 3, parallel=1) == [0, 1, 4]
 
 
 def test_loss_removes_accidental_hits():

@@ -20,7 +20,8 @@ snapshot time (`features_as_of`) and every batch holds rows of one snapshot: blo
 snapshot, each worker cuts its blocks into batches, and ranks stop an epoch together
 (`training.two_tower.groups`).
 
-An ensemble (`TwoTowerConfig.ensemble` > 1) is that many such runs, one after the other, on the same
+An ensemble (`TwoTowerConfig.ensemble` > 1) is that many such runs, as many at a time as the free CPUs
+hold (`parallel_members`; each run is a blocking `fit` in a driver thread), on the same
 encoded data and vocab with seeds seed + 1000 * m (member 0 is the single model: same seed, same run
 name); the best epoch of each is exported into one pair of tower files (see `model.EnsembleTower`).
 
@@ -681,6 +682,11 @@ def _maybe_fail(hook: dict[str, Any] | None, epoch: int, rank: int) -> None:
     raise RuntimeError(f"injected worker failure at epoch {epoch + 1} (test hook)")
 
 
+def _tagged(line: str, tag: str | None) -> str:
+    """An ensemble member's line names the member: "[two_tower member 2/2] epoch 3/15 ..."."""
+    return line.replace("[two_tower]", f"[two_tower {tag}]", 1) if tag else line
+
+
 def progress_line(metrics: dict[str, Any], epochs: int, val_k: int) -> str:
     val = f" recall@{val_k} {metrics[VAL_METRIC]:.4f}" if VAL_METRIC in metrics else ""
     return (
@@ -753,7 +759,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             resume = load_checkpoint(d)
     run = RunContext(
         rank=rank, world_size=world_size, device=device, distributed=True, report=report,
-        say=(lambda line: queue.put(line)) if queue is not None else None, resume=resume,
+        say=(lambda line: queue.put(_tagged(line, config.get("tag")))) if queue is not None else None, resume=resume,
     )
     run_training(config, epoch_batches, side, run)
 
@@ -884,64 +890,112 @@ def train_two_tower(
     has_val = side.val_q is not None
     side_ref = ray.put(side)
     members = member_configs(cfg)
-    models: list[TwoTower] = []
-    histories: list[list[dict[str, Any]]] = []
-    bests: list[tuple[Any, int | None]] = []
+    parallel = members_at_once(cfg, cpus, use_gpu, ray.available_resources())
     printer = _ProgressPrinter(progress)
-    try:
-        for m, mcfg in enumerate(members):
-            # member 0 is the single model (same seed, same run name: a rerun resumes it)
-            member_name = name if m == 0 else f"{name}_member{m}"
-            if progress and len(members) > 1:
-                print(f"[two_tower] ensemble member {m + 1}/{len(members)} (seed {mcfg.seed})", flush=True)
-            dataset = to_dataset(columns, min_block_rows=mcfg.batch_size, seed=mcfg.seed).randomize_block_order(
-                seed=RandomSeedConfig(seed=mcfg.seed, reseed_after_execution=True)  # a new block order every epoch
-            )
-            dataset.context.enable_progress_bars = False  # the per-epoch progress line says what matters
-            loop_config = build_loop_config(vocab, mcfg, log_q=log_q, id_dropout=id_dropout, progress=progress,
-                                            threads=max(1, math.floor(cpus)))
-            loop_config.update(side_ref=side_ref, use_gpu=use_gpu, progress_queue=printer.queue,
-                               time_grouped=time_grouped)
-            if fail_once_at_epoch is not None and m == 0:
-                loop_config["fail_once"] = {"epoch": fail_once_at_epoch - 1, "rank": cfg.num_workers - 1,
-                                            "marker": str(Path(storage) / name / "injected_failure")}
-            trainer = TorchTrainer(
-                train_loop_per_worker,
-                train_loop_config=loop_config,
-                scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=(
-                    {"CPU": cpus, "GPU": 1} if use_gpu else {"CPU": cpus})),
-                torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-                datasets={"train": dataset},
-                dataset_config=DataConfig(datasets_to_split=["train"]),
-                run_config=RunConfig(
-                    storage_path=storage,
-                    name=member_name,
-                    failure_config=FailureConfig(max_failures=cfg.max_failures),
-                    checkpoint_config=CheckpointConfig(  # the best epoch, and always the latest (for resuming)
-                        num_to_keep=1,
-                        checkpoint_score_attribute=VAL_METRIC if has_val else None,
-                        checkpoint_score_order="max",
-                    ),
+    if progress and len(members) > 1:
+        print(f"[two_tower] ensemble of {len(members)} (seeds {', '.join(str(m.seed) for m in members)}), "
+              f"{parallel} at a time", flush=True)
+
+    def fit_member(m: int) -> tuple[list[dict[str, Any]], TwoTower, Any, int | None]:
+        mcfg = members[m]
+        dataset = to_dataset(columns, min_block_rows=mcfg.batch_size, seed=mcfg.seed).randomize_block_order(
+            seed=RandomSeedConfig(seed=mcfg.seed, reseed_after_execution=True)  # a new block order every epoch
+        )
+        dataset.context.enable_progress_bars = False  # the per-epoch progress line says what matters
+        loop_config = build_loop_config(vocab, mcfg, log_q=log_q, id_dropout=id_dropout, progress=progress,
+                                        threads=max(1, math.floor(cpus)))
+        loop_config.update(side_ref=side_ref, use_gpu=use_gpu, progress_queue=printer.queue,
+                           time_grouped=time_grouped, tag=f"member {m + 1}/{len(members)}" if len(members) > 1 else None)
+        if fail_once_at_epoch is not None and m == 0:
+            loop_config["fail_once"] = {"epoch": fail_once_at_epoch - 1, "rank": cfg.num_workers - 1,
+                                        "marker": str(Path(storage) / name / "injected_failure")}
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=(
+                {"CPU": cpus, "GPU": 1} if use_gpu else {"CPU": cpus})),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            datasets={"train": dataset},
+            dataset_config=DataConfig(datasets_to_split=["train"]),
+            run_config=RunConfig(
+                storage_path=storage,
+                # member 0 is the single model (same seed, same run name: a rerun resumes it)
+                name=name if m == 0 else f"{name}_member{m}",
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=CheckpointConfig(  # the best epoch, and always the latest (for resuming)
+                    num_to_keep=1,
+                    checkpoint_score_attribute=VAL_METRIC if has_val else None,
+                    checkpoint_score_order="max",
                 ),
-            )
-            result = trainer.fit()
-            if result.error is not None:
-                raise RuntimeError(f"two-tower training failed: {result.error}") from result.error
-            if result.checkpoint is None:
-                raise RuntimeError("two-tower training finished without a checkpoint")
-            with result.checkpoint.as_directory() as d:
-                histories.append(list(load_checkpoint(d)["history"]))
-            best, epoch = _best_checkpoint(result, has_val)
-            with best.as_directory() as d:
-                model, _ = model_from_checkpoint(d)
-            models.append(model)
-            bests.append((best, epoch))
+            ),
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            raise RuntimeError(f"two-tower training failed: {result.error}") from result.error
+        if result.checkpoint is None:
+            raise RuntimeError("two-tower training finished without a checkpoint")
+        with result.checkpoint.as_directory() as d:
+            history = list(load_checkpoint(d)["history"])
+        best, epoch = _best_checkpoint(result, has_val)
+        with best.as_directory() as d:
+            model, _ = model_from_checkpoint(d)
+        return history, model, best, epoch
+
+    try:
+        fitted = run_members(fit_member, len(members), parallel)
     finally:
         printer.close()
-    del columns
+    histories = [h for h, _, _, _ in fitted]
+    models = [model for _, model, _, _ in fitted]
+    bests = [(best, epoch) for _, _, best, epoch in fitted]
     paths = save_towers(models, vocab, cfg, out_dir)
     return TrainResult(paths["query_tower"], paths["item_tower"], paths["vocab"], histories[0], bests[0][0].path,
                        bests[0][1], member_histories=histories, member_best_epochs=[e for _, e in bests])
+
+
+def members_at_once(cfg: TwoTowerConfig, cpus: float, use_gpu: bool, free: dict[str, float]) -> int:
+    """How many members train at once: as many as the `free` CPUs (GPUs) hold, at most `parallel_members`
+    (0: no cap) and never fewer than one. Only what is free counts: a member whose workers cannot be
+    placed would wait for Ray Train's worker-group start timeout and fail."""
+    fit = math.floor(free.get("CPU", 0.0) / (cfg.num_workers * cpus) + 1e-9)
+    if use_gpu:
+        fit = min(fit, math.floor(free.get("GPU", 0.0) / cfg.num_workers + 1e-9))
+    cap = cfg.parallel_members or cfg.ensemble
+    return max(1, min(fit, cap, cfg.ensemble))
+
+
+def run_members(fit: Callable[[int], Any], n: int, parallel: int) -> list[Any]:
+    """fit(0..n-1), `parallel` at a time, results in member order. Each call blocks on its own Ray Train
+    run in a daemon thread: Ctrl-C reaches the caller at once (Ray's shutdown then ends the runs) instead
+    of waiting for them at exit. After a failure no further member starts, the running ones finish, and
+    the lowest failed member's error is raised."""
+    if parallel <= 1:
+        return [fit(m) for m in range(n)]
+    results: dict[int, Any] = {}
+    errors: dict[int, BaseException] = {}
+    pending = iter(range(n))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                m = None if errors else next(pending, None)
+            if m is None:
+                return
+            try:
+                results[m] = fit(m)
+            except BaseException as e:  # noqa: BLE001  (re-raised by the caller's thread)
+                with lock:
+                    errors[m] = e
+
+    threads = [threading.Thread(target=work, name=f"two_tower_member_{i}", daemon=True) for i in range(parallel)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[min(errors)]
+    return [results[m] for m in range(n)]
 
 
 def _best_checkpoint(result: Any, has_val: bool) -> tuple[Any, int | None]:
