@@ -17,6 +17,11 @@ All on the generated H&M-shaped data set (default size = the demo's), split as t
 - case "ray_train": TorchTrainer fit with 1 and 2 workers (one CPU and one torch thread each):
   examples/s = median over epochs after the first (the first includes the data pipeline's start);
   always one model (ensemble 1), so the figures are per trained model.
+- case "ensemble_members" (skipped with --skip-ray): a 2-member ensemble (1 worker of 1 CPU each,
+  --speed-epochs epochs) trained one member after the other (`parallel_members: 1`), then as many at
+  a time as the free CPUs hold (the default); ratio_vs_sequential = fit_s / the sequential fit_s, and
+  towers_equal says whether the two ways exported the same embeddings (they should: each member
+  keeps its seed and data order).
 - quality: the configured model, an ensemble of `TwoTowerConfig.ensemble` seeded members by default
   (`--ensemble` overrides), exported and loaded as the pipeline does; fit_s covers every member.
 - quality: one line per model, {"model": "two_tower" | "popularity_last_week", "recall_at_100", "map_at_12"},
@@ -209,6 +214,36 @@ def ray_scaling(view, arts, custs, cfg: TwoTowerConfig, workers: list[int], epoc
              ray_cpus=ray.cluster_resources().get("CPU"))
 
 
+def ensemble_members(view, arts, custs, cfg: TwoTowerConfig, epochs: int) -> None:
+    import numpy as np
+
+    from training.features import encode_items, encode_queries
+    from training.two_tower.model import load_item_tower, load_query_tower
+
+    base = cfg.model_copy(update={"num_workers": 1, "cpus_per_worker": 1.0, "epochs": epochs, "ensemble": 2,
+                                  "early_stopping_patience": 0})
+    sequential_s, embeddings = None, []
+    for parallel in (1, 0):
+        with tempfile.TemporaryDirectory(prefix="rayrec-bench-tt-") as tmp:
+            t0 = time.perf_counter()
+            res = train_two_tower(view, arts, custs, base.model_copy(update={"parallel_members": parallel}),
+                                  Path(tmp) / "model", Path(tmp) / "ray", progress=False)
+            fit_s = time.perf_counter() - t0
+            query_tower, vocab = load_query_tower(Path(tmp) / "model")
+            item_tower, _ = load_item_tower(Path(tmp) / "model")
+            embeddings.append((query_tower.embed(encode_queries(vocab, view.iloc[:500], cfg.history_len)),
+                               item_tower.embed(encode_items(vocab, arts))))
+        sequential_s = sequential_s or fit_s
+        extra = {}
+        if parallel != 1:
+            (q1, i1), (q0, i0) = embeddings
+            extra = dict(ratio_vs_sequential=round(fit_s / sequential_s, 3),
+                         towers_equal=bool(np.array_equal(q1, q0) and np.array_equal(i1, i0)))
+        emit(BENCH, case="ensemble_members", members=2, parallel_members=parallel, workers_per_member=1,
+             epochs=epochs, rows_train=len(view), fit_s=round(fit_s, 1),
+             final_losses=[round(h[-1]["train_loss"], 4) for h in res.member_histories], **extra)
+
+
 def quality(hm, train_tx, test_tx, cutoff, arts, custs, view, cfg: TwoTowerConfig, max_customers: int) -> None:
     from training.features import encode_items
     from training.pipeline import main_channel, retrieve
@@ -291,6 +326,7 @@ def main() -> None:
         try:
             if not a.skip_ray:
                 ray_scaling(view, arts, custs, cfg, a.workers, a.speed_epochs, a.sharding)
+                ensemble_members(view, arts, custs, cfg, a.speed_epochs)
             if not a.skip_quality:
                 quality(hm, train_tx, test_tx, cutoff, arts, custs, view, cfg, a.eval_customers)
         finally:
