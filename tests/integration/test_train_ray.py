@@ -102,10 +102,11 @@ def test_one_worker_trains_from_a_ray_dataset(ray_cluster, tmp_path: Path, capsy
                           seq_dir, tmp_path / "ray_sequential", val_frame=frame.iloc[500:])
     assert "1 at a time" in capsys.readouterr().out
     assert [[h["train_loss"] for h in hist] for hist in seq.member_histories] == losses
-    for load, rows in ((load_query_tower, None), (load_item_tower, articles)):
-        (a, vocab), (b, _) = load(out_dir), load(seq_dir)
-        x = encode_items(vocab, rows) if rows is not None else encode_queries(vocab, frame.iloc[:50], cfg.history_len)
-        assert np.array_equal(a.embed(x), b.embed(x))
+    (q_par, vocab), (q_seq, _) = load_query_tower(out_dir), load_query_tower(seq_dir)
+    (i_par, _), (i_seq, _) = load_item_tower(out_dir), load_item_tower(seq_dir)
+    queries, items = encode_queries(vocab, frame.iloc[:50], cfg.history_len), encode_items(vocab, articles)
+    assert np.array_equal(q_par.embed(queries), q_seq.embed(queries))
+    assert np.array_equal(i_par.embed(items), i_seq.embed(items))
 
 
 def test_two_workers_survive_a_worker_failure_and_resume(ray_cluster, tmp_path: Path):
