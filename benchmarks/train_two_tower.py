@@ -222,8 +222,9 @@ def ensemble_members(view, arts, custs, cfg: TwoTowerConfig, epochs: int) -> Non
 
     base = cfg.model_copy(update={"num_workers": 1, "cpus_per_worker": 1.0, "epochs": epochs, "ensemble": 2,
                                   "early_stopping_patience": 0})
-    sequential_s, embeddings = None, []
-    for parallel in (1, 0):
+
+    def fit(parallel: int) -> tuple[float, list[float], list[np.ndarray]]:
+        """Seconds to train the ensemble, its members' final losses, and its query and item vectors."""
         with tempfile.TemporaryDirectory(prefix="rayrec-bench-tt-") as tmp:
             t0 = time.perf_counter()
             res = train_two_tower(view, arts, custs, base.model_copy(update={"parallel_members": parallel}),
@@ -231,17 +232,17 @@ def ensemble_members(view, arts, custs, cfg: TwoTowerConfig, epochs: int) -> Non
             fit_s = time.perf_counter() - t0
             query_tower, vocab = load_query_tower(Path(tmp) / "model")
             item_tower, _ = load_item_tower(Path(tmp) / "model")
-            embeddings.append((query_tower.embed(encode_queries(vocab, view.iloc[:500], cfg.history_len)),
-                               item_tower.embed(encode_items(vocab, arts))))
-        sequential_s = sequential_s or fit_s
-        extra = {}
-        if parallel != 1:
-            (q1, i1), (q0, i0) = embeddings
-            extra = dict(ratio_vs_sequential=round(fit_s / sequential_s, 3),
-                         towers_equal=bool(np.array_equal(q1, q0) and np.array_equal(i1, i0)))
-        emit(BENCH, case="ensemble_members", members=2, parallel_members=parallel, workers_per_member=1,
-             epochs=epochs, rows_train=len(view), fit_s=round(fit_s, 1),
-             final_losses=[round(h[-1]["train_loss"], 4) for h in res.member_histories], **extra)
+            vectors = [query_tower.embed(encode_queries(vocab, view.iloc[:500], cfg.history_len)),
+                       item_tower.embed(encode_items(vocab, arts))]
+        return fit_s, [round(h[-1]["train_loss"], 4) for h in res.member_histories], vectors
+
+    common = dict(case="ensemble_members", members=2, workers_per_member=1, epochs=epochs, rows_train=len(view))
+    seq_s, seq_losses, seq_vectors = fit(1)
+    emit(BENCH, **common, parallel_members=1, fit_s=round(seq_s, 1), final_losses=seq_losses)
+    par_s, par_losses, par_vectors = fit(0)
+    emit(BENCH, **common, parallel_members=0, fit_s=round(par_s, 1), final_losses=par_losses,
+         ratio_vs_sequential=round(par_s / seq_s, 3),
+         towers_equal=all(np.array_equal(a, b) for a, b in zip(seq_vectors, par_vectors, strict=True)))
 
 
 def quality(hm, train_tx, test_tx, cutoff, arts, custs, view, cfg: TwoTowerConfig, max_customers: int) -> None:
