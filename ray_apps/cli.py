@@ -58,12 +58,12 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     if dataset is not None and dataset.dataset.hm is None:
         check_columns(dataset)  # a wrong column name fails here, before the workdir, database or Ray
     wd = Workdir.at(args.workdir)
+    cfg = resolve_config(args, wd)  # an invalid config fails here, before anything is written
     use_ray_token(wd)  # the pipeline's own Ray instance keeps its token in the workdir too
     from feature_store.connect import open_online_store
     from feature_store.local_db import LocalMariaDB
     from training.pipeline import run_pipeline
 
-    cfg = resolve_config(args, wd)
     if cfg.database.local:
         LocalMariaDB(wd, cfg.database).start()
     store = open_online_store(cfg.database, wd)
@@ -109,13 +109,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         read_manifest(wd)  # a run must exist
         print(write_serve_config(wd, resolve_config(args, wd), args.working_dir, args.proxy_location))
         return 0
-    use_ray_token(wd)  # before Ray is imported: it reads RAY_AUTH_MODE once
-    from ray_apps import local
-
     if args.action == "stop":
+        use_ray_token(wd)  # before Ray is imported: it reads RAY_AUTH_MODE once
+        from ray_apps import local
+
         print("serving stopped" if local.stop(wd) else "serving was not running")
         return 0
-    cfg = resolve_config(args, wd)
+    from common.artifacts import read_manifest
+
+    cfg = resolve_config(args, wd)  # a bad config or a missing run fails before anything is written
+    read_manifest(wd)
+    use_ray_token(wd)
+    from ray_apps import local
+
     if cfg.database.local:
         from feature_store.local_db import LocalMariaDB
 

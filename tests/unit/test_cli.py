@@ -37,6 +37,21 @@ def test_serve_without_a_run_names_the_missing_manifest(tmp_path):
     out = subprocess.run([sys.executable, "-m", "ray_apps.cli", "serve", "start", "--workdir", str(tmp_path / "run"),
                           "--config", str(cfg)], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 2 and "manifest" in out.stderr
+    assert not (tmp_path / "run").exists()  # nothing written for a run that is not there
+
+
+@pytest.mark.parametrize("command", [["pipeline"], ["serve", "start"]])
+def test_an_invalid_config_is_named_before_anything_is_written(tmp_path, command):
+    """In a subprocess, as above: before the fix the Ray token was written to the workdir first."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("two_tower: {epochs: 0}\n")
+    out = subprocess.run([sys.executable, "-m", "ray_apps.cli", *command, "--workdir", str(tmp_path / "run"),
+                          "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and f"{cfg}: invalid config: two_tower.epochs" in out.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_serve_config_for_a_cluster_ships_the_code_package(tmp_path, capsys):
