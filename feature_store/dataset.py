@@ -34,6 +34,7 @@ from feature_store.sources import (
     _ids,
     _numbers,
     _Table,
+    check_hm_files,
     load_hm,
 )
 
@@ -289,8 +290,12 @@ def _interaction_columns(f: InteractionsFile) -> list[tuple[str, str]]:
 
 def check_columns(cfg: DatasetConfig) -> None:
     """Every column the config names exists in its file (only headers are read); raises
-    DatasetConfigError naming the file, the column, the config key and the columns there are."""
+    DatasetConfigError naming the file, the column, the config key and the columns there are.
+    For `hm`, that the Kaggle files are in its folder (FileNotFoundError)."""
     spec = cfg.dataset
+    if spec.hm is not None:
+        check_hm_files(cfg.resolve(spec.hm.path))
+        return
     tables: list[tuple[str, FileSpec, list[tuple[str, str]]]] = []
     for key in ("users", "items"):
         f = getattr(spec, key)

@@ -973,6 +973,15 @@ def _load_extra(name: str, path: Path, articles: pd.Series) -> tuple[pd.DataFram
     return _finish(df, columns), table.report(len(df))
 
 
+def check_hm_files(data_dir: Path) -> None:
+    """Raise FileNotFoundError naming every Kaggle file missing from `data_dir` (the extras
+    are optional): a pipeline checks this before it starts a database or writes anything."""
+    missing = [str(Path(data_dir) / FILES[n]) for n in ("articles", "customers", "transactions")
+               if not (Path(data_dir) / FILES[n]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{', '.join(missing)} not found")
+
+
 def load_hm(data_dir: Path) -> HMData:
     """Load the H&M tables (and whichever extra tables exist) from `data_dir`.
 
@@ -980,9 +989,7 @@ def load_hm(data_dir: Path) -> HMData:
     parsed; rows that are merely inconsistent are dropped and counted in `report`.
     """
     data_dir = Path(data_dir)
-    for name in ("articles", "customers", "transactions"):
-        if not (data_dir / FILES[name]).is_file():
-            raise FileNotFoundError(f"{data_dir / FILES[name]} not found")
+    check_hm_files(data_dir)
     report = LoadReport()
     articles, report.files[FILES["articles"]] = _load_articles(data_dir / FILES["articles"])
     customers, report.files[FILES["customers"]] = _load_customers(data_dir / FILES["customers"])

@@ -50,13 +50,17 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from feature_store.dataset import check_columns, load_dataset_config
+    from feature_store.sources import check_hm_files
     from ray_apps.ray_auth import use_ray_token
 
     if args.data and args.dataset:
         raise ValueError("give --data (a folder of H&M CSVs) or --dataset (a dataset config), not both")
     dataset = load_dataset_config(args.dataset) if args.dataset else None
-    if dataset is not None and dataset.dataset.hm is None:
-        check_columns(dataset)  # a wrong column name fails here, before the workdir, database or Ray
+    # a missing file or a wrong column name fails here, before the workdir, database or Ray
+    if dataset is not None:
+        check_columns(dataset)
+    if args.data:
+        check_hm_files(Path(args.data))
     wd = Workdir.at(args.workdir)
     cfg = resolve_config(args, wd)  # an invalid config fails here, before anything is written
     use_ray_token(wd)  # the pipeline's own Ray instance keeps its token in the workdir too

@@ -181,16 +181,16 @@ def _source(args: argparse.Namespace, wd: Workdir, cfg: RayrecConfig, generate_m
             ) -> Path | DatasetConfig:
     """What to compute the groups from: --dataset, --data, or the workdir's (generated) H&M data."""
     from feature_store.dataset import check_columns, load_dataset_config
-    from feature_store.sources import FILES, generate
+    from feature_store.sources import FILES, check_hm_files, generate
 
     if args.data and args.dataset:
         raise ValueError("give --data (a folder of H&M CSVs) or --dataset (a dataset config), not both")
     if args.dataset:
         dataset = load_dataset_config(args.dataset)
-        if dataset.dataset.hm is None:
-            check_columns(dataset)  # a wrong column name fails here, before the database is touched
+        check_columns(dataset)  # a missing file or column fails here, before the database is touched
         return dataset
     if args.data:
+        check_hm_files(Path(args.data))
         return Path(args.data)
     if not (wd.data_dir / FILES["transactions"]).exists():
         if not generate_missing:

@@ -82,6 +82,24 @@ def test_the_cli_rejects_a_wrong_column_before_starting_anything(ml, tmp_path, c
     assert not wd.exists()  # no database, no Ray, no workdir
 
 
+def test_missing_hm_files_are_all_named_before_starting_anything(tmp_path, capsys):
+    """--data, a dataset config's `hm:` folder and `features build` check the Kaggle files first."""
+    from ray_apps.cli import main
+
+    folder = tmp_path / "hm"
+    folder.mkdir()
+    (folder / "articles.csv").write_text("article_id\n")
+    hm_config = tmp_path / "hm.yaml"
+    hm_config.write_text(yaml.safe_dump({"dataset": {"name": "shop", "hm": {"path": str(folder)}}}))
+    wd = tmp_path / "run"
+    for argv in (["pipeline", "--data", str(folder)], ["pipeline", "--dataset", str(hm_config)],
+                 ["features", "build", "--data", str(folder)]):
+        assert main([*argv, "--workdir", str(wd)]) == 2, argv
+        err = capsys.readouterr().err
+        assert f"{folder / 'customers.csv'}, {folder / 'transactions_train.csv'} not found" in err, (argv, err)
+        assert not wd.exists(), argv  # no database, no Ray, no workdir
+
+
 def test_config_errors_name_the_file_and_the_key(ml, tmp_path):
     with pytest.raises(DatasetConfigError, match=r"edited\.yaml: invalid dataset config: "
                                                  r"dataset\.items\.columns\.catgorical: Extra inputs"):
