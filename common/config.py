@@ -72,7 +72,8 @@ class TwoTowerConfig(_Strict):
     # CPUs (GPUs) hold, num_workers x cpus_per_worker each; 1: one after the other). Each member keeps
     # its own seed and data order, so the towers are the same either way; two 1-CPU members on 2 cores
     # took 0.52-0.55x the time of one after the other on the demo (docs/scaling.md F42). Each running
-    # member holds its own tables, optimizer state and data blocks: set 1 where memory, not CPU, binds.
+    # member holds its own tables, optimizer state and data blocks, so the auto setting also fits them
+    # into Ray's free memory, at an upper bound per member (training/two_tower/train.py member_bytes).
     parallel_members: int = Field(0, ge=0)
     # Ray Train workers, and the CPUs (= torch threads) each one reserves; scaled down to fit the cluster.
     num_workers: int = Field(1, ge=1)

@@ -352,6 +352,28 @@ def test_members_at_once_fit_the_free_resources_and_the_cap():
     assert members_at_once(four, 1.0, True, {"CPU": 16.0, "GPU": 2.0}) == 2  # one GPU per worker
 
 
+def test_members_at_once_fit_the_free_memory_too():
+    """A machine with many CPUs and little memory trains fewer members at once, not all of them."""
+    from types import SimpleNamespace
+
+    from training.two_tower.train import TABLE_COPIES, WORKER_BASE_BYTES, member_bytes
+
+    # H&M's full size: 1.37M customers, 105k articles (the history table too), a few small attributes
+    vocab = SimpleNamespace(query_cardinalities=lambda: {"customer_id": 1_370_000, "age_group": 8},
+                            item_cardinalities=lambda: {"article_id": 105_000, "product_type_no": 132},
+                            n_articles=105_000)
+    four = CFG.model_copy(update={"ensemble": 4, "num_workers": 2, "embedding_dim": 32})
+    rows = 1_370_000 + 8 + 105_000 + 105_000 + 132
+    one = member_bytes(vocab, four, use_gpu=False)
+    assert one == 2 * (WORKER_BASE_BYTES + TABLE_COPIES * 4 * rows * 32)  # about 3.8 GiB
+    assert member_bytes(vocab, four, use_gpu=True) == 2 * WORKER_BASE_BYTES  # the tables on the GPUs
+    cpus = {"CPU": 64.0}
+    assert members_at_once(four, 1.0, False, cpus | {"memory": 100 * 2**30}, one) == 4  # CPUs and memory hold all
+    assert members_at_once(four, 1.0, False, cpus | {"memory": 9 * 2**30}, one) == 2
+    assert members_at_once(four, 1.0, False, cpus | {"memory": 2**30}, one) == 1  # never fewer than one
+    assert members_at_once(four, 1.0, False, cpus, one) == 4  # a cluster reporting no memory: CPUs decide
+
+
 def test_run_members_keeps_member_order_and_raises_the_first_failure():
     started: list[int] = []
     both = threading.Barrier(2, timeout=10)

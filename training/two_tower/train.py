@@ -890,11 +890,12 @@ def train_two_tower(
     has_val = side.val_q is not None
     side_ref = ray.put(side)
     members = member_configs(cfg)
-    parallel = members_at_once(cfg, cpus, use_gpu, ray.available_resources())
+    memory = member_bytes(vocab, cfg, use_gpu)
+    parallel = members_at_once(cfg, cpus, use_gpu, ray.available_resources(), memory)
     printer = _ProgressPrinter(progress)
     if progress and len(members) > 1:
         print(f"[two_tower] ensemble of {len(members)} (seeds {', '.join(str(m.seed) for m in members)}), "
-              f"{parallel} at a time", flush=True)
+              f"{parallel} at a time (up to {memory / 2**30:.1f} GiB of memory each)", flush=True)
 
     def fit_member(m: int) -> tuple[list[dict[str, Any]], TwoTower, Any, int | None]:
         mcfg = members[m]
@@ -953,13 +954,35 @@ def train_two_tower(
                        bests[0][1], member_histories=histories, member_best_epochs=[e for _, e in bests])
 
 
-def members_at_once(cfg: TwoTowerConfig, cpus: float, use_gpu: bool, free: dict[str, float]) -> int:
-    """How many members train at once: as many as the `free` CPUs (GPUs) hold, at most `parallel_members`
-    (0: no cap) and never fewer than one. Only what is free counts: a member whose workers cannot be
-    placed would wait for Ray Train's worker-group start timeout and fail."""
+# A CPU worker's memory besides its tables: its peak RSS was 520 MB on the tests' tiny run and 584 MB
+# on the demo's (whose tables are under 1 MB), sampled from /proc every 0.5 s; rounded up.
+WORKER_BASE_BYTES = 768 << 20
+# Copies of the tables a CPU worker may hold at once: the weights, their gradients, AdamW's two moments,
+# the weight average (swa_epochs) and the checkpoint's copy being written.
+TABLE_COPIES = 6
+
+
+def member_bytes(vocab: FeatureVocab, cfg: TwoTowerConfig, use_gpu: bool) -> int:
+    """The host memory one ensemble member may take, an upper bound: every worker holds every table
+    (data-parallel; sharded runs hold less, except rank 0 gathering a checkpoint). On GPU the
+    tables live on the device. The towers' MLPs are left out: tens of thousands of weights."""
+    rows = sum(vocab.query_cardinalities().values()) + vocab.n_articles + sum(vocab.item_cardinalities().values())
+    tables = 0 if use_gpu else TABLE_COPIES * 4 * rows * cfg.embedding_dim  # float32
+    return cfg.num_workers * (WORKER_BASE_BYTES + tables)
+
+
+def members_at_once(cfg: TwoTowerConfig, cpus: float, use_gpu: bool, free: dict[str, float],
+                    member_memory: int = 0) -> int:
+    """How many members train at once: as many as the `free` CPUs (GPUs) and, given `member_memory`
+    (bytes, `member_bytes`), Ray's free `memory` hold, at most `parallel_members` (0: no cap) and never
+    fewer than one. Only what is free counts: a member whose workers cannot be placed would wait for Ray
+    Train's worker-group start timeout and fail, and members that outgrow the memory get killed by
+    Ray's memory monitor."""
     fit = math.floor(free.get("CPU", 0.0) / (cfg.num_workers * cpus) + 1e-9)
     if use_gpu:
         fit = min(fit, math.floor(free.get("GPU", 0.0) / cfg.num_workers + 1e-9))
+    if member_memory > 0 and "memory" in free:
+        fit = min(fit, math.floor(free["memory"] / member_memory))
     cap = cfg.parallel_members or cfg.ensemble
     return max(1, min(fit, cap, cfg.ensemble))
 
