@@ -39,6 +39,14 @@ def _listening(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise when another process listens on Serve's HTTP port: a new head's proxy could not bind
+    it, and `serve.run` would wait for a proxy that never becomes ready."""
+    if _listening("127.0.0.1" if host in ("", "0.0.0.0") else host, port):
+        raise RuntimeError(f"port {port} on {host} is in use by another process: stop it or set serve.port "
+                           "to a free port")
+
+
 def ray_address() -> str:
     return f"127.0.0.1:{RAY_PORT}"
 
@@ -82,6 +90,8 @@ def deploy(cfg: RayrecConfig, wd: Workdir) -> str:
     from ray import serve
 
     read_manifest(wd)  # fail before starting anything when the run is missing
+    if not _listening("127.0.0.1", RAY_PORT):  # a head of ours already up may be serving on the port
+        check_port_free(cfg.serve.host, cfg.serve.port)
     start_ray(wd, cfg.serve)
     ray.init(address=ray_address(), log_to_driver=False)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})

@@ -116,3 +116,19 @@ def test_init_ray_joins_the_jobs_cluster_without_asking_for_cpus(tmp_path, monke
     assert "num_cpus" not in calls[0] and calls[1]["num_cpus"] == 2
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     assert init_ray(Workdir.at(tmp_path)) is False and len(calls) == 2
+
+
+def test_a_busy_http_port_is_named_before_a_head_starts():
+    """`serve start` checks Serve's port first: a proxy that cannot bind it would leave serve.run waiting."""
+    import socket
+
+    from ray_apps.local import check_port_free
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for host in ("127.0.0.1", "0.0.0.0"):  # a cluster config's wildcard is checked on loopback
+            with pytest.raises(RuntimeError, match=f"port {port} on {host} is in use by another process"):
+                check_port_free(host, port)
+    check_port_free("127.0.0.1", port)  # closed: free again
