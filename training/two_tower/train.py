@@ -955,7 +955,7 @@ def train_two_tower(
 
 
 # A CPU worker's memory besides its tables: its peak RSS was 520 MB on the tests' tiny run and 584 MB
-# on the demo's (whose tables are under 1 MB), sampled from /proc every 0.5 s; rounded up.
+# on the demo's (whose tables are under 1 MB), sampled from /proc every 0.5 s; rounded up (docs/scaling.md F44).
 WORKER_BASE_BYTES = 768 << 20
 # Copies of the tables a CPU worker may hold at once: the weights, their gradients, AdamW's two moments,
 # the weight average (swa_epochs) and the checkpoint's copy being written.
