@@ -126,6 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     use_ray_token(wd)
     from ray_apps import local
 
+    local.check_deployable(cfg, wd)  # a busy port too, before the database starts
     if cfg.database.local:
         from feature_store.local_db import LocalMariaDB
 

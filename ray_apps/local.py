@@ -84,14 +84,20 @@ def start_ray(wd: Workdir, serve_cfg: ServeConfig) -> None:
         raise RuntimeError(f"`ray start` failed (exit {rc}); see {log}")
 
 
+def check_deployable(cfg: RayrecConfig, wd: Workdir) -> None:
+    """What `deploy` needs before it starts anything: the run, and Serve's port unless a head of
+    ours is already up (then it may be the one serving there)."""
+    read_manifest(wd)
+    if not _listening("127.0.0.1", RAY_PORT):
+        check_port_free(cfg.serve.host, cfg.serve.port)
+
+
 def deploy(cfg: RayrecConfig, wd: Workdir) -> str:
     """Deploy the app for this workdir on the local head; returns the base URL."""
     import ray
     from ray import serve
 
-    read_manifest(wd)  # fail before starting anything when the run is missing
-    if not _listening("127.0.0.1", RAY_PORT):  # a head of ours already up may be serving on the port
-        check_port_free(cfg.serve.host, cfg.serve.port)
+    check_deployable(cfg, wd)
     start_ray(wd, cfg.serve)
     ray.init(address=ray_address(), log_to_driver=False)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
