@@ -306,17 +306,21 @@ class AsOf:
     customers: dict[str, dict[str, Any]]
     history: dict[str, dict[str, Any]]
     articles: dict[str, dict[str, Any]]
-    history_frame: pd.DataFrame
+    history_frame: pd.DataFrame  # the customer_history rows of the customers asked for
 
 
 def rows_as_of(raw_articles: pd.DataFrame, tx: pd.DataFrame, customers_fg: pd.DataFrame,
                extras: dict[str, pd.DataFrame] | None, as_of: pd.Timestamp | None,
                customer_ids: Sequence[str], roles: Any = None) -> AsOf:
     """The customers, customer_history and articles groups as of `as_of` (transactions before
-    it), for `customer_ids`: what the online store held at that time. `roles`: the dataset's."""
+    it), for `customer_ids`: what the online store held at that time. `roles`: the dataset's.
+
+    The history (`history_frame` too) is computed for `customer_ids` alone: a customer's history
+    depends on their own purchases only, and the per-customer pass over every customer cost the
+    demo's ranker data 4.5-5.8 s per cut-off instead of 1.4 s (1,000 of 3,882 customers)."""
     from feature_store.transforms import article_features, customer_history
 
-    hist = customer_history(tx, raw_articles, as_of, roles=roles)
+    hist = customer_history(tx[tx["customer_id"].isin(customer_ids)], raw_articles, as_of, roles=roles)
     arts = article_features(raw_articles, tx, as_of, extras, roles=roles)
     when = as_of if as_of is not None else tx["t_dat"].max() + pd.Timedelta(days=1)
     return AsOf(when, offline_rows("customers", customers_fg, customer_ids, roles),

@@ -282,3 +282,18 @@ def test_stage_never_shows_a_minor_an_adult_article_even_when_the_model_loves_it
     assert adult.article_ids == [] and adult.removed["max_price"] == 7
     with pytest.raises(ValueError, match="needs item vectors"):
         RankingStage(_Constant([]), RankerConfig(diversity={"rule": "mmr"}), FilterConfig(), 5)
+
+
+def test_rows_as_of_computes_the_history_of_the_customers_asked_for_only(tiny):
+    """Their rows equal those of the whole group's computation; nobody else's are made."""
+    from feature_store.transforms import customer_history
+
+    hm, customers_fg, train, _test, cutoff, *_ = tiny
+    full = customer_history(train, hm.articles, cutoff)
+    cids = sorted(full["customer_id"])[::40] + ["not-a-customer"]
+    state = rows_as_of(hm.articles, train, customers_fg, hm.extras, cutoff, cids)
+    mine = state.history_frame.sort_values("customer_id").reset_index(drop=True)
+    assert mine["customer_id"].tolist() == cids[:-1]
+    pd.testing.assert_frame_equal(mine, full[full["customer_id"].isin(cids)].sort_values("customer_id")
+                                  .reset_index(drop=True))
+    assert set(state.history) == set(cids[:-1])
