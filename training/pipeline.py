@@ -23,7 +23,7 @@ from feature_store.groups import dataset_groups
 from feature_store.online.base import OnlineStore
 from feature_store.sources import FILES, generate
 from feature_store.store import FeatureStore
-from feature_store.transforms import article_features, customer_history, serving_frames
+from feature_store.transforms import article_features, serving_frames
 from feature_store.views import RETRIEVAL_VIEW_VERSION, query_frame, retrieval_frame
 from training import evaluate as ev
 from training.features import encode_items, encode_queries
@@ -273,14 +273,14 @@ def evaluate_all(cfg, wd, raw: Raw, split: Split, customers_fg, item_ids, item_v
     train_tx, cutoff = split.train, split.as_of
     truth = ev.ground_truth(split.test, cfg.eval.max_customers, seed=cfg.eval.seed)
     cids = sorted(truth)
-    hist = customer_history(train_tx, raw.articles, cutoff, raw.roles)
+    state = rows_as_of(raw.articles, train_tx, customers_fg, raw.extras, cutoff, cids, raw.roles)
+    hist = state.history_frame  # the evaluated customers' histories: all that the lists read
     purchased = dict(zip(hist["customer_id"], hist["purchased"], strict=True))
     k = max(100, cfg.ranker.n_candidates)
     lists = baseline_lists(cfg, train_tx, cids, purchased, k)
     cands, scores = retrieve(wd.two_tower_dir, item_ids, item_vecs, customers_fg, hist, cids, split.month, channel,
                              k, cfg.two_tower.history_len, raw.roles)
     retrieval = dict(zip(cids, cands, strict=True))
-    state = rows_as_of(raw.articles, train_tx, customers_fg, raw.extras, cutoff, cids, raw.roles)
     ranking = evaluation_lists(ranker, cfg.ranker, cfg.filters, state, cids, cands, scores, channel)
     lists.update(retrieval=retrieval, ranked=ranking["ranked"])
     if "ranked_classifier" in ranking:
