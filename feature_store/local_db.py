@@ -245,6 +245,15 @@ class LocalMariaDB:
             self._bootstrap(bins, password)
         return self.status()
 
+    def check_startable(self) -> None:
+        """Raise PortInUse if `start` would fail on a taken port, writing nothing: a command
+        checks this before it creates a workdir, so that the failure leaves no half-made run."""
+        running = self._server_pid()
+        if running is not None:
+            self._check_running_port(running)
+        else:
+            self._check_port_free()
+
     def stop(self) -> bool:
         """Stop the server: SIGTERM, then SIGKILL after `stop_timeout`; waits until it is gone.
 

@@ -63,13 +63,17 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         check_hm_files(Path(args.data))
     wd = Workdir.at(args.workdir)
     cfg = resolve_config(args, wd)  # an invalid config fails here, before anything is written
+    from feature_store.local_db import LocalMariaDB
+
+    db = LocalMariaDB(wd, cfg.database) if cfg.database.local else None
+    if db is not None:
+        db.check_startable()  # a taken database port too
     use_ray_token(wd)  # the pipeline's own Ray instance keeps its token in the workdir too
     from feature_store.connect import open_online_store
-    from feature_store.local_db import LocalMariaDB
     from training.pipeline import run_pipeline
 
-    if cfg.database.local:
-        LocalMariaDB(wd, cfg.database).start()
+    if db is not None:
+        db.start()
     store = open_online_store(cfg.database, wd)
     try:
         run_pipeline(cfg, wd, Path(args.data) if args.data else None, store, dataset)
@@ -123,14 +127,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = resolve_config(args, wd)  # a bad config or a missing run fails before anything is written
     read_manifest(wd)
+    from feature_store.local_db import LocalMariaDB
+
+    db = LocalMariaDB(wd, cfg.database) if cfg.database.local else None
+    if db is not None:
+        db.check_startable()
     use_ray_token(wd)
     from ray_apps import local
 
-    local.check_deployable(cfg, wd)  # a busy port too, before the database starts
-    if cfg.database.local:
-        from feature_store.local_db import LocalMariaDB
-
-        LocalMariaDB(wd, cfg.database).start()
+    local.check_deployable(cfg, wd)  # a busy Serve port too, before the database starts
+    if db is not None:
+        db.start()
     url = local.deploy(cfg, wd)
     print(f"[serve] app {local.APP_NAME!r} at {url} (OpenAPI: {url}/docs)")
     sample = _sample_customers(wd, 3)

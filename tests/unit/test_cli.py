@@ -54,6 +54,59 @@ def test_an_invalid_config_is_named_before_anything_is_written(tmp_path, command
     assert not (tmp_path / "run").exists()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_taken_database_port_fails_the_pipeline_before_the_workdir_is_made(tmp_path):
+    """Before the fix the run's folder was left with a password file, a lock and a Ray token."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"database: {{port: {port}}}\n")
+        out = subprocess.run([sys.executable, "-m", "ray_apps.cli", "pipeline", "--workdir", str(tmp_path / "run"),
+                              "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and f"port {port} on 127.0.0.1 is already in use" in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_serve_start_names_a_busy_http_port_before_the_database_starts(tmp_path):
+    """The order in `serve start`: the run, the database's port, Serve's port, and only then the database."""
+    import socket
+    import subprocess
+    import sys
+
+    from common.artifacts import new_manifest, write_manifest
+    from common.workdir import Workdir
+    from ray_apps.local import RAY_PORT
+
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", RAY_PORT)) == 0:
+            pytest.skip(f"a Ray head listens on {RAY_PORT}: serve start would skip the port check for it")
+    wd = Workdir.at(tmp_path / "run")
+    write_manifest(wd, new_manifest("run"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"database: {{port: {_free_port()}}}\nserve: {{port: {port}}}\n")
+        out = subprocess.run([sys.executable, "-m", "ray_apps.cli", "serve", "start", "--workdir", str(wd.root),
+                              "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and f"port {port} on 127.0.0.1 is in use by another process" in out.stderr
+    assert not wd.db_dir.exists()  # the database never started
+
+
 def test_serve_config_for_a_cluster_ships_the_code_package(tmp_path, capsys):
     """`rayrec serve config` writes what `serve deploy` takes, with the code package in the runtime_env;
     Serve's own schema accepts it."""
