@@ -13,6 +13,8 @@ of --rows synthetic rows through the feature store's insert, then measures batch
     {"bench": "online_store", "case": "speedup", "batch": 250, "clients": 1, "ratio": ..}
     {"bench": "online_store", "case": "purchase_event", "events": .., "p50_ms": .., "p99_ms": ..}
     {"bench": "online_store", "case": "warmup", "passes": 1, "calls": .., "warmup_s": .., "server_cpu_ms": ..}
+    {"bench": "online_store", "case": "call_cpu_split", "batch": 250, "clients": 1, "corr_latency_vs_cpu": ..,
+     "fast_half_client_cpu_ms": .., "slowest_1pct_client_cpu_ms": .., "slowest_1pct_waited_ms": .., ...}
 
 `ratio` is (per-key loop time per key) / (batched time per key). `statement_only` runs the
 statement that `get_feature_vectors` sends (`read_concat`, the same keys) and leaves the packed
@@ -28,6 +30,13 @@ the CPU time per call of the client processes and of mariadbd, and load_avg_1m t
 load: on a shared machine the wall-clock figures include waiting for other processes' work. `purchase_event` times
 `apply_purchase_event` (one online transaction updating a customer_history and an articles row).
 
+`call_cpu_split` times --cpu-split-calls calls of one client with each call's client-thread CPU and
+the CPU of the server's threads (/proc/<pid>/task/*/schedstat) around it: the calls at or under
+the median against the slowest 1%, and how long those waited with neither side on a CPU
+(`slowest_1pct_waited_ms`, latency minus both CPUs). Where the slow calls' CPU is higher on both
+sides and they hardly waited, the tail is the shared VM running the same code slower for those
+milliseconds, not a queue or a lock (docs/scaling.md F44).
+
 Each case's clients wait at a start line (so that 4 clients run together), then call back to
 back for --settle-s seconds before the --reads timed calls: after seconds of idling at the start
 line, client and server run slower for about a second (250 keys, 1 client, A/B in one process:
@@ -42,7 +51,7 @@ make the first few thousand reads cost about twice as much server CPU as later o
 
 Usage: python benchmarks/online_store.py [--rows 200000] [--batches 250,100] [--clients 1,4]
                                           [--reads 1500] [--settle-s 1] [--warmup-passes 1] [--events 200]
-                                          [--db-port PORT] [--workdir DIR]
+                                          [--cpu-split-calls 1500] [--db-port PORT] [--workdir DIR]
 """
 from __future__ import annotations
 
@@ -242,6 +251,58 @@ def client(args: tuple) -> dict:
     return {"lat": out, "cpu": cpu, "settle": np.array(settle), "server_cpu": server}
 
 
+def server_threads_cpu_ns(pid: int) -> int:
+    """On-CPU nanoseconds of all the server's threads so far (/proc/<pid>/task/*/schedstat), finer
+    than /proc/<pid>/stat's clock ticks: enough to see one call's server CPU."""
+    total = 0
+    for task in os.scandir(f"/proc/{pid}/task"):
+        try:
+            with open(f"{task.path}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return total
+
+
+def call_cpu_split(cfg, password, root, batch: int, calls: int, rows: int, server_pid: int) -> dict:
+    """One client, back-to-back `get_feature_vectors` calls, each with its latency, the client
+    thread's CPU and the server threads' CPU around it: is a slow call slow because it waited
+    (a queue, a lock, a wake-up) or because both sides' code ran slower (the VM's speed)?"""
+    store = MySQLOnlineStore.from_config(cfg, password)
+    fv = FeatureStore(Workdir.at(root), store).get_feature_view(VIEW)
+    rng = np.random.default_rng(7)
+    ids = article_ids(rows)
+    batches = [[ids[j] for j in rng.choice(rows, batch, replace=False)] for _ in range(64)]
+    for b in batches:  # warm: connection, registry lookup, code paths
+        fv.get_feature_vectors(b)
+    lat, client, server = np.empty(calls), np.empty(calls), np.empty(calls)
+    for i in range(calls):
+        s0, c0, t0 = server_threads_cpu_ns(server_pid), time.thread_time_ns(), time.perf_counter_ns()
+        fv.get_feature_vectors(batches[i % 64])
+        t1, c1 = time.perf_counter_ns(), time.thread_time_ns()
+        lat[i], client[i] = (t1 - t0) / 1e6, (c1 - c0) / 1e6
+        server[i] = max(0, server_threads_cpu_ns(server_pid) - s0) / 1e6
+    store.close()
+    waited = lat - client - server  # neither side on a CPU: queues, wake-ups, other processes
+    fast, slow = lat <= np.percentile(lat, 50), lat > np.percentile(lat, 99)
+    return {
+        "calls": calls,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "client_cpu_ms": float(client.mean()),
+        "server_cpu_ms": float(server.mean()),
+        "corr_latency_vs_cpu": float(np.corrcoef(lat, client + server)[0, 1]),
+        "fast_half_client_cpu_ms": float(client[fast].mean()),
+        "fast_half_server_cpu_ms": float(server[fast].mean()),
+        "slowest_1pct_calls": int(slow.sum()),
+        "slowest_1pct_client_cpu_ms": float(client[slow].mean()) if slow.any() else None,
+        "slowest_1pct_server_cpu_ms": float(server[slow].mean()) if slow.any() else None,
+        "slowest_1pct_waited_ms": float(waited[slow].mean()) if slow.any() else None,
+        "slowest_1pct_waited_over_0_5ms": int((waited[slow] > 0.5).sum()),
+        "load_avg_1m": round(os.getloadavg()[0], 1),
+    }
+
+
 def server_cpu_s(pid: int | None) -> float:
     """CPU seconds the database server has used so far (0 when unknown)."""
     if pid is None:
@@ -300,6 +361,8 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=200, help="purchase events to time (0: none)")
     ap.add_argument("--warmup-passes", type=int, default=1,
                     help="untimed batched reads of every key before measuring (0: measure a cold server)")
+    ap.add_argument("--cpu-split-calls", type=int, default=1500,
+                    help="calls of the call_cpu_split case per batch size, 1 client (0: none)")
     ap.add_argument("--db-port", type=int, default=None, help="port of the benchmark's own MariaDB")
     ap.add_argument("--workdir", help="keep the database and feature store here (default: a temp dir)")
     a = ap.parse_args()
@@ -344,6 +407,9 @@ def main() -> None:
                     emit("online_store", case="per_key", batch=batch, clients=clients, rows=a.rows, **slow)
                     emit("online_store", case="speedup", batch=batch, clients=clients,
                          ratio=round(slow["mean_ms"] / fast["mean_ms"], 1))
+                if a.cpu_split_calls and pid is not None:
+                    emit("online_store", case="call_cpu_split", batch=batch, clients=1, rows=a.rows,
+                         **call_cpu_split(cfg, password, tmp, batch, a.cpu_split_calls, a.rows, pid))
             if a.events:
                 store = MySQLOnlineStore.from_config(cfg, password)
                 emit("online_store", case="purchase_event", **purchase_events(FeatureStore(Workdir.at(tmp), store),
