@@ -23,9 +23,11 @@ import datetime as dt
 import gc
 import hashlib
 import hmac
+import logging
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,7 @@ from starlette.datastructures import Headers
 from common.artifacts import read_manifest
 from common.config import FilterConfig, ServeConfig, load_config
 from common.workdir import Workdir
-from ray_apps import shedding
+from ray_apps import reload, shedding  # modules, not their objects: Serve pickles the Ingress class by value
 from ray_apps.coalesce import IN_APP, Coalescer
 from ray_apps.schemas import (
     Candidates,
@@ -62,6 +64,11 @@ INGRESS_NAME = "Ingress"  # the ingress deployment's name (its class's), as a Se
 # Health checks, the web page (it asks for the key) and the API's documentation: no data behind them.
 EXEMPT_PATHS = {"/healthz", "/readyz", "/", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
 PUBLIC_PREFIXES = ("/ui/",)  # the page's static assets: no data behind them
+# How long a hot reload waits for the replaced run's requests before it closes the run anyway:
+# far past any request's stage timeouts and retries.
+RETIRE_TIMEOUT_S = 60.0
+
+logger = logging.getLogger("ray.serve")
 
 
 class AppArgs(BaseModel):
@@ -359,7 +366,10 @@ class Orchestrator:
         details = {**timings, "n_retrieved": ranked["n_candidates"], "n_after_filter": ranked["n_after_filter"],
                    "n_ranked": ranked["n_ranked"], "filter_removed": ranked["removed"], "fetches": fetches,
                    "known_customer": ctx.known_customer}
-        return {"items": ranked["items"], "source": "ranked", "degraded": False}, details
+        if req.debug:  # what retrieval searched with, to rerun or compare it
+            details["query_vector"] = [round(float(x), 6) for x in ctx.vector]
+        return {"items": ranked["items"], "source": "ranked", "degraded": False,
+                "candidates": ranked.get("candidates")}, details
 
     async def _popular(self, ctx: QueryContext, k: int, filters: dict[str, Any] | None, age: int | None,
                        reason: str, timings: dict[str, float], t_start: float):
@@ -410,7 +420,8 @@ class Orchestrator:
                    "filter_rank_ms": round((t3 - t2) * 1000, 2), "n_retrieved": len(pool.article_ids),
                    "n_after_filter": ranked["n_after_filter"], "n_ranked": ranked["n_ranked"],
                    "filter_removed": ranked["removed"], "known_customer": ctx.known_customer}
-        return {"items": ranked["items"], "source": "ranked", "degraded": degraded}, details
+        return {"items": ranked["items"], "source": "ranked", "degraded": degraded,
+                "candidates": ranked.get("candidates")}, details
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,8 +439,16 @@ mount_ui(api)
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     """422 with FastAPI's detail list plus one line naming each bad field."""
     errors = exc.errors()
-    msg = "; ".join(f"{_field(e['loc'])}: {e['msg']}" for e in errors)
+    msg = "; ".join(_error_line(e) for e in errors)
     return JSONResponse(status_code=422, content={"message": msg, "detail": jsonable(errors)})
+
+
+def _error_line(e: dict[str, Any]) -> str:
+    """`field: what is wrong`; a body that is no JSON has no field, only a position in the text."""
+    if e.get("type") == "json_invalid":
+        pos = e["loc"][-1] if len(e["loc"]) > 1 else 0
+        return f"body: invalid JSON at character {pos}: {(e.get('ctx') or {}).get('error', e['msg'])}"
+    return f"{_field(e['loc'])}: {e['msg']}"
 
 
 def _field(loc: tuple | list) -> str:
@@ -457,10 +476,12 @@ class Guard:
             await self.app(scope, receive, send)
             return
         IN_APP.n += 1  # what the stages' coalescers ask: may another request be on its way?
+        gen = reload.RUNS.enter()  # what a hot reload waits for before it closes the run it replaced
         try:
             await self._guarded(scope, receive, send)
         finally:
             IN_APP.n -= 1
+            reload.RUNS.leave(gen)
 
     async def _guarded(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         state, headers, path = scope["app"].state, Headers(scope=scope), scope["path"]
@@ -576,6 +597,17 @@ def _plain(feats: dict[str, Any] | None) -> dict[str, Any] | None:
     return out
 
 
+@dataclass(frozen=True)
+class LoadedRun:
+    """A run loaded by an ingress replica, ready to be installed (`Ingress._install`)."""
+
+    workdir: str
+    cfg: ServeConfig
+    manifest: Any
+    rec: Recommender | None  # None in the split topology: the stage deployments hold the runs
+    calls: Any
+
+
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
@@ -600,12 +632,15 @@ class Ingress:
         self._switch(workdir)
 
     def _switch(self, workdir: str) -> None:
-        """Load a run and start answering from it (the old one is closed after the swap)."""
-        from training.feedback import PredictionLog
+        """Load a run and answer from it (at start: there is nothing to replace)."""
+        self._install(self._load(workdir))
+        settle_heap()
 
+    def _load(self, workdir: str) -> LoadedRun:
+        """Everything a run needs before it can answer; slow (models, index), so a reload runs it
+        in a thread while the current run keeps answering."""
         wd = Workdir.at(workdir)
         cfg = load_config(wd.config_path).serve
-        old = self.rec
         if self.stages is None:
             rec = Recommender(str(wd.root), self.metrics, n_candidates=self.n_candidates,
                               article_cache_ttl_s=self.article_cache_ttl_s)
@@ -618,20 +653,28 @@ class Ingress:
             rec = None
             calls = RemoteCalls(self.stages["encoder"], self.stages["retriever"], self.stages["ranker"],
                                 str(wd.root), cfg.stage_timeout_s, cfg.stage_retries)
+        return LoadedRun(str(wd.root), cfg, read_manifest(wd), rec, calls)
+
+    def _install(self, run: LoadedRun) -> Recommender | None:
+        """Answer from `run` from now on (no await: a request sees the old run or the new one, whole).
+        Returns the replaced recommender, for `reconfigure` to close once its requests are done."""
+        from training.feedback import PredictionLog
+
+        cfg = run.cfg
         api.state.max_body_bytes = cfg.max_body_bytes
         api.state.retry_after_s = max(1, round(cfg.retry_after_s))
         self.cfg: ServeConfig = cfg
         api.state.shedder = _shedder(cfg, *self.shed_args, getattr(api.state, "shedder", None))
-        self.workdir = str(wd.root)
-        self.manifest = read_manifest(wd)
-        self.orch = Orchestrator(calls, self.n_candidates or cfg.n_candidates, self.metrics)
-        self.rec = rec
-        old_log, self.plog = self.plog, PredictionLog(wd.predictions_dir, **cfg.prediction_log_args()) if cfg.prediction_log else None
+        self.workdir = run.workdir
+        self.manifest = run.manifest
+        self.orch = Orchestrator(run.calls, self.n_candidates or cfg.n_candidates, self.metrics)
+        old, self.rec = self.rec, run.rec
+        old_log = self.plog
+        self.plog = PredictionLog(Workdir.at(run.workdir).predictions_dir,
+                                  **cfg.prediction_log_args()) if cfg.prediction_log else None
         if old_log is not None:
-            old_log.close()
-        if old is not None:
-            old.close()
-        settle_heap()
+            old_log.close()  # a request logs through self.plog when it answers: the new log
+        return old
 
     # No batch wait: a batch is whatever queued while the previous one ran (one batch at a time
     # per stage), so batches still form under load, and an idle replica does not arm a 1 ms timer
@@ -657,7 +700,15 @@ class Ingress:
             if self.stages is not None:  # warm one replica of each stage before switching
                 await asyncio.gather(*[_await(h.call.remote(str(Workdir.at(target).root), "warm"))
                                        for h in self.stages.values()])
-            await asyncio.to_thread(self._switch, target)
+            run = await asyncio.to_thread(self._load, target)
+            old = self._install(run)
+            ended = reload.RUNS.advance()
+            if old is not None:
+                if not await reload.RUNS.drained(ended, RETIRE_TIMEOUT_S):
+                    logger.warning("hot reload: requests of the replaced run still in flight after %.0f s; "
+                                   "closing it anyway", RETIRE_TIMEOUT_S)
+                await asyncio.to_thread(old.close)
+            settle_heap()
 
     def _model(self) -> dict[str, Any]:
         idx = self.manifest.index
@@ -673,6 +724,7 @@ class Ingress:
                        "source": result["source"], "degraded": result["degraded"],
                        "items": [{"article_id": it["article_id"], "position": i, "score": it["score"],
                                   "features": _plain(it.get("features"))} for i, it in enumerate(result["items"])],
+                       "candidates": result.get("candidates"),  # every ranked candidate: [article_id, score]
                        "n_retrieved": details.get("n_retrieved"), "n_after_filter": details.get("n_after_filter")})
 
     def _warnings(self, k: int, result: dict[str, Any], details: dict[str, Any]) -> list[str]:
@@ -734,6 +786,8 @@ class Ingress:
         except UnknownArticle as e:
             self.metrics.request("similar", "not_found")
             return JSONResponse(status_code=404, content={"message": str(e)})
+        except TimeoutError:
+            return self._unavailable("similar")
         self.metrics.request("similar", "ok")
         return SimilarResponse(request_id=uuid.uuid4().hex, article_id=article_id, model=self._model(),
                                items=[{"article_id": a, "score": s} for a, s in zip(cands.article_ids, cands.scores,
@@ -754,6 +808,12 @@ class Ingress:
         ids = [e.event_id for e in events]
         if len(set(ids)) != len(ids):
             return JSONResponse(status_code=422, content={"message": "events: event_id repeated within the batch"})
+        try:
+            return await self._record(events)
+        except TimeoutError:  # not acknowledged: the client retries, and event ids make that safe
+            return self._unavailable("events")
+
+    async def _record(self, events: list[Event]) -> EventsResponse | JSONResponse:
         known = await self.orch.calls.known_articles([e.article_id for e in events])
         unknown = sorted({e.article_id for e in events} - set(known))
         if unknown:
@@ -774,12 +834,18 @@ class Ingress:
         wanted = [a.strip() for a in ids.split(",") if a.strip()]
         if len(wanted) > 100:
             return JSONResponse(status_code=422, content={"message": "ids: at most 100 article ids"})
-        return {"items": await self.orch.calls.article_details(wanted)}
+        try:
+            return {"items": await self.orch.calls.article_details(wanted)}
+        except TimeoutError:
+            return self._unavailable("items")
 
     @api.get("/v1/customers")
     async def customers(self, n: int = Query(20, ge=1, le=200)) -> dict[str, list[str]]:
         """Some customers to try (those with the most purchases)."""
-        return {"customer_ids": await self.orch.calls.sample_customers(n)}
+        try:
+            return {"customer_ids": await self.orch.calls.sample_customers(n)}
+        except TimeoutError:
+            return self._unavailable("customers")
 
     @api.get("/v1/customers/{customer_id}")
     async def customer(self, customer_id: str) -> dict[str, Any]:

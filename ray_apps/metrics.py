@@ -19,7 +19,7 @@ class Metrics(Protocol):
     def filtered(self, rule: str, n: int) -> None: ...
     def fallback(self, reason: str) -> None: ...
     def cache(self, group: str, hit: bool, n: int = 1) -> None: ...
-    def event(self, kind: str, applied: bool) -> None: ...
+    def event(self, kind: str, result: str) -> None: ...
 
 
 class NullMetrics:
@@ -43,7 +43,7 @@ class NullMetrics:
     def cache(self, group: str, hit: bool, n: int = 1) -> None:
         pass
 
-    def event(self, kind: str, applied: bool) -> None:
+    def event(self, kind: str, result: str) -> None:
         pass
 
 
@@ -87,5 +87,6 @@ class ServeMetrics:
         if n:
             self._cache.inc(n, tags={"group": group, "result": "hit" if hit else "miss"})
 
-    def event(self, kind: str, applied: bool) -> None:
-        self._events.inc(tags={"type": kind, "result": "applied" if applied else "duplicate"})
+    def event(self, kind: str, result: str) -> None:
+        """`result`: applied, duplicate (the event id was seen before) or pending (the store is down)."""
+        self._events.inc(tags={"type": kind, "result": result})

@@ -29,6 +29,7 @@ from ray_apps.metrics import Metrics, NullMetrics
 from ray_apps.schemas import Candidates, QueryContext
 
 T = TypeVar("T")
+MAX_REMEMBERED_INTERACTIONS = 100_000  # interaction event ids a replica remembers (~10 MB)
 
 
 class StoreUnavailable(RuntimeError):
@@ -126,6 +127,8 @@ class Recommender:
         self._pending: list[Any] = []  # purchases logged but not yet applied online (store was down)
         self._events_lock = threading.Lock()  # one event batch at a time: the pending list is shared
         self._retry_thread: threading.Thread | None = None
+        # interaction event ids this replica logged, newest last: a retry is acknowledged, not logged again
+        self._logged_interactions: OrderedDict[str, None] = OrderedDict()
 
     # --- parts, loaded on first use -------------------------------------------------------------
     def store(self):
@@ -321,7 +324,7 @@ class Recommender:
         return [{"items": [{"article_id": a, "score": s, "features": f}
                            for a, s, f in zip(out.article_ids, out.scores, feats, strict=True)],
                  "removed": out.removed, "n_candidates": out.n_candidates, "n_after_filter": out.n_after_filter,
-                 "n_ranked": out.n_ranked, "stage_ms": ms} for out, feats in results]
+                 "n_ranked": out.n_ranked, "candidates": out.candidates, "stage_ms": ms} for out, feats in results]
 
     def popular(self, ctx: QueryContext | None, k: int, filters: dict[str, Any] | None,
                 age: float | None = None) -> dict[str, Any]:
@@ -388,13 +391,16 @@ class Recommender:
                                  e["ts"], int(e.get("sales_channel") or 2)) for e in purchases]
         for pe in pevents:
             pe.check()
-        if others:
+        fresh = [e for e in others if e["event_id"] not in self._logged_interactions]
+        if fresh:
             append_interactions(self.wd, [{k: e[k] for k in ("event_id", "customer_id", "article_id", "type")}
-                                          | {"ts": str(e["ts"])} for e in others], durable=True)
+                                          | {"ts": str(e["ts"])} for e in fresh], durable=True)
+            self._remember_interactions([e["event_id"] for e in fresh])
         if pevents:
             append_log_lines(event_log_dir(self.wd), [(pe.timestamp, pe.to_dict()) for pe in pevents], durable=True)
-        out = {e["event_id"]: {"event_id": e["event_id"], "type": e["type"], "applied": True, "pending": False}
-               for e in others}
+        new_ids = {e["event_id"] for e in fresh}
+        out = {e["event_id"]: {"event_id": e["event_id"], "type": e["type"], "applied": e["event_id"] in new_ids,
+                               "pending": False} for e in others}
         pending = self._pending + pevents
         self._pending = []
         for pe in pending:
@@ -405,13 +411,22 @@ class Recommender:
                 applied, still = False, True
                 self._pending.append(pe)
                 self._retry_pending_later()
-            self.metrics.event("purchase", applied)
+            self.metrics.event("purchase", "pending" if still else "applied" if applied else "duplicate")
             if applied and self._ranker is not None:
                 self._ranker.forget([pe.article_id])  # its stock and sales changed: read it again
             out[pe.event_id] = {"event_id": pe.event_id, "type": "purchase", "applied": applied, "pending": still}
         for e in others:
-            self.metrics.event(e["type"], True)
+            self.metrics.event(e["type"], "applied" if e["event_id"] in new_ids else "duplicate")
         return [out[e["event_id"]] for e in events]
+
+    def _remember_interactions(self, event_ids: list[str]) -> None:
+        """Keep the latest MAX_REMEMBERED_INTERACTIONS ids (a retry comes soon after its first try;
+        the log's readers keep one row per event id in any case, `read_interactions`)."""
+        seen = self._logged_interactions
+        for i in event_ids:
+            seen[i] = None
+        while len(seen) > MAX_REMEMBERED_INTERACTIONS:
+            seen.popitem(last=False)
 
     def _retry_pending_later(self) -> None:
         """Apply the pending purchases from a background thread once the store is back: requests

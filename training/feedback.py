@@ -7,7 +7,8 @@ Serving appends one JSON line per answered request to `<workdir>/logs/prediction
      "candidates": [[article_id, ranker score], ...]}
 
 `items` are the articles shown, with the ranker's feature values for each (the features used);
-`candidates` are every ranked candidate with its score. Writes go through a bounded queue to a
+`candidates` are every candidate the ranker scored, with its score (retrieval order; null in
+popularity answers). Writes go through a bounded queue to a
 background thread, so logging never slows a request; when the queue is full a record is
 dropped and counted rather than blocking. The thread wakes once per `flush_s` at most and
 writes what came meanwhile in one append per day file: a wake-up, an open, a lock and a

@@ -166,6 +166,7 @@ class Ranked:
     n_candidates: int = 0  # retrieved
     n_after_filter: int = 0
     n_ranked: int = 0  # scored by the model (at most the stage's n_rank)
+    candidates: list[tuple[str, float]] = field(default_factory=list)  # every scored candidate, retrieval order
 
 
 @dataclass
@@ -268,6 +269,7 @@ class RankingStage:
             order = self.final_order(prep.ids, prep.rows, scores, k)
             out.article_ids = [prep.ids[i] for i in order]
             out.scores = [float(scores[i]) for i in order]
+            out.candidates = list(zip(prep.ids, scores.tolist(), strict=True))
         return out
 
     def final_order(self, ids: Sequence[str], rows: Sequence[Row | None], scores: np.ndarray, k: int) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import free_tcp_port
@@ -147,11 +148,13 @@ def test_unknown_customer_gets_popular_articles_for_the_age_group(served):
         ({"customer_id": 123}, "customer_id"),
         ({"customer_id": "x", "k": "twelve"}, "k"),
         ({"customer_id": "x", "context": {"sales_channel": 3}}, "context.sales_channel"),
+        (b'{"customer_id": "x",', "body: invalid JSON at character 20"),
     ],
 )
 def test_bad_requests_get_422_naming_the_field(served, body, field):
     _, url = served
-    r = httpx.post(f"{url}/v1/recommend", json=body, timeout=30)
+    sent = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(f"{url}/v1/recommend", **sent, timeout=30)
     assert r.status_code == 422, r.text
     assert field in r.json()["message"]
 
@@ -299,17 +302,22 @@ def test_purchase_event_excludes_the_article_and_moves_the_query(served):
 
     wd, url = served
     cid = _buyer(wd, 3)
-    before = _recommend(url, {"customer_id": cid, "k": 12, "context": {"date": "2020-10-01"}})
+    req = {"customer_id": cid, "k": 12, "context": {"date": "2020-10-01"}, "debug": True}
+    before = _recommend(url, req)
     top = before["items"][0]["article_id"]
     ev = {"event_id": "buy-e2e-1", "customer_id": cid, "article_id": top, "type": "purchase",
           "ts": "2020-10-01T12:00:00"}
     r = httpx.post(f"{url}/v1/events", json=ev, timeout=30)
     assert r.status_code == 200, r.text
     assert r.json()["results"] == [{"event_id": "buy-e2e-1", "type": "purchase", "applied": True, "pending": False}]
-    after = _recommend(url, {"customer_id": cid, "k": 12, "context": {"date": "2020-10-01"}})
+    after = _recommend(url, req)
     assert top not in {i["article_id"] for i in after["items"]}
-    assert [i["article_id"] for i in after["items"]] != [i["article_id"] for i in before["items"]][1:]  \
-        or [i["score"] for i in after["items"]] != [i["score"] for i in before["items"]][1:]
+    # the query embedding reflects the purchase, and so do the scores of the articles still shown
+    q0, q1 = np.array(before["debug"]["query_vector"]), np.array(after["debug"]["query_vector"])
+    assert q0.shape == q1.shape == (len(q0),) and len(q0) > 0 and not np.allclose(q0, q1)
+    scores0 = {i["article_id"]: i["score"] for i in before["items"]}
+    common = [i for i in after["items"] if i["article_id"] in scores0]
+    assert common and any(i["score"] != scores0[i["article_id"]] for i in common)
     # the retried event changes nothing and is logged once for training
     again = httpx.post(f"{url}/v1/events", json=ev, timeout=30).json()["results"][0]
     assert again["applied"] is False
@@ -419,7 +427,7 @@ def test_prediction_log_joins_with_later_events(served):
     import time
 
     from feature_store.events import read_event_log, read_interactions
-    from training.feedback import labelled_impressions, read_predictions
+    from training.feedback import labelled_impressions, log_files, read_predictions
 
     wd, url = served
     cid = _buyer(wd, 7)
@@ -438,6 +446,12 @@ def test_prediction_log_joins_with_later_events(served):
     assert mine["article_id"].tolist() == [i["article_id"] for i in shown["items"]]
     assert {"f_retrieval_score", "f_price_ratio", "f_product_type_name"} <= set(preds.columns)
     assert mine["model"].iloc[0]["run"] == "e2e"
+    # the log also keeps every candidate the ranker scored, the shown ones among them
+    (rec,) = [json.loads(line) for _, _, p in log_files(wd.predictions_dir)
+              for line in p.read_text().splitlines() if f'"request_id":"{rid}"' in line]
+    scored = dict(rec["candidates"])
+    assert len(scored) == len(rec["candidates"]) >= len(shown["items"])
+    assert all(scored[i["article_id"]] == pytest.approx(i["score"]) for i in shown["items"])
     joined = labelled_impressions(mine, read_event_log(wd), read_interactions(wd))
     assert joined.set_index("article_id")["bought"].to_dict() == {a: int(a == bought) for a in mine["article_id"]}
 
@@ -541,16 +555,23 @@ def test_hot_reload_switches_runs_in_place_without_failed_requests(served):
         while time.time() < deadline and not (len(seen) > n and seen[-1] == run):
             time.sleep(0.05)
 
-    cid, seen, failures, stop = _buyer(wd), [], [], threading.Event()
+    _, tx = _raw(wd)
+    customers = tx["customer_id"].value_counts().index[:40].tolist()
+    seen, failures, stop = [], [], threading.Event()
 
-    def hammer():
+    def hammer(first: int):
+        # three clients, each with requests of many customers: some are mid-way (between their
+        # store reads) when a replica switches runs, and the rows are not all in a cache
         with httpx.Client(timeout=30) as c:
+            i = first
             while not stop.is_set():
-                r = c.post(f"{url}/v1/recommend", json={"customer_id": cid, "k": 5})
+                r = c.post(f"{url}/v1/recommend", json={"customer_id": customers[i % len(customers)], "k": 5})
                 (seen.append(r.json()["model"]["run"]) if r.status_code == 200 else failures.append(r.text))
+                i += 3
 
-    t = threading.Thread(target=hammer)
-    t.start()
+    threads = [threading.Thread(target=hammer, args=(j,)) for j in range(3)]
+    for t in threads:
+        t.start()
     try:
         deploy(wd)  # from Python to the config: a new code version for Serve, so new replicas
         answered_by("e2e")
@@ -560,10 +581,12 @@ def test_hot_reload_switches_runs_in_place_without_failed_requests(served):
         after_v2 = _ingress_pids()
         deploy(wd)
         answered_by("e2e")
+        time.sleep(0.5)  # requests that began on run-v2 have answered
         after_back = _ingress_pids()
     finally:
         stop.set()
-        t.join()
+        for t in threads:
+            t.join()
     assert failures == []
     assert seen[-1] == "e2e" and "run-v2" in seen
     assert after_v2 and after_v2 <= before and after_back <= before, "the switch started new replicas"

@@ -219,6 +219,47 @@ def test_purchase_events_count_and_date_types_by_the_runs_dataset_roles():
     assert recommender({"dataset": {"name": "ml", "roles": {**roles, "item_categorical": []}}}).type_column is None
 
 
+class CountingMetrics:
+    def __init__(self):
+        self.events = []
+
+    def event(self, kind, result):
+        self.events.append((kind, result))
+
+
+def test_events_retried_are_acknowledged_not_logged_again_and_pending_ones_are_counted_as_pending(tmp_path):
+    """A retried view is `applied: false` and not appended again; a purchase the store could not
+    take is counted `pending`, not `duplicate`."""
+    import threading
+    from collections import OrderedDict
+
+    from common.workdir import Workdir
+    from feature_store.events import event_log_dir, interaction_log_dir
+    from ray_apps.service import Recommender
+
+    class DownGuard:
+        def call(self, fn, *args):
+            raise StoreUnavailable("down")
+
+    rec = object.__new__(Recommender)  # the event path only: a workdir, a guard, metrics
+    rec.wd, rec.guard, rec.metrics, rec._ranker = Workdir.at(tmp_path), DownGuard(), CountingMetrics(), None
+    rec._pending, rec._events_lock, rec._logged_interactions = [], threading.Lock(), OrderedDict()
+    rec._retry_pending_later = lambda: None
+    view = {"event_id": "v1", "customer_id": "c1", "article_id": "a1", "type": "view", "ts": "2020-10-01T12:00:00"}
+    buy = {"event_id": "p1", "customer_id": "c1", "article_id": "a1", "type": "purchase", "price": 0.02,
+           "ts": "2020-10-01T12:01:00", "sales_channel": 2}
+    first = rec.record_events([view, buy])
+    assert first == [{"event_id": "v1", "type": "view", "applied": True, "pending": False},
+                     {"event_id": "p1", "type": "purchase", "applied": False, "pending": True}]
+    again = rec.record_events([view])
+    assert again == [{"event_id": "v1", "type": "view", "applied": False, "pending": False}]
+    lines = [ln for f in interaction_log_dir(rec.wd).glob("*.jsonl") for ln in f.read_text().splitlines() if ln]
+    assert len(lines) == 1 and json.loads(lines[0])["event_id"] == "v1"
+    assert len([ln for f in event_log_dir(rec.wd).glob("*.jsonl") for ln in f.read_text().splitlines() if ln]) == 1
+    assert rec.metrics.events == [("purchase", "pending"), ("view", "applied"), ("purchase", "pending"),
+                                  ("view", "duplicate")]
+
+
 def test_settle_heap_freezes_what_is_loaded_and_still_collects_garbage_first():
     import gc
     import weakref

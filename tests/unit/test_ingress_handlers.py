@@ -1,0 +1,144 @@
+"""The ingress's handlers without Serve: answers to stages that time out, to a body that is no
+JSON, and the run generations a hot reload waits on."""
+from __future__ import annotations
+
+import asyncio
+import json
+import types
+
+import pytest
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.testclient import TestClient
+
+from common.config import ServeConfig
+from ray_apps.metrics import NullMetrics
+from ray_apps.reload import RunsInUse
+from ray_apps.schemas import Event, EventBatch, RecommendRequest
+
+
+class TimedOut:
+    """Stage calls of the split topology whose retries ran out."""
+
+    def __getattr__(self, name):
+        async def call(*args, **kwargs):
+            raise TimeoutError(f"{name} did not answer")
+        return call
+
+
+def _ingress():
+    from ray.serve._private.http_util import ASGIAppReplicaWrapper
+
+    from ray_apps.app import Ingress
+
+    # the class as written, under Serve's ASGI wrapper (whose __del__ wants a running replica)
+    cls = next(c for c in Ingress.func_or_class.__mro__ if not issubclass(c, ASGIAppReplicaWrapper))
+    assert cls.__module__ == "ray_apps.app" and hasattr(cls, "similar")
+    ing = object.__new__(cls)  # the handlers only, no run loaded
+    ing.metrics, ing.cfg = NullMetrics(), ServeConfig(retry_after_s=3)
+    ing.orch = types.SimpleNamespace(calls=TimedOut())
+    return ing
+
+
+@pytest.mark.parametrize("call", [
+    lambda ing: ing.similar("0108775015", 5),
+    lambda ing: ing.event(Event(event_id="e1", customer_id="c", article_id="a", type="view")),
+    lambda ing: ing.events(EventBatch(events=[Event(event_id="e1", customer_id="c", article_id="a", type="click")])),
+    lambda ing: ing.items("a,b"),
+    lambda ing: ing.customers(5),
+])
+def test_a_stage_that_times_out_is_a_503_with_retry_after_not_a_500(call):
+    resp = asyncio.run(call(_ingress()))
+    assert resp.status_code == 503 and resp.headers["retry-after"] == "3"
+    assert "retry" in json.loads(resp.body)["message"]
+
+
+def test_a_body_that_is_no_json_is_named_with_its_position():
+    from ray_apps.app import _validation_error
+
+    app = FastAPI()
+    app.add_exception_handler(RequestValidationError, _validation_error)
+
+    @app.post("/r")
+    async def r(req: RecommendRequest) -> dict:
+        return {}
+
+    c = TestClient(app)
+    out = c.post("/r", content=b'{"customer_id": "x",', headers={"content-type": "application/json"})
+    assert out.status_code == 422
+    assert out.json()["message"] == "body: invalid JSON at character 20: Expecting property name enclosed in double quotes"
+    out = c.post("/r", content=b'{"customer_id": "x", "k": 0}', headers={"content-type": "application/json"})
+    assert out.status_code == 422 and out.json()["message"].startswith("k: ")
+
+
+def test_a_reload_waits_for_the_requests_of_the_run_it_replaced():
+    runs = RunsInUse()
+
+    async def scenario() -> list[str]:
+        done: list[str] = []
+        old = runs.enter()  # a request of the first run, mid-way
+
+        async def retire():
+            ended = runs.advance()  # the new run is installed
+            assert await runs.drained(ended, timeout_s=5, poll_s=0.01)
+            done.append("closed")
+
+        async def finish_request():
+            await asyncio.sleep(0.1)
+            new = runs.enter()  # a request of the new run does not hold the old one
+            done.append("answered")
+            runs.leave(old)
+            await asyncio.sleep(0.2)
+            runs.leave(new)
+
+        await asyncio.gather(retire(), finish_request())
+        return done
+
+    assert asyncio.run(scenario()) == ["answered", "closed"]
+    assert runs.in_use(runs.generation) == 0
+
+
+def test_a_reload_closes_the_old_run_anyway_after_its_timeout():
+    runs = RunsInUse()
+    runs.enter()  # never answers
+    assert asyncio.run(runs.drained(runs.advance(), timeout_s=0.05, poll_s=0.01)) is False
+
+
+def test_reconfigure_closes_the_replaced_run_only_after_its_requests_answered(tmp_path, monkeypatch):
+    """A hot reload installs the new run at once and closes the old one (its store connection,
+    its index) once the requests that came in before the switch are done."""
+    import ray_apps.app as app_module
+    from ray_apps.reload import RUNS
+
+    monkeypatch.setattr(app_module, "settle_heap", lambda: None)
+    events: list[str] = []
+
+    class Run:
+        def __init__(self, name):
+            self.name = name
+
+        def close(self):
+            events.append(f"closed {self.name}")
+
+    ing = _ingress()
+    ing.stages, ing.workdir, ing.rec = None, str(tmp_path / "old"), Run("old")
+    ing._load = lambda target: Run("new")
+
+    def install(run):
+        old, ing.rec = ing.rec, run
+        return old
+
+    ing._install = install
+
+    async def scenario():
+        gen = RUNS.enter()  # a request of the old run, mid-way
+        reload = asyncio.create_task(ing.reconfigure({"workdir": str(tmp_path / "new")}))
+        await asyncio.sleep(0.3)
+        assert ing.rec.name == "new" and events == []  # switched, the old run still open for that request
+        events.append("answered")
+        RUNS.leave(gen)
+        await reload
+
+    asyncio.run(scenario())
+    assert events == ["answered", "closed old"]
+    assert RUNS.in_use(RUNS.generation) == 0
