@@ -20,12 +20,19 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    """Size and seed of the generated H&M-shaped dataset."""
+    """Size and seed of the generated H&M-shaped dataset; whether the purchases serving logged in
+    the workdir join the data of its next pipeline run and feature build."""
 
     customers: int = Field(4000, ge=10)
     articles: int = Field(1500, ge=10)
     days: int = Field(120, ge=14)
     seed: int = 0
+    # add the workdir's logged purchase events (POST /v1/events) to the transactions; false when
+    # the data files are an export that already holds them
+    event_log: bool = True
+    # ...except those dated more than this many days after the data's last day: a log that does
+    # not continue this data (a 2020 sample with events of today) would make the test split
+    event_log_max_gap_days: int = Field(30, ge=0)
 
 
 class DatabaseConfig(_Strict):
@@ -274,7 +281,7 @@ class ServeConfig(_Strict):
     stage_retries: int = Field(4, ge=0)
     api_key_env: str = Field("RAYREC_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     max_body_bytes: int = Field(1_000_000, ge=1024)
-    max_batch_events: int = Field(500, ge=1)
+    max_batch_events: int = Field(500, ge=1, le=500)  # at most the request schema's bound (EventBatch)
     prediction_log: bool = True
     # The prediction log (9 kB per answer in the demo run: 1.4 MB/s at 150 answers/s) is kept under
     # prediction_log_max_mb by removing its oldest files, each closed at prediction_log_segment_mb

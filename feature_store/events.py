@@ -39,7 +39,7 @@ import pandas as pd
 
 from common.artifacts import FeatureGroupRef
 from common.workdir import Workdir
-from feature_store.groups import INDEX_GROUPS, SALES_DAYS, recent_type_days
+from feature_store.groups import INDEX_GROUPS, MAX_PURCHASED, SALES_DAYS, recent_purchases, recent_type_days
 from feature_store.offline import to_event_time, to_event_times
 from feature_store.online.base import MAX_KEY_CHARS, TableSpec
 from feature_store.schema import ONLINE_ROW_COLUMN, ONLINE_TIME_COLUMN
@@ -172,9 +172,8 @@ def updated_history(old: Mapping[str, Any], event: PurchaseEvent, day: str, arti
     n = n_old + 1
     mean_old = old.get("mean_price")
     mean = float(event.price) if mean_old is None or n_old == 0 else (mean_old * n_old + float(event.price)) / n
-    purchased = [event.article_id, *(old.get("purchased") or [])]
-    if limit is not None:
-        purchased = purchased[:limit]
+    purchased = recent_purchases([event.article_id, *(old.get("purchased") or [])],
+                                 MAX_PURCHASED if limit is None else limit)
     types = dict(old.get("type_counts") or {})
     type_days = dict(old.get("type_last_day") or {})
     groups = dict(old.get("index_group_counts") or {})
@@ -316,6 +315,45 @@ def read_event_log(wd: Workdir) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=cols).drop_duplicates("event_id", keep="first").reset_index(drop=True)
     frame["t_dat"] = to_event_times(frame["t_dat"]) if len(frame) else pd.Series([], dtype="datetime64[us]")
     return frame
+
+
+def add_logged_purchases(tx: pd.DataFrame, customers: pd.DataFrame, articles: pd.DataFrame, wd: Workdir,
+                         max_gap_days: int) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The transactions with the purchases serving logged in this workdir (`read_event_log`) added,
+    as days like the data's: so the next training run sees what was bought since the data was
+    exported, and a rebuilt group keeps what the events applied online.
+
+    Left out and counted: events of customers or articles the data does not have, and events dated
+    more than `max_gap_days` after the data's last day (a log that does not continue this data).
+    Returns the transactions (sorted by day, stable) and the counts."""
+    log = read_event_log(wd)
+    counts = {"logged": len(log), "added": 0, "unknown_customer": 0, "unknown_article": 0, "after_gap": 0}
+    if log.empty:
+        return tx, counts
+    day = log["t_dat"].dt.normalize()
+    known_c = log["customer_id"].isin(customers["customer_id"])
+    known_a = log["article_id"].isin(articles["article_id"])
+    near = day <= tx["t_dat"].max() + pd.Timedelta(days=max_gap_days)
+    keep = known_c & known_a & near
+    counts.update(added=int(keep.sum()), unknown_customer=int((~known_c).sum()),
+                  unknown_article=int((known_c & ~known_a).sum()), after_gap=int((known_c & known_a & ~near).sum()))
+    if not keep.any():
+        return tx, counts
+    add = pd.DataFrame({"t_dat": day[keep].astype(tx["t_dat"].dtype), "customer_id": log.loc[keep, "customer_id"],
+                        "article_id": log.loc[keep, "article_id"], "price": log.loc[keep, "price"].astype(float),
+                        "sales_channel_id": log.loc[keep, "sales_channel_id"].fillna(2).astype("int64")})
+    for col in tx.columns.difference(add.columns):
+        add[col] = pd.NA
+    add = add[list(tx.columns)].astype(tx.dtypes.to_dict())
+    out = pd.concat([tx, add], ignore_index=True).sort_values("t_dat", kind="stable").reset_index(drop=True)
+    return out, counts
+
+
+def describe_added(counts: dict[str, int]) -> str:
+    """One line for the progress output and the data report."""
+    left = {k: v for k, v in counts.items() if k not in ("logged", "added") and v}
+    out = f"serving's event log: {counts['added']} of {counts['logged']} logged purchases added to the transactions"
+    return out + (f" (left out: {', '.join(f'{v} {k}' for k, v in left.items())})" if left else "")
 
 
 def logged_purchases(wd: Workdir, modified_within_s: float | None = None) -> list[PurchaseEvent]:

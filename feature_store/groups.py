@@ -16,7 +16,7 @@ The low-cardinality strings (the article attribute names, the customers' age gro
 news frequency and region) are dictionary-encoded online (feature_store.dictionary): a row holds
 a 4-byte code per value. Columns are spelled as in the H&M files; `FN` and `Active` are stored as `fn` and `active`
 (see feature_store.schema). Lists are bounded: `purchased` keeps the last MAX_PURCHASED
-articles, `daily_sales` SALES_DAYS days, `type_last_day` the MAX_TYPE_DAYS most recently bought
+articles (and PURCHASED_BYTES of them, `recent_purchases`), `daily_sales` SALES_DAYS days, `type_last_day` the MAX_TYPE_DAYS most recently bought
 types (`recent_type_days`).
 """
 from __future__ import annotations
@@ -29,6 +29,9 @@ from feature_store.on_demand import AGE_GROUPS, POSTAL_BUCKETS
 from feature_store.schema import Expectation, Feature, FeatureGroup, allowed, in_range, not_null
 
 MAX_PURCHASED = 500  # purchases kept per customer online (most recent first); enough for the filter
+# ...and at most this many bytes of them: 500 H&M ids (10 characters and a separator) fit, 500 UUIDs
+# (18.5 kB) would not fit the packed row's limit (codec.MAX_PACKED_BYTES) with the other features
+PURCHASED_BYTES = 5_500
 SALES_DAYS = 30  # daily sales counts kept per article (most recent first), for 7/30-day windows
 MAX_TYPE_DAYS = 64  # product types whose last purchase day is kept per customer (the most recent ones)
 TYPE_DAYS_BYTES = 4_096  # bound of type_last_day's JSON text
@@ -176,6 +179,22 @@ def recent_type_days(days: Mapping[str, str], limit: int = MAX_TYPE_DAYS,
     return out
 
 
+def recent_purchases(ids: list[str], limit: int = MAX_PURCHASED, max_bytes: int = PURCHASED_BYTES) -> list[str]:
+    """`ids` (most recent first) cut to `limit` items and to `max_bytes` as stored (UTF-8 and a
+    separator each), so a customer with many purchases of long ids still has a row online;
+    batch builds and real-time events cut the same way."""
+    ids = ids[:limit]
+    joined = "".join(ids)  # the common case in C: ASCII ids that fit
+    if joined.isascii() and len(joined) + len(ids) <= max_bytes:
+        return ids
+    size = 0
+    for i, a in enumerate(ids):
+        size += len(a.encode("utf-8")) + 1
+        if size > max_bytes:
+            return ids[:i]
+    return ids
+
+
 GROUPS: dict[str, FeatureGroup] = {g.name: g for g in (CUSTOMERS, ARTICLES, CUSTOMER_HISTORY, TRANSACTIONS)}
 
 # The articles group's features every dataset has: sales aggregates and the filter columns.
@@ -225,4 +244,4 @@ def dataset_groups(roles: Any = None) -> dict[str, FeatureGroup]:
     return {g.name: g for g in (customers, articles, history, transactions)}
 
 __all__ = ["GROUPS", "dataset_groups", "CUSTOMERS", "ARTICLES", "CUSTOMER_HISTORY", "TRANSACTIONS", "FeatureGroup", "Feature",
-           "Expectation", "MAX_PURCHASED", "SALES_DAYS", "INDEX_GROUPS", "MAX_TYPE_DAYS", "recent_type_days"]
+           "Expectation", "MAX_PURCHASED", "PURCHASED_BYTES", "recent_purchases", "SALES_DAYS", "INDEX_GROUPS", "MAX_TYPE_DAYS", "recent_type_days"]

@@ -22,6 +22,7 @@ from feature_store.codec import CODEC_TYPES, DICT_STRING, Field, RowCodec
 from feature_store.dictionary import Dictionary
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+MAX_GROUP_NAME = 52  # fg_<name>_v<version> within 64 characters up to version 999999
 DTYPES = tuple(t for t in CODEC_TYPES if t != DICT_STRING)
 DEFAULT_LIMITS = {"string": 255, "list_string": 100, "list_int64": 100, "list_float64": 100, "json": 4096}
 KEY_DTYPES = ("string", "int64")
@@ -183,6 +184,9 @@ class FeatureGroup:
 
     def __post_init__(self) -> None:
         check_name(self.name, "feature group name")
+        if len(self.name) > MAX_GROUP_NAME:  # its online tables are fg_<name>_v<version>, 64 characters at most
+            raise ValueError(f"invalid feature group name {self.name!r}: at most {MAX_GROUP_NAME} characters "
+                             f"(its online table fg_{self.name}_v<version> must fit the 64 a table name may have)")
         object.__setattr__(self, "features", tuple(self.features))
         object.__setattr__(self, "expectations", tuple(self.expectations))
         if not self.features:

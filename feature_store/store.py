@@ -496,6 +496,21 @@ class FeatureStore:
         }, indent=1))
         return fgv
 
+    def _discard(self, fgv: FeatureGroupVersion) -> None:
+        """Remove a version `write` created and could not fill: its definition first (so that it
+        is no version at once), then its folder and online table. The registry keeps its row, so
+        the number is not given out again."""
+        import shutil
+
+        (fgv.root / META_FILE).unlink(missing_ok=True)
+        shutil.rmtree(fgv.root, ignore_errors=True)
+        if fgv.online_enabled:
+            _TABLES.get(self.online, {}).pop(fgv.spec.name, None)
+            try:
+                self.online.drop_table(fgv.spec)
+            except Exception:  # noqa: BLE001 - the store may be what failed; an empty table is harmless
+                pass
+
     def _registered_online(self, group: FeatureGroup, version: int) -> bool:
         if not group.online or self.online is None:
             return False
@@ -546,7 +561,11 @@ class FeatureStore:
         if group.event_time not in frame.columns and event_time is None:
             event_time = pd.Timestamp.now(tz="UTC")
         fgv = self.create_feature_group(group)
-        result = fgv.insert(frame, validation=validation, event_time=event_time)
+        try:
+            result = fgv.insert(frame, validation=validation, event_time=event_time)
+        except BaseException:
+            self._discard(fgv)  # an empty new version would become the group's latest
+            raise
         if progress:
             where = f", {result.online_rows} online in {fgv.spec.name}" if fgv.online_enabled else ""
             print(f"[feature store] {name} v{fgv.version}: {result.rows} rows offline{where}", flush=True)

@@ -20,8 +20,8 @@ from feature_store.groups import (
     ARTICLE_INT_ATTRIBUTES,
     ARTICLE_NAME_ATTRIBUTES,
     INDEX_GROUPS,
-    MAX_PURCHASED,
     SALES_DAYS,
+    recent_purchases,
     recent_type_days,
 )
 from feature_store.on_demand import age_group, postal_bucket
@@ -227,7 +227,7 @@ def customer_history(
     tx = _with_day(tx.sort_values(["customer_id", "t_dat"], kind="stable"))
     rows = []
     for cid, g in tx.groupby("customer_id", sort=False):
-        ids = g["article_id"].tolist()[::-1][:MAX_PURCHASED]
+        ids = recent_purchases(g["article_id"].tolist()[::-1])
         groups = dict(Counter(g["index_group_name"].dropna()))
         n = len(g)
         rows.append(
@@ -277,7 +277,7 @@ def _generic_history(transactions: pd.DataFrame, articles: pd.DataFrame, as_of: 
     for cid, g in tx.groupby("customer_id", sort=False):
         rows.append({
             "customer_id": cid,
-            "purchased": g["article_id"].tolist()[::-1][:MAX_PURCHASED],
+            "purchased": recent_purchases(g["article_id"].tolist()[::-1]),
             "n_purchases": len(g),
             "mean_price": float(g["price"].mean()) if g["price"].notna().any() else None,
             "type_counts": {str(k): v for k, v in Counter(g[type_column].dropna()).items()} if type_column else {},

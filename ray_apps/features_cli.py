@@ -94,8 +94,12 @@ def _load(source: Path | DatasetConfig) -> tuple[Any, dict[str, FeatureGroup]]:
 
 
 def build_features(fs, source: Path | DatasetConfig, names: list[str] | None = None, validation: str = "strict",
-                   event_time: Any = None, backfill_weeks: int = 0) -> dict[str, Any]:
+                   event_time: Any = None, backfill_weeks: int = 0,
+                   event_log_max_gap_days: int | None = None) -> dict[str, Any]:
     """Write every group (or `names`) as a new version; returns name -> FeatureGroupRef.
+
+    With `event_log_max_gap_days` (None: not), the purchases serving logged in the workdir join
+    the transactions first (`add_logged_purchases`), so a rebuilt group keeps what they changed.
 
     Snapshot groups (no event-time column) get `event_time`, default: now. With
     `backfill_weeks`, each snapshot group is first written as of every `backfill_times` time
@@ -106,6 +110,16 @@ def build_features(fs, source: Path | DatasetConfig, names: list[str] | None = N
     from feature_store.validation import ValidationFailed, validate
 
     data, groups = _load(source)
+    if event_log_max_gap_days is not None:
+        from dataclasses import replace
+
+        from feature_store.events import add_logged_purchases, describe_added
+
+        tx, counts = add_logged_purchases(data.transactions, data.customers, data.articles, fs.wd,
+                                          event_log_max_gap_days)
+        if counts["logged"]:
+            print(f"[features] {describe_added(counts)}", flush=True)
+        data = replace(data, transactions=tx)
     frames = serving_frames(data, names)
     when = pd.Timestamp(event_time) if event_time is not None else pd.Timestamp.now(tz="UTC")
     times = backfill_times(data.transactions, backfill_weeks)
@@ -222,7 +236,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     store = _open_store(cfg, wd, start_local=True)
     try:
         refs = build_features(FeatureStore(wd, store), data, args.group, args.validation,
-                              backfill_weeks=args.backfill_weeks)
+                              backfill_weeks=args.backfill_weeks,
+                              event_log_max_gap_days=cfg.data.event_log_max_gap_days if cfg.data.event_log else None)
     finally:
         if store is not None:
             store.close()

@@ -19,6 +19,7 @@ from common.artifacts import IndexRef, Manifest, new_manifest, write_json, write
 from common.config import RayrecConfig
 from common.workdir import Workdir
 from feature_store.dataset import HM_ROLES, DatasetConfig, Roles, hm_dataset_config, load_dataset
+from feature_store.events import add_logged_purchases, describe_added
 from feature_store.groups import dataset_groups
 from feature_store.online.base import OnlineStore
 from feature_store.sources import FILES, generate
@@ -108,8 +109,15 @@ def prepare_data(cfg: RayrecConfig, wd: Workdir, data_dir: Path | None, dataset:
     data = load_dataset(dataset)
     for line in data.report.summary_lines():
         print(f"[data] {line}", flush=True)
-    write_json(wd.reports_dir / "data_report.json", data.report.to_dict())
-    return Raw(data.articles, data.customers, data.transactions, data.extras, data.roles, data.name)
+    report = data.report.to_dict()
+    tx = data.transactions
+    if cfg.data.event_log:
+        tx, report["event_log"] = add_logged_purchases(tx, data.customers, data.articles, wd,
+                                                       cfg.data.event_log_max_gap_days)
+        if report["event_log"]["logged"]:
+            print(f"[data] {describe_added(report['event_log'])}", flush=True)
+    write_json(wd.reports_dir / "data_report.json", report)
+    return Raw(data.articles, data.customers, tx, data.extras, data.roles, data.name)
 
 
 def write_feature_groups(fs: FeatureStore, raw: Raw, manifest: Manifest) -> dict[str, pd.DataFrame]:

@@ -57,6 +57,9 @@ def test_group_definition_errors_are_named():
         Feature("x", "string", alias="Other")
     with pytest.raises(ValueError, match="expectation on unknown feature 'nope'"):
         FeatureGroup("g", "k", (Feature("k", "string"),), expectations=(not_null("nope"),))
+    with pytest.raises(ValueError, match="at most 52 characters .* fg_" + "x" * 53):
+        FeatureGroup("x" * 53, "k", (Feature("k", "string"),))
+    assert FeatureGroup("x" * 52, "k", (Feature("k", "string"),)).table_spec(999999).name == f"fg_{'x' * 52}_v999999"
 
 
 def test_hm_groups():
@@ -71,6 +74,35 @@ def test_hm_groups():
     for g in GROUPS.values():
         assert FeatureGroup.from_dict(g.to_dict()) == g
         assert all(f.limit for f in g.features if f.dtype not in ("int64", "float64", "bool"))  # bounded
+
+
+def test_purchases_of_long_ids_are_kept_within_the_rows_bound(tmp_path):
+    """500 UUID article ids (18.5 kB) do not fit an online row: the most recent that fit
+    PURCHASED_BYTES are kept, in batch builds and in real-time events alike."""
+    import uuid
+
+    from feature_store.events import PurchaseEvent, updated_history
+    from feature_store.groups import MAX_PURCHASED, PURCHASED_BYTES, recent_purchases
+    from feature_store.transforms import customer_history
+
+    hm = [f"{i:010d}" for i in range(MAX_PURCHASED + 20)]
+    assert recent_purchases(hm) == hm[:MAX_PURCHASED]  # H&M's ids: the count is the bound
+    ids = [str(uuid.UUID(int=i)) for i in range(MAX_PURCHASED)]
+    kept = recent_purchases(ids)
+    assert kept == ids[:PURCHASED_BYTES // 37] and len(kept) == 148
+    assert recent_purchases(["é" * 10] * 300, max_bytes=210) == ["é" * 10] * 10  # UTF-8 bytes, not characters
+    tx = pd.DataFrame({"t_dat": pd.date_range("2020-01-01", periods=MAX_PURCHASED, freq="h"), "customer_id": "c1",
+                       "article_id": ids[::-1], "price": 0.01, "sales_channel_id": 2})
+    arts = pd.DataFrame({"article_id": ids, "product_type_name": "Top", "index_group_name": "Divided"})
+    frame = customer_history(tx, arts, None)
+    assert frame.loc[0, "purchased"] == kept and frame.loc[0, "n_purchases"] == MAX_PURCHASED
+    fs = FeatureStore(Workdir.at(tmp_path), InMemoryOnlineStore())
+    ref = fs.write("customer_history", frame, progress=False)  # before the bound: "packed row ... above the limit"
+    row = fs.get_feature_group("customer_history", ref.version).read_online(["c1"])["c1"]
+    new = str(uuid.uuid4())
+    after = updated_history(row, PurchaseEvent("e1", "c1", new, 0.02, "2020-02-01"), "2020-02-01",
+                            {"product_type_name": "Top", "index_group_name": "Divided"}, MAX_PURCHASED)
+    assert after["purchased"] == [new, *kept[:-1]]
 
 
 def test_type_days_keep_the_most_recent_types_within_the_bound():
@@ -103,6 +135,21 @@ def test_strict_failure_writes_nothing_anywhere(tmp_path):
     assert "price: range [0, 100]: 2 failing rows" in str(e.value)
     assert fgv.offline.commits() == [] and fgv.read().empty
     assert online.table_stats(fgv.spec)["rows"] == 0
+
+
+def test_a_write_that_fails_leaves_no_new_version(tmp_path):
+    """`FeatureStore.write` creates the version it fills: when the insert fails, that version goes
+    (else an empty version would be the group's latest)."""
+    online = InMemoryOnlineStore()
+    fs = FeatureStore(Workdir.at(tmp_path), online)
+    good = fs.write("shop", shop_frame(), progress=False, validation="strict", groups={"shop": SHOP})
+    with pytest.raises(ValidationFailed):
+        fs.write("shop", shop_frame(price=[1.0, 250.0, 3.0]), progress=False, validation="strict", groups={"shop": SHOP})
+    assert fs.versions("shop") == [1] and fs.get_feature_group("shop").version == good.version == 1
+    assert sorted(p.name for p in fs.group_dir("shop", 1).parent.iterdir()) == ["v1"]
+    assert "fg_shop_v2" not in online.list_tables()
+    again = fs.write("shop", shop_frame(), progress=False, validation="strict", groups={"shop": SHOP})
+    assert again.version == 3 and fs.get_feature_group("shop").read_online(["a"])["a"]["price"] == 1.0
 
 
 def test_always_policy_writes_and_reports(tmp_path):

@@ -42,6 +42,30 @@ def test_build_then_describe(tmp_path, data_dir):
     assert "fg_articles_v2" in table and "freshness_s" in table.splitlines()[0]
 
 
+def test_a_rebuild_keeps_the_purchases_serving_logged(tmp_path, data_dir, capsys):
+    """A purchase applied online by POST /v1/events is logged in the workdir; rebuilding the
+    groups from the data files would drop it from the new version unless the log joins them."""
+    from feature_store.events import PurchaseEvent, append_log_lines, event_log_dir
+    from feature_store.sources import FILES
+
+    tx = pd.read_csv(data_dir / FILES["transactions"], dtype={"article_id": str})
+    cid, aid = tx["customer_id"].iloc[0], tx["article_id"].iloc[-1]
+    last = pd.Timestamp(tx["t_dat"].max())
+    fs = FeatureStore(Workdir.at(tmp_path), InMemoryOnlineStore())
+    ev = PurchaseEvent("served-1", cid, aid, 0.05, (last + pd.Timedelta(days=1)).isoformat())
+    append_log_lines(event_log_dir(fs.wd), [(ev.timestamp, ev.to_dict())], durable=False)
+    without = build_features(fs, data_dir, names=["customer_history"], event_time="2020-07-01")
+    with_log = build_features(fs, data_dir, names=["customer_history"], event_time="2020-07-02",
+                              event_log_max_gap_days=30)
+    assert "1 of 1 logged purchases added" in capsys.readouterr().out
+
+    def history(ref):
+        return fs.get_feature_group("customer_history", ref.version).read_online([cid])[cid]
+
+    before, after = history(without["customer_history"]), history(with_log["customer_history"])
+    assert after["n_purchases"] == before["n_purchases"] + 1 and after["purchased"][0] == aid
+
+
 def test_validate_reports_without_writing(tmp_path, data_dir):
     reports = validate_features(data_dir)
     assert all(r.ok for r in reports.values()), {n: r.summary_lines() for n, r in reports.items()}

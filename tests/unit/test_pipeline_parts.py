@@ -34,3 +34,33 @@ def test_comparison_says_plainly_when_a_model_loses():
     assert out["best_baseline"] == "ease" and out["retrieval"]["beats_best_baseline"] is False
     assert out["retrieval"]["ratio_vs_best_baseline"] == pytest.approx(0.5)
     assert "does NOT beat" in out["summary"][0]
+
+
+def test_the_next_pipeline_run_reads_the_purchases_serving_logged(tmp_path, capsys):
+    """`prepare_data` adds the workdir's event log to the transactions (data.event_log, on by
+    default) and says so in the data report; `data.event_log: false` leaves the files' data alone."""
+    import json
+
+    from common.config import RayrecConfig
+    from common.workdir import Workdir
+    from feature_store.events import PurchaseEvent, append_log_lines, event_log_dir
+    from training.pipeline import prepare_data
+
+    wd = Workdir.at(tmp_path / "run")
+    cfg = RayrecConfig.model_validate({"data": {"customers": 40, "articles": 20, "days": 15, "seed": 3}})
+    plain = prepare_data(cfg, wd, None)
+    tx = plain.transactions
+    ev = PurchaseEvent("served-1", tx["customer_id"].iloc[0], tx["article_id"].iloc[0], 0.05,
+                       (tx["t_dat"].max() + pd.Timedelta(days=2)).isoformat())
+    append_log_lines(event_log_dir(wd), [(ev.timestamp, ev.to_dict())], durable=False)
+    raw = prepare_data(cfg, wd, None)
+    assert len(raw.transactions) == len(tx) + 1
+    last = raw.transactions.iloc[-1]
+    assert (last["customer_id"], last["article_id"], last["t_dat"]) == (ev.customer_id, ev.article_id,
+                                                                        ev.timestamp.normalize())
+    report = json.loads((wd.reports_dir / "data_report.json").read_text())
+    assert report["event_log"] == {"logged": 1, "added": 1, "unknown_customer": 0, "unknown_article": 0,
+                                   "after_gap": 0}
+    assert "[data] serving's event log: 1 of 1 logged purchases added" in capsys.readouterr().out
+    off = cfg.model_copy(update={"data": cfg.data.model_copy(update={"event_log": False})})
+    assert len(prepare_data(off, wd, None).transactions) == len(tx)
