@@ -162,6 +162,9 @@ def test_bad_requests_get_422_naming_the_field(served, body, field):
 def test_healthz(served):
     _, url = served
     assert httpx.get(f"{url}/healthz", timeout=10).json() == {"status": "ok"}
+    docs = httpx.get(f"{url}/docs", timeout=10)
+    assert docs.status_code == 200 and "/openapi.json" in docs.text  # the OpenAPI page
+    assert "/v1/recommend" in httpx.get(f"{url}/openapi.json", timeout=10).json()["paths"]
 
 
 # -- filtering, ranking and batch recommendations (issue #9) -----------------------------------
@@ -275,7 +278,9 @@ def test_similar_items_and_unknown_article_is_404(served):
     assert [i["score"] for i in items] == sorted((i["score"] for i in items), reverse=True)
     r = httpx.get(f"{url}/v1/items/no-such-article/similar", timeout=30)
     assert r.status_code == 404 and "no-such-article" in r.json()["message"]
-    assert httpx.get(f"{url}/v1/items/{aid}/similar", params={"k": 0}, timeout=30).status_code == 422
+    for k in (0, 101):
+        r = httpx.get(f"{url}/v1/items/{aid}/similar", params={"k": k}, timeout=30)
+        assert r.status_code == 422 and r.json()["message"].startswith("k: ")
 
 
 def test_search_is_personalised_and_ranked(served):
@@ -295,6 +300,8 @@ def test_search_is_personalised_and_ranked(served):
     assert anon.status_code == 200 and anon.json()["items"]
     bad = httpx.post(f"{url}/v1/search", json={"query": "", "k": 5}, timeout=60)
     assert bad.status_code == 422 and "query" in bad.json()["message"]
+    bad = httpx.post(f"{url}/v1/search", json={"query": word, "k": 101}, timeout=60)
+    assert bad.status_code == 422 and bad.json()["message"].startswith("k: ")
 
 
 def test_purchase_event_excludes_the_article_and_moves_the_query(served):
@@ -343,6 +350,9 @@ def test_event_batch_logs_interactions_and_rejects_bad_events(served):
                                              "type": "purchase"}, timeout=30)
     assert r.status_code == 404 and "nope" in r.json()["message"]
     assert "x1" not in set(read_interactions(wd)["event_id"])
+    twice = {"events": [batch["events"][0], batch["events"][0]]}
+    r = httpx.post(f"{url}/v1/events/batch", json=twice, timeout=30)
+    assert r.status_code == 422 and "event_id repeated" in r.json()["message"]
     for body, field in (({"event_id": "x", "customer_id": cid, "article_id": aid, "type": "like"}, "type"),
                         ({"event_id": "x", "customer_id": cid, "article_id": aid, "type": "view", "ts": "soon"}, "ts"),
                         ({"customer_id": cid, "article_id": aid, "type": "view"}, "event_id")):
@@ -451,7 +461,7 @@ def test_prediction_log_joins_with_later_events(served):
               for line in p.read_text().splitlines() if f'"request_id":"{rid}"' in line]
     scored = dict(rec["candidates"])
     assert len(scored) == len(rec["candidates"]) >= len(shown["items"])
-    assert all(scored[i["article_id"]] == pytest.approx(i["score"]) for i in shown["items"])
+    assert all(scored[i["article_id"]] == pytest.approx(i["score"], abs=1e-5) for i in shown["items"])
     joined = labelled_impressions(mine, read_event_log(wd), read_interactions(wd))
     assert joined.set_index("article_id")["bought"].to_dict() == {a: int(a == bought) for a in mine["article_id"]}
 
@@ -655,6 +665,28 @@ def test_split_topology_answers_like_fused(served_split):
         codes = list(pool.map(lambda c: httpx.post(f"{url}/v1/recommend", json={"customer_id": c, "k": 5},
                                                    headers=KEY, timeout=60).status_code, cids))
     assert codes == [200] * len(cids)
+
+
+def test_split_topology_searches_and_takes_events(served_split):
+    """Search and a purchase event through the stage deployments; the key guards both routes."""
+    wd, url = served_split
+    assert httpx.post(f"{url}/v1/search", json={"query": "x", "k": 3}, timeout=30).status_code == 401
+    assert httpx.post(f"{url}/v1/events/batch", json={"events": []}, timeout=30).status_code == 401
+    word = _articles_group(wd)["product_type_name"].value_counts().index[0]
+    cid = _buyer(wd, 4)
+    r = httpx.post(f"{url}/v1/search", json={"query": word, "customer_id": cid, "k": 5}, headers=KEY, timeout=60)
+    assert r.status_code == 200 and 0 < len(r.json()["items"]) <= 5, r.text
+
+    def recommended() -> list[str]:
+        r = httpx.post(f"{url}/v1/recommend", json={"customer_id": cid, "k": 12}, headers=KEY, timeout=60)
+        assert r.status_code == 200, r.text
+        return [i["article_id"] for i in r.json()["items"]]
+
+    top = recommended()[0]
+    ev = {"event_id": "buy-split-1", "customer_id": cid, "article_id": top, "type": "purchase"}
+    r = httpx.post(f"{url}/v1/events/batch", json={"events": [ev]}, headers=KEY, timeout=30)
+    assert r.status_code == 200 and r.json()["results"][0]["applied"] is True, r.text
+    assert top not in recommended()
 
 
 @pytest.fixture(scope="module")

@@ -59,6 +59,7 @@ def assert_consistent(fgv) -> dict:
     latest = latest_per_key(fgv.read(internal=True), fgv.group.key, fgv.group.event_time)
     expected = {r[fgv.group.key]: r for r in to_online_rows(fgv.group, latest)}
     assert fgv.read_online(list(expected)) == expected
+    assert fgv.fs.online.table_stats(fgv.spec)["rows"] == len(expected)  # and no online row offline lacks
     return expected
 
 

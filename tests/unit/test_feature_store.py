@@ -91,6 +91,7 @@ def assert_online_equals_latest_offline(fgv):
     latest = latest_per_key(fgv.read(internal=True), "item", "event_time")
     expected = {r["item"]: r for r in to_online_rows(fgv.group, latest)}
     assert fgv.read_online(list(expected)) == expected
+    assert fgv.fs.online.table_stats(fgv.spec)["rows"] == len(expected)  # and no online row offline lacks
     return expected
 
 

@@ -107,6 +107,21 @@ def test_point_in_time_join_hand_made_case(fs):
     assert td.feature_columns == ["score", "tier", "item_pop", "channel", "month_sin"]
 
 
+def test_a_tie_within_one_insert_goes_to_the_later_row_offline_and_online(tmp_path):
+    """Two rows of one key with the same event time in ONE insert: the later row wins, in the
+    point-in-time join and online alike (pit.py's tie rule)."""
+    fs = FeatureStore(Workdir.at(tmp_path), InMemoryOnlineStore())
+    profile = fs.create_feature_group(PROFILE)
+    profile.insert(rows(["user", "score", "tier"], [["u1", 1.0, "bronze", T("2020-01-03")],
+                                                    ["u1", 2.0, "silver", T("2020-01-03")],
+                                                    ["u1", 0.5, "iron", T("2020-01-02")]]))
+    fs.create_feature_group(LABELS).insert(rows(["user", "item", "y", "channel"], [["u1", "i1", 1, 1, T("2020-01-04")]]))
+    fv = fs.create_feature_view(view(features=(FeatureSelection("profile", ("score", "tier")),)))
+    frame = fv.training_data().frame("train")
+    assert frame[["score", "tier"]].values.tolist() == [[2.0, "silver"]]
+    assert profile.read_online(["u1"])["u1"]["score"] == 2.0
+
+
 def test_time_splits_and_immutable_reproducible_datasets(fs):
     fv = fs.create_feature_view(view())
     td1 = fv.train_validation_test_split(train_end="2020-01-04", validation_end="2020-01-05",

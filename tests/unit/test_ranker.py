@@ -279,7 +279,8 @@ def test_stage_never_shows_a_minor_an_adult_article_even_when_the_model_loves_it
     assert out.article_ids == ["a2", "a4", "a5"]
     # every scored survivor with its score, for the prediction log (the shown ones among them)
     assert [a for a, _ in out.candidates] == ["a2", "a4", "a5", "a6"]
-    assert all(dict(out.candidates)[a] == s for a, s in zip(out.article_ids, out.scores, strict=True))
+    assert all(dict(out.candidates)[a] == pytest.approx(s, abs=1e-5) for a, s in zip(out.article_ids, out.scores,
+                                                                                   strict=True))
     adult = stage.run({"age": 30.0, "region": "north"}, None, ids, [0.5] * 8, arts, channel=2,
                       now=dt.date(2020, 9, 1), k=3, request=RequestFilters(max_price=0.01))
     assert adult.article_ids == [] and adult.removed["max_price"] == 7
