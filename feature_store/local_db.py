@@ -38,6 +38,7 @@ from typing import Any
 
 from common.config import DatabaseConfig
 from common.workdir import Workdir
+from feature_store.online.mysql import VERSION_SQL, bootstrap_sql
 
 INSTALL_COMMAND = "apt-get install -y mariadb-server"
 BIND_HOST = "127.0.0.1"
@@ -95,20 +96,6 @@ def _tail(path: Path, lines: int = 20) -> str:
         return f"({path} not readable)"
     tail = text.splitlines()[-lines:]
     return "\n".join(tail) if tail else f"({path} is empty)"
-
-
-def _sql_string(value: str) -> str:
-    """A single-quoted SQL string literal (default sql_mode, i.e. backslash escapes on)."""
-    if "\0" in value:
-        raise ValueError("a NUL character cannot be used in a password")
-    escaped = (
-        value.replace("\\", "\\\\")
-        .replace("'", "\\'")
-        .replace("\n", "\\n")
-        .replace("\r", "\\r")
-        .replace("\x1a", "\\Z")
-    )
-    return f"'{escaped}'"
 
 
 def _proc_state(pid: int) -> str | None:
@@ -559,23 +546,13 @@ class LocalMariaDB:
         return r.stdout.decode("utf-8", "replace")
 
     def _bootstrap(self, bins: dict[str, str], password: str) -> None:
-        db, user = self.cfg.database, self.cfg.user  # validated in __init__
-        pw = _sql_string(password)
-        grant_db = db.replace("_", "\\_")  # `_` is a wildcard in GRANT ... ON db.*
-        stmts = [f"CREATE DATABASE IF NOT EXISTS `{db}` CHARACTER SET utf8mb4"]
-        for host in ("127.0.0.1", "localhost"):
-            account = f"'{user}'@'{host}'"
-            stmts += [
-                f"CREATE USER IF NOT EXISTS {account} IDENTIFIED BY {pw}",
-                f"ALTER USER {account} IDENTIFIED BY {pw}",
-                f"GRANT ALL PRIVILEGES ON `{grant_db}`.* TO {account}",
-            ]
-        self._admin_sql(bins, ";\n".join(stmts) + ";\n", secret=password)
+        # the database and user names were validated in __init__
+        self._admin_sql(bins, bootstrap_sql(self.cfg.database, self.cfg.user, password), secret=password)
 
     def _server_version(self) -> str | None:
         try:
             bins = find_binaries()
-            out = self._admin_sql(bins, "SELECT VERSION();\n").strip()
+            out = self._admin_sql(bins, VERSION_SQL).strip()
         except (MariaDBMissing, RuntimeError, subprocess.TimeoutExpired, OSError):
             return None
         return out or None

@@ -107,6 +107,42 @@ _FROM_SQL_TYPE = {
 _KEY_STRING = f"VARCHAR({MAX_KEY_CHARS}) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
 
 
+# The local server's set-up, run by feature_store.local_db through the `mariadb` client as the
+# server's admin over its unix socket (the app's user does not exist yet).
+VERSION_SQL = "SELECT VERSION();\n"
+
+
+def bootstrap_sql(database: str, user: str, password: str) -> str:
+    """The database, the app's user (from 127.0.0.1 and the socket) with `password`, and its
+    grants; idempotent. The client tool takes no parameters, so the password goes in as a
+    string literal (`_sql_string`) and the names must already be validated."""
+    pw = _sql_string(password)
+    grant_db = database.replace("_", "\\_")  # `_` is a wildcard in GRANT ... ON db.*
+    stmts = [f"CREATE DATABASE IF NOT EXISTS `{database}` CHARACTER SET utf8mb4"]
+    for host in ("127.0.0.1", "localhost"):
+        account = f"'{user}'@'{host}'"
+        stmts += [
+            f"CREATE USER IF NOT EXISTS {account} IDENTIFIED BY {pw}",
+            f"ALTER USER {account} IDENTIFIED BY {pw}",
+            f"GRANT ALL PRIVILEGES ON `{grant_db}`.* TO {account}",
+        ]
+    return ";\n".join(stmts) + ";\n"
+
+
+def _sql_string(value: str) -> str:
+    """A single-quoted SQL string literal (default sql_mode, i.e. backslash escapes on)."""
+    if "\0" in value:
+        raise ValueError("a NUL character cannot be used in a password")
+    escaped = (
+        value.replace("\\", "\\\\")
+        .replace("'", "\\'")
+        .replace("\n", "\\n")
+        .replace("\r", "\\r")
+        .replace("\x1a", "\\Z")
+    )
+    return f"'{escaped}'"
+
+
 def _q(name: str) -> str:
     """Backtick-quote an identifier that has passed `validate_identifier`."""
     return f"`{validate_identifier(name)}`"

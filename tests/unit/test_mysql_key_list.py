@@ -46,3 +46,51 @@ def test_invalid_keys_are_refused():
         _distinct_keys(INT, [True])
     with pytest.raises(ValueError, match="invalid key"):
         _distinct_keys(STR, [5])
+
+
+class _Cursor:
+    def __init__(self, conn):
+        self.conn, self.last = conn, ""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def execute(self, sql, params=None):
+        self.conn.statements.append(sql)
+        self.last = sql
+
+    def fetchone(self):
+        return ("NDBCLUSTER",) if self.conn.ndb and "information_schema.ENGINES" in self.last else None
+
+    def fetchall(self):  # information_schema.COLUMNS of the table just created
+        return [("k", "varchar", "PRI"), ("v", "varbinary", "")]
+
+
+class _Conn:
+    def __init__(self, ndb):
+        self.ndb, self.statements = ndb, []
+
+    def cursor(self):
+        return _Cursor(self)
+
+
+@pytest.mark.parametrize(("ndb", "engine"), [(True, "NDBCLUSTER"), (False, "InnoDB")])
+def test_tables_are_created_in_ndbcluster_when_the_server_offers_it(ndb, engine):
+    """RonDB's engine when the server lists it as supported (what RonDB's MySQL servers do), else
+    InnoDB; the server is asked once per store."""
+    import threading
+
+    from feature_store.online.mysql import MySQLOnlineStore
+
+    store = object.__new__(MySQLOnlineStore)  # no server: a connection that records statements
+    store._lock, store._closed, store._engine, store._where = threading.RLock(), False, None, "test"
+    store._conn = conn = _Conn(ndb)
+    store.ensure_table(STR)
+    store.ensure_table(TableSpec("t2", "k", {"k": "string", "v": "bytes"}))
+    creates = [s for s in conn.statements if s.startswith("CREATE TABLE")]
+    assert len(creates) == 2 and all(f"ENGINE={engine} DEFAULT CHARSET=utf8mb4" in s for s in creates)
+    assert creates[0].startswith("CREATE TABLE IF NOT EXISTS `t` (`k` VARCHAR(64)")
+    assert sum("information_schema.ENGINES" in s for s in conn.statements) == 1
