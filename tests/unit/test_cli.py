@@ -62,8 +62,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_taken_database_port_fails_the_pipeline_before_the_workdir_is_made(tmp_path):
-    """Before the fix the run's folder was left with a password file, a lock and a Ray token."""
+def _cli_with_a_taken_port(tmp_path, command: list[str], config):
+    """`rayrec <command> --config C` while another process listens on a port; `config(port)` is
+    the config's text. Returns (the port, the finished process)."""
     import socket
     import subprocess
     import sys
@@ -73,9 +74,16 @@ def test_a_taken_database_port_fails_the_pipeline_before_the_workdir_is_made(tmp
         taken.listen()
         port = taken.getsockname()[1]
         cfg = tmp_path / "c.yaml"
-        cfg.write_text(f"database: {{port: {port}}}\n")
-        out = subprocess.run([sys.executable, "-m", "ray_apps.cli", "pipeline", "--workdir", str(tmp_path / "run"),
-                              "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+        cfg.write_text(config(port))
+        out = subprocess.run([sys.executable, "-m", "ray_apps.cli", *command, "--config", str(cfg)],
+                             capture_output=True, text=True, timeout=120)
+    return port, out
+
+
+def test_a_taken_database_port_fails_the_pipeline_before_the_workdir_is_made(tmp_path):
+    """Before the fix the run's folder was left with a password file, a lock and a Ray token."""
+    port, out = _cli_with_a_taken_port(tmp_path, ["pipeline", "--workdir", str(tmp_path / "run")],
+                                       lambda port: f"database: {{port: {port}}}\n")
     assert out.returncode == 2 and f"port {port} on 127.0.0.1 is already in use" in out.stderr
     assert not (tmp_path / "run").exists()
 
@@ -83,8 +91,6 @@ def test_a_taken_database_port_fails_the_pipeline_before_the_workdir_is_made(tmp
 def test_serve_start_names_a_busy_http_port_before_the_database_starts(tmp_path):
     """The order in `serve start`: the run, the database's port, Serve's port, and only then the database."""
     import socket
-    import subprocess
-    import sys
 
     from common.artifacts import new_manifest, write_manifest
     from common.workdir import Workdir
@@ -95,14 +101,9 @@ def test_serve_start_names_a_busy_http_port_before_the_database_starts(tmp_path)
             pytest.skip(f"a Ray head listens on {RAY_PORT}: serve start would skip the port check for it")
     wd = Workdir.at(tmp_path / "run")
     write_manifest(wd, new_manifest("run"))
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        cfg = tmp_path / "c.yaml"
-        cfg.write_text(f"database: {{port: {_free_port()}}}\nserve: {{port: {port}}}\n")
-        out = subprocess.run([sys.executable, "-m", "ray_apps.cli", "serve", "start", "--workdir", str(wd.root),
-                              "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+    db_port = _free_port()
+    port, out = _cli_with_a_taken_port(tmp_path, ["serve", "start", "--workdir", str(wd.root)],
+                                       lambda port: f"database: {{port: {db_port}}}\nserve: {{port: {port}}}\n")
     assert out.returncode == 2 and f"port {port} on 127.0.0.1 is in use by another process" in out.stderr
     assert not wd.db_dir.exists()  # the database never started
 

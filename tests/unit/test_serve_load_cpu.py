@@ -1,10 +1,11 @@
 """benchmarks/serve_load.py's CPU accounting (per-group CPU per request from /proc readings) and
-its load generator process."""
+its load generator process; online_store.py's per-call server CPU (call_cpu_split)."""
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,8 +14,8 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_load.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("serve_load_bench", BENCH)
+def _load(path: Path = BENCH):
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_bench", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -125,3 +126,24 @@ def test_summary_splits_the_handlers_time_from_the_clients_and_times_the_503s():
     assert row["refused_p50_ms"] == 4.0 and row["refused_p99_ms"] == pytest.approx(294.08)
     assert row["refused_by_haproxy_share"] == pytest.approx(2 / 3)
     assert sl.summarise(samples[:10], 1.0)["refused_p99_ms"] is None
+
+
+def _spin(seconds: float, done: threading.Event, release: threading.Event) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+    done.set()
+    release.wait()  # alive while read: an ended thread leaves /proc/<pid>/task (the server's threads stay)
+
+
+def test_server_threads_cpu_counts_the_cpu_of_other_threads():
+    bench = _load(BENCH.with_name("online_store.py"))
+    before = bench.server_threads_cpu_ns(os.getpid())
+    done, release = threading.Event(), threading.Event()
+    worker = threading.Thread(target=_spin, args=(0.2, done, release))  # another thread's CPU, not the caller's
+    worker.start()
+    done.wait()
+    spent = (bench.server_threads_cpu_ns(os.getpid()) - before) / 1e9
+    release.set()
+    worker.join()
+    assert 0.2 <= spent < 2.0
