@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -42,6 +43,7 @@ from starlette.datastructures import Headers
 from common.artifacts import read_manifest
 from common.config import FilterConfig, ServeConfig, load_config
 from common.workdir import Workdir
+from feature_store.online.base import MAX_KEY_CHARS
 from ray_apps import reload, shedding  # modules, not their objects: Serve pickles the Ingress class by value
 from ray_apps.coalesce import IN_APP, Coalescer
 from ray_apps.schemas import (
@@ -834,6 +836,10 @@ class Ingress:
         wanted = [a.strip() for a in ids.split(",") if a.strip()]
         if len(wanted) > 100:
             return JSONResponse(status_code=422, content={"message": "ids: at most 100 article ids"})
+        too_long = [a for a in wanted if len(a) > MAX_KEY_CHARS]
+        if too_long:
+            return JSONResponse(status_code=422, content={
+                "message": f"ids: an article id has at most {MAX_KEY_CHARS} characters: {too_long[0][:80]!r}"})
         try:
             return {"items": await self.orch.calls.article_details(wanted)}
         except TimeoutError:
@@ -848,7 +854,7 @@ class Ingress:
             return self._unavailable("customers")
 
     @api.get("/v1/customers/{customer_id}")
-    async def customer(self, customer_id: str) -> dict[str, Any]:
+    async def customer(self, customer_id: str = PathParam(..., max_length=MAX_KEY_CHARS)) -> dict[str, Any]:
         """The customer's profile and recent purchases as serving sees them (for people, not models)."""
         ctx = await self.orch._encode(customer_id, dt.date.today(), 2)
         prof = ctx.customer or {}

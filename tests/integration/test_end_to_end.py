@@ -391,6 +391,10 @@ def test_customer_samples_and_article_details(served):
     got = httpx.get(f"{url}/v1/items", params={"ids": f"{a},{b},nope"}, timeout=30).json()["items"]
     assert set(got) == {a, b} and got[a]["prod_name"] == arts.loc[a, "prod_name"]
     assert httpx.get(f"{url}/v1/items", params={"ids": ",".join(["x"] * 101)}, timeout=30).status_code == 422
+    long = httpx.get(f"{url}/v1/items", params={"ids": f"{a},{'9' * 65}"}, timeout=30)  # no such id can be stored
+    assert long.status_code == 422 and "at most 64 characters" in long.json()["message"]
+    long = httpx.get(f"{url}/v1/customers/{'c' * 65}", timeout=30)
+    assert long.status_code == 422 and long.json()["message"].startswith("customer_id: ")
 
 
 def test_serving_metrics_reach_rays_prometheus_endpoint(served):
