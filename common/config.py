@@ -27,8 +27,8 @@ class DataConfig(_Strict):
     articles: int = Field(1500, ge=10)
     days: int = Field(120, ge=14)
     seed: int = 0
-    # add the workdir's logged purchase events (POST /v1/events) to the transactions; false when
-    # the data files are an export that already holds them
+    # add the workdir's logged purchase events (POST /v1/events) to the transactions, those the
+    # data does not already hold (feature_store.events.add_logged_purchases)
     event_log: bool = True
     # ...except those dated more than this many days after the data's last day: a log that does
     # not continue this data (a 2020 sample with events of today) would make the test split

@@ -323,20 +323,27 @@ def add_logged_purchases(tx: pd.DataFrame, customers: pd.DataFrame, articles: pd
     as days like the data's: so the next training run sees what was bought since the data was
     exported, and a rebuilt group keeps what the events applied online.
 
-    Left out and counted: events of customers or articles the data does not have, and events dated
-    more than `max_gap_days` after the data's last day (a log that does not continue this data).
+    Left out and counted: events of customers or articles the data does not have, events dated
+    more than `max_gap_days` after the data's last day (a log that does not continue this data),
+    and events the data already holds (`in_data`: an export made after them). The data has no
+    event ids, so a purchase counts as held when the data has as many rows of the same customer,
+    article and day as the log has events up to it (a customer who bought the same article twice
+    that day, once in the data, adds one).
     Returns the transactions (sorted by day, stable) and the counts."""
     log = read_event_log(wd)
-    counts = {"logged": len(log), "added": 0, "unknown_customer": 0, "unknown_article": 0, "after_gap": 0}
+    counts = {"logged": len(log), "added": 0, "unknown_customer": 0, "unknown_article": 0, "after_gap": 0,
+              "in_data": 0}
     if log.empty:
         return tx, counts
     day = log["t_dat"].dt.normalize()
     known_c = log["customer_id"].isin(customers["customer_id"])
     known_a = log["article_id"].isin(articles["article_id"])
     near = day <= tx["t_dat"].max() + pd.Timedelta(days=max_gap_days)
-    keep = known_c & known_a & near
+    known = known_c & known_a & near
+    keep = known & ~_held_by(tx, log["customer_id"], log["article_id"], day, known)
     counts.update(added=int(keep.sum()), unknown_customer=int((~known_c).sum()),
-                  unknown_article=int((known_c & ~known_a).sum()), after_gap=int((known_c & known_a & ~near).sum()))
+                  unknown_article=int((known_c & ~known_a).sum()), after_gap=int((known_c & known_a & ~near).sum()),
+                  in_data=int((known & ~keep).sum()))
     if not keep.any():
         return tx, counts
     add = pd.DataFrame({"t_dat": day[keep].astype(tx["t_dat"].dtype), "customer_id": log.loc[keep, "customer_id"],
@@ -347,6 +354,18 @@ def add_logged_purchases(tx: pd.DataFrame, customers: pd.DataFrame, articles: pd
     add = add[list(tx.columns)].astype(tx.dtypes.to_dict())
     out = pd.concat([tx, add], ignore_index=True).sort_values("t_dat", kind="stable").reset_index(drop=True)
     return out, counts
+
+
+def _held_by(tx: pd.DataFrame, customer: pd.Series, article: pd.Series, day: pd.Series,
+             among: pd.Series) -> pd.Series:
+    """Which of the events (`among` them) the transactions already hold: the n-th event of a
+    (customer, article, day) is held when the data has at least n rows of it."""
+    key = pd.DataFrame({"c": customer, "a": article, "d": day.astype(tx["t_dat"].dtype)})[among]
+    in_data = tx[tx["customer_id"].isin(key["c"])].groupby(["customer_id", "article_id", "t_dat"]).size()
+    in_data.index = in_data.index.set_names(["c", "a", "d"])
+    have = key.join(in_data.rename("n"), on=["c", "a", "d"])["n"].fillna(0)
+    nth = key.groupby(["c", "a", "d"], sort=False).cumcount()
+    return (nth < have).reindex(customer.index, fill_value=False)
 
 
 def describe_added(counts: dict[str, int]) -> str:

@@ -149,7 +149,8 @@ def test_logged_events_reach_the_offline_transactions_once(setup):
 
 def test_logged_purchases_join_the_next_runs_transactions(tmp_path):
     """What `rayrec pipeline` and `features build` add from the workdir's event log: known
-    customers and articles, within the gap after the data's last day, once per event id, as days."""
+    customers and articles, within the gap after the data's last day, once per event id, as days,
+    and not when the data already holds them."""
     from feature_store.events import add_logged_purchases, append_log_lines, describe_added, event_log_dir
 
     wd = Workdir.at(tmp_path)
@@ -162,19 +163,24 @@ def test_logged_purchases_join_the_next_runs_transactions(tmp_path):
               PurchaseEvent("e2", "c9", "a1", 0.03, "2020-09-25T10:00:00"),     # a customer the data lacks
               PurchaseEvent("e3", "c2", "zz", 0.03, "2020-09-25T10:00:00"),     # an article the data lacks
               PurchaseEvent("e4", "c2", "a1", 0.04, "2026-12-02T10:00:00"),     # not a continuation of the data
-              PurchaseEvent("e5", "c2", "a1", 0.05, "2020-09-10T09:00:00")]
+              PurchaseEvent("e5", "c2", "a1", 0.05, "2020-09-10T09:00:00"),
+              PurchaseEvent("e6", "c2", "a2", 0.02, "2020-09-20T11:00:00"),     # the data's row of that day
+              PurchaseEvent("e7", "c1", "a1", 0.01, "2020-09-01T09:00:00"),     # the data holds one of these two
+              PurchaseEvent("e8", "c1", "a1", 0.01, "2020-09-01T17:00:00")]
     append_log_lines(event_log_dir(wd), [(e.timestamp, e.to_dict()) for e in events], durable=False)
     out, counts = add_logged_purchases(tx, customers, articles, wd, 30)
-    assert counts == {"logged": 5, "added": 2, "unknown_customer": 1, "unknown_article": 1, "after_gap": 1}
+    assert counts == {"logged": 8, "added": 3, "unknown_customer": 1, "unknown_article": 1, "after_gap": 1,
+                      "in_data": 2}
     assert list(out.columns) == list(tx.columns) and (out.dtypes == tx.dtypes).all()
     assert out.to_dict("records") == [
         {"t_dat": pd.Timestamp("2020-09-01"), "customer_id": "c1", "article_id": "a1", "price": 0.01, "sales_channel_id": 1},
+        {"t_dat": pd.Timestamp("2020-09-01"), "customer_id": "c1", "article_id": "a1", "price": 0.01, "sales_channel_id": 2},
         {"t_dat": pd.Timestamp("2020-09-10"), "customer_id": "c2", "article_id": "a1", "price": 0.05, "sales_channel_id": 2},
         {"t_dat": pd.Timestamp("2020-09-20"), "customer_id": "c2", "article_id": "a2", "price": 0.02, "sales_channel_id": 2},
         {"t_dat": pd.Timestamp("2020-09-25"), "customer_id": "c1", "article_id": "a2", "price": 0.03, "sales_channel_id": 1}]
-    assert describe_added(counts) == ("serving's event log: 2 of 5 logged purchases added to the transactions "
-                                      "(left out: 1 unknown_customer, 1 unknown_article, 1 after_gap)")
-    assert add_logged_purchases(tx, customers, articles, wd, 3000)[1]["added"] == 3  # a wider gap takes e4 too
+    assert describe_added(counts) == ("serving's event log: 3 of 8 logged purchases added to the transactions "
+                                      "(left out: 1 unknown_customer, 1 unknown_article, 1 after_gap, 2 in_data)")
+    assert add_logged_purchases(tx, customers, articles, wd, 3000)[1]["added"] == 4  # a wider gap takes e4 too
 
 
 def test_logged_purchases_not_applied_online_are_found(setup):

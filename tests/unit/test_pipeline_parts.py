@@ -60,7 +60,7 @@ def test_the_next_pipeline_run_reads_the_purchases_serving_logged(tmp_path, caps
                                                                         ev.timestamp.normalize())
     report = json.loads((wd.reports_dir / "data_report.json").read_text())
     assert report["event_log"] == {"logged": 1, "added": 1, "unknown_customer": 0, "unknown_article": 0,
-                                   "after_gap": 0}
+                                   "after_gap": 0, "in_data": 0}
     assert "[data] serving's event log: 1 of 1 logged purchases added" in capsys.readouterr().out
     off = cfg.model_copy(update={"data": cfg.data.model_copy(update={"event_log": False})})
     assert len(prepare_data(off, wd, None).transactions) == len(tx)
