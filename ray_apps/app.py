@@ -657,9 +657,11 @@ class Ingress:
                                 str(wd.root), cfg.stage_timeout_s, cfg.stage_retries)
         return LoadedRun(str(wd.root), cfg, read_manifest(wd), rec, calls)
 
-    def _install(self, run: LoadedRun) -> Recommender | None:
+    def _install(self, run: LoadedRun) -> tuple[Recommender | None, Any]:
         """Answer from `run` from now on (no await: a request sees the old run or the new one, whole).
-        Returns the replaced recommender, for `reconfigure` to close once its requests are done."""
+        Returns what it replaced, for the caller to close: the recommender once the requests that
+        use it are done, the prediction log at once (a request logs through `self.plog` when it
+        answers, with no await in between)."""
         from training.feedback import PredictionLog
 
         cfg = run.cfg
@@ -674,9 +676,7 @@ class Ingress:
         old_log = self.plog
         self.plog = PredictionLog(Workdir.at(run.workdir).predictions_dir,
                                   **cfg.prediction_log_args()) if cfg.prediction_log else None
-        if old_log is not None:
-            old_log.close()  # a request logs through self.plog when it answers: the new log
-        return old
+        return old, old_log
 
     # No batch wait: a batch is whatever queued while the previous one ran (one batch at a time
     # per stage), so batches still form under load, and an idle replica does not arm a 1 ms timer
@@ -703,8 +703,10 @@ class Ingress:
                 await asyncio.gather(*[_await(h.call.remote(str(Workdir.at(target).root), "warm"))
                                        for h in self.stages.values()])
             run = await asyncio.to_thread(self._load, target)
-            old = self._install(run)
+            old, old_log = self._install(run)
             ended = reload.RUNS.advance()
+            if old_log is not None:
+                await asyncio.to_thread(old_log.close)  # writes what it holds: off the request loop
             if old is not None:
                 if not await reload.RUNS.drained(ended, RETIRE_TIMEOUT_S):
                     logger.warning("hot reload: requests of the replaced run still in flight after %.0f s; "

