@@ -269,7 +269,7 @@ class RankingStage:
             order = self.final_order(prep.ids, prep.rows, scores, k)
             out.article_ids = [prep.ids[i] for i in order]
             out.scores = [float(scores[i]) for i in order]
-            # 5 decimals: for the prediction log, where 200 full floats took 7 kB a line
+            # 5 decimals: for the prediction log's lines (a float's full repr is up to 18 characters)
             out.candidates = list(zip(prep.ids, np.round(scores, 5).tolist(), strict=True))
         return out
 
