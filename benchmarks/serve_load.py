@@ -23,6 +23,11 @@ Two more variants measure Ray settings against `haproxy_admission`: `haproxy_no_
 metrics, which the Grafana dashboard reads, so it stays on) and `haproxy_ray_control` (Serve's
 control loop every 0.1 s, Ray's default, against `serve.control_loop_interval_s`, 0.5 s).
 
+The events are real writes to the run in --workdir: its purchases (a fifth of the events, dated
+now) change the run's online rows and are logged in its workdir like any served event. The next
+pipeline run in that workdir leaves them out while the data ends long before today (a generated or
+H&M sample: `data.event_log_max_gap_days`); on a run whose data is current, benchmark a copy.
+
 JSON lines, e.g.
     {"bench": "serve_load", "topology": "fused", "variant": "default", "target_rps": 100,
      "achieved_rps": .., "p50_ms": .., "p95_ms": .., "p99_ms": .., "error_rate": .., ...}
