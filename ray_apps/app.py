@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import logging
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -599,6 +600,14 @@ def _plain(feats: dict[str, Any] | None) -> dict[str, Any] | None:
     return out
 
 
+def _close_later(rec: Recommender, delay_s: float) -> threading.Timer:
+    """Close a run a stage replica no longer keeps once `delay_s` passed (a daemon timer)."""
+    timer = threading.Timer(delay_s, rec.close)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 @dataclass(frozen=True)
 class LoadedRun:
     """A run loaded by an ingress replica, ready to be installed (`Ingress._install`)."""
@@ -907,7 +916,8 @@ class Stage:
             rec.warm(self.role)
             self.runs[workdir] = rec
             while len(self.runs) > self.KEEP:
-                self.runs.pop(next(iter(self.runs))).close()
+                # closed later: a request of that run may still be between two of its calls here
+                _close_later(self.runs.pop(next(iter(self.runs))), RETIRE_TIMEOUT_S)
             settle_heap()
         return rec
 

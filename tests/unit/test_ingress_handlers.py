@@ -142,3 +142,36 @@ def test_reconfigure_closes_the_replaced_run_only_after_its_requests_answered(tm
     asyncio.run(scenario())
     assert events == ["closed old log", "answered", "closed old"]
     assert RUNS.in_use(RUNS.generation) == 0
+
+
+def test_a_stage_closes_the_run_it_stops_keeping_only_after_a_while(monkeypatch):
+    """Split topology: a stage replica keeps the two latest runs; the one it drops is closed after
+    RETIRE_TIMEOUT_S, not while a request of that run may be between two of its calls."""
+    import time
+
+    from ray_apps.app import Stage
+
+    closed: list[str] = []
+
+    class Rec:
+        def __init__(self, workdir, metrics, **kwargs):
+            self.workdir = workdir
+
+        def warm(self, role):
+            pass
+
+        def close(self):
+            closed.append(self.workdir)
+
+    cls = Stage.func_or_class
+    g = cls._get.__globals__  # the class Serve holds (pickled by value): its own globals
+    monkeypatch.setitem(g, "Recommender", Rec)
+    monkeypatch.setitem(g, "settle_heap", lambda: None)
+    monkeypatch.setitem(g, "RETIRE_TIMEOUT_S", 0.3)
+    stage = object.__new__(cls)
+    stage.metrics, stage.role, stage.n_candidates, stage.article_cache_ttl_s, stage.runs = None, "ranker", None, None, {}
+    for run in ("a", "b", "c"):
+        stage._get(run)
+    assert list(stage.runs) == ["b", "c"] and closed == []  # "a" dropped, still open
+    time.sleep(0.6)
+    assert closed == ["a"]
