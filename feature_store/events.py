@@ -368,6 +368,15 @@ def _held_by(tx: pd.DataFrame, customer: pd.Series, article: pd.Series, day: pd.
     return (nth < have).reindex(customer.index, fill_value=False)
 
 
+def event_log_summary(wd: Workdir) -> dict[str, Any]:
+    """What serving logged in the workdir: purchases (with the first and last event time) and
+    interactions, one per event id: what the next pipeline run or feature build reads."""
+    log, inter = read_event_log(wd), read_interactions(wd)
+    times = log["t_dat"]
+    return {"purchases": len(log), "first_purchase": times.min().isoformat() if len(log) else None,
+            "last_purchase": times.max().isoformat() if len(log) else None, "interactions": len(inter)}
+
+
 def describe_added(counts: dict[str, int]) -> str:
     """One line for the progress output and the data report."""
     left = {k: v for k, v in counts.items() if k not in ("logged", "added") and v}

@@ -262,13 +262,19 @@ def cmd_describe(args: argparse.Namespace) -> int:
     finally:
         if store is not None:
             store.close()
+    from feature_store.events import event_log_summary
+
+    events = event_log_summary(wd)
     if args.json:
         for r in rows:
             print(json.dumps(r))
-    elif rows:
-        print(format_table(rows))
-    else:
-        print(f"no feature groups in {wd.offline_dir}")
+        print(json.dumps({"event_log": events}))
+        return 0
+    print(format_table(rows) if rows else f"no feature groups in {wd.offline_dir}")
+    if events["purchases"] or events["interactions"]:
+        span = f" ({events['first_purchase']} .. {events['last_purchase']})" if events["purchases"] else ""
+        print(f"event log: {events['purchases']} purchases{span}, {events['interactions']} views/clicks/add-to-carts; "
+              "the next `rayrec pipeline` or `features build` here adds the purchases (data.event_log)")
     return 0
 
 

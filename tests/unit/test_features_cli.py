@@ -64,6 +64,15 @@ def test_a_rebuild_keeps_the_purchases_serving_logged(tmp_path, data_dir, capsys
 
     before, after = history(without["customer_history"]), history(with_log["customer_history"])
     assert after["n_purchases"] == before["n_purchases"] + 1 and after["purchased"][0] == aid
+    assert main(["features", "describe", "--workdir", str(tmp_path), "--config", str(_no_db(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert f"event log: 1 purchases ({ev.timestamp.isoformat()} .. {ev.timestamp.isoformat()}), 0 views" in out
+
+
+def _no_db(tmp_path):
+    cfg = tmp_path / "no-db.yaml"
+    cfg.write_text("database: {local: false, port: 1}\n")  # describe then shows offline figures only
+    return cfg
 
 
 def test_validate_reports_without_writing(tmp_path, data_dir):
@@ -103,7 +112,8 @@ def test_parser_registers_the_commands(tmp_path, capsys):
     with pytest.raises(SystemExit):
         p.parse_args(["features", "build", "--group", "nope"])
     assert main(["features", "describe", "--workdir", str(tmp_path / "empty"), "--json"]) == 0
-    assert capsys.readouterr().out == ""
+    assert capsys.readouterr().out.splitlines() == [
+        '{"event_log": {"purchases": 0, "first_purchase": null, "last_purchase": null, "interactions": 0}}']
 
 
 def test_hm_purchases_view_training_data_and_vectors(tmp_path, data_dir):
