@@ -274,7 +274,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
     if events["purchases"] or events["interactions"]:
         span = f" ({events['first_purchase']} .. {events['last_purchase']})" if events["purchases"] else ""
         print(f"event log: {events['purchases']} purchases{span}, {events['interactions']} views/clicks/add-to-carts; "
-              "the next `rayrec pipeline` or `features build` here adds the purchases (data.event_log)")
+              "the next `rayrec pipeline` or `features build` here reads it (data.event_log)")
     return 0
 
 
