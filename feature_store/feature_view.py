@@ -50,7 +50,7 @@ import pandas as pd
 from common.artifacts import atomic_write_text
 from feature_store.offline import COMMIT_COLUMN, ROW_COLUMN, TIME_UNIT, to_event_times
 from feature_store.on_demand import OnDemandFeature
-from feature_store.online.base import normalise_key
+from feature_store.online.base import normalise_key, storable_key
 from feature_store.pit import point_in_time_join
 from feature_store.schema import ONLINE_ROW_COLUMN, check_name
 from feature_store.transformations import Transformation, apply_all, fit_all
@@ -598,13 +598,17 @@ class FeatureViewHandle:
         missing: dict[int, list[str]] = {}
         tables = self._online_tables()
         group_keys = [entity[self.join_column(sel)] for sel, _, _, _ in tables]
-        # the groups without a cache are read in ONE statement (one round trip for the view)
-        uncached = [i for i, (sel, _, _, _) in enumerate(tables) if sel.group not in self._caches]
-        bufs = dict(zip(uncached, self.fs.online.read_concat_many(
-            [(tables[i][1].spec, [k for k in group_keys[i] if k is not None], ONLINE_ROW_COLUMN) for i in uncached]
-        ), strict=True)) if uncached else {}
-        for i, (sel, table, picks, wanted) in enumerate(tables):
-            absent, cols = self._group_columns(sel, table, group_keys[i], wanted, bufs.get(i))
+        try:
+            groups = self._read_online(tables, group_keys)
+        except ValueError:
+            # A key no row can have (a string over the key length, an integer outside int64) is a
+            # missing row, not an error; checked only now, so that valid reads pay nothing for it.
+            storable = [[k if k is None or storable_key(t.spec, k) else None for k in ks]
+                        for (_, t, _, _), ks in zip(tables, group_keys, strict=True)]
+            if storable == group_keys:
+                raise
+            groups = self._read_online(tables, storable)
+        for (sel, _, picks, _), (absent, cols) in zip(tables, groups, strict=True):
             for j, out in picks:
                 columns[out] = cols[j]
             for i in absent:
@@ -630,6 +634,16 @@ class FeatureViewHandle:
             status[i] = "missing"
             missing_groups[i] = tuple(groups)
         return FeatureVectors(keys, status, missing_groups, columns)
+
+    def _read_online(self, tables: list[Any], group_keys: list[list[Any]]) -> list[tuple[list[int], list[Any]]]:
+        """Per selected group, (the positions of the keys it does not store, its columns)."""
+        # the groups without a cache are read in ONE statement (one round trip for the view)
+        uncached = [i for i, (sel, _, _, _) in enumerate(tables) if sel.group not in self._caches]
+        bufs = dict(zip(uncached, self.fs.online.read_concat_many(
+            [(tables[i][1].spec, [k for k in group_keys[i] if k is not None], ONLINE_ROW_COLUMN) for i in uncached]
+        ), strict=True)) if uncached else {}
+        return [self._group_columns(sel, table, group_keys[i], wanted, bufs.get(i))
+                for i, (sel, table, _, wanted) in enumerate(tables)]
 
     def _entities(self, keys: list[Any]) -> dict[str, list[Any]]:
         cols = self.entity_columns

@@ -191,6 +191,22 @@ def normalise_key(spec: TableSpec, key: Any) -> Hashable:
         raise ValueError(f"table {spec.name!r}: invalid key {key!r}: {e}") from None
 
 
+def storable_key(spec: TableSpec, key: Any) -> bool:
+    """Whether a row of `spec` can have `key`: False for a value of the key's type that none can
+    (a string over MAX_KEY_CHARS, an integer outside int64, a lone surrogate).
+
+    Raises:
+        ValueError: the key is of another type (a caller's mistake, not a missing row).
+    """
+    try:
+        _normalise_value(spec.key_type, key, is_key=True)
+    except TypeError as e:
+        raise ValueError(f"table {spec.name!r}: invalid key {key!r}: {e}") from None
+    except ValueError:
+        return False
+    return True
+
+
 def plain_string_keys(spec: TableSpec, keys: Sequence[Any]) -> list[str] | None:
     """The distinct keys, when they are all short ASCII str of a string-keyed table (the common
     case, checked with a few C calls instead of one validation per key); else None."""

@@ -167,6 +167,10 @@ def test_feature_vectors_one_query_per_group(fs):
     assert fs.online.statement_count() - before == 1  # both groups in one statement
     assert v.columns["price"][:4].tolist() == [0.0, 1.0, 2.0, 3.0] and v.columns["label"][-1] is None
     assert v.status[:3] == ["complete", "complete", "missing"] and v.missing_groups[-1] == (a.name,)
+    # keys no row can have are missing rows too, not a failed call
+    odd = fv.get_feature_vectors([{"item": "i5", "uid": 2}, {"item": "é" * 65, "uid": 2**64}])
+    assert odd.status == ["complete", "missing"] and odd.missing_groups[1] == (a.name, users.name)
+    assert odd.columns["price"][0] == 5.0 and odd.columns["age"][0] == 40.0
 
 
 def _event_groups(fs, path, seed: int, customers: int, articles: int):

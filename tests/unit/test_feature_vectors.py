@@ -48,6 +48,23 @@ def test_rows_in_key_order_with_status_and_no_exception_for_missing_keys(fs):
     assert all_found.columns["n"].dtype == np.int64
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_key_no_row_can_have_is_a_missing_row_and_a_wrong_type_an_error(fs, cached):
+    """A string longer than a key may be, or an integer outside int64, cannot be stored: its row
+    is missing, like any other absent key. A key of another type is the caller's mistake."""
+    fv = fs.create_feature_view(FeatureView("two", (FeatureSelection("items", ("price",)),
+                                                    FeatureSelection("users", ("age",)))))
+    if cached:
+        fv.enable_cache("items", ttl_s=60)
+    keys = [{"item": "i1", "user_id": 1}, {"item": "x" * 65, "user_id": 2}, {"item": "i2", "user_id": 2**70}]
+    v = fv.get_feature_vectors(keys)
+    assert v.status == ["complete", "missing", "missing"]
+    assert v.missing_groups == [(), ("items",), ("users",)]
+    assert v.columns["price"][[0, 2]].tolist() == [0.1, 0.2] and math.isnan(v.columns["price"][1])
+    with pytest.raises(ValueError, match="invalid key 'one': expected an integer"):
+        fv.get_feature_vectors([{"item": "i1", "user_id": "one"}])
+
+
 def test_one_statement_for_all_groups_whatever_the_number_of_keys(fs):
     fv = fs.create_feature_view(FeatureView("two", (FeatureSelection("items", ("price",)),
                                                     FeatureSelection("users", ("age",)))))
