@@ -378,7 +378,7 @@ def event_log_summary(wd: Workdir) -> dict[str, Any]:
 
 
 def describe_added(counts: dict[str, int]) -> str:
-    """One line for the progress output and the data report."""
+    """One line for the progress output (the data report keeps the counts)."""
     left = {k: v for k, v in counts.items() if k not in ("logged", "added") and v}
     out = f"serving's event log: {counts['added']} of {counts['logged']} logged purchases added to the transactions"
     return out + (f" (left out: {', '.join(f'{v} {k}' for k, v in left.items())})" if left else "")

@@ -29,7 +29,7 @@ from ray_apps.metrics import Metrics, NullMetrics
 from ray_apps.schemas import Candidates, QueryContext
 
 T = TypeVar("T")
-MAX_REMEMBERED_INTERACTIONS = 100_000  # interaction event ids a replica remembers (~15 MB)
+MAX_REMEMBERED_INTERACTIONS = 100_000  # interaction event ids a replica remembers (the latest)
 
 
 class StoreUnavailable(RuntimeError):
