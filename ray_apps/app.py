@@ -19,6 +19,8 @@ says how to deploy it so that the replicas stay).
 """
 
 import asyncio
+import base64
+import binascii
 import datetime as dt
 import gc
 import hashlib
@@ -64,9 +66,14 @@ from ray_apps.web import mount_ui
 
 APP_NAME = "rayrec"
 INGRESS_NAME = "Ingress"  # the ingress deployment's name (its class's), as a Serve config names it
-# Health checks, the web page (it asks for the key) and the API's documentation: no data behind them.
-EXEMPT_PATHS = {"/healthz", "/readyz", "/", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
-PUBLIC_PREFIXES = ("/ui/",)  # the page's static assets: no data behind them
+# Without the API key: the health checks, and the web page with its static assets (the repo's
+# files, the same for every deployment; the page asks for the key and sends it with each call).
+EXEMPT_PATHS = {"/healthz", "/readyz", "/"}
+PUBLIC_PREFIXES = ("/ui/",)
+# The API's documentation needs the key like the API; a browser opening it gets HTTP Basic's
+# challenge, so that it asks for the key (as the password, any user name) and then sends it with
+# every request to this origin, Swagger UI's "Try it out" included.
+DOCS_PATHS = {"/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
 # How long a hot reload waits for the replaced run's requests before it closes the run anyway:
 # far past any request's stage timeouts and retries.
 RETIRE_TIMEOUT_S = 60.0
@@ -434,7 +441,8 @@ class Orchestrator:
 api = FastAPI(title="rayrec", version="0.2.0",
               description="Real-time recommendations, search and events: retrieval, filtering and ranking on "
                           "Ray Serve. When an API key is configured, send it as `X-API-Key` (or `Authorization: "
-                          "Bearer`).")
+                          "Bearer`, or as the password of HTTP Basic, what a browser opening these docs is asked "
+                          "for).")
 mount_ui(api)
 
 
@@ -489,10 +497,11 @@ class Guard:
     async def _guarded(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         state, headers, path = scope["app"].state, Headers(scope=scope), scope["path"]
         if getattr(state, "api_key_sha256", None) and path not in EXEMPT_PATHS and not path.startswith(PUBLIC_PREFIXES):
-            given = headers.get("x-api-key") or _bearer(headers.get("authorization"))
+            given = headers.get("x-api-key") or _authorization_key(headers.get("authorization"))
             if not given or not hmac.compare_digest(_sha256(given), state.api_key_sha256):
+                challenge = 'Basic realm="rayrec", charset="UTF-8"' if path in DOCS_PATHS else "ApiKey"
                 await JSONResponse(status_code=401, content={"message": "missing or wrong API key: send X-API-Key"},
-                                   headers={"WWW-Authenticate": "ApiKey"})(scope, receive, send)
+                                   headers={"WWW-Authenticate": challenge})(scope, receive, send)
                 return
         received = shedding.received_us(headers.get(shedding.RECEIVED_HEADER))
         if (refusal := _shed(state, received, path)) is not None:
@@ -572,9 +581,18 @@ def _replay(body: bytes, receive: Any) -> Any:
 api.add_middleware(Guard)
 
 
-def _bearer(value: str | None) -> str | None:
-    if value and value.lower().startswith("bearer "):
-        return value[7:].strip()
+def _authorization_key(value: str | None) -> str | None:
+    """The key of an `Authorization` header: `Bearer <key>`, or HTTP Basic with the key as the
+    password (the user name is not checked)."""
+    scheme, _, credentials = (value or "").partition(" ")
+    if scheme.lower() == "bearer":
+        return credentials.strip() or None
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return decoded.partition(":")[2] or None
     return None
 
 

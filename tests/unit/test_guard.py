@@ -1,6 +1,7 @@
 """The HTTP guard (API key, body size limit) as ASGI middleware on a small FastAPI app."""
 from __future__ import annotations
 
+import base64
 import hashlib
 
 import pytest
@@ -45,6 +46,27 @@ def test_api_key_is_checked_except_on_exempt_paths():
     r = c.post("/v1/echo", content=b"x")
     assert r.headers["www-authenticate"] == "ApiKey" and "X-API-Key" in r.json()["message"]
     assert c.get("/healthz").status_code == 200
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_docs_need_the_key_and_ask_a_browser_for_it():
+    c = app_with("s3cret", None)
+    for path in ("/docs", "/openapi.json"):
+        r = c.get(path)
+        # HTTP Basic's challenge: a browser asks for the key and then sends it to the whole origin
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith('Basic realm="rayrec"'), path
+        assert c.get(path, headers=basic("anyone", "wrong")).status_code == 401
+        assert c.get(path, headers=basic("anyone", "s3cret")).status_code == 200
+        assert c.get(path, headers={"X-API-Key": "s3cret"}).status_code == 200
+    assert "/v1/echo" in c.get("/openapi.json", headers=basic("", "s3cret")).json()["paths"]
+    # Basic reaches the API as well (Swagger UI's "Try it out" from a browser that has the key)
+    assert c.post("/v1/echo", content=b"x", headers=basic("me", "s3cret")).status_code == 200
+    for bad in ("Basic !!!", "Basic " + base64.b64encode(b"no-colon").decode(), "Basic", "Bearer ", "Digest s3cret"):
+        assert c.post("/v1/echo", content=b"x", headers={"Authorization": bad}).status_code == 401, bad
+    assert c.get("/docs").status_code == 401 and app_with(None, None).get("/docs").status_code == 200
 
 
 @pytest.mark.parametrize("chunked", [False, True])
