@@ -528,82 +528,123 @@ def _copy_run(wd: Workdir, name: str) -> Workdir:
     return dst
 
 
-def _ingress_pids() -> set[str]:
-    """The ingress replicas' processes (Ray titles them `ray::ServeReplica:<app>:<deployment>`)."""
+def _replica_pids(deployment: str) -> set[str]:
+    """The processes of a deployment's replicas (Ray titles them `ray::ServeReplica:<app>:<deployment>`)."""
     import subprocess
 
-    from ray_apps.app import APP_NAME, INGRESS_NAME
+    from ray_apps.app import APP_NAME
 
-    out = subprocess.run(["pgrep", "-f", f"ServeReplica:{APP_NAME}:{INGRESS_NAME}"], capture_output=True, text=True)
+    out = subprocess.run(["pgrep", "-f", f"ServeReplica:{APP_NAME}:{deployment}"], capture_output=True, text=True)
     return set(out.stdout.split())
 
 
-def test_hot_reload_switches_runs_in_place_without_failed_requests(served):
-    """README's hot reload: `rayrec serve config`'s Serve config with the ingress's user_config
-    naming another run, deployed through the controller call that `serve deploy` ends in (the
-    dashboard's REST handler calls the same `deploy_apps`; these tests run Ray without a
-    dashboard). Requests keep coming throughout: while the app, deployed from Python by the
-    fixture, is rebuilt from the config (new replicas), then while the replicas switch runs in
-    place (no new replica process), and back."""
-    import threading
-    import time
+def _ingress_pids() -> set[str]:
+    from ray_apps.app import INGRESS_NAME
 
+    return _replica_pids(INGRESS_NAME)
+
+
+def _app_config(wd: Workdir, url: str, serving: Workdir, topology: str,
+                env: dict[str, str] | None = None) -> dict:
+    """`rayrec serve config`'s Serve config for the run `wd` answering from `serving` (the
+    ingress's user_config), on the tests' port, with `env` for the app's build and replicas."""
+    from ray_apps.app import serve_config
+
+    conf = serve_config(wd.root, "127.0.0.1", int(url.rsplit(":", 1)[1]), topology=topology)
+    (app,) = conf["applications"]
+    app["args"] |= BURST_ROOM
+    app["deployments"][0]["user_config"] = {"workdir": str(serving.root)}
+    if env:
+        app["runtime_env"] = {"env_vars": env}
+    return conf
+
+
+def _deploy(conf: dict) -> None:
+    """Deploy `conf` through the controller call that `serve deploy` ends in (the dashboard's REST
+    handler calls the same `deploy_apps`; these tests run Ray without a dashboard)."""
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    from ray_apps.app import serve_config
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(conf), _blocking=True)
 
-    wd, url = served
-    v2 = _copy_run(wd, "run-v2")
-    client = _get_global_client()
+
+def _hot_reload_round(wd: Workdir, url: str, topology: str, v2_name: str, headers: dict[str, str],
+                      env: dict[str, str] | None = None, rebuild: bool = True) -> None:
+    """Switch the served run to a copy of it named `v2_name` and back through the ingress's
+    user_config (in place), with three clients sending requests throughout; asserts none failed
+    and no replica was started by a switch. `rebuild`: first deploy the run from the Serve config
+    (for an app deployed from Python: a new code version, so new replicas), under the same load."""
+    import threading
+    import time
+
+    from ray_apps.app import INGRESS_NAME
+
+    v2 = _copy_run(wd, v2_name)
+    deployments = [INGRESS_NAME] + ([f"{s}_stage" for s in ("encoder", "retriever", "ranker")]
+                                    if topology == "split" else [])
 
     def deploy(serving: Workdir) -> None:
-        conf = serve_config(wd.root, "127.0.0.1", int(url.rsplit(":", 1)[1]))
-        (app,) = conf["applications"]
-        app["args"] |= BURST_ROOM
-        app["deployments"][0]["user_config"] = {"workdir": str(serving.root)}
-        client.deploy_apps(ServeDeploySchema.model_validate(conf), _blocking=True)
+        _deploy(_app_config(wd, url, serving, topology, env))
 
-    def answered_by(run: str, timeout_s: float = 60) -> None:
+    def answered_by(run: str, timeout_s: float = 90) -> None:
         n, deadline = len(seen), time.time() + timeout_s
         while time.time() < deadline and not (len(seen) > n and seen[-1] == run):
             time.sleep(0.05)
 
+    def pids() -> dict[str, set[str]]:
+        return {d: _replica_pids(d) for d in deployments}
+
     _, tx = _raw(wd)
     customers = tx["customer_id"].value_counts().index[:40].tolist()
     seen, failures, stop = [], [], threading.Event()
+    phase = ["rebuild"]  # what the failures happened during
 
     def hammer(first: int):
         # three clients, each with requests of many customers: some are mid-way (between their
-        # store reads) when a replica switches runs, and the rows are not all in a cache
-        with httpx.Client(timeout=30) as c:
+        # store reads, or their stage calls) when a replica switches runs, and the rows are not
+        # all in a cache
+        with httpx.Client(timeout=30, headers=headers) as c:
             i = first
             while not stop.is_set():
                 r = c.post(f"{url}/v1/recommend", json={"customer_id": customers[i % len(customers)], "k": 5})
-                (seen.append(r.json()["model"]["run"]) if r.status_code == 200 else failures.append(r.text))
+                (seen.append(r.json()["model"]["run"]) if r.status_code == 200
+                 else failures.append(f"{phase[-1]}: {r.status_code} {r.text[:200]}"))
                 i += 3
 
     threads = [threading.Thread(target=hammer, args=(j,)) for j in range(3)]
     for t in threads:
         t.start()
     try:
-        deploy(wd)  # from Python to the config: a new code version for Serve, so new replicas
+        if rebuild:
+            deploy(wd)  # from Python to the config: a new code version for Serve, so new replicas
         answered_by("e2e")
-        before = _ingress_pids()
+        before = pids()
+        phase.append("to v2")
         deploy(v2)
-        answered_by("run-v2")
-        after_v2 = _ingress_pids()
+        answered_by(v2_name)
+        after_v2 = pids()
+        phase.append("back")
         deploy(wd)
         answered_by("e2e")
-        time.sleep(0.5)  # requests that began on run-v2 have answered
-        after_back = _ingress_pids()
+        time.sleep(0.5)  # requests that began on v2 have answered
+        after_back = pids()
     finally:
         stop.set()
         for t in threads:
             t.join()
-    assert failures == []
-    assert seen[-1] == "e2e" and "run-v2" in seen
-    assert after_v2 and after_v2 <= before and after_back <= before, "the switch started new replicas"
+    assert failures == [], failures
+    assert seen[-1] == "e2e" and v2_name in seen
+    for d in deployments:
+        assert after_v2[d] and after_v2[d] <= before[d] and after_back[d] <= before[d], f"the switch started new {d}"
+
+
+def test_hot_reload_switches_runs_in_place_without_failed_requests(served):
+    """README's hot reload: `rayrec serve config`'s Serve config with the ingress's user_config
+    naming another run, deployed as `serve deploy` does. Requests keep coming throughout: while
+    the app, deployed from Python by the fixture, is rebuilt from the config (new replicas), then
+    while the replicas switch runs in place (no new replica process), and back."""
+    wd, url = served
+    _hot_reload_round(wd, url, "fused", "run-v2", {})
 
 
 def test_acknowledged_events_survive_replicas_killed_right_after_answering(served):
@@ -698,26 +739,28 @@ def test_acknowledged_events_survive_replicas_killed_right_after_answering(serve
 # fixtures give the bursts room, so that a refusal there is a bug.
 @pytest.fixture(scope="module")
 def served_split(served):
-    """The same run as the split topology (encoder, retriever, ranker deployments), with an API key."""
-    import os
+    """The same run as the split topology (encoder, retriever, ranker deployments), with an API
+    key, deployed from `rayrec serve config`'s Serve config as `serve deploy` does (the hot reload
+    test then changes only the user_config)."""
+    import time
 
     from ray import serve
 
-    from ray_apps.app import APP_NAME, build_app
+    from ray_apps.app import APP_NAME
 
     wd, url = served
-    os.environ["RAYREC_API_KEY"] = "e2e-secret-key"
-    try:
-        # a topology change is a new app: the fused replicas' CPUs are needed by the split graph
-        serve.delete(APP_NAME)
-        serve.run(build_app({"workdir": str(wd.root), "topology": "split", **BURST_ROOM}), name=APP_NAME,
-                  route_prefix="/", blocking=False)
-    finally:
-        os.environ.pop("RAYREC_API_KEY")
+    serve.delete(APP_NAME)  # a topology change is a new app: the fused replicas' CPUs are needed by the split graph
+    _deploy(_app_config(wd, url, wd, "split", SPLIT_ENV))
+    deadline = time.time() + 300
+    while (app := serve.status().applications.get(APP_NAME)) is None or app.status != "RUNNING":
+        assert app is None or app.status != "DEPLOY_FAILED", app
+        assert time.time() < deadline, app
+        time.sleep(0.5)
     return wd, url
 
 
 KEY = {"X-API-Key": "e2e-secret-key"}
+SPLIT_ENV = {"RAYREC_API_KEY": KEY["X-API-Key"]}  # read by build_app, in the app's build task
 
 
 def test_api_key_is_required_except_for_health_checks(served_split):
@@ -780,6 +823,14 @@ def test_split_topology_searches_and_takes_events(served_split):
     r = httpx.post(f"{url}/v1/events/batch", json={"events": [ev]}, headers=KEY, timeout=30)
     assert r.status_code == 200 and r.json()["results"][0]["applied"] is True, r.text
     assert top not in recommended()
+
+
+def test_hot_reload_switches_the_split_graph_in_place(served_split):
+    """The hot reload of the split topology: the ingress warms each stage on the new run before
+    it switches, the stages keep both runs while requests of either are between their calls.
+    The fixture deployed the graph from the same Serve config, so only the user_config changes."""
+    wd, url = served_split
+    _hot_reload_round(wd, url, "split", "run-v2-split", KEY, env=SPLIT_ENV, rebuild=False)
 
 
 @pytest.fixture(scope="module")
