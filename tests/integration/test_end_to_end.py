@@ -545,31 +545,45 @@ def _ingress_pids() -> set[str]:
 
 
 def _app_config(wd: Workdir, url: str, serving: Workdir, topology: str,
-                env: dict[str, str] | None = None) -> dict:
+                env: dict[str, str] | None = None, args: dict | None = None) -> dict:
     """`rayrec serve config`'s Serve config for the run `wd` answering from `serving` (the
-    ingress's user_config), on the tests' port, with `env` for the app's build and replicas."""
+    ingress's user_config), on the tests' port, with `env` for the app's build and replicas and
+    `args` for build_app."""
     from ray_apps.app import serve_config
 
     conf = serve_config(wd.root, "127.0.0.1", int(url.rsplit(":", 1)[1]), topology=topology)
     (app,) = conf["applications"]
-    app["args"] |= BURST_ROOM
+    app["args"] |= BURST_ROOM | (args or {})
     app["deployments"][0]["user_config"] = {"workdir": str(serving.root)}
     if env:
         app["runtime_env"] = {"env_vars": env}
     return conf
 
 
-def _deploy(conf: dict) -> None:
+def _deploy(conf: dict, timeout_s: float = 300) -> None:
     """Deploy `conf` through the controller call that `serve deploy` ends in (the dashboard's REST
-    handler calls the same `deploy_apps`; these tests run Ray without a dashboard)."""
+    handler calls the same `deploy_apps`; these tests run Ray without a dashboard), and wait
+    until the app runs it whole. (`deploy_apps(_blocking=True)` stops waiting after 60 s without
+    a word: a rebuild on a slow 2-core VM took longer, and a test then took a rollout still under
+    way for a switch that started replicas.)"""
+    import time
+
+    from ray import serve
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(conf), _blocking=True)
+    from ray_apps.app import APP_NAME
+
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(conf))  # the app is DEPLOYING on return
+    deadline = time.time() + timeout_s
+    while (app := serve.status().applications.get(APP_NAME)) is None or app.status != "RUNNING":
+        assert app is None or app.status != "DEPLOY_FAILED", app
+        assert time.time() < deadline, f"not running {timeout_s:.0f} s after the deploy: {app}"
+        time.sleep(0.2)
 
 
 def _hot_reload_round(wd: Workdir, url: str, topology: str, v2_name: str, headers: dict[str, str],
-                      env: dict[str, str] | None = None, rebuild: bool = True) -> None:
+                      env: dict[str, str] | None = None, rebuild: bool = True, args: dict | None = None) -> None:
     """Switch the served run to a copy of it named `v2_name` and back through the ingress's
     user_config (in place), with three clients sending requests throughout; asserts none failed
     and no replica was started by a switch. `rebuild`: first deploy the run from the Serve config
@@ -584,7 +598,7 @@ def _hot_reload_round(wd: Workdir, url: str, topology: str, v2_name: str, header
                                     if topology == "split" else [])
 
     def deploy(serving: Workdir) -> None:
-        _deploy(_app_config(wd, url, serving, topology, env))
+        _deploy(_app_config(wd, url, serving, topology, env, args))
 
     def answered_by(run: str, timeout_s: float = 90) -> None:
         n, deadline = len(seen), time.time() + timeout_s
@@ -644,7 +658,9 @@ def test_hot_reload_switches_runs_in_place_without_failed_requests(served):
     the app, deployed from Python by the fixture, is rebuilt from the config (new replicas), then
     while the replicas switch runs in place (no new replica process), and back."""
     wd, url = served
-    _hot_reload_round(wd, url, "fused", "run-v2", {})
+    # one replica: Serve's rolling update starts the new replicas one at a time, each 20-30 s on a
+    # slow 2-core VM, and this test's point is the switch under load, not the replica count
+    _hot_reload_round(wd, url, "fused", "run-v2", {}, args={"min_replicas": 1, "max_replicas": 1})
 
 
 def test_acknowledged_events_survive_replicas_killed_right_after_answering(served):
@@ -742,8 +758,6 @@ def served_split(served):
     """The same run as the split topology (encoder, retriever, ranker deployments), with an API
     key, deployed from `rayrec serve config`'s Serve config as `serve deploy` does (the hot reload
     test then changes only the user_config)."""
-    import time
-
     from ray import serve
 
     from ray_apps.app import APP_NAME
@@ -751,11 +765,6 @@ def served_split(served):
     wd, url = served
     serve.delete(APP_NAME)  # a topology change is a new app: the fused replicas' CPUs are needed by the split graph
     _deploy(_app_config(wd, url, wd, "split", SPLIT_ENV))
-    deadline = time.time() + 300
-    while (app := serve.status().applications.get(APP_NAME)) is None or app.status != "RUNNING":
-        assert app is None or app.status != "DEPLOY_FAILED", app
-        assert time.time() < deadline, app
-        time.sleep(0.5)
     return wd, url
 
 
@@ -842,8 +851,9 @@ def served_fused_batched(served_split):
 
     wd, url = served_split
     serve.delete(APP_NAME)
-    serve.run(build_app({"workdir": str(wd.root), "fused_calls": "batched", **BURST_ROOM}), name=APP_NAME,
-              route_prefix="/", blocking=False)
+    # one replica: the burst's requests meet in its batches, and it starts in half the CPU time of two
+    serve.run(build_app({"workdir": str(wd.root), "fused_calls": "batched", "min_replicas": 1, "max_replicas": 1,
+                         **BURST_ROOM}), name=APP_NAME, route_prefix="/", blocking=False)
     return wd, url
 
 
