@@ -611,7 +611,7 @@ def _hot_reload_round(wd: Workdir, url: str, topology: str, v2_name: str, header
     _, tx = _raw(wd)
     customers = tx["customer_id"].value_counts().index[:40].tolist()
     seen, failures, stop = [], [], threading.Event()
-    phase = ["rebuild"]  # what the failures happened during
+    phase = ["rebuild" if rebuild else "before the switch"]  # what the failures happened during
 
     def hammer(first: int):
         # three clients, each with requests of many customers: some are mid-way (between their
