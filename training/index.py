@@ -1,7 +1,7 @@
 """The item index: Ray Data embeds every article into a versioned LanceDB table.
 
 Build (`build_index`): Ray Data reads the articles feature group, runs the item tower (and
-all-MiniLM-L6-v2 over the article text) in `map_batches` actor pools, and streams the rows
+all-MiniLM-L6-v2 over the article text) in one `map_batches` actor pool, and streams the rows
 into the `articles` table in one commit. Then it adds the indexes: scalar indexes on the
 filter attributes, full-text (BM25) indexes on prod_name and detail_desc, and, from
 ANN_MIN_ROWS rows on, an ANN index whose parameters come from the table size and whose
@@ -553,6 +553,22 @@ class TextVectorizer:
         return batch.append_column(pa.field(TEXT_VECTOR_COLUMN, col.type), col)
 
 
+class ItemRowBuilder:
+    """Callable for Ray Data `map_batches`: the index rows of a batch of articles, item vector and
+    (with `text`) MiniLM vector, in one actor. One actor instead of one per model: each actor is a
+    process that imports torch and loads its model (about 5 s on 2 cores), which for a small catalogue
+    costs more than the embedding itself."""
+
+    def __init__(self, model_dir: str, price_edges: Sequence[float] | None = None,
+                 columns: IndexColumns = HM_INDEX, text: bool = True, threads: int = 2):
+        self.items = ItemEmbedder(model_dir, price_edges, columns)
+        self.text = TextVectorizer(threads, columns) if text else None
+
+    def __call__(self, batch: pd.DataFrame) -> pa.Table:
+        rows = self.items(batch)
+        return self.text(rows) if self.text is not None else rows
+
+
 @dataclass(frozen=True)
 class IndexBuild:
     uri: str
@@ -581,12 +597,10 @@ def build_index(articles_path: Path, model_dir: Path, uri: str | Path, progress:
     ds = ray.data.read_parquet(str(articles_path))
     # Fractional CPUs: on a 2-CPU node a 1-CPU actor starves Ray Data's read tasks (STACK.md).
     text = text and columns.text != ()
-    ds = ds.map_batches(ItemEmbedder, fn_constructor_args=(str(model_dir), price_edges, columns),
-                        batch_format="pandas",
-                        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
-    if text:
-        ds = ds.map_batches(TextVectorizer, fn_constructor_args=(2, columns), batch_format="pyarrow", batch_size=256,
-                            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
+    ds = ds.map_batches(ItemRowBuilder, fn_constructor_args=(str(model_dir), price_edges, columns, text),
+                        # MiniLM is ~100x slower per row than the item tower: smaller batches keep progress moving
+                        batch_format="pandas", batch_size=min(batch_size, 512) if text else batch_size,
+                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
     counter = {"n": 0}
     batches = _stream(ds, counter, t0, say)
     first = next(batches, None)
