@@ -27,7 +27,10 @@ LINK_DIR = Path("/tmp")  # not $TMPDIR, which can be long (macOS)
 # 3-report fit whose worker imports the two-tower module took 14.7-20.1 s on the 2-core machine
 # instead of 20.8-26.4 (docs/scaling.md F40); a pipeline run has four fits. A poll is one small
 # actor call per worker, and one that misses is awaited in the next round, not failed.
-RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+# Train's preemption watcher, one more actor process per fit, only logs drained nodes (spot
+# preemption), which a local one-node Ray never has: without it a tiny 2-member ensemble fit took
+# 24.3-26.7 s instead of 27.8-29.6 (docs/scaling.md F47).
+RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def use_train_env() -> None:

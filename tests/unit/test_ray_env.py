@@ -131,6 +131,7 @@ def test_a_local_training_ray_has_train_poll_often_unless_the_user_said_otherwis
         monkeypatch.delenv(name, raising=False)
     ray_env.use_train_env()
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.2"
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"  # a local Ray's node is never drained
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.5")
     ray_env.use_train_env()
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1.5"
