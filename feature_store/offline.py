@@ -5,11 +5,15 @@
         _commits/000001.json                    one marker per insert: its files, rows, time range
         event_date=2020-09-01/part-c000001.parquet
         _staging/c000002/...                    an insert in progress (invisible)
+        _staging/c000002/pending.json           ... complete, its online write under way
 
-An insert is one commit: its rows are written to `_staging/`, then (after the online write
-succeeded) moved into the date partitions, and the commit marker is written last with an atomic
-rename. Readers here read only files named by a marker, so a failed or interrupted insert is
-never seen; files of a commit without a marker are removed by the next insert (`vacuum`). The
+An insert is one commit: its rows are written to `_staging/` and recorded there as complete
+(`prepare`), then (after the online write succeeded) moved into the date partitions, and the
+commit marker is written last with an atomic rename. Readers here read only files named by a
+marker, so a failed or interrupted insert is never seen. A process that dies after `prepare`
+leaves a `pending` commit, which the feature store publishes or removes depending on whether its
+online write committed (feature_store.store); files of a commit without a marker are removed by
+the next insert (`vacuum`). The
 folder stays a plain hive-partitioned Parquet dataset for pandas, pyarrow and Ray Data (which
 skip `_`-prefixed paths and non-.parquet files).
 
@@ -90,6 +94,9 @@ def to_micros(times: pd.Series) -> np.ndarray:
     return times.astype(TIME_UNIT).to_numpy().astype("int64")
 
 
+PENDING_FILE = "pending.json"
+
+
 @dataclass
 class StagedCommit:
     commit: int
@@ -163,7 +170,7 @@ class OfflineTable:
     def stage(self, frame: pd.DataFrame, times: pd.Series, commit: int) -> StagedCommit:
         """Write the commit's files under `_staging/` (invisible to every reader)."""
         table = self.to_arrow(frame, times, commit)
-        stage = self.staging_dir / f"c{commit:06d}"
+        stage = self._stage_dir(commit)
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir(parents=True)
         # one file per event date: order the rows by day (stable), then slice each day's run
@@ -191,21 +198,47 @@ class OfflineTable:
         }
         return StagedCommit(commit, files, meta)
 
+    def prepare(self, staged: StagedCommit, extra: dict[str, Any] | None = None) -> None:
+        """Record a staged commit as complete (its files, its marker's content plus `extra`) before
+        the online write, so that recovery can still publish it if this process dies after that
+        write committed (`pending`)."""
+        staged.meta.update(extra or {})
+        moves = [[str(src.relative_to(self.root)), str(dst.relative_to(self.root))] for src, dst in staged.files]
+        atomic_write_text(self._stage_dir(staged.commit) / PENDING_FILE,
+                          json.dumps({**staged.meta, "moves": moves}, indent=1))
+
+    def pending(self) -> list[StagedCommit]:
+        """The commits `prepare` recorded that were neither published nor aborted: left by a
+        process that died during an insert."""
+        out = []
+        for path in sorted(self.staging_dir.glob(f"c*/{PENDING_FILE}")) if self.staging_dir.is_dir() else []:
+            meta = json.loads(path.read_text())
+            files = [(self.root / src, self.root / dst) for src, dst in meta.pop("moves")]
+            out.append(StagedCommit(int(meta["commit"]), files, meta))
+        return out
+
+    def _stage_dir(self, commit: int) -> Path:
+        return self.staging_dir / f"c{commit:06d}"
+
     def publish(self, staged: StagedCommit, extra: dict[str, Any] | None = None) -> None:
-        """Move the files into their partitions, then write the marker (the visibility point)."""
+        """Move the files into their partitions, then write the marker (the visibility point).
+        A file already moved (by a publish that died half-way) is left where it is."""
         for src, dst in staged.files:
+            if not src.exists() and dst.exists():
+                continue
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, dst)
         self.commits_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.commits_dir / f"{staged.commit:06d}.json",
                           json.dumps({**staged.meta, **(extra or {})}, indent=1))
-        shutil.rmtree(self.staging_dir / f"c{staged.commit:06d}", ignore_errors=True)
+        shutil.rmtree(self._stage_dir(staged.commit), ignore_errors=True)
 
     def abort(self, staged: StagedCommit) -> None:
-        shutil.rmtree(self.staging_dir / f"c{staged.commit:06d}", ignore_errors=True)
+        shutil.rmtree(self._stage_dir(staged.commit), ignore_errors=True)
 
     def vacuum(self) -> list[Path]:
-        """Remove staged files and published files of commits without a marker (crashed inserts)."""
+        """Remove staged files and published files of commits without a marker (crashed inserts;
+        the feature store settles `pending` commits first)."""
         shutil.rmtree(self.staging_dir, ignore_errors=True)
         committed = {c["commit"] for c in self.commits()}
         removed = []

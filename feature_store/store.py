@@ -10,7 +10,11 @@
 An insert validates first (feature_store.validation): with policy "strict" any failed rule
 rejects the batch before anything is written. It then stages the Parquet files, writes the
 online rows in ONE transaction, and publishes the offline commit last, so a failed insert
-leaves neither store changed. Online, a key's row is replaced only by a row with an event time
+leaves neither store changed. The online transaction also writes the commit's marker row (table
+`fs_offline_commits`): when a process dies between that transaction and the publish, the next
+insert into the version (or the next `get_feature_group` of it) finds the staged commit, sees
+its marker online and publishes it, or, with no marker, removes it (`FeatureGroupVersion.recover`).
+Either way both stores hold the batch or neither does. Online, a key's row is replaced only by a row with an event time
 >= the stored one (`OnlineStore.write_batch(newer_column=...)`), so late-arriving rows never
 overwrite newer ones and every online row equals the latest offline row of its key.
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +54,12 @@ REGISTRY = TableSpec(
     {"table_name": "string", "group_name": "string", "version": "int64", "definition": "json", "created_us": "int64"},
 )
 META_FILE = "_meta.json"
+# One row per insert, written in the insert's online transaction: recovery's proof that it committed.
+COMMITS = TableSpec(
+    "fs_offline_commits",
+    "commit_id",
+    {"commit_id": "string", "table_name": "string", "commit_no": "int64", "written_us": "int64"},
+)
 
 
 def _codable_values(group: FeatureGroup, columns: Sequence[list[Any]]) -> list[str]:
@@ -90,6 +101,23 @@ class OnlineTable:
 
 _TABLES: weakref.WeakKeyDictionary[OnlineStore, dict[str, OnlineTable]] = weakref.WeakKeyDictionary()
 _DICTIONARIES: weakref.WeakKeyDictionary[OnlineStore, Dictionary] = weakref.WeakKeyDictionary()
+_COMMIT_TABLE_MADE: weakref.WeakSet[OnlineStore] = weakref.WeakSet()
+
+
+def commit_marker(store: OnlineStore, table_name: str, commit: int) -> dict[str, Any]:
+    """A new marker row for an insert's online transaction (its table created once per store)."""
+    if store not in _COMMIT_TABLE_MADE:
+        store.ensure_table(COMMITS)
+        _COMMIT_TABLE_MADE.add(store)
+    return {"commit_id": uuid.uuid4().hex, "table_name": table_name, "commit_no": int(commit),
+            "written_us": int(datetime.now(UTC).timestamp() * 1e6)}
+
+
+def marker_stored(store: OnlineStore, commit_id: str) -> bool:
+    try:
+        return bool(store.read_batch(COMMITS, [commit_id], ["commit_id"]))
+    except TableNotFound:
+        return False
 
 
 def store_dictionary(store: OnlineStore) -> Dictionary:
@@ -343,16 +371,43 @@ class FeatureGroupVersion:
         if self.online_enabled and self.spec.name not in _TABLES.get(self.fs.online, {}):
             register_online_table(self.fs.online, self.group, self.version)  # e.g. a new online database
         with self.offline.locked():
+            self._settle_pending()
             self.offline.vacuum()
             commit = self.offline.next_commit()
             staged = self.offline.stage(frame, times, commit)
+            marker = commit_marker(self.fs.online, self.spec.name, commit) if rows else None
+            self.offline.prepare(staged, {"validation": report.to_dict(),
+                                          "online_marker": marker["commit_id"] if marker else None})
             try:
-                sent = self.fs.online.write_batch(self.spec, rows, newer_column=ONLINE_TIME_COLUMN) if rows else 0
+                sent = self.fs.online.write_batch(self.spec, rows, newer_column=ONLINE_TIME_COLUMN,
+                                                  marker=(COMMITS, marker)) if marker else 0
             except BaseException:
                 self.offline.abort(staged)
                 raise
-            self.offline.publish(staged, {"online_rows": sent, "validation": report.to_dict()})
+            self.offline.publish(staged, {"online_rows": sent})
         return InsertResult(self.name, self.version, commit, len(frame), sent, report)
+
+    def recover(self) -> list[int]:
+        """Settle the commits an insert left staged when its process died (`OfflineTable.pending`):
+        publish those whose online transaction committed, remove the others. Returns the numbers
+        of the commits published. Inserts do this first; `FeatureStore.get_feature_group` too."""
+        with self.offline.locked():
+            return self._settle_pending()
+
+    def _settle_pending(self) -> list[int]:
+        published = []
+        for staged in self.offline.pending():
+            marker = staged.meta.get("online_marker")
+            if marker is not None and self.fs.online is None:
+                raise RuntimeError(f"{self!r} has commit {staged.commit}, left by an insert that did not finish, "
+                                   "whose online write only its online store can confirm: open the feature store "
+                                   "with that store")
+            if marker is not None and marker_stored(self.fs.online, marker):
+                self.offline.publish(staged, {"recovered_at": datetime.now(UTC).isoformat(timespec="seconds")})
+                published.append(staged.commit)
+            else:
+                self.offline.abort(staged)
+        return published
 
     def _online_rows(self, frame: pd.DataFrame, times: pd.Series) -> list[dict[str, Any]]:
         g = self.group
@@ -534,7 +589,10 @@ class FeatureStore:
         if not meta.is_file():
             raise LookupError(f"feature group {name!r} has no version {version} (versions: {versions})")
         group = FeatureGroup.from_dict(json.loads(meta.read_text())["group"])
-        return FeatureGroupVersion(self, group, version)
+        fgv = FeatureGroupVersion(self, group, version)
+        if self.online is not None and fgv.offline.pending():  # an insert died: readers see its outcome
+            fgv.recover()
+        return fgv
 
     def get_or_create_feature_group(self, group: FeatureGroup, version: int) -> FeatureGroupVersion:
         try:

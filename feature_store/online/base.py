@@ -305,7 +305,8 @@ class OnlineStore(ABC):
 
     @abstractmethod
     def write_batch(
-        self, spec: TableSpec, rows: list[dict[str, Any]], *, newer_column: str | None = None
+        self, spec: TableSpec, rows: list[dict[str, Any]], *, newer_column: str | None = None,
+        marker: tuple[TableSpec, dict[str, Any]] | None = None,
     ) -> int:
         """Upsert whole rows in ONE transaction: all rows are written or none.
 
@@ -316,8 +317,11 @@ class OnlineStore(ABC):
             newer_column: an int64 column (e.g. the event time); when given, a row replaces a
                 stored row only if its value is >= the stored one (NULL counts as oldest), and
                 within the batch the row with the largest value wins (ties: the later row).
+            marker: (spec, row), one more row upserted in the same transaction, even when `rows`
+                is empty: finding it later proves that the batch committed (the feature store's
+                crash recovery reads it).
         Returns:
-            The number of rows written (an empty list sends nothing and returns 0).
+            The number of rows written (an empty list and no marker sends nothing and returns 0).
         Raises:
             ValueError: a row lacks the key, has an unknown column or a value of the wrong type;
                 the message names the row index and the column. Nothing is written.
@@ -493,19 +497,25 @@ class InMemoryOnlineStore(OnlineStore):
             check_compatible(spec, dict(existing[0].columns), existing[0].key)
 
     def write_batch(
-        self, spec: TableSpec, rows: list[dict[str, Any]], *, newer_column: str | None = None
+        self, spec: TableSpec, rows: list[dict[str, Any]], *, newer_column: str | None = None,
+        marker: tuple[TableSpec, dict[str, Any]] | None = None,
     ) -> int:
         newer = check_newer_column(spec, newer_column)
         prepared = prepare_rows(spec, rows)
         if newer is not None:
             prepared = latest_per_key(spec, prepared, newer)
-        if not prepared:
+        marked = (marker[0], prepare_rows(marker[0], [marker[1]])) if marker is not None else None
+        if not prepared and marked is None:
             return 0
         with self._lock:
             self._check_open()
             self._table(spec)
+            if marked is not None:
+                self._table(marked[0])
             self._statements += 1
             self._upsert(spec, prepared, newer)
+            if marked is not None:
+                self._upsert(*marked)
         return len(prepared)
 
     def _upsert(self, spec: TableSpec, prepared: list[tuple[Any, ...]], newer: int | None = None) -> None:

@@ -488,13 +488,16 @@ class MySQLOnlineStore(OnlineStore):
         self._run(op)
 
     def write_batch(
-        self, spec: TableSpec, rows: list[dict[str, Any]], *, newer_column: str | None = None
+        self, spec: TableSpec, rows: list[dict[str, Any]], *, newer_column: str | None = None,
+        marker: tuple[TableSpec, dict[str, Any]] | None = None,
     ) -> int:
         newer = check_newer_column(spec, newer_column)
         prepared = prepare_rows(spec, rows)  # validates everything before any SQL is sent
         if newer is not None:
             prepared = latest_per_key(spec, prepared, newer)
-        if not prepared:
+        # the marker is an upsert too: a retry after a commit whose answer was lost writes it again
+        marked = (_upsert_sql(marker[0], None), prepare_rows(marker[0], [marker[1]])[0]) if marker else None
+        if not prepared and marked is None:
             return 0
         sql = _upsert_sql(spec, newer_column)
         step = self._chunk_size
@@ -503,6 +506,8 @@ class MySQLOnlineStore(OnlineStore):
             with conn.cursor() as cur:
                 for i in range(0, len(prepared), step):
                     cur.executemany(sql, prepared[i : i + step])
+                if marked is not None:
+                    cur.execute(*marked)
             return True
 
         self._run(lambda conn: _in_transaction(conn, upsert))

@@ -129,6 +129,52 @@ def test_a_batch_interrupted_by_a_killed_connection_is_not_half_visible(fs, mari
         admin.close()
 
 
+DIE_AFTER_ONLINE_COMMIT = """
+import os, sys
+import pandas as pd
+from common.config import DatabaseConfig
+from common.workdir import Workdir
+from feature_store import offline
+from feature_store.online.mysql import MySQLOnlineStore
+from feature_store.store import FeatureStore
+
+root, cfg_json, name, frame_path = sys.argv[1:5]
+store = MySQLOnlineStore.from_config(DatabaseConfig.model_validate_json(cfg_json), os.environ["FS_TEST_DB_PASSWORD"])
+fgv = FeatureStore(Workdir.at(root), store).get_feature_group(name, 1)
+offline.OfflineTable.publish = lambda *args, **kwargs: os._exit(3)  # the process dies right after the online commit
+fgv.insert(pd.read_pickle(frame_path))
+"""
+
+
+def test_an_insert_whose_process_died_after_the_online_commit_lands_in_both_stores(fs, mariadb, tmp_path):
+    """A real process death between the online transaction and the offline publish: the next
+    reader finds the staged commit, sees its marker in MariaDB and publishes it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fgv = fs.create_feature_group(_group(unique("died")))
+    fgv.insert(_frame(["a", "b"], [1.0, 2.0], ["2020-01-01", "2020-01-01"]))
+    batch = tmp_path / "batch.pkl"
+    _frame(["a", "c"], [3.0, 4.0], ["2020-01-02", "2020-01-03"]).to_pickle(batch)
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", DIE_AFTER_ONLINE_COMMIT, str(fs.wd.root), mariadb.cfg.model_dump_json(),
+                           fgv.name, str(batch)], cwd=repo, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "FS_TEST_DB_PASSWORD": mariadb.password, "PYTHONPATH": str(repo)})
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert {k: r["price"] for k, r in fgv.read_online(["a", "b", "c"]).items()} == {"a": 3.0, "b": 2.0, "c": 4.0}
+    assert len(fgv.offline.commits()) == 1 and [c.commit for c in fgv.offline.pending()] == [2]
+    other = MySQLOnlineStore.from_config(mariadb.cfg, mariadb.password)
+    try:
+        fresh = FeatureStore(fs.wd, other).get_feature_group(fgv.name, fgv.version)
+        assert [c["commit"] for c in fresh.offline.commits()] == [1, 2] and fresh.offline.pending() == []
+        assert sorted(fresh.read()["price"]) == [1.0, 2.0, 3.0, 4.0]
+        assert assert_consistent(fresh).keys() == {"a", "b", "c"}
+    finally:
+        other.close()
+
+
 def test_quotes_semicolons_and_sql_keywords_round_trip_verbatim(fs):
     fgv = fs.create_feature_group(_group(unique("tricky")))
     keys = [f"k{i}{t[:40]}" for i, t in enumerate(TRICKY)]

@@ -432,6 +432,19 @@ def test_conditional_upsert_keeps_newer_rows(store: OnlineStore) -> None:
         store.write_batch(spec, [{"k": "a", "ts": 1}], newer_column="v")
 
 
+def test_a_marker_row_commits_with_its_batch_or_not_at_all(store: OnlineStore) -> None:
+    spec = make_spec(store, "marked", columns={"id": "int64", "n": "int64"})
+    markers = make_spec(store, "markers", key="m", columns={"m": "string", "n": "int64"})
+    assert store.write_batch(spec, [{"id": 1, "n": 1}, {"id": 2, "n": 2}], marker=(markers, {"m": "one", "n": 2})) == 2
+    assert store.read_batch(markers, ["one"]) == {"one": {"m": "one", "n": 2}}
+    assert store.write_batch(spec, [], marker=(markers, {"m": "empty", "n": 0})) == 0  # written all the same
+    assert store.write_batch(spec, [{"id": 1, "n": 9}], marker=(markers, {"m": "one", "n": 1})) == 1  # a retry
+    assert store.read_batch(markers, ["one", "empty"]) == {"one": {"m": "one", "n": 1}, "empty": {"m": "empty", "n": 0}}
+    with pytest.raises(ValueError, match="n"):  # a bad marker: nothing of the batch either
+        store.write_batch(spec, [{"id": 3, "n": 3}], marker=(markers, {"m": "bad", "n": "x"}))
+    assert store.read_batch(spec, [3]) == {} and store.read_batch(markers, ["bad"]) == {}
+
+
 def test_table_stats(store: OnlineStore) -> None:
     spec = make_spec(store, "stats", key="k", columns=PACKED)
     assert store.table_stats(spec, "ts") == {"rows": 0, "max": None}

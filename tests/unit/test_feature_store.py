@@ -73,7 +73,7 @@ def test_manifest_round_trip_and_missing_manifest_message(tmp_path):
 
 # --- feature groups: versions, inserts, online/offline consistency ------------------------------
 
-from feature_store.offline import latest_per_key  # noqa: E402
+from feature_store.offline import OfflineTable, latest_per_key  # noqa: E402
 from feature_store.online.base import OnlineStore  # noqa: E402
 from feature_store.schema import Feature, FeatureGroup  # noqa: E402
 from feature_store.store import to_online_rows  # noqa: E402
@@ -130,10 +130,10 @@ def test_versions_coexist_with_their_own_schema(tmp_path):
 
 
 class FailingWrites(InMemoryOnlineStore):
-    def write_batch(self, spec, rows, *, newer_column=None):
+    def write_batch(self, spec, rows, *, newer_column=None, marker=None):
         if spec.name.startswith("fg_"):
             raise ConnectionError("lost the connection mid-write")
-        return super().write_batch(spec, rows, newer_column=newer_column)
+        return super().write_batch(spec, rows, newer_column=newer_column, marker=marker)
 
 
 def test_a_failed_online_write_leaves_the_offline_store_unchanged(tmp_path):
@@ -143,6 +143,89 @@ def test_a_failed_online_write_leaves_the_offline_store_unchanged(tmp_path):
         fgv.insert(_prices(["a"], [1.0], ["2020-01-01"]))
     assert fgv.offline.commits() == [] and fgv.read().empty
     assert not list(fgv.root.glob("event_date=*/*.parquet")) and not list(fgv.root.glob("_staging/*"))
+
+
+class Died(BaseException):
+    """The process dying at that point: nothing after it runs, no clean-up either."""
+
+
+def _die(*args, **kwargs):
+    raise Died
+
+
+def _two_inserts_the_second_dying(tmp_path, monkeypatch, *where: str):
+    """A version with one commit, then an insert that dies at `where` (OfflineTable methods, or
+    "write" for the online write); the test's patches are undone before this returns."""
+    online = InMemoryOnlineStore()
+    fs = FeatureStore(Workdir.at(tmp_path), online)
+    fgv = fs.create_feature_group(PRICES)
+    fgv.insert(_prices(["a", "b"], [1.0, 2.0], ["2020-01-01", "2020-01-01"]))
+    for name in where:
+        if name == "write":
+            monkeypatch.setattr(online, "write_batch", _die)
+        else:
+            monkeypatch.setattr(OfflineTable, name, lambda *a, **k: None if name == "abort" else _die())
+    with pytest.raises(Died):
+        fgv.insert(_prices(["a", "c"], [5.0, 6.0], ["2020-01-02", "2020-01-03"]))
+    monkeypatch.undo()
+    return fs, fgv
+
+
+def test_an_insert_that_died_after_its_online_commit_is_published_by_the_next_open(tmp_path, monkeypatch):
+    fs, fgv = _two_inserts_the_second_dying(tmp_path, monkeypatch, "publish")
+    assert {k: r["price"] for k, r in fgv.read_online(["a", "b", "c"]).items()} == {"a": 5.0, "b": 2.0, "c": 6.0}
+    assert [c["commit"] for c in fgv.offline.commits()] == [1]  # online holds the batch, offline not yet
+    assert [c.commit for c in fgv.offline.pending()] == [2]
+    fresh = FeatureStore(fs.wd, fs.online).get_feature_group("prices", 1)  # a reader settles it
+    commits = fresh.offline.commits()
+    assert [c["commit"] for c in commits] == [1, 2] and "recovered_at" in commits[1]
+    assert commits[1]["rows"] == 2 and commits[1]["validation"]["ok"]
+    assert fresh.offline.pending() == [] and not list(fresh.root.glob("_staging/*"))
+    assert sorted(fresh.read()["price"]) == [1.0, 2.0, 5.0, 6.0]
+    assert_online_equals_latest_offline(fresh)
+    assert fresh.insert(_prices(["d"], [7.0], ["2020-01-04"])).commit == 3
+
+
+def test_an_insert_that_died_during_its_online_write_is_removed_by_the_next_insert(tmp_path, monkeypatch):
+    fs, fgv = _two_inserts_the_second_dying(tmp_path, monkeypatch, "write", "abort")
+    assert [c.commit for c in fgv.offline.pending()] == [2]  # staged, no marker online
+    result = fgv.insert(_prices(["d"], [7.0], ["2020-01-04"]))
+    assert result.commit == 2 and fgv.offline.pending() == []
+    assert sorted(fgv.read()["price"]) == [1.0, 2.0, 7.0]  # the dead insert's rows nowhere
+    assert_online_equals_latest_offline(fgv)
+    assert fgv.fs.online.table_stats(fgv.spec)["rows"] == 3
+
+
+def test_a_publish_that_died_half_way_is_finished(tmp_path, monkeypatch):
+    from feature_store import offline
+
+    moves = {"n": 0}
+    real_replace = offline.os.replace
+
+    def replace_once(src, dst):
+        if str(dst).endswith("part-c000002.parquet"):
+            moves["n"] += 1
+            if moves["n"] == 2:  # the batch has two event dates: one file moved, then death
+                raise Died
+        real_replace(src, dst)
+
+    monkeypatch.setattr(offline.os, "replace", replace_once)
+    fs, fgv = _two_inserts_the_second_dying(tmp_path, monkeypatch)
+    assert len(list(fgv.root.glob("event_date=*/part-c000002.parquet"))) == 1
+    assert sorted(fgv.read()["price"]) == [1.0, 2.0]  # a file without its marker is not read
+    assert fgv.recover() == [2]
+    assert len(list(fgv.root.glob("event_date=*/part-c000002.parquet"))) == 2
+    assert sorted(fgv.read()["price"]) == [1.0, 2.0, 5.0, 6.0]
+    assert_online_equals_latest_offline(fgv)
+
+
+def test_a_pending_commit_needs_the_online_store_to_settle(tmp_path, monkeypatch):
+    fs, fgv = _two_inserts_the_second_dying(tmp_path, monkeypatch, "publish")
+    offline_only = FeatureStore(fs.wd).get_feature_group("prices", 1)  # opens, settles nothing
+    assert [c.commit for c in offline_only.offline.pending()] == [2]
+    with pytest.raises(RuntimeError, match="commit 2, left by an insert that did not finish"):
+        offline_only.recover()
+    assert [c.commit for c in offline_only.offline.pending()] == [2]
 
 
 def test_describe_lists_versions_rows_and_freshness(tmp_path):
