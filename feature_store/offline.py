@@ -97,6 +97,14 @@ def to_micros(times: pd.Series) -> np.ndarray:
 PENDING_FILE = "pending.json"
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class StagedCommit:
     commit: int
@@ -203,6 +211,10 @@ class OfflineTable:
         the online write, so that recovery can still publish it if this process dies after that
         write committed (`pending`)."""
         staged.meta.update(extra or {})
+        for src, _ in staged.files:  # on disk before the record that lets recovery publish them
+            _fsync(src)
+        for folder in {src.parent for src, _ in staged.files}:
+            _fsync(folder)
         moves = [[str(src.relative_to(self.root)), str(dst.relative_to(self.root))] for src, dst in staged.files]
         atomic_write_text(self._stage_dir(staged.commit) / PENDING_FILE,
                           json.dumps({**staged.meta, "moves": moves}, indent=1))

@@ -164,7 +164,7 @@ def _two_inserts_the_second_dying(tmp_path, monkeypatch, *where: str):
         if name == "write":
             monkeypatch.setattr(online, "write_batch", _die)
         else:
-            monkeypatch.setattr(OfflineTable, name, lambda *a, **k: None if name == "abort" else _die())
+            monkeypatch.setattr(OfflineTable, name, (lambda *a, **k: None) if name == "abort" else _die)
     with pytest.raises(Died):
         fgv.insert(_prices(["a", "c"], [5.0, 6.0], ["2020-01-02", "2020-01-03"]))
     monkeypatch.undo()
