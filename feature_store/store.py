@@ -14,9 +14,13 @@ leaves neither store changed. The online transaction also writes the commit's ma
 `fs_offline_commits`): when a process dies between that transaction and the publish, the next
 insert into the version (or the next `get_feature_group` of it) finds the staged commit, sees
 its marker online and publishes it, or, with no marker, removes it (`FeatureGroupVersion.recover`).
-Either way both stores hold the batch or neither does. Online, a key's row is replaced only by a row with an event time
->= the stored one (`OnlineStore.write_batch(newer_column=...)`), so late-arriving rows never
-overwrite newer ones and every online row equals the latest offline row of its key.
+A write that fails is settled the same way at once: a transaction whose answer was lost with the
+connection committed, and the insert succeeds; when the store cannot be asked, the commit waits
+for the next insert or open. Either way both stores hold the batch or neither does.
+
+Online, a key's row is replaced only by a row with an event time >= the stored one
+(`OnlineStore.write_batch(newer_column=...)`), so late-arriving rows never overwrite newer ones
+and every online row equals the latest offline row of its key.
 
 Online rows are packed (feature_store.codec): the table holds the key, the event time in
 microseconds and one VARBINARY value. The group definition of each online table is registered
@@ -360,7 +364,8 @@ class FeatureGroupVersion:
         Raises:
             ValidationFailed: policy "strict" and a rule failed (nothing was written).
             ValueError: a required column is missing.
-            ConnectionError: the online write failed (nothing was written).
+            ConnectionError: the online write failed (nothing was written; where the store could
+                not say whether it committed, the next insert or open settles it).
         """
         check_policy(validation)
         report, frame = validate(self.group, prepare_frame(self.group, frame, event_time), validation)
@@ -381,11 +386,27 @@ class FeatureGroupVersion:
             try:
                 sent = self.fs.online.write_batch(self.spec, rows, newer_column=ONLINE_TIME_COLUMN,
                                                   marker=(COMMITS, marker)) if marker else 0
-            except BaseException:
-                self.offline.abort(staged)
-                raise
+            except BaseException as error:
+                outcome = self._failed_write_outcome(marker, error)
+                if outcome == "unknown":
+                    raise  # the commit stays pending: the next insert or open settles it
+                if outcome == "absent":
+                    self.offline.abort(staged)
+                    raise
+                sent = len(rows)  # it committed; only the answer was lost (rows before the per-key dedup)
             self.offline.publish(staged, {"online_rows": sent})
         return InsertResult(self.name, self.version, commit, len(frame), sent, report)
+
+    def _failed_write_outcome(self, marker: dict[str, Any] | None, error: BaseException) -> str:
+        """What a failed online write did: "absent" (nothing committed), "committed" (the
+        transaction went through and the connection lost its answer: the marker is there) or
+        "unknown" (the store cannot be asked now)."""
+        if marker is None or isinstance(error, ValueError):  # refused before any SQL was sent
+            return "absent"
+        try:
+            return "committed" if marker_stored(self.fs.online, marker["commit_id"]) else "absent"
+        except Exception:  # noqa: BLE001 - the store is down: recovery asks again later
+            return "unknown"
 
     def recover(self) -> list[int]:
         """Settle the commits an insert left staged when its process died (`OfflineTable.pending`):

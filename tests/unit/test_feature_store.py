@@ -228,6 +228,42 @@ def test_a_pending_commit_needs_the_online_store_to_settle(tmp_path, monkeypatch
     assert [c.commit for c in offline_only.offline.pending()] == [2]
 
 
+class LostAnswers(InMemoryOnlineStore):
+    """Commits a feature group's batch, then loses the connection before the answer; with
+    `down`, reads fail too (the store cannot be asked whether it committed)."""
+
+    down = False
+
+    def write_batch(self, spec, rows, *, newer_column=None, marker=None):
+        n = super().write_batch(spec, rows, newer_column=newer_column, marker=marker)
+        if spec.name.startswith("fg_"):
+            raise ConnectionError("lost the connection after COMMIT")
+        return n
+
+    def read_batch(self, spec, keys, columns=None):
+        if self.down:
+            raise ConnectionError("the store is down")
+        return super().read_batch(spec, keys, columns)
+
+
+def test_a_write_whose_answer_was_lost_is_known_committed_by_its_marker(tmp_path):
+    online = LostAnswers()
+    fgv = FeatureStore(Workdir.at(tmp_path), online).create_feature_group(PRICES)
+    result = fgv.insert(_prices(["a", "b"], [1.0, 2.0], ["2020-01-01", "2020-01-02"]))  # no error: it committed
+    assert result.commit == 1 and result.online_rows == 2
+    assert sorted(fgv.read()["price"]) == [1.0, 2.0] and fgv.offline.pending() == []
+    assert_online_equals_latest_offline(fgv)
+
+    online.down = True  # the next one cannot even be checked: it stays pending, the caller gets the error
+    with pytest.raises(ConnectionError, match="after COMMIT"):
+        fgv.insert(_prices(["c"], [3.0], ["2020-01-03"]))
+    assert [c.commit for c in fgv.offline.pending()] == [2] and sorted(fgv.read()["price"]) == [1.0, 2.0]
+    online.down = False
+    assert fgv.recover() == [2]  # the store is back: its marker says commit 2 went through
+    assert sorted(fgv.read()["price"]) == [1.0, 2.0, 3.0]
+    assert_online_equals_latest_offline(fgv)
+
+
 def test_describe_lists_versions_rows_and_freshness(tmp_path):
     fs = FeatureStore(Workdir.at(tmp_path), InMemoryOnlineStore())
     fgv = fs.create_feature_group(PRICES)
