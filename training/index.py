@@ -598,7 +598,7 @@ def build_index(articles_path: Path, model_dir: Path, uri: str | Path, progress:
     # Fractional CPUs: on a 2-CPU node a 1-CPU actor starves Ray Data's read tasks (STACK.md).
     text = text and columns.text != ()
     ds = ds.map_batches(ItemRowBuilder, fn_constructor_args=(str(model_dir), price_edges, columns, text),
-                        # MiniLM is ~100x slower per row than the item tower: smaller batches keep progress moving
+                        # MiniLM takes far longer per row than the item tower: smaller batches keep progress moving
                         batch_format="pandas", batch_size=min(batch_size, 512) if text else batch_size,
                         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
     counter = {"n": 0}
