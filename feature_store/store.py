@@ -108,13 +108,17 @@ _DICTIONARIES: weakref.WeakKeyDictionary[OnlineStore, Dictionary] = weakref.Weak
 _COMMIT_TABLE_MADE: weakref.WeakSet[OnlineStore] = weakref.WeakSet()
 
 
+def _now_us() -> int:
+    return int(datetime.now(UTC).timestamp() * 1e6)
+
+
 def commit_marker(store: OnlineStore, table_name: str, commit: int) -> dict[str, Any]:
     """A new marker row for an insert's online transaction (its table created once per store)."""
     if store not in _COMMIT_TABLE_MADE:
         store.ensure_table(COMMITS)
         _COMMIT_TABLE_MADE.add(store)
     return {"commit_id": uuid.uuid4().hex, "table_name": table_name, "commit_no": int(commit),
-            "written_us": int(datetime.now(UTC).timestamp() * 1e6)}
+            "written_us": _now_us()}
 
 
 def marker_stored(store: OnlineStore, commit_id: str) -> bool:
@@ -147,7 +151,7 @@ def register_online_table(store: OnlineStore, group: FeatureGroup, version: int)
     if existing is None:
         store.write_batch(REGISTRY, [{
             "table_name": spec.name, "group_name": group.name, "version": int(version),
-            "definition": group.to_dict(), "created_us": int(datetime.now(UTC).timestamp() * 1e6),
+            "definition": group.to_dict(), "created_us": _now_us(),
         }])
     table = OnlineTable(group, int(version), spec, group.codec(store_dictionary(store)))
     _TABLES.setdefault(store, {})[spec.name] = table
