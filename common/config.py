@@ -45,6 +45,11 @@ class DatabaseConfig(_Strict):
     password_env: str = "RAYREC_DB_PASSWORD"
     # Start and stop a local MariaDB inside the workdir; false when pointing at RonDB.
     local: bool = True
+    # Rows per online transaction. A feature-group insert with more (a new version of a large
+    # group) is written in transactions of this many rows, the last one with the insert's commit
+    # marker: NDB holds every row of a transaction in the data nodes' transaction memory until
+    # it commits, so one 1M-row transaction fails where RonDB runs with its usual memory.
+    max_txn_rows: int = Field(20_000, ge=1)
 
 
 class TwoTowerConfig(_Strict):

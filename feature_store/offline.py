@@ -290,12 +290,21 @@ class OfflineTable:
         """Committed rows with start <= event time < end (frame spelling, json decoded, lists
         as lists), in commit and row order. `internal` keeps `_commit` and `_row`."""
         names = [self.group.feature(c).name for c in columns] if columns is not None else None
-        files = self.files(start, end, max_commit)
         read_cols = None if names is None else [*names, self.group.event_time, COMMIT_COLUMN, ROW_COLUMN]
-        if files:
-            table = pa.concat_tables([pq.read_table(p, columns=read_cols, schema=self.schema) for p in files])
-        else:
-            table = self.schema.empty_table() if read_cols is None else self.schema.empty_table().select(read_cols)
+        return self._frame(self._table(self.files(start, end, max_commit), read_cols), start, end, internal)
+
+    def read_staged(self, staged: StagedCommit) -> pd.DataFrame:
+        """The rows of a commit not yet published, in the order they were inserted (frame
+        spelling, with `_commit` and `_row`): what recovery writes online again."""
+        paths = [src if src.exists() else dst for src, dst in staged.files]  # a publish may have moved some
+        return self._frame(self._table(paths, None), None, None, internal=True)
+
+    def _table(self, paths: Sequence[Path], read_cols: list[str] | None) -> pa.Table:
+        if paths:
+            return pa.concat_tables([pq.read_table(p, columns=read_cols, schema=self.schema) for p in paths])
+        return self.schema.empty_table() if read_cols is None else self.schema.empty_table().select(read_cols)
+
+    def _frame(self, table: pa.Table, start: Any, end: Any, internal: bool) -> pd.DataFrame:
         frame = table.to_pandas()
         t = self.group.event_time
         frame[t] = frame[t].astype(TIME_UNIT)

@@ -10,7 +10,14 @@
 An insert validates first (feature_store.validation): with policy "strict" any failed rule
 rejects the batch before anything is written. It then stages the Parquet files, writes the
 online rows in ONE transaction, and publishes the offline commit last, so a failed insert
-leaves neither store changed. The online transaction also writes the commit's marker row (table
+leaves neither store changed. An insert of more keys than one online transaction should hold
+(`max_txn_rows`, e.g. a new version of a large group; NDB keeps a transaction's rows in memory
+until it commits) is written in transactions of that size instead, the last one with the
+marker. Such a commit goes forward once it is staged: if its online write fails or its process
+dies before the last transaction, the commit stays staged and the next insert, open or
+`recover()` writes its rows again (upserts that keep the newer row: writing twice is harmless)
+and publishes it. Its first transactions' rows are online in the meantime; they are never rolled
+back, since they may have replaced older rows. The online transaction also writes the commit's marker row (table
 `fs_offline_commits`): when a process dies between that transaction and the publish, the next
 insert into the version (or the next `get_feature_group` of it) finds the staged commit, sees
 its marker online and publishes it, or, with no marker, removes it (`FeatureGroupVersion.recover`).
@@ -43,11 +50,12 @@ import numpy as np
 import pandas as pd
 
 from common.artifacts import FeatureGroupRef, atomic_write_text
+from common.config import DatabaseConfig
 from common.workdir import Workdir
 from feature_store.codec import RowCodec
 from feature_store.dictionary import Dictionary
 from feature_store.groups import GROUPS
-from feature_store.offline import OfflineTable, latest_per_key, to_event_times, to_micros
+from feature_store.offline import OfflineTable, StagedCommit, latest_per_key, to_event_times, to_micros
 from feature_store.online.base import OnlineStore, SchemaMismatch, TableNotFound, TableSpec, normalise_key
 from feature_store.schema import ONLINE_ROW_COLUMN, ONLINE_TIME_COLUMN, FeatureGroup, check_name
 from feature_store.validation import ValidationFailed, ValidationReport, check_policy, validate
@@ -117,8 +125,11 @@ def commit_marker(store: OnlineStore, table_name: str, commit: int) -> dict[str,
     if store not in _COMMIT_TABLE_MADE:
         store.ensure_table(COMMITS)
         _COMMIT_TABLE_MADE.add(store)
-    return {"commit_id": uuid.uuid4().hex, "table_name": table_name, "commit_no": int(commit),
-            "written_us": _now_us()}
+    return marker_row(table_name, commit, uuid.uuid4().hex)
+
+
+def marker_row(table_name: str, commit: int, commit_id: str) -> dict[str, Any]:
+    return {"commit_id": commit_id, "table_name": table_name, "commit_no": int(commit), "written_us": _now_us()}
 
 
 def marker_stored(store: OnlineStore, commit_id: str) -> bool:
@@ -126,6 +137,17 @@ def marker_stored(store: OnlineStore, commit_id: str) -> bool:
         return bool(store.read_batch(COMMITS, [commit_id], ["commit_id"]))
     except TableNotFound:
         return False
+
+
+def _latest_rows(rows: list[dict[str, Any]], key: str, time: str) -> list[dict[str, Any]]:
+    """The row with the largest `time` of each key (ties: the later row; None is oldest), as
+    `OnlineStore.write_batch(newer_column=time)` keeps them."""
+    best: dict[Any, dict[str, Any]] = {}
+    for row in rows:
+        old = best.get(row[key])
+        if old is None or old[time] is None or (row[time] is not None and row[time] >= old[time]):
+            best[row[key]] = row
+    return list(best.values())
 
 
 def store_dictionary(store: OnlineStore) -> Dictionary:
@@ -369,7 +391,9 @@ class FeatureGroupVersion:
             ValidationFailed: policy "strict" and a rule failed (nothing was written).
             ValueError: a required column is missing.
             ConnectionError: the online write failed (nothing was written; where the store could
-                not say whether it committed, the next insert or open settles it).
+                not say whether it committed, the next insert or open settles it). An insert
+                written in several transactions (more keys than the store's `max_txn_rows`) is
+                then finished by the next insert, open or `recover()` instead.
         """
         check_policy(validation)
         report, frame = validate(self.group, prepare_frame(self.group, frame, event_time), validation)
@@ -385,37 +409,74 @@ class FeatureGroupVersion:
             commit = self.offline.next_commit()
             staged = self.offline.stage(frame, times, commit)
             marker = commit_marker(self.fs.online, self.spec.name, commit) if rows else None
+            parts = self._transactions(rows)
             self.offline.prepare(staged, {"validation": report.to_dict(),
-                                          "online_marker": marker["commit_id"] if marker else None})
-            try:
-                sent = self.fs.online.write_batch(self.spec, rows, newer_column=ONLINE_TIME_COLUMN,
-                                                  marker=(COMMITS, marker)) if marker else 0
-            except BaseException as error:
-                outcome = self._failed_write_outcome(marker, error)
-                if outcome == "unknown":
-                    raise  # the commit stays pending: the next insert or open settles it
-                if outcome == "absent":
-                    self.offline.abort(staged)
-                    raise
-                sent = len(rows)  # it committed; only the answer was lost (rows before the per-key dedup)
+                                          "online_marker": marker["commit_id"] if marker else None,
+                                          "online_transactions": len(parts)})
+            sent = self._write_or_settle(staged, parts, marker) if marker else 0
             self.offline.publish(staged, {"online_rows": sent})
         return InsertResult(self.name, self.version, commit, len(frame), sent, report)
 
-    def _failed_write_outcome(self, marker: dict[str, Any] | None, error: BaseException) -> str:
-        """What a failed online write did: "absent" (nothing committed), "committed" (the
-        transaction went through and the connection lost its answer: the marker is there) or
-        "unknown" (the store cannot be asked now)."""
-        if marker is None or isinstance(error, ValueError):  # refused before any SQL was sent
+    def _transactions(self, rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        """The online rows of one insert split into transactions of at most `max_txn_rows` keys
+        (the latest row of each key, as the store would keep); one transaction when they fit."""
+        step = self.fs.max_txn_rows
+        if len(rows) <= step:
+            return [rows]
+        rows = _latest_rows(rows, self.group.primary_key, ONLINE_TIME_COLUMN)
+        return [rows[i : i + step] for i in range(0, len(rows), step)] if len(rows) > step else [rows]
+
+    def _write_online(self, parts: list[list[dict[str, Any]]], marker: dict[str, Any], done: list[int]) -> int:
+        """Upsert each part in its own transaction, the marker with the last one; `done[0]`
+        counts the transactions committed. Returns the rows written."""
+        sent = 0
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            sent += self.fs.online.write_batch(self.spec, part, newer_column=ONLINE_TIME_COLUMN,
+                                               marker=(COMMITS, marker) if last else None)
+            done[0] += 1
+        return sent
+
+    def _write_or_settle(self, staged: StagedCommit, parts: list[list[dict[str, Any]]], marker: dict[str, Any]) -> int:
+        """The online write of a prepared commit; on failure, settle the commit as its marker says
+        (`_failed_write_outcome`) and raise. Returns the rows written."""
+        done = [0]
+        try:
+            return self._write_online(parts, marker, done)
+        except BaseException as error:
+            outcome = self._failed_write_outcome(marker, error, len(parts), done[0])
+            if outcome == "absent":
+                self.offline.abort(staged)
+                raise
+            if outcome == "forward":
+                error.add_note(f"{self!r}: commit {staged.commit} was being written online in {len(parts)} "
+                               f"transactions of up to {self.fs.max_txn_rows} rows; {done[0]} committed. It stays "
+                               "staged: the next insert into this version, or opening it, writes it again and "
+                               "publishes it (FeatureGroupVersion.recover)")
+            if outcome != "committed":
+                raise  # the commit stays pending: the next insert or open settles it
+        return sum(len(p) for p in parts)  # it committed; only the answer was lost (rows before the dedup)
+
+    def _failed_write_outcome(self, marker: dict[str, Any], error: BaseException, parts: int, done: int) -> str:
+        """What a failed online write did: "absent" (nothing committed), "committed" (the last
+        transaction went through and the connection lost its answer: the marker is there),
+        "unknown" (the store cannot be asked now) or "forward" (an insert in several
+        transactions stopped before its last: rows of it may be online, so it is finished, not
+        undone)."""
+        if isinstance(error, ValueError) and done == 0:  # refused before any SQL was sent
             return "absent"
         try:
-            return "committed" if marker_stored(self.fs.online, marker["commit_id"]) else "absent"
+            if marker_stored(self.fs.online, marker["commit_id"]):
+                return "committed"
         except Exception:  # noqa: BLE001 - the store is down: recovery asks again later
             return "unknown"
+        return "forward" if parts > 1 else "absent"
 
     def recover(self) -> list[int]:
         """Settle the commits an insert left staged when its process died (`OfflineTable.pending`):
-        publish those whose online transaction committed, remove the others. Returns the numbers
-        of the commits published. Inserts do this first; `FeatureStore.get_feature_group` too."""
+        publish those whose online transaction committed; finish those written in several
+        transactions (write their rows online again, then publish); remove the others. Returns
+        the numbers of the commits published. Inserts do this first; `get_feature_group` too."""
         with self.offline.locked():
             return self._settle_pending()
 
@@ -427,12 +488,23 @@ class FeatureGroupVersion:
                 raise RuntimeError(f"{self!r} has commit {staged.commit}, left by an insert that did not finish, "
                                    "whose online write only its online store can confirm: open the feature store "
                                    "with that store")
+            recovered = {"recovered_at": datetime.now(UTC).isoformat(timespec="seconds")}
             if marker is not None and marker_stored(self.fs.online, marker):
-                self.offline.publish(staged, {"recovered_at": datetime.now(UTC).isoformat(timespec="seconds")})
-                published.append(staged.commit)
+                self.offline.publish(staged, recovered)
+            elif marker is not None and staged.meta.get("online_transactions", 1) > 1:
+                self.offline.publish(staged, {**recovered, "online_rows": self._write_again(staged, marker)})
             else:
                 self.offline.abort(staged)
+                continue
+            published.append(staged.commit)
         return published
+
+    def _write_again(self, staged: StagedCommit, commit_id: str) -> int:
+        """Write the online rows of a staged commit again, from its files, with its marker."""
+        frame = self.offline.read_staged(staged)
+        rows = self._online_rows(frame, to_event_times(frame[self.group.event_time]))
+        commit_marker(self.fs.online, self.spec.name, staged.commit)  # its table, once per store
+        return self._write_online(self._transactions(rows), marker_row(self.spec.name, staged.commit, commit_id), [0])
 
     def _online_rows(self, frame: pd.DataFrame, times: pd.Series) -> list[dict[str, Any]]:
         g = self.group
@@ -519,9 +591,14 @@ class FeatureGroupVersion:
 class FeatureStore:
     """Feature groups (offline Parquet + online tables) of one workdir, plus feature views."""
 
-    def __init__(self, workdir: Workdir, online: OnlineStore | None = None):
+    def __init__(self, workdir: Workdir, online: OnlineStore | None = None, max_txn_rows: int | None = None):
+        """`max_txn_rows`: the most rows one online transaction writes (`DatabaseConfig.max_txn_rows`)."""
         self.wd = workdir
         self.online = online
+        self.max_txn_rows = int(DatabaseConfig.model_fields["max_txn_rows"].default if max_txn_rows is None
+                                else max_txn_rows)
+        if self.max_txn_rows < 1:
+            raise ValueError(f"max_txn_rows must be >= 1, got {max_txn_rows!r}")
 
     # versions -------------------------------------------------------------------------------
     def group_dir(self, name: str, version: int) -> Path:

@@ -235,7 +235,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     data = _source(args, wd, cfg, generate_missing=True)
     store = _open_store(cfg, wd, start_local=True)
     try:
-        refs = build_features(FeatureStore(wd, store), data, args.group, args.validation,
+        refs = build_features(FeatureStore(wd, store, max_txn_rows=cfg.database.max_txn_rows), data, args.group, args.validation,
                               backfill_weeks=args.backfill_weeks,
                               event_log_max_gap_days=cfg.data.event_log_max_gap_days if cfg.data.event_log else None)
     finally:

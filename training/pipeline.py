@@ -178,7 +178,7 @@ def run_pipeline(
         raw = prepare_data(cfg, wd, data_dir, dataset)
         manifest.extra["dataset"] = {"name": raw.name, "roles": asdict(raw.roles)}
     with step("feature groups (offline Parquet + online tables)"):
-        fs = FeatureStore(wd, online)
+        fs = FeatureStore(wd, online, max_txn_rows=cfg.database.max_txn_rows)
         frames = write_feature_groups(fs, raw, manifest)
     split = make_split(raw.transactions, cfg)
     train_tx = split.train

@@ -175,6 +175,61 @@ def test_an_insert_whose_process_died_after_the_online_commit_lands_in_both_stor
         other.close()
 
 
+DIE_BETWEEN_TRANSACTIONS = """
+import os, sys
+import pandas as pd
+from common.config import DatabaseConfig
+from common.workdir import Workdir
+from feature_store.online.mysql import MySQLOnlineStore
+from feature_store.store import FeatureStore
+
+root, cfg_json, name, frame_path = sys.argv[1:5]
+store = MySQLOnlineStore.from_config(DatabaseConfig.model_validate_json(cfg_json), os.environ["FS_TEST_DB_PASSWORD"])
+fgv = FeatureStore(Workdir.at(root), store, max_txn_rows=2).get_feature_group(name, 1)
+write = store.write_batch
+
+def write_then_die(spec, rows, **kwargs):
+    n = write(spec, rows, **kwargs)
+    if spec.name.startswith("fg_"):
+        os._exit(3)  # the process dies after the first of the insert's transactions committed
+    return n
+
+store.write_batch = write_then_die
+fgv.insert(pd.read_pickle(frame_path))
+"""
+
+
+def test_a_large_insert_whose_process_died_between_transactions_is_finished(fs, mariadb, tmp_path):
+    """An insert over `max_txn_rows` keys goes in several transactions; a real process death
+    after the first: the next reader writes the commit's rows again and publishes it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fgv = fs.create_feature_group(_group(unique("big")))
+    fgv.insert(_frame(["a", "b"], [1.0, 2.0], ["2020-01-01", "2020-01-01"]))
+    batch = tmp_path / "batch.pkl"
+    _frame(["c", "a", "d", "e", "f"], [3.0, 4.0, 5.0, 6.0, 7.0], ["2020-01-02"] * 5).to_pickle(batch)
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", DIE_BETWEEN_TRANSACTIONS, str(fs.wd.root),
+                           mariadb.cfg.model_dump_json(), fgv.name, str(batch)], cwd=repo, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "FS_TEST_DB_PASSWORD": mariadb.password,
+                                                       "PYTHONPATH": str(repo)})
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert {k: r["price"] for k, r in fgv.read_online(["a", "b", "c", "d"]).items()} == {"a": 4.0, "b": 2.0, "c": 3.0}
+    assert len(fgv.offline.commits()) == 1 and [c.commit for c in fgv.offline.pending()] == [2]
+    other = MySQLOnlineStore.from_config(mariadb.cfg, mariadb.password)
+    try:
+        fresh = FeatureStore(fs.wd, other, max_txn_rows=2).get_feature_group(fgv.name, fgv.version)
+        assert [c["commit"] for c in fresh.offline.commits()] == [1, 2] and fresh.offline.pending() == []
+        assert fresh.offline.commits()[1]["online_rows"] == 5
+        assert sorted(fresh.read()["price"]) == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+        assert assert_consistent(fresh).keys() == {"a", "b", "c", "d", "e", "f"}
+    finally:
+        other.close()
+
+
 def test_quotes_semicolons_and_sql_keywords_round_trip_verbatim(fs):
     fgv = fs.create_feature_group(_group(unique("tricky")))
     keys = [f"k{i}{t[:40]}" for i, t in enumerate(TRICKY)]

@@ -264,6 +264,86 @@ def test_a_write_whose_answer_was_lost_is_known_committed_by_its_marker(tmp_path
     assert_online_equals_latest_offline(fgv)
 
 
+class Transactions(InMemoryOnlineStore):
+    """Records each feature-group transaction (rows, with the marker?); `fail_at` (1-based) makes
+    that one raise `fail_with` before it writes anything."""
+
+    fail_at: int | None = None
+    fail_with: BaseException = ConnectionError("lost the connection mid-write")
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def write_batch(self, spec, rows, *, newer_column=None, marker=None):
+        if spec.name.startswith("fg_"):
+            self.calls.append(([r["item"] for r in rows], marker is not None))
+            if len(self.calls) == self.fail_at:
+                raise self.fail_with
+        return super().write_batch(spec, rows, newer_column=newer_column, marker=marker)
+
+
+_BIG = (["a", "b", "c", "a", "d", "e"], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+        ["2020-01-02", "2020-01-01", "2020-01-01", "2020-01-01", "2020-01-03", "2020-01-03"])
+
+
+def test_an_insert_larger_than_one_transaction_is_written_in_several(tmp_path):
+    online = Transactions()
+    fgv = FeatureStore(Workdir.at(tmp_path), online, max_txn_rows=2).create_feature_group(PRICES)
+    result = fgv.insert(_prices(*_BIG))
+    # 5 keys (a's later row wins) in transactions of 2, the commit's marker with the last one
+    assert online.calls == [(["a", "b"], False), (["c", "d"], False), (["e"], True)]
+    assert result.online_rows == 5 and fgv.offline.commits()[0]["online_transactions"] == 3
+    assert assert_online_equals_latest_offline(fgv)["a"]["price"] == 1.0
+    online.calls.clear()
+    fgv.insert(_prices(["f", "g"], [7.0, 8.0], ["2020-01-04", "2020-01-04"]))  # fits: one transaction
+    assert online.calls == [(["f", "g"], True)]
+    with pytest.raises(ValueError, match="max_txn_rows must be >= 1"):
+        FeatureStore(Workdir.at(tmp_path), online, max_txn_rows=0)
+
+
+def test_a_large_insert_that_died_between_its_transactions_is_finished_by_the_next_open(tmp_path):
+    online = Transactions()
+    online.fail_at, online.fail_with = 2, Died()
+    fs = FeatureStore(Workdir.at(tmp_path), online, max_txn_rows=2)
+    fgv = fs.create_feature_group(PRICES)
+    with pytest.raises(Died):
+        fgv.insert(_prices(*_BIG))
+    assert set(fgv.read_online(["a", "b", "c", "d", "e"])) == {"a", "b"}  # the first transaction's rows
+    assert fgv.offline.commits() == [] and [c.commit for c in fgv.offline.pending()] == [1]
+    online.fail_at = None
+    fresh = FeatureStore(fs.wd, online, max_txn_rows=3).get_feature_group("prices", 1)  # goes forward
+    (commit,) = fresh.offline.commits()
+    assert commit["online_rows"] == 5 and "recovered_at" in commit and fresh.offline.pending() == []
+    assert online.calls[-2:] == [(["a", "b", "c"], False), (["d", "e"], True)]
+    assert sorted(fresh.read()["price"]) == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert assert_online_equals_latest_offline(fresh).keys() == {"a", "b", "c", "d", "e"}
+
+
+def test_a_large_insert_whose_online_write_failed_is_finished_by_the_next_insert(tmp_path):
+    online = Transactions()
+    online.fail_at = 3
+    fgv = FeatureStore(Workdir.at(tmp_path), online, max_txn_rows=2).create_feature_group(PRICES)
+    with pytest.raises(ConnectionError, match="mid-write") as failed:
+        fgv.insert(_prices(*_BIG))
+    assert "2 committed. It stays staged" in failed.value.__notes__[0]
+    assert [c.commit for c in fgv.offline.pending()] == [1] and fgv.read().empty
+    online.fail_at = None
+    assert fgv.insert(_prices(["f"], [7.0], ["2020-01-04"])).commit == 2  # settles commit 1 first
+    assert [c["commit"] for c in fgv.offline.commits()] == [1, 2] and fgv.offline.pending() == []
+    assert len(fgv.read()) == 7
+    assert_online_equals_latest_offline(fgv)
+
+
+def test_a_large_insert_refused_before_any_transaction_is_removed(tmp_path):
+    online = Transactions()
+    online.fail_at, online.fail_with = 1, ValueError("row 0: bad value")
+    fgv = FeatureStore(Workdir.at(tmp_path), online, max_txn_rows=2).create_feature_group(PRICES)
+    with pytest.raises(ValueError, match="bad value"):
+        fgv.insert(_prices(*_BIG))
+    assert fgv.offline.pending() == [] and fgv.offline.commits() == [] and fgv.read_online(["a"]) == {}
+
+
 def test_describe_lists_versions_rows_and_freshness(tmp_path):
     fs = FeatureStore(Workdir.at(tmp_path), InMemoryOnlineStore())
     fgv = fs.create_feature_group(PRICES)
