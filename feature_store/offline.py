@@ -243,10 +243,16 @@ class OfflineTable:
         self.commits_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.commits_dir / f"{staged.commit:06d}.json",
                           json.dumps({**staged.meta, **(extra or {})}, indent=1))
-        shutil.rmtree(self._stage_dir(staged.commit), ignore_errors=True)
+        self._unstage(staged)
 
     def abort(self, staged: StagedCommit) -> None:
+        self._unstage(staged)
+
+    def _unstage(self, staged: StagedCommit) -> None:
+        """Remove a commit's staging folder, and `_staging/` itself once it is empty."""
         shutil.rmtree(self._stage_dir(staged.commit), ignore_errors=True)
+        with contextlib.suppress(OSError):  # another commit is still staged there, or it is gone
+            self.staging_dir.rmdir()
 
     def vacuum(self) -> list[Path]:
         """Remove staged files and published files of commits without a marker (crashed inserts;
