@@ -134,7 +134,8 @@ def tiny_run(mariadb: MariaDBHandle, tmp_path_factory: pytest.TempPathFactory) -
     cfg = load_config(None, {
         "name": "e2e",
         "database": {"host": mariadb.host, "port": mariadb.port, "database": mariadb.database,
-                     "user": mariadb.user, "password_env": TINY_RUN_PASSWORD_ENV, "local": False},
+                     "user": mariadb.user, "password_env": TINY_RUN_PASSWORD_ENV, "local": False,
+                     "max_txn_rows": 120},  # the 300 customers and 200 articles go online in parts
         "two_tower": {"epochs": 2, "batch_size": 256},
         "ranker": {"iterations": 30, "n_candidates": 50},
         "serve": {"n_candidates": 50},

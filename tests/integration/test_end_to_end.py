@@ -12,6 +12,7 @@ from conftest import free_tcp_port
 from common.artifacts import read_manifest
 from common.workdir import Workdir
 from feature_store.sources import FILES
+from feature_store.store import FeatureStore
 from feature_store.views import RETRIEVAL_VIEW_VERSION
 
 pytestmark = pytest.mark.integration
@@ -72,6 +73,11 @@ def test_pipeline_outputs(served):
     for rel in m.models.values():
         assert wd.resolve(rel).is_file()
     assert (wd.reports_dir / "training.png").is_file() and (wd.reports_dir / "recall.png").is_file()
+    # the groups larger than the run's max_txn_rows (120) went online in several transactions
+    fs = FeatureStore(wd)
+    for name, n in (("customers", 300), ("articles", 200)):
+        (commit,) = fs.get_feature_group(name, m.feature_groups[name].version).offline.commits()
+        assert commit["online_rows"] == n and commit["online_transactions"] == -(-n // 120)
 
 
 def test_recommend_returns_k_unbought_existing_articles(served):
