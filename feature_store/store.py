@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import uuid
 import weakref
 from collections.abc import Mapping, Sequence
@@ -66,6 +67,7 @@ REGISTRY = TableSpec(
     {"table_name": "string", "group_name": "string", "version": "int64", "definition": "json", "created_us": "int64"},
 )
 META_FILE = "_meta.json"
+PROGRESS_EVERY_S = 10.0  # a large insert's online write: seconds between progress lines
 # One row per insert, written in the insert's online transaction: recovery's proof that it committed.
 COMMITS = TableSpec(
     "fs_offline_commits",
@@ -428,13 +430,18 @@ class FeatureGroupVersion:
 
     def _write_online(self, parts: list[list[dict[str, Any]]], marker: dict[str, Any], done: list[int]) -> int:
         """Upsert each part in its own transaction, the marker with the last one; `done[0]`
-        counts the transactions committed. Returns the rows written."""
-        sent = 0
+        counts the transactions committed. Returns the rows written. A write of several parts
+        prints a progress line every `PROGRESS_EVERY_S`."""
+        sent, total, shown = 0, sum(len(p) for p in parts), time.monotonic()
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
             sent += self.fs.online.write_batch(self.spec, part, newer_column=ONLINE_TIME_COLUMN,
                                                marker=(COMMITS, marker) if last else None)
             done[0] += 1
+            if not last and time.monotonic() - shown >= PROGRESS_EVERY_S:
+                shown = time.monotonic()
+                print(f"[feature store] {self.spec.name}: {sent:,} of {total:,} rows online "
+                      f"({done[0]} of {len(parts)} transactions)", flush=True)
         return sent
 
     def _write_or_settle(self, staged: StagedCommit, parts: list[list[dict[str, Any]]], marker: dict[str, Any]) -> int:

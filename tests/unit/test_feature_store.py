@@ -287,7 +287,9 @@ _BIG = (["a", "b", "c", "a", "d", "e"], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
         ["2020-01-02", "2020-01-01", "2020-01-01", "2020-01-01", "2020-01-03", "2020-01-03"])
 
 
-def test_an_insert_larger_than_one_transaction_is_written_in_several(tmp_path):
+def test_an_insert_larger_than_one_transaction_is_written_in_several(tmp_path, capsys, monkeypatch):
+    from feature_store import store as store_module
+
     online = Transactions()
     fgv = FeatureStore(Workdir.at(tmp_path), online, max_txn_rows=2).create_feature_group(PRICES)
     result = fgv.insert(_prices(*_BIG))
@@ -295,6 +297,12 @@ def test_an_insert_larger_than_one_transaction_is_written_in_several(tmp_path):
     assert online.calls == [(["a", "b"], False), (["c", "d"], False), (["e"], True)]
     assert result.online_rows == 5 and fgv.offline.commits()[0]["online_transactions"] == 3
     assert assert_online_equals_latest_offline(fgv)["a"]["price"] == 1.0
+    assert capsys.readouterr().out == ""  # progress lines come every PROGRESS_EVERY_S (10 s)
+    monkeypatch.setattr(store_module, "PROGRESS_EVERY_S", 0.0)
+    fgv.insert(_prices(*_BIG))
+    assert capsys.readouterr().out.splitlines() == [
+        "[feature store] fg_prices_v1: 2 of 5 rows online (1 of 3 transactions)",
+        "[feature store] fg_prices_v1: 4 of 5 rows online (2 of 3 transactions)"]
     online.calls.clear()
     fgv.insert(_prices(["f", "g"], [7.0, 8.0], ["2020-01-04", "2020-01-04"]))  # fits: one transaction
     assert online.calls == [(["f", "g"], True)]
