@@ -510,6 +510,8 @@ class FeatureGroupVersion:
         """Write the online rows of a staged commit again, from its files, with its marker."""
         frame = self.offline.read_staged(staged)
         rows = self._online_rows(frame, to_event_times(frame[self.group.event_time]))
+        if self.spec.name not in _TABLES.get(self.fs.online, {}):
+            register_online_table(self.fs.online, self.group, self.version)  # as insert does
         commit_marker(self.fs.online, self.spec.name, staged.commit)  # its table, once per store
         return self._write_online(self._transactions(rows), marker_row(self.spec.name, staged.commit, commit_id), [0])
 

@@ -328,6 +328,23 @@ def test_a_large_insert_that_died_between_its_transactions_is_finished_by_the_ne
     assert assert_online_equals_latest_offline(fresh).keys() == {"a", "b", "c", "d", "e"}
 
 
+def test_a_large_insert_is_finished_into_its_table_even_when_the_table_was_dropped(tmp_path):
+    from feature_store.store import _TABLES
+
+    online = Transactions()
+    online.fail_at, online.fail_with = 2, Died()
+    fs = FeatureStore(Workdir.at(tmp_path), online, max_txn_rows=2)
+    fgv = fs.create_feature_group(PRICES)
+    with pytest.raises(Died):
+        fgv.insert(_prices(*_BIG))
+    online.fail_at = None
+    online.drop_table(fgv.spec)
+    _TABLES.clear()  # a fresh process
+    fresh = FeatureStore(fs.wd, online, max_txn_rows=2).get_feature_group("prices", 1)
+    assert [c["commit"] for c in fresh.offline.commits()] == [1]
+    assert assert_online_equals_latest_offline(fresh).keys() == {"a", "b", "c", "d", "e"}
+
+
 def test_a_large_insert_whose_online_write_failed_is_finished_by_the_next_insert(tmp_path):
     online = Transactions()
     online.fail_at = 3
