@@ -310,16 +310,21 @@ def test_an_insert_larger_than_one_transaction_is_written_in_several(tmp_path, c
         FeatureStore(Workdir.at(tmp_path), online, max_txn_rows=0)
 
 
-def test_a_large_insert_that_died_between_its_transactions_is_finished_by_the_next_open(tmp_path):
+def _large_insert_dying_after_its_first_transaction(tmp_path):
     online = Transactions()
     online.fail_at, online.fail_with = 2, Died()
     fs = FeatureStore(Workdir.at(tmp_path), online, max_txn_rows=2)
     fgv = fs.create_feature_group(PRICES)
     with pytest.raises(Died):
         fgv.insert(_prices(*_BIG))
+    online.fail_at = None
+    return fs, fgv, online
+
+
+def test_a_large_insert_that_died_between_its_transactions_is_finished_by_the_next_open(tmp_path):
+    fs, fgv, online = _large_insert_dying_after_its_first_transaction(tmp_path)
     assert set(fgv.read_online(["a", "b", "c", "d", "e"])) == {"a", "b"}  # the first transaction's rows
     assert fgv.offline.commits() == [] and [c.commit for c in fgv.offline.pending()] == [1]
-    online.fail_at = None
     fresh = FeatureStore(fs.wd, online, max_txn_rows=3).get_feature_group("prices", 1)  # goes forward
     (commit,) = fresh.offline.commits()
     assert commit["online_rows"] == 5 and "recovered_at" in commit and fresh.offline.pending() == []
@@ -331,13 +336,7 @@ def test_a_large_insert_that_died_between_its_transactions_is_finished_by_the_ne
 def test_a_large_insert_is_finished_into_its_table_even_when_the_table_was_dropped(tmp_path):
     from feature_store.store import _TABLES
 
-    online = Transactions()
-    online.fail_at, online.fail_with = 2, Died()
-    fs = FeatureStore(Workdir.at(tmp_path), online, max_txn_rows=2)
-    fgv = fs.create_feature_group(PRICES)
-    with pytest.raises(Died):
-        fgv.insert(_prices(*_BIG))
-    online.fail_at = None
+    fs, fgv, online = _large_insert_dying_after_its_first_transaction(tmp_path)
     online.drop_table(fgv.spec)
     _TABLES.clear()  # a fresh process
     fresh = FeatureStore(fs.wd, online, max_txn_rows=2).get_feature_group("prices", 1)
