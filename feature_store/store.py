@@ -580,6 +580,8 @@ class FeatureGroupVersion:
             "offline_rows": sum(c["rows"] for c in commits),
             "last_insert_at": commits[-1]["created_at"] if commits else None,
             "max_event_time": max_event,
+            # inserts that did not finish: settled when the version is opened with its online store
+            "pending_commits": len(self.offline.pending()),
         }
         if self.online_enabled:
             try:

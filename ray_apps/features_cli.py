@@ -172,8 +172,8 @@ def validate_features(source: Path | DatasetConfig, names: list[str] | None = No
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    cols = ["group", "version", "online_table", "offline_rows", "online_rows", "commits", "max_event_time",
-            "last_insert_at", "freshness_s"]
+    cols = ["group", "version", "online_table", "offline_rows", "online_rows", "commits", "pending_commits",
+            "max_event_time", "last_insert_at", "freshness_s"]
     cells = [[("" if r.get(c) is None else str(r.get(c))) for c in cols] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) if cells else len(c) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]

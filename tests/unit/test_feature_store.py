@@ -223,6 +223,7 @@ def test_a_pending_commit_needs_the_online_store_to_settle(tmp_path, monkeypatch
     fs, fgv = _two_inserts_the_second_dying(tmp_path, monkeypatch, "publish")
     offline_only = FeatureStore(fs.wd).get_feature_group("prices", 1)  # opens, settles nothing
     assert [c.commit for c in offline_only.offline.pending()] == [2]
+    assert offline_only.stats()["pending_commits"] == 1  # what `rayrec features describe` shows
     with pytest.raises(RuntimeError, match="commit 2, left by an insert that did not finish"):
         offline_only.recover()
     assert [c.commit for c in offline_only.offline.pending()] == [2]
@@ -375,7 +376,7 @@ def test_describe_lists_versions_rows_and_freshness(tmp_path):
     (row,) = fs.describe()
     assert row["group"] == "prices" and row["version"] == 1 and row["offline_rows"] == 3
     assert row["online_rows"] == 2 and row["online_max_event_time"] == "2020-01-02 00:00:00"
-    assert row["freshness_s"] > 0
+    assert row["freshness_s"] > 0 and row["pending_commits"] == 0
 
 
 def test_registry_lets_another_store_instance_decode(tmp_path):
