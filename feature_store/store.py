@@ -10,20 +10,22 @@
 An insert validates first (feature_store.validation): with policy "strict" any failed rule
 rejects the batch before anything is written. It then stages the Parquet files, writes the
 online rows in ONE transaction, and publishes the offline commit last, so a failed insert
-leaves neither store changed. An insert of more keys than one online transaction should hold
-(`max_txn_rows`, e.g. a new version of a large group; NDB keeps a transaction's rows in memory
-until it commits) is written in transactions of that size instead, the last one with the
-marker. Such a commit goes forward once it is staged: if its online write fails or its process
-dies before the last transaction, the commit stays staged and the next insert, open or
-`recover()` writes its rows again (upserts that keep the newer row: writing twice is harmless)
-and publishes it. Its first transactions' rows are online in the meantime; they are never rolled
-back, since they may have replaced older rows. The online transaction also writes the commit's marker row (table
+leaves neither store changed. The online transaction also writes the commit's marker row (table
 `fs_offline_commits`): when a process dies between that transaction and the publish, the next
 insert into the version (or the next `get_feature_group` of it) finds the staged commit, sees
 its marker online and publishes it, or, with no marker, removes it (`FeatureGroupVersion.recover`).
 A write that fails is settled the same way at once: a transaction whose answer was lost with the
 connection committed, and the insert succeeds; when the store cannot be asked, the commit waits
 for the next insert or open. Either way both stores hold the batch or neither does.
+
+An insert of more keys than one online transaction should hold (`max_txn_rows`, e.g. a new
+version of a large group; NDB keeps a transaction's rows in memory until it commits) is written
+in transactions of that size instead, the marker with the last. Such a commit goes forward once
+it is staged: if its online write fails or its process dies before the last transaction, the
+commit stays staged and the next insert, open or `recover()` writes its rows again (upserts that
+keep the newer row: writing twice is harmless) and publishes it. The rows of its first
+transactions are online in the meantime; they are not rolled back, since they may have replaced
+older rows.
 
 Online, a key's row is replaced only by a row with an event time >= the stored one
 (`OnlineStore.write_batch(newer_column=...)`), so late-arriving rows never overwrite newer ones
