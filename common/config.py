@@ -249,6 +249,13 @@ class ServeConfig(_Strict):
     # serve stop` (Serve's shutdown) took 43 s, and every scale-down held a replica's memory that long.
     drain_s: float = Field(5.0, ge=0, le=300)
     target_ongoing_requests: float = Field(2, gt=0)
+    # Serve's `max_surge_percent` for every deployment: when the app is rebuilt (a new code version
+    # for Serve: new args, a `serve.run` from Python), a positive value starts each replacement
+    # replica before its old one stops, so a deployment with one replica (each stage of the split
+    # topology) keeps answering. It needs room for the replacements: where the replicas hold every
+    # CPU (the 2-core machine's local Ray) the rollout waits forever, so the default is Serve's 0,
+    # which stops the old replica first; the cluster config, whose autoscaler adds a node, sets 100.
+    rollout_surge_percent: int = Field(0, ge=0, le=100)
     # 4 at a time and 2 waiting per replica. HAProxy sends the next request as soon as an answer is
     # out, before the replica has counted it done, so behind HAProxy's admission the replica's own
     # queue takes max_ongoing_requests more (ray_apps.app.deployment_options). With that slack,

@@ -99,6 +99,9 @@ class AppArgs(BaseModel):
                                     description="Fused topology: stages inline on the request loop (coalesced: "
                                                 "requests waiting together share a call), or batched in a thread")
     access_log: bool | None = Field(None, description="Serve's per-request access log lines")
+    rollout_surge_percent: int | None = Field(None, ge=0, le=100, description=(
+        "Serve's max_surge_percent: on a rebuild, replacement replicas start before the old ones stop "
+        "(needs room for them)"))
     user_code_loop: str | None = Field(None, pattern="^(thread|main)$",
                                        description="Replicas run the app on a loop in its own thread, or on the main loop")
     user_config: dict[str, Any] | None = Field(
@@ -999,6 +1002,7 @@ def deployment_options(s: ServeConfig, a: AppArgs, topology: str) -> dict[str, A
                                "target_ongoing_requests": s.target_ongoing_requests},
         "max_ongoing_requests": ongoing,
         "max_queued_requests": queued,
+        "max_surge_percent": s.rollout_surge_percent if a.rollout_surge_percent is None else a.rollout_surge_percent,
         "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
         "logging_config": {"enable_access_log": s.access_log if a.access_log is None else a.access_log},
     }

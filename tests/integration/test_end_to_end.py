@@ -770,12 +770,15 @@ def served_split(served):
 
     wd, url = served
     serve.delete(APP_NAME)  # a topology change is a new app: the fused replicas' CPUs are needed by the split graph
-    _deploy(_app_config(wd, url, wd, "split", SPLIT_ENV))
+    _deploy(_app_config(wd, url, wd, "split", SPLIT_ENV, SPLIT_ARGS))
     return wd, url
 
 
 KEY = {"X-API-Key": "e2e-secret-key"}
 SPLIT_ENV = {"RAYREC_API_KEY": KEY["X-API-Key"]}  # read by build_app, in the app's build task
+# A rebuild starts each replacement replica before its old one stops: a quarter CPU per replica
+# leaves the local Ray's 2 CPUs room for them.
+SPLIT_ARGS = {"num_cpus": 0.25, "rollout_surge_percent": 100}
 
 
 def test_api_key_is_required_except_for_health_checks(served_split):
@@ -845,7 +848,8 @@ def test_hot_reload_switches_the_split_graph_in_place(served_split):
     it switches, the stages keep both runs while requests of either are between their calls.
     The fixture deployed the graph from the same Serve config, so only the user_config changes."""
     wd, url = served_split
-    _hot_reload_round(wd, url, "split", "run-v2-split", KEY, env=SPLIT_ENV, rebuild=False)
+    _hot_reload_round(wd, url, "split", "run-v2-split", KEY, env=SPLIT_ENV, rebuild=True,
+                      args=SPLIT_ARGS | {"article_cache_ttl_s": 1.0})  # new args: a rebuild first
 
 
 @pytest.fixture(scope="module")

@@ -279,3 +279,21 @@ def test_cached_article_rows_drop_out_of_garbage_collection():
     assert todo == ["never"]
     assert got == {"a7": {"price": 9.99, "regions": ("EU", "US"), "colour": "c7", "min_age": None}, "unknown": None}
     assert "EU" in got["a7"]["regions"]  # what the region rule asks of it
+
+
+def test_a_rebuild_can_start_each_replacement_replica_before_its_old_one_stops():
+    """Serve's `max_surge_percent` on every deployment: Serve's 0 unless the config or the app
+    args ask for a surge (which needs room for the replacements: configs/cluster.yaml sets 100)."""
+    from common.config import ServeConfig, load_config
+    from ray_apps.app import AppArgs, Ingress, Stage, deployment_options
+
+    for topology, deployment in (("fused", Ingress), ("split", Stage)):
+        assert deployment_options(ServeConfig(), AppArgs(workdir="w"), topology)["max_surge_percent"] == 0
+        opts = deployment_options(ServeConfig(rollout_surge_percent=100), AppArgs(workdir="w"), topology)
+        assert opts["max_surge_percent"] == 100
+        assert deployment.options(**opts)._deployment_config.max_surge_percent == 100  # Serve takes it
+    surge = deployment_options(ServeConfig(), AppArgs(workdir="w", rollout_surge_percent=50), "split")
+    assert surge["max_surge_percent"] == 50
+    assert load_config(Path(__file__).parents[2] / "configs" / "cluster.yaml").serve.rollout_surge_percent == 100
+    with pytest.raises(ValueError):
+        ServeConfig(rollout_surge_percent=101)
