@@ -428,7 +428,7 @@ class FeatureGroupVersion:
         if len(rows) <= step:
             return [rows]
         rows = _latest_rows(rows, self.group.primary_key, ONLINE_TIME_COLUMN)
-        return [rows[i : i + step] for i in range(0, len(rows), step)] if len(rows) > step else [rows]
+        return [rows[i : i + step] for i in range(0, len(rows), step)]
 
     def _write_online(self, parts: list[list[dict[str, Any]]], marker: dict[str, Any], done: list[int]) -> int:
         """Upsert each part in its own transaction, the marker with the last one; `done[0]`
