@@ -50,6 +50,10 @@ class Manifest(BaseModel):
     metrics: str | None = None
     extra: dict[str, Any] = {}
 
+    def served_versions(self) -> set[tuple[str, int]]:
+        """(group, version) of every feature group this manifest serves: what must stay online."""
+        return {(name, ref.version) for name, ref in self.feature_groups.items()}
+
 
 class ManifestError(RuntimeError):
     pass

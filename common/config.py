@@ -50,6 +50,11 @@ class DatabaseConfig(_Strict):
     # marker: NDB holds every row of a transaction in the data nodes' transaction memory until
     # it commits, so one 1M-row transaction fails where RonDB runs with its usual memory.
     max_txn_rows: int = Field(20_000, ge=1)
+    # After a pipeline run, drop the online tables of all but this many newest versions of each
+    # feature group (never one the new manifest serves; their Parquet files stay): RonDB keeps
+    # every table in memory, and each run writes new versions. At least 2, so that an app still
+    # serving the previous run until its reload keeps its tables. None: keep every version.
+    keep_online_versions: int | None = Field(None, ge=2)
 
 
 class TwoTowerConfig(_Strict):

@@ -543,8 +543,6 @@ class FeatureViewHandle:
         """Per selection: its online table, (codec column index, output column) pairs and the
         set of those indexes."""
         if self._tables is None:
-            from feature_store.store import online_table
-
             if self.fs.online is None:
                 raise ValueError("this FeatureStore has no online store")
             tables = []
@@ -552,7 +550,7 @@ class FeatureViewHandle:
                 fgv = self.group(sel.group, sel.version)
                 if not fgv.group.online:
                     raise ValueError(f"feature group {sel.group!r} is offline only: it cannot serve vectors")
-                table = online_table(self.fs.online, fgv.spec.name)
+                table = fgv.online_table()  # a version retired from the online store says so
                 picks = [(table.codec.names.index(f), out) for f, out in self._selected(sel)]
                 tables.append((sel, table, picks, {j for j, _ in picks}))
             self._tables = tables

@@ -31,6 +31,12 @@ Online, a key's row is replaced only by a row with an event time >= the stored o
 (`OnlineStore.write_batch(newer_column=...)`), so late-arriving rows never overwrite newer ones
 and every online row equals the latest offline row of its key.
 
+Each pipeline run writes new versions, and RonDB keeps every online table in memory:
+`FeatureStore.retire_online(keep=2, protect=...)` (`rayrec features retire`, or the pipeline
+with `database.keep_online_versions`) drops the online tables of older versions, never one a
+manifest serves. A retired version is offline only: its Parquet files stay readable, online
+reads of it and inserts into it are refused with a message.
+
 Online rows are packed (feature_store.codec): the table holds the key, the event time in
 microseconds and one VARBINARY value. The group definition of each online table is registered
 in the store itself (table `fs_feature_groups`), so a reader needs only the table name, e.g. the
@@ -43,7 +49,7 @@ import math
 import time
 import uuid
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -348,13 +354,16 @@ def prepare_frame(g: FeatureGroup, frame: pd.DataFrame, event_time: Any) -> pd.D
 class FeatureGroupVersion:
     """One version of a feature group: its offline Parquet files and its online table."""
 
-    def __init__(self, fs: FeatureStore, group: FeatureGroup, version: int):
+    def __init__(self, fs: FeatureStore, group: FeatureGroup, version: int, retired_at: str | None = None):
+        """`retired_at`: when `retire_online` dropped the version's online table (its definition
+        file says so; None while it is online)."""
         self.fs = fs
         self.group = group
         self.version = int(version)
         self.root = fs.group_dir(group.name, version)
         self.offline = OfflineTable(self.root, group)
         self.spec = group.table_spec(version)
+        self.retired_at = retired_at
 
     def __repr__(self) -> str:
         return f"FeatureGroupVersion({self.group.name!r}, v{self.version})"
@@ -365,7 +374,7 @@ class FeatureGroupVersion:
 
     @property
     def online_enabled(self) -> bool:
-        return self.group.online and self.fs.online is not None
+        return self.group.online and self.fs.online is not None and self.retired_at is None
 
     @property
     def ref(self) -> FeatureGroupRef:
@@ -393,7 +402,8 @@ class FeatureGroupVersion:
             event_time: the event time of every row when the frame has no event-time column.
         Raises:
             ValidationFailed: policy "strict" and a rule failed (nothing was written).
-            ValueError: a required column is missing.
+            ValueError: a required column is missing, or the version was retired from the online
+                store (`retire_online`: it takes no more rows; write a new version).
             ConnectionError: the online write failed (nothing was written; where the store could
                 not say whether it committed, the next insert or open settles it). An insert
                 written in several transactions (more keys than the store's `max_txn_rows`) is
@@ -403,11 +413,13 @@ class FeatureGroupVersion:
         report, frame = validate(self.group, prepare_frame(self.group, frame, event_time), validation)
         if validation == "strict" and not report.ok:
             raise ValidationFailed(report)
+        self._check_not_retired()
         times = to_event_times(frame[self.group.event_time]) if len(frame) else pd.Series([], dtype="datetime64[us]")
         rows = self._online_rows(frame, times) if self.online_enabled else []  # packs (and checks) all first
-        if self.online_enabled and self.spec.name not in _TABLES.get(self.fs.online, {}):
-            register_online_table(self.fs.online, self.group, self.version)  # e.g. a new online database
         with self.offline.locked():
+            self._check_not_retired(reread=True)  # another process may have retired it meanwhile
+            if self.online_enabled and self.spec.name not in _TABLES.get(self.fs.online, {}):
+                register_online_table(self.fs.online, self.group, self.version)  # e.g. a new online database
             self._settle_pending()
             self.offline.vacuum()
             commit = self.offline.next_commit()
@@ -517,6 +529,48 @@ class FeatureGroupVersion:
         commit_marker(self.fs.online, self.spec.name, staged.commit)  # its table, once per store
         return self._write_online(self._transactions(rows), marker_row(self.spec.name, staged.commit, commit_id), [0])
 
+    # retiring -------------------------------------------------------------------------------
+    def retire_online(self) -> bool:
+        """Make this version offline only: drop its online table and record when in its
+        definition file. RonDB keeps every table in its data nodes' memory, and each pipeline
+        run writes new versions, so the old ones' tables would pile up; their Parquet files,
+        commits and training data stay readable (`read`, feature views' `training_data`).
+
+        A staged insert is settled first (`recover`). The definition file is written before
+        the table is dropped, so a process that dies in between leaves a retired version whose
+        table the next call drops. Returns True when this call retired it, False when it
+        already was (the table is dropped again if it is still there).
+
+        Raises:
+            ValueError: the group has no online table, or the feature store no online store.
+        """
+        if not self.group.online:
+            raise ValueError(f"{self!r} is offline only: it has no online table to retire")
+        if self.fs.online is None:
+            raise ValueError(f"{self!r}: retiring drops its online table; open the feature store with its online store")
+        with self.offline.locked():
+            meta = self._meta()
+            newly = meta.get("online_retired_at") is None
+            if newly:
+                self._settle_pending()  # a staged insert is published or removed while the table is there
+                meta["online_retired_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+                atomic_write_text(self.root / META_FILE, json.dumps(meta, indent=1))
+            self.retired_at = meta["online_retired_at"]
+            _TABLES.get(self.fs.online, {}).pop(self.spec.name, None)
+            self.fs.online.drop_table(self.spec)
+        return newly
+
+    def _meta(self) -> dict[str, Any]:
+        return json.loads((self.root / META_FILE).read_text())
+
+    def _check_not_retired(self, reread: bool = False) -> None:
+        if reread and self.group.online:
+            self.retired_at = self._meta().get("online_retired_at")
+        if self.retired_at is not None and self.group.online:
+            raise ValueError(f"feature group {self.name!r} v{self.version} was retired from the online store at "
+                             f"{self.retired_at} and takes no more rows: write a new version "
+                             "(FeatureStore.create_feature_group, `rayrec features build`)")
+
     def _online_rows(self, frame: pd.DataFrame, times: pd.Series) -> list[dict[str, Any]]:
         g = self.group
         dictionary = store_dictionary(self.fs.online) if g.dictionary_features else None
@@ -564,6 +618,10 @@ class FeatureGroupVersion:
         return _read_dicts(self.fs.online, [(self.online_table(), keys)], columns)[0]
 
     def online_table(self) -> OnlineTable:
+        if self.retired_at is not None and self.group.online:
+            raise ValueError(f"feature group {self.name!r} v{self.version} was retired from the online store at "
+                             f"{self.retired_at}: its rows are offline only (read it with `read`, or serve a "
+                             "newer version)")
         if not self.online_enabled:
             raise ValueError(f"feature group {self.name!r} v{self.version} has no online table")
         return online_table(self.fs.online, self.spec.name)
@@ -575,8 +633,9 @@ class FeatureGroupVersion:
         out: dict[str, Any] = {
             "group": self.name,
             "version": self.version,
-            "online": self.group.online,
-            "online_table": self.spec.name if self.group.online else None,
+            "online": self.group.online and self.retired_at is None,
+            "online_table": self.spec.name if self.group.online and self.retired_at is None else None,
+            "online_retired_at": self.retired_at,
             "features": len(self.group.features),
             "commits": len(commits),
             "offline_rows": sum(c["rows"] for c in commits),
@@ -703,8 +762,9 @@ class FeatureStore:
         meta = self.group_dir(name, version) / META_FILE
         if not meta.is_file():
             raise LookupError(f"feature group {name!r} has no version {version} (versions: {versions})")
-        group = FeatureGroup.from_dict(json.loads(meta.read_text())["group"])
-        fgv = FeatureGroupVersion(self, group, version)
+        definition = json.loads(meta.read_text())
+        fgv = FeatureGroupVersion(self, FeatureGroup.from_dict(definition["group"]), version,
+                                  retired_at=definition.get("online_retired_at"))
         if self.online is not None and fgv.offline.pending():  # an insert died: readers see its outcome
             fgv.recover()
         return fgv
@@ -746,6 +806,70 @@ class FeatureStore:
                 for line in result.report.summary_lines():
                     print(f"[feature store] {line}", flush=True)
         return fgv.ref
+
+    def retire_online(self, keep: int, protect: Collection[tuple[str, int]] = (), groups: Sequence[str] | None = None,
+                      dry_run: bool = False) -> list[dict[str, Any]]:
+        """Retire the online tables of all but the `keep` newest versions of each online group
+        (`FeatureGroupVersion.retire_online`; the Parquet files stay), never a version in
+        `protect` ((group, version) pairs: what a manifest serves). A version retired by a
+        process that died before dropping its table has the table dropped now.
+
+        Args:
+            keep: newest versions per group left online (>= 1).
+            groups: only these groups (default: all).
+            dry_run: change nothing; return what would be retired.
+        Returns:
+            One dict per version retired (or that would be): group, version, online_table,
+            online_rows (counted before the drop).
+        """
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be an integer >= 1 (the newest versions left online), got {keep!r}")
+        if self.online is None:
+            raise ValueError("retiring drops online tables: open the feature store with its online store")
+        known = self.list_feature_groups()
+        for name in groups or ():
+            if name not in known:
+                raise ValueError(f"no feature group {name!r} in {self.wd.offline_dir} (groups: {sorted(known)})")
+        tables = set(self.online.list_tables())
+        out = []
+        for name, versions in known.items():
+            if groups and name not in groups:
+                continue
+            for v in sorted(versions, reverse=True)[keep:]:
+                fgv = self.get_feature_group(name, v)
+                if not fgv.group.online or (name, v) in protect:
+                    continue
+                if fgv.retired_at is not None and fgv.spec.name not in tables:
+                    continue
+                out.append(self._retire(fgv, dry_run))
+        return out
+
+    def retire_version(self, name: str, version: int, protect: Collection[tuple[str, int]] = (),
+                       dry_run: bool = False) -> dict[str, Any]:
+        """Retire one version's online table (see `retire_online`).
+
+        Raises:
+            ValueError: the version is in `protect` (a manifest serves it) or has no online table.
+            LookupError: no such group or version.
+        """
+        fgv = self.get_feature_group(name, version)
+        if (name, fgv.version) in protect:
+            raise ValueError(f"feature group {name!r} v{fgv.version} is what the manifest serves: it stays online "
+                             "(write and serve a newer version first)")
+        if not fgv.group.online:
+            raise ValueError(f"feature group {name!r} is offline only: it has no online table to retire")
+        if self.online is None:
+            raise ValueError("retiring drops online tables: open the feature store with its online store")
+        return self._retire(fgv, dry_run)
+
+    def _retire(self, fgv: FeatureGroupVersion, dry_run: bool) -> dict[str, Any]:
+        try:
+            rows = self.online.table_stats(fgv.spec)["rows"]
+        except TableNotFound:
+            rows = 0
+        if not dry_run:
+            fgv.retire_online()
+        return {"group": fgv.name, "version": fgv.version, "online_table": fgv.spec.name, "online_rows": rows}
 
     def read_offline(self, name: str, ref: FeatureGroupRef) -> pd.DataFrame:
         """All offline rows of the version a manifest reference names."""

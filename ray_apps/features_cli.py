@@ -12,6 +12,9 @@
     rayrec features validate --workdir DIR [--data DIR | --dataset CONFIG.yaml] [--group NAME ...]
         compute the groups and check them against their expectations without writing;
         exit status 1 when a rule fails
+    rayrec features retire   --workdir DIR [--keep 2 | --version V] [--group NAME ...] [--dry-run] [--json]
+        drop the online tables of all but the newest --keep versions of each group (or of one
+        --version), never a version the workdir's manifest serves; their Parquet files stay
 
 Registered by `ray_apps.cli` with `add_features_commands(subparsers)`; each command is a thin
 layer over a function tests call directly (`build_features`, `describe_features`, `validate_features`).
@@ -37,8 +40,8 @@ GROUP_ORDER = SERVING_GROUPS
 
 
 def add_features_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add `features build|describe|validate` to the `rayrec` parser."""
-    p = subparsers.add_parser("features", help="feature store: build | describe | validate")
+    """Add `features build|describe|validate|retire` to the `rayrec` parser."""
+    p = subparsers.add_parser("features", help="feature store: build | describe | validate | retire")
     sub = p.add_subparsers(dest="features_command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -68,6 +71,18 @@ def add_features_commands(subparsers: argparse._SubParsersAction) -> None:
     val.add_argument("--dataset", help="dataset config YAML mapping your files to roles (see configs/datasets/)")
     val.add_argument("--group", action="append", choices=GROUP_ORDER, help="only these groups (repeatable)")
     val.set_defaults(func=cmd_validate)
+
+    ret = sub.add_parser("retire", help="drop old versions' online tables (their Parquet files stay)")
+    common(ret)
+    which = ret.add_mutually_exclusive_group()
+    which.add_argument("--keep", type=int, default=2,
+                       help="newest versions of each group left online (default %(default)s: the served one and "
+                            "the one before, which an app not yet reloaded may still read)")
+    which.add_argument("--version", type=int, help="retire this one version (needs one --group)")
+    ret.add_argument("--group", action="append", help="only these groups (repeatable; default: all)")
+    ret.add_argument("--dry-run", action="store_true", help="list what would be retired; change nothing")
+    ret.add_argument("--json", action="store_true", help="one JSON object per version")
+    ret.set_defaults(func=cmd_retire)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +188,7 @@ def validate_features(source: Path | DatasetConfig, names: list[str] | None = No
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     cols = ["group", "version", "online_table", "offline_rows", "online_rows", "commits", "pending_commits",
-            "max_event_time", "last_insert_at", "freshness_s"]
+            "max_event_time", "last_insert_at", "freshness_s", "online_retired_at"]
     cells = [[("" if r.get(c) is None else str(r.get(c))) for c in cols] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) if cells else len(c) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
@@ -275,6 +290,44 @@ def cmd_describe(args: argparse.Namespace) -> int:
         span = f" ({events['first_purchase']} .. {events['last_purchase']})" if events["purchases"] else ""
         print(f"event log: {events['purchases']} purchases{span}, {events['interactions']} views/clicks/add-to-carts; "
               "the next `rayrec pipeline` or `features build` here reads it (data.event_log)")
+    return 0
+
+
+def retire_features(fs, keep: int = 2, version: int | None = None, groups: list[str] | None = None,
+                    dry_run: bool = False) -> list[dict[str, Any]]:
+    """`FeatureStore.retire_online` (or `retire_version` with `version`), protecting every
+    version the workdir's manifest names."""
+    from common.artifacts import read_manifest
+
+    protect = read_manifest(fs.wd).served_versions() if fs.wd.manifest_path.is_file() else set()
+    if version is not None:
+        if not groups or len(groups) != 1:
+            raise ValueError("--version needs exactly one --group")
+        return [fs.retire_version(groups[0], version, protect, dry_run)]
+    return fs.retire_online(keep, protect, groups, dry_run)
+
+
+def cmd_retire(args: argparse.Namespace) -> int:
+    from feature_store.store import FeatureStore
+
+    wd = Workdir.at(args.workdir)
+    cfg = _config(args, wd)
+    store = _open_store(cfg, wd, start_local=True)
+    try:
+        retired = retire_features(FeatureStore(wd, store), args.keep, args.version, args.group, args.dry_run)
+    finally:
+        if store is not None:
+            store.close()
+    if args.json:
+        for r in retired:
+            print(json.dumps({**r, "dry_run": args.dry_run}))
+        return 0
+    verb = "would drop" if args.dry_run else "dropped"
+    for r in retired:
+        print(f"[features] {r['group']} v{r['version']}: {verb} online table {r['online_table']} "
+              f"({r['online_rows']:,} rows); its Parquet files stay")
+    if not retired:
+        print("[features] nothing to retire")
     return 0
 
 

@@ -227,8 +227,24 @@ def run_pipeline(
         write_json(wd.metrics_path, metrics)
         manifest.metrics = wd.relative(wd.metrics_path)
     write_manifest(wd, manifest)
+    if cfg.database.keep_online_versions is not None and online is not None:
+        retire_old_versions(fs, manifest, cfg.database.keep_online_versions)
     print(f"[pipeline] done in {time.time() - t_all:.0f}s; manifest {wd.manifest_path}", flush=True)
     return manifest
+
+
+def retire_old_versions(fs: FeatureStore, manifest: Manifest, keep: int) -> None:
+    """`database.keep_online_versions`: retire older versions' online tables, once the new manifest
+    is written (never a version it names). A failure is reported, not raised: the run is done."""
+    try:
+        retired = fs.retire_online(keep, manifest.served_versions())
+    except (ConnectionError, OSError, ValueError) as e:
+        print(f"[feature store] could not retire old online tables ({e}); `rayrec features retire` "
+              "does it later", flush=True)
+        return
+    for r in retired:
+        print(f"[feature store] {r['group']} v{r['version']}: dropped online table {r['online_table']} "
+              f"({r['online_rows']:,} rows; database.keep_online_versions: {keep}); its Parquet files stay", flush=True)
 
 
 def train_ranker(cfg, wd, raw: Raw, train_tx, customers_fg, item_ids, item_vecs, channel) -> TrainedRankers:

@@ -274,6 +274,30 @@ def test_feature_vectors_one_query_per_group(fs):
     assert odd.columns["price"][0] == 5.0 and odd.columns["age"][0] == 40.0
 
 
+def test_retired_versions_leave_the_database_and_stay_readable_offline(fs, store, mariadb, tmp_path):
+    group = _group(unique("ret"))
+    versions = [fs.create_feature_group(group) for _ in range(3)]
+    for i, fgv in enumerate(versions):
+        fgv.insert(_frame(["a", "b"], [float(i), 9.0], ["2020-01-01", "2020-01-02"]))
+    pinned = fs.create_feature_view(FeatureView(unique("v"), (FeatureSelection(group.name, ("price",), version=1),)))
+    assert pinned.get_feature_vectors(["a"]).columns["price"][0] == 0.0
+    assert [r["version"] for r in fs.retire_online(keep=2, groups=[group.name])] == [1]
+    tables = set(store.list_tables())
+    assert versions[0].spec.name not in tables and {v.spec.name for v in versions[1:]} <= tables
+    fresh = FeatureStore(fs.wd, MySQLOnlineStore.from_config(mariadb.cfg, mariadb.password))  # another process
+    try:
+        v1 = fresh.get_feature_group(group.name, 1)
+        assert v1.read()["price"].tolist() == [0.0, 9.0]  # offline rows stay
+        with pytest.raises(ValueError, match=rf"'{group.name}' v1 was retired from the online store"):
+            fresh.get_feature_view(pinned.view.name).get_feature_vectors(["a"])
+        assert_consistent(fresh.get_feature_group(group.name, 3))
+        # the registry keeps the number: another workdir on this database does not take v1 again
+        other = FeatureStore(Workdir.at(tmp_path / "other"), fresh.online)
+        assert other.create_feature_group(group).version == 4
+    finally:
+        fresh.online.close()
+
+
 def _event_groups(fs, path, seed: int, customers: int, articles: int):
     """Generated H&M data written as the articles and customer_history groups: (hm, refs, a
     customer who bought, an article)."""

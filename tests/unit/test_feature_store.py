@@ -386,3 +386,90 @@ def test_registry_lets_another_store_instance_decode(tmp_path):
 
     _TABLES.clear()  # a fresh process: the definition comes from the online registry
     assert read_online(online, ref, "customer_history", ["c1"], ["purchased"]) == {"c1": {"purchased": ["a2", "a1"]}}
+
+
+# --- retiring old versions from the online store -----------------------------------------------
+
+
+def _three_versions(tmp_path):
+    fs = FeatureStore(Workdir.at(tmp_path), InMemoryOnlineStore())
+    for i in range(3):
+        fs.create_feature_group(PRICES).insert(_prices(["a", "b"], [1.0 + i, 2.0], ["2020-01-01", "2020-01-02"]))
+    return fs
+
+
+def test_retiring_drops_old_online_tables_and_keeps_their_offline_rows(tmp_path):
+    fs = _three_versions(tmp_path)
+    assert fs.retire_online(keep=2, dry_run=True) == [
+        {"group": "prices", "version": 1, "online_table": "fg_prices_v1", "online_rows": 2}]
+    assert "fg_prices_v1" in fs.online.list_tables()  # a dry run changes nothing
+    assert fs.retire_online(keep=2) == [
+        {"group": "prices", "version": 1, "online_table": "fg_prices_v1", "online_rows": 2}]
+    assert sorted(fs.online.list_tables()) == ["fg_prices_v2", "fg_prices_v3", "fs_feature_groups", "fs_offline_commits"]
+    assert fs.retire_online(keep=2) == []  # done: nothing left to do
+    v1 = FeatureStore(Workdir.at(tmp_path), fs.online).get_feature_group("prices", 1)  # a fresh reader
+    assert v1.retired_at is not None and not v1.online_enabled and v1.ref.online_table is None
+    assert v1.read()["price"].tolist() == [1.0, 2.0]  # the Parquet files stay
+    with pytest.raises(ValueError, match=r"'prices' v1 was retired from the online store at .*offline only"):
+        v1.read_online(["a"])
+    with pytest.raises(ValueError, match=r"'prices' v1 was retired .*takes no more rows: write a new version"):
+        v1.insert(_prices(["c"], [3.0], ["2020-01-03"]))
+    assert len(v1.read()) == 2 and v1.offline.pending() == []  # the refused insert staged nothing
+    (row,) = [r for r in fs.describe() if r["version"] == 1]
+    assert row["online"] is False and row["online_table"] is None and row["online_retired_at"] == v1.retired_at
+    assert fs.get_feature_group("prices", 2).read_online(["a"])["a"]["price"] == 2.0  # the kept ones still serve
+    assert fs.create_feature_group(PRICES).version == 4  # the number is not given out again
+
+
+def test_retiring_never_touches_a_protected_version_and_checks_its_arguments(tmp_path):
+    fs = _three_versions(tmp_path)
+    assert [r["version"] for r in fs.retire_online(keep=1, protect={("prices", 1)})] == [2]
+    assert sorted(t for t in fs.online.list_tables() if t.startswith("fg_")) == ["fg_prices_v1", "fg_prices_v3"]
+    with pytest.raises(ValueError, match=r"'prices' v1 is what the manifest serves"):
+        fs.retire_version("prices", 1, protect={("prices", 1)})
+    assert fs.retire_version("prices", 1)["online_rows"] == 2
+    for keep in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="keep must be an integer >= 1"):
+            fs.retire_online(keep=keep)
+    with pytest.raises(ValueError, match=r"no feature group 'nope'.*\['prices'\]"):
+        fs.retire_online(keep=1, groups=["nope"])
+    with pytest.raises(ValueError, match="open the feature store with its online store"):
+        FeatureStore(fs.wd, None).retire_online(keep=1)
+
+
+def test_an_insert_left_staged_is_settled_before_its_version_is_retired(tmp_path, monkeypatch):
+    wd = Workdir.at(tmp_path)
+    online = InMemoryOnlineStore()
+    fgv = FeatureStore(wd, online).create_feature_group(PRICES)
+    fgv.insert(_prices(["a"], [1.0], ["2020-01-01"]))
+    monkeypatch.setattr(OfflineTable, "publish", _die)  # dies after its online commit, before the publish
+    with pytest.raises(Died):
+        fgv.insert(_prices(["b"], [2.0], ["2020-01-02"]))
+    monkeypatch.undo()
+    fs = FeatureStore(wd, online)
+    fs.create_feature_group(PRICES)
+    fs.retire_version("prices", 1)
+    v1 = fs.get_feature_group("prices", 1)
+    assert sorted(v1.read()["item"]) == ["a", "b"] and v1.offline.pending() == []
+
+
+def test_a_retirement_that_died_before_the_drop_is_finished_by_the_next_one(tmp_path, monkeypatch):
+    fs = _three_versions(tmp_path)
+    monkeypatch.setattr(InMemoryOnlineStore, "drop_table", _die)
+    with pytest.raises(Died):
+        fs.retire_online(keep=2)
+    monkeypatch.undo()
+    fresh = FeatureStore(fs.wd, fs.online)
+    assert fresh.get_feature_group("prices", 1).retired_at is not None  # recorded before the drop
+    assert "fg_prices_v1" in fresh.online.list_tables()
+    assert [r["version"] for r in fresh.retire_online(keep=2)] == [1]
+    assert "fg_prices_v1" not in fresh.online.list_tables()
+
+
+def test_an_insert_into_a_version_another_process_retired_is_refused_and_recreates_nothing(tmp_path):
+    fs = _three_versions(tmp_path)
+    stale = fs.get_feature_group("prices", 1)  # opened before the retirement
+    FeatureStore(fs.wd, fs.online).retire_version("prices", 1)
+    with pytest.raises(ValueError, match="was retired from the online store"):
+        stale.insert(_prices(["c"], [3.0], ["2020-01-03"]))
+    assert "fg_prices_v1" not in fs.online.list_tables() and stale.offline.pending() == []

@@ -1,4 +1,4 @@
-"""`rayrec features build | describe | validate` as functions, and their argument parsing."""
+"""`rayrec features build | describe | validate | retire` as functions, and their argument parsing."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +17,7 @@ from ray_apps.features_cli import (
     describe_features,
     format_table,
     main,
+    retire_features,
     validate_features,
 )
 
@@ -169,3 +170,38 @@ def test_backfilled_weekly_snapshots_give_each_label_the_values_of_its_week(tmp_
     with pytest.raises(ValueError, match="after the last backfill time"):
         build_features(fs, data_dir, backfill_weeks=2, event_time="2019-01-01")
     assert {(r["group"], r["version"]) for r in describe_features(fs)} == {(g, 1) for g in refs}  # nothing new
+
+
+def test_retire_keeps_what_the_manifest_serves(tmp_path, data_dir):
+    from common.artifacts import new_manifest, write_manifest
+
+    wd = Workdir.at(tmp_path)
+    fs = FeatureStore(wd, InMemoryOnlineStore())
+    served = build_features(fs, data_dir, names=["articles", "customers"], event_time="2020-07-01")
+    for _ in range(2):
+        build_features(fs, data_dir, names=["articles"])
+    manifest = new_manifest("t")
+    manifest.feature_groups.update(served)  # the app serves v1 of both, built first
+    write_manifest(wd, manifest)
+    assert retire_features(fs, keep=1, dry_run=True) == [
+        {"group": "articles", "version": 2, "online_table": "fg_articles_v2", "online_rows": 60}]
+    with pytest.raises(ValueError, match="'articles' v1 is what the manifest serves"):
+        retire_features(fs, version=1, groups=["articles"])
+    with pytest.raises(ValueError, match="--version needs exactly one --group"):
+        retire_features(fs, version=2)
+    assert [r["version"] for r in retire_features(fs, version=2, groups=["articles"])] == [2]
+    rows = {(r["group"], r["version"]): r for r in describe_features(fs)}
+    assert rows[("articles", 2)]["online_retired_at"] and rows[("articles", 2)]["online_table"] is None
+    assert rows[("articles", 1)]["online_rows"] == 60 and rows[("articles", 3)]["online_rows"] == 60
+    assert "online_retired_at" in format_table(list(rows.values())).splitlines()[0]
+
+
+def test_retire_parses_keep_or_one_version(tmp_path):
+    p = argparse.ArgumentParser(prog="rayrec")
+    add_features_commands(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(["features", "retire", "--workdir", str(tmp_path)])
+    assert (args.keep, args.version, args.group, args.dry_run) == (2, None, None, False)
+    args = p.parse_args(["features", "retire", "--version", "3", "--group", "articles", "--dry-run", "--json"])
+    assert (args.version, args.group, args.dry_run, args.json) == (3, ["articles"], True, True)
+    with pytest.raises(SystemExit):
+        p.parse_args(["features", "retire", "--keep", "1", "--version", "3"])

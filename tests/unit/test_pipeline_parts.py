@@ -64,3 +64,35 @@ def test_the_next_pipeline_run_reads_the_purchases_serving_logged(tmp_path, caps
     assert "[data] serving's event log: 1 of 1 logged purchases added" in capsys.readouterr().out
     off = cfg.model_copy(update={"data": cfg.data.model_copy(update={"event_log": False})})
     assert len(prepare_data(off, wd, None).transactions) == len(tx)
+
+
+def test_a_run_retires_the_versions_its_config_does_not_keep(tmp_path, capsys):
+    from common.artifacts import new_manifest
+    from common.workdir import Workdir
+    from feature_store.online.base import InMemoryOnlineStore
+    from feature_store.schema import Feature, FeatureGroup
+    from feature_store.store import FeatureStore
+    from training.pipeline import retire_old_versions
+
+    prices = FeatureGroup("prices", "item", (Feature("item", "string"), Feature("price", "float64")))
+    fs = FeatureStore(Workdir.at(tmp_path), InMemoryOnlineStore())
+    refs = []
+    for _ in range(3):
+        fgv = fs.create_feature_group(prices)
+        fgv.insert(pd.DataFrame({"item": ["a", "b"], "price": [1.0, 2.0], "event_time": pd.Timestamp("2020-01-01")}))
+        refs.append(fgv.ref)
+    manifest = new_manifest("t")
+    manifest.feature_groups["prices"] = refs[-1]
+    retire_old_versions(fs, manifest, keep=2)
+    assert [t for t in fs.online.list_tables() if t.startswith("fg_")] == ["fg_prices_v2", "fg_prices_v3"]
+    assert "prices v1: dropped online table fg_prices_v1 (2 rows" in capsys.readouterr().out
+
+    class Down(InMemoryOnlineStore):
+        def list_tables(self):
+            raise ConnectionError("the store is down")
+
+    fs.online = Down()
+    retire_old_versions(fs, manifest, keep=2)  # the run is done: reported, not raised
+    assert "could not retire old online tables (the store is down)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="keep_online_versions"):
+        load_config(None, {"database": {"keep_online_versions": 1}})
