@@ -65,7 +65,14 @@ from feature_store.codec import RowCodec
 from feature_store.dictionary import Dictionary
 from feature_store.groups import GROUPS
 from feature_store.offline import OfflineTable, StagedCommit, latest_per_key, to_event_times, to_micros
-from feature_store.online.base import OnlineStore, SchemaMismatch, TableNotFound, TableSpec, normalise_key
+from feature_store.online.base import (
+    OnlineStore,
+    SchemaMismatch,
+    TableNotFound,
+    TableSpec,
+    keep_latest,
+    normalise_key,
+)
 from feature_store.schema import ONLINE_ROW_COLUMN, ONLINE_TIME_COLUMN, FeatureGroup, check_name
 from feature_store.validation import ValidationFailed, ValidationReport, check_policy, validate
 
@@ -147,17 +154,6 @@ def marker_stored(store: OnlineStore, commit_id: str) -> bool:
         return bool(store.read_batch(COMMITS, [commit_id], ["commit_id"]))
     except TableNotFound:
         return False
-
-
-def _latest_rows(rows: list[dict[str, Any]], key: str, time: str) -> list[dict[str, Any]]:
-    """The row with the largest `time` of each key (ties: the later row; None is oldest), as
-    `OnlineStore.write_batch(newer_column=time)` keeps them."""
-    best: dict[Any, dict[str, Any]] = {}
-    for row in rows:
-        old = best.get(row[key])
-        if old is None or old[time] is None or (row[time] is not None and row[time] >= old[time]):
-            best[row[key]] = row
-    return list(best.values())
 
 
 def store_dictionary(store: OnlineStore) -> Dictionary:
@@ -439,7 +435,7 @@ class FeatureGroupVersion:
         step = self.fs.max_txn_rows
         if len(rows) <= step:
             return [rows]
-        rows = _latest_rows(rows, self.group.primary_key, ONLINE_TIME_COLUMN)
+        rows = keep_latest(rows, self.group.primary_key, ONLINE_TIME_COLUMN)  # as the store would keep them
         return [rows[i : i + step] for i in range(0, len(rows), step)]
 
     def _write_online(self, parts: list[list[dict[str, Any]]], marker: dict[str, Any], done: list[int]) -> int:

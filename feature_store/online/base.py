@@ -686,13 +686,18 @@ def check_dictionary_values(values: Sequence[Any]) -> list[str]:
 
 def latest_per_key(spec: TableSpec, prepared: list[tuple[Any, ...]], newer: int) -> list[tuple[Any, ...]]:
     """Keep, per key, the row with the largest `newer` value (ties and NULLs: the later row)."""
-    key_idx = list(spec.columns).index(spec.key)
-    best: dict[Any, tuple[Any, ...]] = {}
-    for values in prepared:
-        k = values[key_idx]
-        old = best.get(k)
-        if old is None or old[newer] is None or (values[newer] is not None and values[newer] >= old[newer]):
-            best[k] = values
+    return keep_latest(prepared, list(spec.columns).index(spec.key), newer)
+
+
+def keep_latest(rows: Sequence[Any], key: Any, newer: Any) -> list[Any]:
+    """Per `row[key]`, the row with the largest `row[newer]`: ties go to the later row, None
+    counts as oldest. The rule an upsert with `newer_column` applies (`write_batch`), for
+    prepared tuples (column indexes) and row dicts (column names) alike."""
+    best: dict[Any, Any] = {}
+    for row in rows:
+        old = best.get(row[key])
+        if old is None or old[newer] is None or (row[newer] is not None and row[newer] >= old[newer]):
+            best[row[key]] = row
     return list(best.values())
 
 
