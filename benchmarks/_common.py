@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -53,3 +55,38 @@ def emit(bench: str, **fields: object) -> None:
     printed (`calibration_loop_ms`)."""
     row = {"bench": bench, **fields, "calibration_loop_ms": calibration_loop_ms(), "cores": os.cpu_count()}
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (/proc/self/status VmRSS), in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+@contextmanager
+def rss_peak(every_s: float = 0.02) -> Iterator[dict[str, float]]:
+    """Sample this process's RSS every `every_s` while the block runs; the dict it yields gets
+    `rss_before_mb` and, after the block, `peak_rss_mb` and `peak_rss_growth_mb` (the peak over
+    the start: what the block itself held at most, which ru_maxrss cannot tell per case)."""
+    out = {"rss_before_mb": rss_mb()}
+    peak = [out["rss_before_mb"]]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(every_s):
+            peak[0] = max(peak[0], rss_mb())
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        t.join()
+        peak[0] = max(peak[0], rss_mb())
+        out["peak_rss_mb"] = round(peak[0], 1)
+        out["peak_rss_growth_mb"] = round(peak[0] - out["rss_before_mb"], 1)
+        out["rss_before_mb"] = round(out["rss_before_mb"], 1)

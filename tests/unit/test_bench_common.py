@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,15 @@ def test_the_loop_time_grows_with_the_loop(common, monkeypatch):
     short = common.calibration_loop_ms()
     monkeypatch.setattr(common, "CALIBRATION_LOOP", 200_000)
     assert common.calibration_loop_ms() > short > 0
+
+
+def test_rss_peak_sees_memory_held_inside_the_block_only(common):
+    with common.rss_peak(every_s=0.005) as mem:
+        block = bytearray(200 * 1024 * 1024)  # touched: resident
+        block[::4096] = b"x" * len(block[::4096])
+        time.sleep(0.05)
+        del block
+    assert mem["peak_rss_growth_mb"] >= 150 and mem["peak_rss_mb"] >= mem["rss_before_mb"] + 150
+    with common.rss_peak(every_s=0.005) as quiet:
+        time.sleep(0.03)
+    assert quiet["peak_rss_growth_mb"] < 50
