@@ -3,6 +3,7 @@ import math
 import pandas as pd
 import pytest
 
+import feature_store.store as store_module
 from common.artifacts import new_manifest, read_manifest, write_manifest
 from common.workdir import Workdir
 from feature_store.online.base import InMemoryOnlineStore
@@ -110,6 +111,22 @@ def test_inserts_append_offline_by_event_date_and_upsert_latest_online(tmp_path)
     assert fgv.read(latest=True, as_of="2020-01-01 18:00").set_index("item")["price"].to_dict() == {
         "a": 9.0, "b": 4.0}
     assert pd.read_parquet(fgv.root).shape[0] == 6  # a plain hive-partitioned Parquet dataset
+
+
+def test_an_insert_packs_in_chunks_and_stages_days_out_of_order_in_frame_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "PACK_CHUNK_ROWS", 2)  # 5 rows: chunks of 2, 2 and 1
+    fs = FeatureStore(Workdir.at(tmp_path), InMemoryOnlineStore())
+    fgv = fs.create_feature_group(PRICES)
+    days = ["2020-01-03", "2020-01-01", "2020-01-03 10:00", "2020-01-02", "2020-01-01 08:00"]
+    fgv.insert(_prices(["a", "b", "c", "d", "e"], [1.0, 2.0, 3.0, 4.0, 5.0], days))
+    online = assert_online_equals_latest_offline(fgv)
+    assert {k: (r["price"], r["label"]) for k, r in online.items()} == {
+        "a": (1.0, "p1.0"), "b": (2.0, "p2.0"), "c": (3.0, "p3.0"), "d": (4.0, "p4.0"), "e": (5.0, "p5.0")}
+    stored = fs.online.read_batch(fgv.spec, list("abcde"), ["item", "ts_us"])  # each row's own event time
+    assert [stored[k]["ts_us"] for k in "abcde"] == [pd.Timestamp(d).value // 1000 for d in days]
+    per_day = {p.parent.name: pd.read_parquet(p)["item"].tolist() for p in fgv.root.glob("event_date=*/*.parquet")}
+    assert per_day == {"event_date=2020-01-01": ["b", "e"], "event_date=2020-01-02": ["d"],
+                       "event_date=2020-01-03": ["a", "c"]}
 
 
 def test_versions_coexist_with_their_own_schema(tmp_path):
