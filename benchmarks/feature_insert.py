@@ -66,6 +66,9 @@ def synthetic_customers(n: int, rng: np.random.Generator) -> pd.DataFrame:
     })
 
 
+GROUPS = {"articles": ARTICLES, "customers": CUSTOMERS}
+
+
 def make_frame(group_name: str, rows: int) -> pd.DataFrame:
     """The benchmark's rows, the same on every call (seed 0), so that each child process builds its own."""
     rng = np.random.default_rng(0)
@@ -80,8 +83,7 @@ def insert_once(root: str, cfg: DatabaseConfig, password: str, group_name: str, 
     frame = make_frame(group_name, rows)
     store = MySQLOnlineStore.from_config(cfg, password)
     try:
-        fgv = FeatureStore(Workdir.at(root), store, max_txn_rows=txn_rows).create_feature_group(
-            ARTICLES if group_name == "articles" else CUSTOMERS)
+        fgv = FeatureStore(Workdir.at(root), store, max_txn_rows=txn_rows).create_feature_group(GROUPS[group_name])
         with rss_peak() as mem:
             t0 = time.perf_counter()
             fgv.insert(frame, validation="strict", event_time="2020-09-22")
@@ -135,9 +137,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--txn-rows", type=int, default=DatabaseConfig().max_txn_rows)
     ap.add_argument("--repeats", type=int, default=2, help="inserts per case, the cases alternating")
-    ap.add_argument("--group", choices=("articles", "customers"), default="articles")
+    ap.add_argument("--group", choices=tuple(GROUPS), default="articles")
     a = ap.parse_args()
-    group = ARTICLES if a.group == "articles" else CUSTOMERS
+    group = GROUPS[a.group]
     frame = make_frame(a.group, a.rows)
     frame_mb = round(float(frame.memory_usage(deep=True).sum()) / 2**20, 1)
     with tempfile.TemporaryDirectory(prefix="rayrec-bench-") as tmp:

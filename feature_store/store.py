@@ -571,8 +571,8 @@ class FeatureGroupVersion:
     def _online_rows(self, frame: pd.DataFrame, times: pd.Series) -> list[dict[str, Any]]:
         """Every row packed for the online table, in frame order (a row that cannot be packed
         raises, naming it). The columns become Python values `PACK_CHUNK_ROWS` rows at a time:
-        all at once they took about twice the frame's memory (36 article features, 100,000 rows:
-        170 MB over the packed rows; benchmarks/feature_insert.py, `peak_rss_growth_mb`)."""
+        all at once they were the insert's peak memory (100,000 article rows: RSS grew 290 MB
+        against 209 MB; benchmarks/feature_insert.py, `peak_rss_growth_mb`, docs/scaling.md F50)."""
         g = self.group
         dictionary = store_dictionary(self.fs.online) if g.dictionary_features else None
         codec = g.codec(dictionary)
