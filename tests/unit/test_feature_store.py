@@ -305,6 +305,16 @@ _BIG = (["a", "b", "c", "a", "d", "e"], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
         ["2020-01-02", "2020-01-01", "2020-01-01", "2020-01-01", "2020-01-03", "2020-01-03"])
 
 
+def test_a_split_insert_sends_each_keys_latest_row_whatever_its_packed_bytes(tmp_path):
+    """A key repeated in an insert split into transactions goes online once, with its latest row:
+    here the later row's packed value sorts before the earlier one's (price 4.0 < 1.0 as bytes)."""
+    online = Transactions()
+    fgv = FeatureStore(Workdir.at(tmp_path), online, max_txn_rows=2).create_feature_group(PRICES)
+    fgv.insert(_prices(["x", "y", "x"], [1.0, 2.0, 4.0], ["2020-01-01", "2020-01-01", "2020-01-02"]))
+    assert sorted(k for keys, _ in online.calls for k in keys) == ["x", "y"]
+    assert assert_online_equals_latest_offline(fgv)["x"]["price"] == 4.0
+
+
 def test_an_insert_larger_than_one_transaction_is_written_in_several(tmp_path, capsys, monkeypatch):
     from feature_store import store as store_module
 
