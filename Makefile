@@ -46,8 +46,12 @@ test: install mariadb ## run the test suite (unit + integration on real MariaDB 
 stop: ## stop the app, Ray and the local database
 	@if [ -x $(BIN)/rayrec ]; then $(BIN)/rayrec stop --workdir $(WORKDIR); fi
 
-bench: install mariadb ## run the benchmarks (JSON lines on stdout)
-	@for b in benchmarks/[!_]*.py; do echo "# $$b" >&2; $(BIN)/python $$b || exit 1; done
+bench: ## run the benchmarks (JSON lines on stdout, nothing else; each script's time on stderr)
+	@$(MAKE) --no-print-directory install mariadb >&2
+	@t0=$$(date +%s); for b in benchmarks/[!_]*.py; do \
+	  s=$$(date +%s); echo "# $$b" >&2; $(BIN)/python $$b || exit 1; \
+	  echo "# $$b took $$(( $$(date +%s) - s )) s" >&2; \
+	done; echo "# make bench took $$(( $$(date +%s) - t0 )) s" >&2
 
 lint: install ## ruff
 	$(BIN)/ruff check .

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TextIO
 
 import numpy as np
 
@@ -50,11 +52,30 @@ def calibration_loop_ms(repeats: int = 3) -> float:
     return best
 
 
+_json_out: TextIO | None = None  # where emit writes once json_lines_only() ran (else sys.stdout)
+
+
+def json_lines_only() -> None:
+    """Keep this process's stdout for `emit`'s JSON lines and send everything else written to it
+    to stderr: the progress lines of a pipeline a benchmark builds, the worker logs Ray forwards
+    to its driver, CatBoost's, those of subprocesses and C code (file descriptor 1 itself is
+    pointed at stderr). Without it `make bench > out.jsonl` held 74 lines that were not JSON.
+    Call it first in a benchmark's main(), never in an imported module (tests import this one)."""
+    global _json_out
+    if _json_out is not None:
+        return
+    sys.stdout.flush()
+    _json_out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+
 def emit(bench: str, **fields: object) -> None:
     """Print one case as a JSON line, with the machine's core count and its speed as the line is
     printed (`calibration_loop_ms`)."""
     row = {"bench": bench, **fields, "calibration_loop_ms": calibration_loop_ms(), "cores": os.cpu_count()}
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
+          file=_json_out or sys.stdout, flush=True)
 
 
 def rss_mb() -> float:

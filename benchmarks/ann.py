@@ -36,7 +36,7 @@ import pandas as pd
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit  # noqa: E402
+from _common import emit, json_lines_only  # noqa: E402
 
 from training.index import (  # noqa: E402
     TABLE_NAME,
@@ -200,6 +200,7 @@ def main() -> None:
     ap.add_argument("--index", nargs="+", default=["auto"], choices=["auto", "IVF_SQ", "IVF_PQ", "IVF_HNSW_SQ"])
     ap.add_argument("--data", default="clustered", choices=["clustered", "random"])
     a = ap.parse_args()
+    json_lines_only()
     for n in a.items:
         measure(n, a.dim, a.queries, a.index, a.data)
 

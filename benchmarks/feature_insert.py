@@ -34,7 +34,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import emit, rss_peak  # noqa: E402
+from _common import emit, json_lines_only, rss_peak  # noqa: E402
 from online_store import article_ids, free_port, synthetic_articles  # noqa: E402
 
 from common.config import DatabaseConfig  # noqa: E402
@@ -139,6 +139,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="inserts per case, the cases alternating")
     ap.add_argument("--group", choices=tuple(GROUPS), default="articles")
     a = ap.parse_args()
+    json_lines_only()
     group = GROUPS[a.group]
     frame = make_frame(a.group, a.rows)
     frame_mb = round(float(frame.memory_usage(deep=True).sum()) / 2**20, 1)

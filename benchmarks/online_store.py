@@ -70,7 +70,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit  # noqa: E402
+from _common import emit, json_lines_only  # noqa: E402
 
 from common.config import DatabaseConfig  # noqa: E402
 from common.workdir import Workdir  # noqa: E402
@@ -366,6 +366,7 @@ def main() -> None:
     ap.add_argument("--db-port", type=int, default=None, help="port of the benchmark's own MariaDB")
     ap.add_argument("--workdir", help="keep the database and feature store here (default: a temp dir)")
     a = ap.parse_args()
+    json_lines_only()
     batches = [int(x) for x in a.batches.split(",")]
     client_counts = [int(x) for x in a.clients.split(",")]
     with tempfile.TemporaryDirectory(prefix="rayrec-bench-") as scratch:

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit  # noqa: E402
+from _common import emit, json_lines_only  # noqa: E402
 
 import feature_store.sources as sources  # noqa: E402
 from feature_store.transforms import customer_history  # noqa: E402
@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--days", type=int, default=120)
     ap.add_argument("--seed", type=int, default=0, help="the data set's seed")
     a = ap.parse_args()
+    json_lines_only()
     with tempfile.TemporaryDirectory(prefix="rayrec-oracle-") as tmp:
         sampler = generate_with_sampler(Path(tmp), a.seed, a.customers, a.articles, a.days)
         hm = sources.load_hm(Path(tmp))

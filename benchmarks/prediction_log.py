@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import emit, paced_cpu_s  # noqa: E402
+from _common import emit, json_lines_only, paced_cpu_s  # noqa: E402
 from pydantic_core import to_json  # noqa: E402
 
 from training.feedback import PredictionLog  # noqa: E402
@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=100.0, help="records per second")
     ap.add_argument("--seconds", type=float, default=3.0)
     a = ap.parse_args()
+    json_lines_only()
     rec = record(0)
     emit("prediction_log", case="encode", record_bytes=len(to_json(rec)),
          json_dumps_us=encode_us(lambda r: json.dumps(r, separators=(",", ":"), default=str), rec),

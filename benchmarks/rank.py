@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, paced_cpu_s, timed_ms  # noqa: E402
+from _common import emit, json_lines_only, paced_cpu_s, timed_ms  # noqa: E402
 
 from common.artifacts import new_manifest, read_manifest  # noqa: E402
 from common.config import DatabaseConfig, FilterConfig, RankerConfig, load_config  # noqa: E402
@@ -208,6 +208,7 @@ def main() -> None:
     ap.add_argument("--workdir", help="a pipeline run to measure (its database must be running)")
     ap.add_argument("--db-port", type=int, help="port of the benchmark's own MariaDB (default: a free one)")
     a = ap.parse_args()
+    json_lines_only()
     if a.workdir:
         from feature_store.connect import open_online_store
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, timed_ms  # noqa: E402
+from _common import emit, json_lines_only, timed_ms  # noqa: E402
 
 from training.evaluate import top_k_exact  # noqa: E402
 from training.index import TABLE_NAME, ItemIndex, to_index_rows  # noqa: E402
@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--queries", type=int, default=200)
     a = ap.parse_args()
+    json_lines_only()
     rng = np.random.default_rng(0)
     for n in a.items:
         measure(n, a.dim, a.queries, rng)

@@ -62,7 +62,7 @@ JSON lines, e.g.
          in groups sharing one call, as `fused_calls: coalesced` groups them, paced like serving)
 
 Usage: python benchmarks/serve_load.py [--workdir RUN] [--rates 25 50 100 150 200] [--duration 8]
-       [--topologies fused split] [--variants default haproxy haproxy_admission throughput]
+       [--topologies fused split] [--variants default haproxy_admission] (the defaults; also haproxy, throughput, ...)
        [--candidates 200]
        [--max-ongoing N] [--max-queued N] [--queue-timeout-ms T] [--shed-delay-ms 0 15] [--shed-interval-ms I]
        [--article-cache-ttl-s 2 0] [--fused-calls inline batched]
@@ -92,7 +92,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, paced_cpu_s  # noqa: E402
+from _common import emit, json_lines_only, paced_cpu_s  # noqa: E402
 
 from common.config import ServeConfig, load_config  # noqa: E402
 from common.ray_env import (  # noqa: E402
@@ -877,8 +877,10 @@ def main() -> None:
     ap.add_argument("--rates", type=float, nargs="+", default=[25, 50, 100, 150, 200])
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per rate")
     ap.add_argument("--topologies", nargs="+", default=["fused", "split"], choices=["fused", "split"])
-    ap.add_argument("--variants", nargs="+", default=["default", "haproxy", "haproxy_admission"],
-                    choices=list(VARIANT_ENV))
+    ap.add_argument("--variants", nargs="+", default=["default", "haproxy_admission"],
+                    choices=list(VARIANT_ENV),
+                    help="Serve's Python proxy and the HAProxy admission `rayrec serve start` runs (default); "
+                         "`haproxy` (the replicas refusing) and the others are for A/B runs")
     ap.add_argument("--candidates", type=int, default=200)
     ap.add_argument("--replicas", type=int, nargs="+", default=[0],
                     help="replicas per deployment (fixed; 0 = the run's autoscaling config)")
@@ -906,6 +908,7 @@ def main() -> None:
     ap.add_argument("--served-only", action="store_true",
                     help="skip the in-process cases (for A/B runs of served variants; no ratio_vs_in_process)")
     a = ap.parse_args()
+    json_lines_only()
     with tempfile.TemporaryDirectory(prefix="rayrec-serve-load-") as tmp:
         if a.workdir:
             wd = Workdir.at(a.workdir)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit  # noqa: E402
+from _common import emit, json_lines_only  # noqa: E402
 
 from common.config import TwoTowerConfig  # noqa: E402
 from feature_store.sources import generate, load_hm  # noqa: E402
@@ -306,6 +306,7 @@ def main() -> None:
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--data-dir", type=Path, default=None, help="reuse generated data here (default: a temp dir)")
     a = ap.parse_args()
+    json_lines_only()
 
     over = {} if a.ensemble is None else {"ensemble": a.ensemble}
     over |= {} if a.epochs is None else {"epochs": a.epochs}

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -44,3 +46,27 @@ def test_rss_peak_sees_memory_held_inside_the_block_only(common):
     with common.rss_peak(every_s=0.005) as quiet:
         time.sleep(0.03)
     assert quiet["peak_rss_growth_mb"] < 50
+
+
+def test_json_lines_only_leaves_stdout_to_the_json_lines(tmp_path):
+    """Whatever else a benchmark's process writes to stdout (print, file descriptor 1 directly,
+    a subprocess) goes to stderr once json_lines_only() ran; emit's lines stay on stdout."""
+    script = tmp_path / "bench.py"
+    script.write_text(
+        "import os, subprocess, sys\n"
+        f"sys.path.insert(0, {str(COMMON.parent)!r})\n"
+        "from _common import emit, json_lines_only\n"
+        "print('before: stays on stdout', flush=True)\n"
+        "json_lines_only()\n"
+        "print('progress line')\n"
+        "os.write(1, b'raw fd 1\\n')\n"
+        "subprocess.run([sys.executable, '-c', 'print(\"child\")'], check=True)\n"
+        "emit('demo_bench', case='c', p50_ms=1.0)\n"
+        "print('after')\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True, timeout=60)
+    out = done.stdout.splitlines()
+    assert out[0] == "before: stays on stdout" and len(out) == 2
+    assert json.loads(out[1])["bench"] == "demo_bench"
+    for noise in ("progress line", "raw fd 1", "child", "after"):
+        assert noise in done.stderr.splitlines()
