@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKDIR ?= .rayrec/demo
 CONFIG ?= configs/demo.yaml
+BENCH_PLOTS ?= .rayrec/bench/plots
 
 .DEFAULT_GOAL := help
 .PHONY: help install mariadb demo serve test stop bench lint clean
@@ -46,9 +47,10 @@ test: install mariadb ## run the test suite (unit + integration on real MariaDB 
 stop: ## stop the app, Ray and the local database
 	@if [ -x $(BIN)/rayrec ]; then $(BIN)/rayrec stop --workdir $(WORKDIR); fi
 
-bench: ## run the benchmarks (JSON lines on stdout, nothing else; each script's time on stderr)
+bench: ## run the benchmarks (JSON lines on stdout, nothing else; each script's time on stderr; latency plots in $(BENCH_PLOTS))
 	@$(MAKE) --no-print-directory install mariadb >&2
-	@t0=$$(date +%s); for b in benchmarks/[!_]*.py; do \
+	@export RAYREC_BENCH_PLOTS=$${RAYREC_BENCH_PLOTS:-$(BENCH_PLOTS)}; \
+	t0=$$(date +%s); for b in benchmarks/[!_]*.py; do \
 	  s=$$(date +%s); echo "# $$b" >&2; $(BIN)/python $$b || exit 1; \
 	  echo "# $$b took $$(( $$(date +%s) - s )) s" >&2; \
 	done; echo "# make bench took $$(( $$(date +%s) - t0 )) s" >&2

@@ -49,9 +49,13 @@ The server is measured warm, as it serves: before the timed cases every key is r
 server's CPU per read meanwhile; after a restart InnoDB's buffer pool and adaptive hash index
 make the first few thousand reads cost about twice as much server CPU as later ones).
 
+The timed calls' latencies are also drawn as histograms, one panel per batch size and client
+count with every case in it and the 2 ms target on the 250-key, 1-client panel:
+online_store_latency.png in --plots, else $RAYREC_BENCH_PLOTS (`make bench`), else WORKDIR/reports.
+
 Usage: python benchmarks/online_store.py [--rows 200000] [--batches 250,100] [--clients 1,4]
                                           [--reads 1500] [--settle-s 1] [--warmup-passes 1] [--events 200]
-                                          [--cpu-split-calls 1500] [--db-port PORT] [--workdir DIR]
+                                          [--cpu-split-calls 1500] [--db-port PORT] [--workdir DIR] [--plots DIR]
 """
 from __future__ import annotations
 
@@ -71,6 +75,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, json_lines_only  # noqa: E402
+from _plots import PLOTS_ENV, latency_histograms, plots_dir  # noqa: E402
 
 from common.config import DatabaseConfig  # noqa: E402
 from common.workdir import Workdir  # noqa: E402
@@ -314,8 +319,15 @@ def server_cpu_s(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+MODE_LABELS = {"batched": "get_feature_vectors", "plain": "plain strings", "statement": "statement alone",
+               "statement_in": "IN-list statement", "per_key": "one query per key (the whole batch)"}
+TARGET_P99_MS = {(250, 1): 2.0}  # issue #8: a 250-key batch, one client
+
+
 def measure(cfg, password, root, mode: str, batch: int, clients: int, reads: int, rows: int,
-            server_pid: int | None = None, settle_s: float = 1.0) -> dict:
+            server_pid: int | None = None, settle_s: float = 1.0, keep: dict | None = None) -> dict:
+    """The figures of one case; `keep` (when given) gets the timed calls' latencies under
+    `mode`'s label, for the plots."""
     start_at = time.time() + 4.0 + clients  # after every client connected and warmed up
     jobs = [(cfg, password, root, mode, batch, reads, rows, 100 + c, start_at, settle_s, None) for c in range(clients)]
     if clients == 1:  # in this process: the client samples the server's CPU around its timed calls
@@ -333,6 +345,8 @@ def measure(cfg, password, root, mode: str, batch: int, clients: int, reads: int
     settle = np.concatenate([r["settle"] for r in results])
     wall = max(lat_i.sum() for lat_i in lat) / 1000  # each client runs back to back after settling
     calls = reads * clients
+    if keep is not None:
+        keep[MODE_LABELS[mode]] = all_lat
     return {
         "p50_ms": float(np.percentile(all_lat, 50)),
         "p99_ms": float(np.percentile(all_lat, 99)),
@@ -365,8 +379,10 @@ def main() -> None:
                     help="calls of the call_cpu_split case per batch size, 1 client (0: none)")
     ap.add_argument("--db-port", type=int, default=None, help="port of the benchmark's own MariaDB")
     ap.add_argument("--workdir", help="keep the database and feature store here (default: a temp dir)")
+    ap.add_argument("--plots", help=f"write latency histograms here (default: ${PLOTS_ENV}, else WORKDIR/reports)")
     a = ap.parse_args()
     json_lines_only()
+    out_dir = plots_dir(a.plots, a.workdir)
     batches = [int(x) for x in a.batches.split(",")]
     client_counts = [int(x) for x in a.clients.split(",")]
     with tempfile.TemporaryDirectory(prefix="rayrec-bench-") as scratch:
@@ -391,26 +407,36 @@ def main() -> None:
                 for view in (VIEW, VIEW_PLAIN):
                     emit("online_store", case="warmup", view=view,
                          **warm_up(cfg, password, tmp, a.rows, a.warmup_passes, pid, view))
+            latencies: dict[str, dict[str, np.ndarray]] = {}
+            targets: dict[str, float] = {}
             for batch in batches:
                 for clients in client_counts:
-                    fast = measure(cfg, password, tmp, "batched", batch, clients, a.reads, a.rows, pid, a.settle_s)
+                    panel = f"{batch} keys, {clients} client{'s' if clients > 1 else ''}"
+                    if (batch, clients) in TARGET_P99_MS:
+                        targets[panel] = TARGET_P99_MS[batch, clients]
+                    keep = latencies.setdefault(panel, {})
+                    fast = measure(cfg, password, tmp, "batched", batch, clients, a.reads, a.rows, pid, a.settle_s, keep)
                     emit("online_store", case="batched", batch=batch, clients=clients, rows=a.rows, **fast)
-                    plain = measure(cfg, password, tmp, "plain", batch, clients, a.reads, a.rows, pid, a.settle_s)
+                    plain = measure(cfg, password, tmp, "plain", batch, clients, a.reads, a.rows, pid, a.settle_s, keep)
                     emit("online_store", case="batched_plain_strings", batch=batch, clients=clients, rows=a.rows,
                          **plain, ratio_vs_batched=round(plain["mean_ms"] / fast["mean_ms"], 2))
-                    stmt = measure(cfg, password, tmp, "statement", batch, clients, a.reads, a.rows, pid, a.settle_s)
+                    stmt = measure(cfg, password, tmp, "statement", batch, clients, a.reads, a.rows, pid, a.settle_s, keep)
                     emit("online_store", case="statement_only", batch=batch, clients=clients, rows=a.rows, **stmt,
                          ratio_vs_batched=round(fast["mean_ms"] / stmt["mean_ms"], 2))
-                    in_list = measure(cfg, password, tmp, "statement_in", batch, clients, a.reads, a.rows, pid, a.settle_s)
+                    in_list = measure(cfg, password, tmp, "statement_in", batch, clients, a.reads, a.rows, pid, a.settle_s, keep)
                     emit("online_store", case="statement_in_list", batch=batch, clients=clients, rows=a.rows, **in_list,
                          ratio_vs_statement=round(in_list["mean_ms"] / stmt["mean_ms"], 2))
-                    slow = measure(cfg, password, tmp, "per_key", batch, clients, a.per_key_reads, a.rows, pid, a.settle_s)
+                    slow = measure(cfg, password, tmp, "per_key", batch, clients, a.per_key_reads, a.rows, pid, a.settle_s, keep)
                     emit("online_store", case="per_key", batch=batch, clients=clients, rows=a.rows, **slow)
                     emit("online_store", case="speedup", batch=batch, clients=clients,
                          ratio=round(slow["mean_ms"] / fast["mean_ms"], 1))
                 if a.cpu_split_calls and pid is not None:
                     emit("online_store", case="call_cpu_split", batch=batch, clients=1, rows=a.rows,
                          **call_cpu_split(cfg, password, tmp, batch, a.cpu_split_calls, a.rows, pid))
+            if out_dir is not None and latencies:
+                path = latency_histograms(out_dir / "online_store_latency.png",
+                                          f"online feature reads, {a.rows:,} rows ({engine})", latencies, targets)
+                print(f"[online_store] plot: {path}", file=sys.stderr)
             if a.events:
                 store = MySQLOnlineStore.from_config(cfg, password)
                 emit("online_store", case="purchase_event", **purchase_events(FeatureStore(Workdir.at(tmp), store),

@@ -67,8 +67,13 @@ Usage: python benchmarks/serve_load.py [--workdir RUN] [--rates 25 50 100 150 20
        [--max-ongoing N] [--max-queued N] [--queue-timeout-ms T] [--shed-delay-ms 0 15] [--shed-interval-ms I]
        [--article-cache-ttl-s 2 0] [--fused-calls inline batched]
        [--access-log on off] [--user-code-loop thread main] [--search-queries repeat|novel]
-       [--served-only] [--samples-out FILE]
+       [--served-only] [--samples-out FILE] [--plots DIR]
 Without --workdir it builds a small pipeline run in a temp folder (with its own MariaDB).
+
+Plots (--plots DIR, else $RAYREC_BENCH_PLOTS as `make bench` sets it, else RUN/reports of
+--workdir): serve_load_latency.png, a histogram of the answered recommends' latencies per app run
+and window (the overload case's accepted requests too), and serve_load_latency_vs_rate.png, their
+p50 and p99 against the offered rate, each with the 50 ms target.
 """
 from __future__ import annotations
 
@@ -93,6 +98,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, json_lines_only, paced_cpu_s  # noqa: E402
+from _plots import PLOTS_ENV, latency_histograms, latency_vs_rate, plots_dir  # noqa: E402
 
 from common.config import ServeConfig, load_config  # noqa: E402
 from common.ray_env import (  # noqa: E402
@@ -406,10 +412,51 @@ async def open_loop(url: str, plan: list[tuple[str, bytes]], rate: float) -> tup
             for kind, status, ms, late, payload in results], wall
 
 
+def recommend_latencies(samples: list[Sample]) -> np.ndarray:
+    """Latencies (ms) of the answered recommends: what the p50/p99 figures and plots are of."""
+    return np.array([s.ms for s in samples if s.kind == "recommend" and 200 <= s.status < 300])
+
+
+class LatencyRecord:
+    """Each served window's answered-recommend latencies and p50/p99, kept for the plots."""
+
+    def __init__(self) -> None:
+        self.windows: dict[str, dict[str, np.ndarray]] = {}
+        self.points: dict[str, list[tuple[float, float, float]]] = {}
+
+    def run_name(self, topology: str, variant: str, replicas: int | None, app_args: dict | None) -> str:
+        """A label per app run; a repeated setting gets '#2', '#3', ..."""
+        extra = [f"{replicas} replicas"] if replicas else []
+        extra += [f"{k}={v}" for k, v in (app_args or {}).items()]
+        base = ", ".join([topology, variant, *extra])
+        name, i = base, 1
+        while name in self.windows:
+            i += 1
+            name = f"{base} #{i}"
+        self.windows[name], self.points[name] = {}, []
+        return name
+
+    def add(self, run: str, window: str, samples: list[Sample], rate: float | None, row: dict) -> None:
+        self.windows[run][window] = recommend_latencies(samples)
+        if rate is not None and row["p99_ms"] is not None:
+            self.points[run].append((rate, row["p50_ms"], row["p99_ms"]))
+
+    def plot(self, out_dir: Path) -> list[Path]:
+        """serve_load_latency.png (a histogram per run and window) and
+        serve_load_latency_vs_rate.png in `out_dir`; nothing when no window ran."""
+        windows = {run: w for run, w in self.windows.items() if w}  # a run that did not start has none
+        if not windows:
+            return []
+        title = f"serve_load: answered /v1/recommend, target p99 {TARGET_P99_MS:g} ms"
+        return [latency_histograms(out_dir / "serve_load_latency.png", title, windows,
+                                   dict.fromkeys(windows, TARGET_P99_MS)),
+                latency_vs_rate(out_dir / "serve_load_latency_vs_rate.png", title, self.points, TARGET_P99_MS)]
+
+
 def summarise(samples: list[Sample], wall_s: float) -> dict:
     rec = [s for s in samples if s.kind == "recommend"]
     ok = [s for s in samples if 200 <= s.status < 300]
-    lat = np.array([s.ms for s in rec if 200 <= s.status < 300]) if rec else np.array([])
+    lat = recommend_latencies(samples)
     # The handler's own time (`debug.total_ms`) against the client's: the rest is spent before the
     # app sees the request (queued in the replica, or unread while its loop is busy) and on the wire.
     handler = np.array([s.debug["total_ms"] for s in rec if "total_ms" in s.debug])
@@ -789,8 +836,11 @@ def dump_samples(path: Path | None, window: dict, sent_at: float, samples: list[
 
 def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, rates: list[float], duration: float,
                  candidates: int, base_p50: float | None, replicas: int | None, admission: dict | None = None,
-                 labels: dict | None = None, samples_out: Path | None = None) -> None:
-    """`labels`: fields added to each row (how the load was drawn); `samples_out`: see dump_samples."""
+                 labels: dict | None = None, samples_out: Path | None = None,
+                 record: LatencyRecord | None = None) -> None:
+    """`labels`: fields added to each row (how the load was drawn); `samples_out`: see
+    dump_samples; `record`: gets each window's latencies for the plots."""
+    run = record.run_name(topology, variant, replicas, admission) if record is not None else ""
     try:
         url, _ = start_app(wd, topology, variant, candidates, replicas, admission)
     except Exception as e:  # noqa: BLE001 - a variant that does not start is reported, not fatal
@@ -810,6 +860,8 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
             samples, wall = gen.run(url, plan, rate)
             dump_samples(samples_out, {"variant": variant, **(admission or {})}, sent_at, samples, rate)
             row = summarise(samples, wall)
+            if record is not None:
+                record.add(run, f"{rate:g} req/s", samples, rate, row)
             row["cpu_ms_per_request"] = cpu_per_request(cpu0, cpu_by_group(), len(samples))
             row["db_statements_per_request"] = round((db.server_statement_count() - q0 - 1) / max(1, len(samples)), 3)
             ok = row["p99_ms"] is not None and row["p99_ms"] <= TARGET_P99_MS and row["error_rate"] == 0
@@ -827,6 +879,8 @@ def run_topology(wd: Workdir, payloads: Payloads, topology: str, variant: str, r
         samples, wall = gen.run(url, plan, offered)
         dump_samples(samples_out, {"variant": variant, "case": "overload", **(admission or {})}, sent_at, samples, offered)
         row = summarise(samples, wall)
+        if record is not None:
+            record.add(run, f"offered {offered:g} req/s (overload)", samples, None, row)
         goodput = row["achieved_rps"]
         emit("serve_load", case="overload", topology=topology, variant=variant, replicas=replicas or "config",
              **(admission or {}), **(labels or {}), offered_rps=offered,
@@ -905,10 +959,12 @@ def main() -> None:
                          "novel: a colour and a product type (nearly every query a first sight)")
     ap.add_argument("--samples-out", type=Path,
                     help="append every request of every window to this file, one JSON line each (for analysis)")
+    ap.add_argument("--plots", help=f"write the latency plots here (default: ${PLOTS_ENV}, else WORKDIR/reports)")
     ap.add_argument("--served-only", action="store_true",
                     help="skip the in-process cases (for A/B runs of served variants; no ratio_vs_in_process)")
     a = ap.parse_args()
     json_lines_only()
+    out_dir, record = plots_dir(a.plots, a.workdir), LatencyRecord()
     with tempfile.TemporaryDirectory(prefix="rayrec-serve-load-") as tmp:
         if a.workdir:
             wd = Workdir.at(a.workdir)
@@ -951,7 +1007,10 @@ def main() -> None:
                                 run_topology(wd, payloads, topology, variant, a.rates, a.duration, a.candidates,
                                              base_p50, replicas or None, app_args,
                                              {"search_queries": a.search_queries} if a.search_queries != "repeat"
-                                             else None, a.samples_out)
+                                             else None, a.samples_out, record)
+        if out_dir is not None:
+            for path in record.plot(out_dir):
+                print(f"[serve_load] plot: {path}", file=sys.stderr)
         if not a.workdir:
             from feature_store.local_db import LocalMariaDB
 

@@ -23,7 +23,7 @@ def plot_training(history: list[dict], path: Path) -> Path:
         ax2.set_ylabel("validation recall")
     ax.set_title("two-tower training")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_metrics(metrics: dict[str, dict[str, float]], path: Path) -> Path:
@@ -48,10 +48,11 @@ def plot_metrics(metrics: dict[str, dict[str, float]], path: Path) -> Path:
     right.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(names))], names)
     right.set_title("ranking quality")
     right.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write `fig` as a PNG at `path` (folders made) and free it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
