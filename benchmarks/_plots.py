@@ -33,9 +33,17 @@ def _tick(v: float, _pos: object = None) -> str:
 _PLAIN = FuncFormatter(_tick)
 
 
-def _log_axis(axis) -> None:
+def _decorate(ax, log_axis: str, xlabel: str, ylabel: str, title: str) -> None:
+    """Labels, title, grid and legend; `log_axis` ("x" or "y") on a log scale read in plain ms."""
+    axis = ax.xaxis if log_axis == "x" else ax.yaxis
+    (ax.set_xscale if log_axis == "x" else ax.set_yscale)("log")
     axis.set_major_formatter(_PLAIN)
     axis.set_minor_formatter(_PLAIN)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def _bins(series: Sequence[np.ndarray]) -> np.ndarray:
@@ -67,13 +75,7 @@ def latency_histograms(path: Path, title: str, panels: Mapping[str, Mapping[str,
         target = (target_ms or {}).get(name)
         if target is not None:
             ax.axvline(target, color="tab:red", linestyle="--", linewidth=1, label=f"target p99 {target:g} ms")
-        ax.set_xscale("log")
-        _log_axis(ax.xaxis)
-        ax.set_xlabel("latency (ms, log scale)")
-        ax.set_ylabel("requests")
-        ax.set_title(name, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _decorate(ax, "x", "latency (ms, log scale)", "requests", name)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle(title)
@@ -95,11 +97,5 @@ def latency_vs_rate(path: Path, title: str, lines: Mapping[str, Sequence[tuple[f
         ax.plot(rate, p50, "--", color=colour, alpha=0.7, label=f"{name} p50")
     if target_ms is not None:
         ax.axhline(target_ms, color="tab:red", linestyle=":", linewidth=1, label=f"target p99 {target_ms:g} ms")
-    ax.set_yscale("log")
-    _log_axis(ax.yaxis)
-    ax.set_xlabel("offered load (req/s)")
-    ax.set_ylabel("latency (ms, log scale)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _decorate(ax, "y", "offered load (req/s)", "latency (ms, log scale)", title)
     return save_figure(fig, path)
