@@ -55,6 +55,19 @@ class DatabaseConfig(_Strict):
     # every table in memory, and each run writes new versions. At least 2, so that an app still
     # serving the previous run until its reload keeps its tables. None: keep every version.
     keep_online_versions: int | None = Field(None, ge=2)
+    # TLS to the server. "preferred" (the MySQL clients' default): encrypted when the server
+    # offers it, its certificate unchecked; "required": no connection without TLS, certificate
+    # unchecked; "verify": TLS with the server's certificate checked against `tls_ca` (a PEM
+    # file; else the system's CAs) and its host name against `host`, what a RonDB reached over a
+    # network should use; "disabled": never (a local MariaDB listens on 127.0.0.1 without TLS).
+    tls: Literal["preferred", "required", "verify", "disabled"] = "preferred"
+    tls_ca: str | None = None
+
+    @model_validator(mode="after")
+    def _ca_needs_verify(self) -> DatabaseConfig:
+        if self.tls_ca is not None and self.tls != "verify":
+            raise ValueError(f"database.tls_ca is only used with tls: verify (tls is {self.tls!r})")
+        return self
 
 
 class TwoTowerConfig(_Strict):

@@ -31,7 +31,9 @@ writers of the same keys) is run again whole, up to `_TXN_ATTEMPTS` times.
 from __future__ import annotations
 
 import json
+import os
 import re
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -110,6 +112,31 @@ _KEY_STRING = f"VARCHAR({MAX_KEY_CHARS}) CHARACTER SET utf8mb4 COLLATE utf8mb4_b
 # The local server's set-up, run by feature_store.local_db through the `mariadb` client as the
 # server's admin over its unix socket (the app's user does not exist yet).
 VERSION_SQL = "SELECT VERSION();\n"
+
+
+TLS_MODES = ("preferred", "required", "verify", "disabled")
+
+
+def tls_options(mode: str, ca: str | None = None) -> dict[str, Any]:
+    """pymysql's connect() options for a TLS mode (DatabaseConfig.tls). pymysql 2 encrypts by
+    default when the server offers TLS and checks nothing; "required" insists on TLS,
+    "verify" also checks the certificate (against `ca`, else the system's CAs) and host name."""
+    if mode not in TLS_MODES:
+        raise ValueError(f"tls must be one of {TLS_MODES}, not {mode!r}")
+    if ca is not None and mode != "verify":
+        raise ValueError(f"a TLS CA file is only used with tls 'verify', not {mode!r}")
+    if mode == "disabled":
+        return {"ssl_disabled": True}
+    if mode == "preferred":
+        return {}
+    # An SSLContext of our own: pymysql's dict form skips the host-name check without a CA.
+    if ca is not None and not os.path.isfile(ca):
+        raise ValueError(f"TLS CA file {ca!r} does not exist")
+    ctx = ssl.create_default_context(cafile=ca)  # certificate and host name checked
+    if mode == "required":
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return {"ssl": ctx}
 
 
 def bootstrap_sql(database: str, user: str, password: str) -> str:
@@ -324,6 +351,8 @@ class MySQLOnlineStore(OnlineStore):
         write_timeout: float | None = 60,
         chunk_size: int = 1000,
         key_form: str = "auto",
+        tls: str = "preferred",
+        tls_ca: str | None = None,
     ) -> None:
         """Connect (eagerly, so a wrong address or password fails here).
 
@@ -335,6 +364,7 @@ class MySQLOnlineStore(OnlineStore):
             key_form: how reads send their keys (`_rows_of`): "json" (one JSON array joined by
                 JSON_TABLE), "in" (an IN list) or "auto" (an IN list under NDB and for one key,
                 else JSON).
+            tls, tls_ca: TLS to the server (`tls_options`; DatabaseConfig.tls).
         Raises:
             ConnectionError: the server cannot be reached or refuses the login.
             ValueError: an unknown key_form.
@@ -361,7 +391,9 @@ class MySQLOnlineStore(OnlineStore):
             autocommit=True,
             local_infile=False,
             init_command=f"SET SESSION group_concat_max_len = {GROUP_CONCAT_MAX_LEN}",
+            **tls_options(tls, tls_ca),
         )
+        self._tls = tls
         self._chunk_size = chunk_size
         self._lock = threading.RLock()  # re-entered by a dictionary read inside update_rows
         self._conn: pymysql.connections.Connection | None = None
@@ -380,7 +412,7 @@ class MySQLOnlineStore(OnlineStore):
             password: the user's password (see `LocalMariaDB.password()` or cfg.password_env).
             kwargs: passed on to the constructor (timeouts, chunk_size).
         """
-        return cls(cfg.host, cfg.port, cfg.database, cfg.user, password, **kwargs)
+        return cls(cfg.host, cfg.port, cfg.database, cfg.user, password, **({"tls": cfg.tls, "tls_ca": cfg.tls_ca} | kwargs))
 
     def __repr__(self) -> str:
         return f"MySQLOnlineStore({self._where})"
@@ -403,9 +435,10 @@ class MySQLOnlineStore(OnlineStore):
     def _connect(self) -> pymysql.connections.Connection:
         try:
             self._conn = pymysql.connect(**self._params)
-        except pymysql.err.MySQLError as e:
+        except (pymysql.err.MySQLError, ssl.SSLError) as e:
             self._conn = None
-            raise ConnectionError(f"cannot connect to the online store {self._where}: {e}") from None
+            tls = "" if self._tls == "preferred" else f" (tls: {self._tls})"
+            raise ConnectionError(f"cannot connect to the online store {self._where}{tls}: {e}") from None
         self._diag_statements = 0
         return self._conn
 

@@ -44,3 +44,12 @@ def test_fused_calls_default_and_bad_value_named():
     assert load_config(None, {"serve": {"fused_calls": "batched"}}).serve.fused_calls == "batched"
     with pytest.raises(ConfigError, match=r"serve\.fused_calls"):
         load_config(None, {"serve": {"fused_calls": "threads"}})
+
+
+def test_database_tls_modes_and_a_ca_without_verify_are_named():
+    assert load_config().database.tls == "preferred"
+    assert load_config(None, {"database": {"tls": "verify", "tls_ca": "/etc/ca.pem"}}).database.tls_ca == "/etc/ca.pem"
+    with pytest.raises(ConfigError, match=r"database\.tls"):
+        load_config(None, {"database": {"tls": "on"}})
+    with pytest.raises(ConfigError, match=r"tls_ca is only used with tls: verify"):
+        load_config(None, {"database": {"tls": "required", "tls_ca": "/etc/ca.pem"}})
