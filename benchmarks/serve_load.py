@@ -437,7 +437,12 @@ class LatencyRecord:
         return name
 
     def add(self, run: str, window: str, samples: list[Sample], rate: float | None, row: dict) -> None:
-        self.windows[run][window] = recommend_latencies(samples)
+        """One window of `run`; a rate run again (--rates 150 150) gets '#2', '#3', ..."""
+        name, i = window, 1
+        while name in self.windows[run]:
+            i += 1
+            name = f"{window} #{i}"
+        self.windows[run][name] = recommend_latencies(samples)
         if rate is not None and row["p99_ms"] is not None:
             self.points[run].append((rate, row["p50_ms"], row["p99_ms"]))
 

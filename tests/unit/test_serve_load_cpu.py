@@ -147,3 +147,30 @@ def test_server_threads_cpu_counts_the_cpu_of_other_threads():
     release.set()
     worker.join()
     assert 0.2 <= spent < 2.0
+
+
+def test_latency_record_keeps_repeated_runs_and_windows_apart(tmp_path, monkeypatch):
+    """--variants X X and --rates 150 150 give two runs and two windows, not one overwritten."""
+    sl = _load()
+    rec = sl.LatencyRecord()
+
+    def window(ms: float, n: int = 50) -> list:
+        return [sl.Sample("recommend", 200, ms)] * n + [sl.Sample("similar", 200, 1.0), sl.Sample("recommend", 503, 2.0)]
+
+    first = rec.run_name("fused", "haproxy_admission", None, {"max_queued_requests": 2})
+    second = rec.run_name("fused", "haproxy_admission", None, {"max_queued_requests": 2})
+    assert (first, second) == ("fused, haproxy_admission, max_queued_requests=2",
+                               "fused, haproxy_admission, max_queued_requests=2 #2")
+    rec.add(first, "150 req/s", window(10.0), 150, {"p50_ms": 10.0, "p99_ms": 10.0})
+    rec.add(first, "150 req/s", window(30.0), 150, {"p50_ms": 30.0, "p99_ms": 30.0})
+    assert list(rec.windows[first]) == ["150 req/s", "150 req/s #2"]
+    assert rec.windows[first]["150 req/s #2"].tolist() == [30.0] * 50  # answered recommends only
+    assert rec.points[first] == [(150, 10.0, 10.0), (150, 30.0, 30.0)]
+    drawn = {}
+    real = sl.latency_histograms
+    monkeypatch.setattr(sl, "latency_histograms", lambda path, title, panels, targets: drawn.update(panels) or real(
+        path, title, panels, targets))
+    paths = rec.plot(tmp_path)
+    assert list(drawn) == [first]  # the second run has no window: left out, not an empty panel
+    assert [p.name for p in paths] == ["serve_load_latency.png", "serve_load_latency_vs_rate.png"]
+    assert all(p.stat().st_size > 5_000 for p in paths)
