@@ -417,6 +417,15 @@ def recommend_latencies(samples: list[Sample]) -> np.ndarray:
     return np.array([s.ms for s in samples if s.kind == "recommend" and 200 <= s.status < 300])
 
 
+def _unique(name: str, taken: dict) -> str:
+    """`name`, or `name #2`, `name #3`, ... when already taken."""
+    out, i = name, 1
+    while out in taken:
+        i += 1
+        out = f"{name} #{i}"
+    return out
+
+
 class LatencyRecord:
     """Each served window's answered-recommend latencies and p50/p99, kept for the plots."""
 
@@ -429,20 +438,13 @@ class LatencyRecord:
         extra = [f"{replicas} replicas"] if replicas else []
         extra += [f"{k}={v}" for k, v in (app_args or {}).items()]
         base = ", ".join([topology, variant, *extra])
-        name, i = base, 1
-        while name in self.windows:
-            i += 1
-            name = f"{base} #{i}"
+        name = _unique(base, self.windows)
         self.windows[name], self.points[name] = {}, []
         return name
 
     def add(self, run: str, window: str, samples: list[Sample], rate: float | None, row: dict) -> None:
         """One window of `run`; a rate run again (--rates 150 150) gets '#2', '#3', ..."""
-        name, i = window, 1
-        while name in self.windows[run]:
-            i += 1
-            name = f"{window} #{i}"
-        self.windows[run][name] = recommend_latencies(samples)
+        self.windows[run][_unique(window, self.windows[run])] = recommend_latencies(samples)
         if rate is not None and row["p99_ms"] is not None:
             self.points[run].append((rate, row["p50_ms"], row["p99_ms"]))
 

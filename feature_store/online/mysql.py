@@ -36,7 +36,7 @@ import re
 import ssl
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import pymysql
 from pymysql.err import InterfaceError, OperationalError
@@ -114,7 +114,7 @@ _KEY_STRING = f"VARCHAR({MAX_KEY_CHARS}) CHARACTER SET utf8mb4 COLLATE utf8mb4_b
 VERSION_SQL = "SELECT VERSION();\n"
 
 
-TLS_MODES = ("preferred", "required", "verify", "disabled")
+TLS_MODES: tuple[str, ...] = get_args(DatabaseConfig.model_fields["tls"].annotation)  # one list: the config's
 
 
 def tls_options(mode: str, ca: str | None = None) -> dict[str, Any]:
