@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 
 from feature_store.dictionary import Dictionary, UnknownValue
-from feature_store.online.base import MAX_BYTES, MAX_KEY_CHARS, encode_json
+from feature_store.online.base import KEY_TRAILING_SPACE, MAX_BYTES, MAX_KEY_CHARS, encode_json
 
 MAX_PACKED_BYTES = MAX_BYTES
 SCALAR_NUMERIC = {"int64": "q", "float64": "d", "bool": "?"}
@@ -531,6 +531,8 @@ def _check_key(key: Any) -> str:
         raise CodecError(f"key {key!r}: expected a str")
     if len(key) > MAX_KEY_CHARS or len(key.encode("utf-8")) > 255:
         raise CodecError(f"key {key[:20]!r}...: longer than {MAX_KEY_CHARS} characters")
+    if key.endswith(" "):
+        raise CodecError(f"key {key!r}: {KEY_TRAILING_SPACE}")
     return key
 
 

@@ -65,17 +65,18 @@ class PurchaseEvent:
     def check(self) -> None:
         for name in ("event_id", "customer_id", "article_id"):
             v = getattr(self, name)
-            if not isinstance(v, str) or not v or len(v) > MAX_KEY_CHARS:
+            if not isinstance(v, str) or not v or len(v) > MAX_KEY_CHARS or v.endswith(" "):
                 raise ValueError(f"purchase event: {name} must be a non-empty string of at most {MAX_KEY_CHARS} "
-                                 f"characters, got {v!r}")
+                                 f"characters, not ending with a space, got {v!r}")
         if isinstance(self.price, bool) or not isinstance(self.price, int | float) or not math.isfinite(
                 self.price) or self.price < 0:
             raise ValueError(f"purchase event {self.event_id!r}: price must be a finite number >= 0, got {self.price!r}")
         if self.sales_channel_id not in (1, 2):
             raise ValueError(f"purchase event {self.event_id!r}: sales_channel_id must be 1 or 2")
         try:
-            self.timestamp  # noqa: B018 - parsed (and kept) here to name a bad value early
-        except (ValueError, TypeError) as e:
+            self.timestamp.value  # noqa: B018 - parsed (and kept) here to name a bad value early; in
+            # nanoseconds since 1970, which the online rows' microseconds come from (years 1677-2262)
+        except (ValueError, TypeError, OverflowError) as e:
             raise ValueError(f"purchase event {self.event_id!r}: bad event_time {self.event_time!r}: {e}") from None
 
     @cached_property

@@ -188,7 +188,7 @@ class OfflineTable:
         in_order = bool(np.all(day_numbers[1:] >= day_numbers[:-1]))
         order = np.arange(len(day_numbers)) if in_order else np.argsort(day_numbers, kind="stable")
         sorted_days = day_numbers[order]
-        bounds = np.flatnonzero(np.r_[True, sorted_days[1:] != sorted_days[:-1], True])
+        bounds = np.flatnonzero(np.r_[True, sorted_days[1:] != sorted_days[:-1], True]) if len(order) else []
         files: list[tuple[Path, Path]] = []
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             part = table.slice(int(lo), int(hi - lo)) if in_order else table.take(pa.array(order[lo:hi]))
@@ -275,8 +275,9 @@ class OfflineTable:
     # reading ---------------------------------------------------------------------------------
     def files(self, start: Any = None, end: Any = None, max_commit: int | None = None) -> list[Path]:
         """Committed files whose event dates may hold times in [start, end)."""
-        lo = pd.Timestamp(start).strftime("%Y-%m-%d") if start is not None else None
-        hi = pd.Timestamp(end).strftime("%Y-%m-%d") if end is not None else None
+        # the files are named by the UTC date of their rows: a bound with an offset is converted first
+        lo = to_event_times([start]).iloc[0].strftime("%Y-%m-%d") if start is not None else None
+        hi = to_event_times([end]).iloc[0].strftime("%Y-%m-%d") if end is not None else None
         out = []
         for c in self.commits():
             if max_commit is not None and c["commit"] > max_commit:

@@ -789,6 +789,9 @@ class _Table:
             raise DataError(f"{self.name}: malformed CSV: {_parser_detail(exc)}") from exc
         except pd.errors.EmptyDataError as exc:
             raise DataError(f"{self.name}: file is empty (no header line)") from exc
+        except UnicodeDecodeError as exc:
+            bad = exc.object[exc.start : exc.start + 1]
+            raise DataError(f"{self.name}: not UTF-8 text (undecodable byte {bad!r}): save it as UTF-8") from exc
         self.dropped_columns: list[str] = []
         if not isinstance(frame.index, pd.RangeIndex):  # header one field short: implicit index
             frame = frame.reset_index(drop=True)
@@ -874,6 +877,7 @@ def _numbers(table: _Table, s: pd.Series, field_name: str, *, required: bool) ->
 def _integers(table: _Table, s: pd.Series, field_name: str, *, non_negative: bool = False) -> pd.Series:
     num = _numbers(table, s, field_name, required=True)
     table.fail(num % 1 != 0, field_name, "cannot parse {value!r} as an integer")
+    table.fail(num.abs() >= 2.0**63, field_name, "{value!r} is outside the 64-bit integer range")
     if non_negative:
         table.fail(num < 0, field_name, "{value!r} is negative")
     return num.astype("int64")

@@ -242,9 +242,12 @@ def _read_dicts(store: OnlineStore, reads: Sequence[tuple[OnlineTable, Sequence[
     """ONE statement for every (table, keys): key -> {column: value} per table, keys not stored absent."""
     bufs = store.read_concat_many([(t.spec, keys, ONLINE_ROW_COLUMN) for t, keys in reads])
     out = []
-    for (t, _), buf in zip(reads, bufs, strict=True):
+    for (t, keys), buf in zip(reads, bufs, strict=True):
         names, indexes = _column_plan(t, columns)
-        out.append(_rows_to_dicts(t, *t.codec.decode_columns(buf, indexes), names))
+        rows = _rows_to_dicts(t, *t.codec.decode_columns(buf, indexes), names)
+        if not rows.keys() <= (asked := set(keys)):  # 'a ' finds a's row (PAD SPACE): not what was asked
+            rows = {k: v for k, v in rows.items() if k in asked}
+        out.append(rows)
     return out
 
 

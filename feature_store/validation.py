@@ -8,8 +8,9 @@ the number of failing rows and a few examples (row position and value).
 Policies:
 - "strict": any failure rejects the whole batch (`ValidationFailed`); nothing is written anywhere.
 - "always": the batch is written and the report returned. Values that cannot be stored in their
-  type are written as null; rows without a key or an event time cannot be stored and are dropped
-  (both counted in the report).
+  type are written as null; rows without a key or an event time, or whose key the online table
+  cannot hold (too long, or ending with a space), cannot be stored and are dropped (both counted
+  in the report).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from feature_store.offline import parse_times
-from feature_store.online.base import encode_json
+from feature_store.online.base import MAX_KEY_CHARS, encode_json
 from feature_store.schema import Expectation, Feature, FeatureGroup
 
 POLICIES = ("strict", "always")
@@ -48,7 +49,7 @@ class ValidationReport:
     rows: int
     policy: str
     failures: list[RuleFailure] = field(default_factory=list)
-    dropped_rows: int = 0  # rows without key or event time (policy "always")
+    dropped_rows: int = 0  # rows without a storable key or an event time (policy "always")
     nulled_values: int = 0  # values of the wrong type written as null (policy "always")
 
     @property
@@ -61,7 +62,7 @@ class ValidationReport:
         head = f"{self.group}: {len(self.failures)} rules failed on {self.rows} rows (policy {self.policy})"
         tail = []
         if self.dropped_rows:
-            tail.append(f"{self.dropped_rows} rows dropped (no key or event time)")
+            tail.append(f"{self.dropped_rows} rows dropped (no storable key or no event time)")
         if self.nulled_values:
             tail.append(f"{self.nulled_values} values of the wrong type written as null")
         return [head, *(f"  {f.line()}" for f in self.failures), *(f"  {t}" for t in tail)]
@@ -123,6 +124,14 @@ def validate(group: FeatureGroup, frame: pd.DataFrame, policy: str = "strict") -
     if key_null.any():
         _add(report, group.key, "not_null (primary key)", key, key_null)
         drop |= key_null
+    key_bad_type = bad_type.get(group.key, np.zeros(len(frame), dtype=bool))
+    drop |= key_bad_type  # a key that is not of its type cannot be stored either
+    if group.online and group.key_feature.dtype == "string":
+        unstorable = online_key_failures(key) & ~key_null & ~key_bad_type
+        if unstorable.any():
+            _add(report, group.key, f"online key (at most {MAX_KEY_CHARS} characters, no trailing space)",
+                 key, unstorable)
+            drop |= unstorable
     try:
         times = parse_times(frame[group.event_time], errors="coerce")
     except (TypeError, ValueError):
@@ -135,7 +144,7 @@ def validate(group: FeatureGroup, frame: pd.DataFrame, policy: str = "strict") -
         col = group.feature(e.feature).column
         mask = expectation_failures(e, frame[col])
         if col in bad_type:
-            mask &= ~bad_type[col]
+            mask = mask & ~bad_type[col]  # (not in place: pandas may hand out a read-only mask)
         if mask.any():
             _add(report, col, e.describe(), frame[col], mask)
     if policy == "strict" or report.ok:
@@ -176,6 +185,8 @@ def type_failures(f: Feature, s: pd.Series) -> np.ndarray:
             return ~np.array(ok, dtype=bool) & ~nulls
         if pd.api.types.is_bool_dtype(s.dtype):
             return ~nulls
+        if pd.api.types.is_unsigned_integer_dtype(s.dtype):  # uint64 holds values int64 cannot
+            return (s.to_numpy(dtype=np.uint64, na_value=0) >= np.uint64(2**63)) & ~nulls
         if pd.api.types.is_integer_dtype(s.dtype):
             return np.zeros(n, dtype=bool)
         if pd.api.types.is_float_dtype(s.dtype):
@@ -189,8 +200,11 @@ def type_failures(f: Feature, s: pd.Series) -> np.ndarray:
     if f.dtype == "string":
         if pd.api.types.infer_dtype(s, skipna=True) in ("string", "empty"):
             lengths = s.str.len().to_numpy(dtype=np.float64, na_value=0)
-            return (lengths > (f.limit or math.inf)) & ~nulls
-        return np.array([not nl and not (isinstance(v, str) and len(v) <= (f.limit or math.inf))
+            bad = (lengths > (f.limit or math.inf)) & ~nulls
+            if not _encodable("".join(s[~nulls])):  # one check for all; row by row only when one fails
+                bad |= np.array([not nl and not _encodable(v) for v, nl in zip(s, nulls, strict=True)], dtype=bool)
+            return bad
+        return np.array([not nl and not (isinstance(v, str) and len(v) <= (f.limit or math.inf) and _encodable(v))
                          for v, nl in zip(s, nulls, strict=True)], dtype=bool)
     if f.dtype.startswith("list_"):
         return np.array([not nl and not _fits_list(f, v) for v, nl in zip(s, nulls, strict=True)], dtype=bool)
@@ -198,9 +212,31 @@ def type_failures(f: Feature, s: pd.Series) -> np.ndarray:
     return np.array([not nl and not _fits_json(f, v) for v, nl in zip(s, nulls, strict=True)], dtype=bool)
 
 
+def online_key_failures(keys: pd.Series) -> np.ndarray:
+    """String keys an online table cannot hold apart from others: longer than its key column,
+    or ending with a space, which MySQL-protocol servers compare as the key without it."""
+    try:
+        text = keys.str
+    except AttributeError:  # no strings at all (the type check reports those)
+        return np.zeros(len(keys), dtype=bool)
+    too_long = (text.len() > MAX_KEY_CHARS).to_numpy(dtype=bool, na_value=False)
+    return too_long | text.endswith(" ", na=False).to_numpy(dtype=bool, na_value=False)
+
+
+def _encodable(v: str) -> bool:
+    """Whether `v` is valid Unicode (no lone surrogate), which UTF-8 files and tables need."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _fits_number(dtype: str, v: Any) -> bool:
     if isinstance(v, bool | np.bool_) or not isinstance(v, numbers.Real):
         return False
+    if dtype == "int64" and isinstance(v, numbers.Integral):  # exactly: float() rounds 2**63 - 1 up
+        return -(2**63) <= int(v) < 2**63
     x = float(v)
     if math.isinf(x):
         return False
@@ -214,7 +250,7 @@ def _fits_list(f: Feature, v: Any) -> bool:
     if not isinstance(v, list | tuple) or (f.limit is not None and len(v) > f.limit):
         return False
     if f.dtype == "list_string":
-        return all(isinstance(x, str) and len(x) <= 255 for x in v)
+        return all(isinstance(x, str) and len(x) <= 255 and _encodable(x) for x in v)
     return all(not _is_null(x) and _fits_number("int64" if f.dtype == "list_int64" else "float64", x) for x in v)
 
 

@@ -453,7 +453,7 @@ mount_ui(api)
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     """422 with FastAPI's detail list plus one line naming each bad field."""
     errors = exc.errors()
-    msg = "; ".join(_error_line(e) for e in errors)
+    msg = _printable("; ".join(_error_line(e) for e in errors))
     return JSONResponse(status_code=422, content={"message": msg, "detail": jsonable(errors)})
 
 
@@ -474,7 +474,18 @@ def _field(loc: tuple | list) -> str:
 
 
 def jsonable(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: (v if k in ("loc", "msg", "type") else str(v)) for k, v in e.items()} for e in errors]
+    """Validation errors as JSON can carry them: inputs and field names as text that UTF-8 holds."""
+    def text(v: Any) -> Any:
+        return v if isinstance(v, int) else _printable(str(v))
+
+    return [{k: ([text(p) for p in v] if k == "loc" else v if k in ("msg", "type") else text(v)) for k, v in e.items()}
+            for e in errors]
+
+
+def _printable(s: str) -> str:
+    """`s` with what UTF-8 cannot encode (a lone surrogate, which JSON's \\ud800 escape decodes
+    to and pydantic then refuses) escaped, so that echoing a bad input cannot fail the 422."""
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class Guard:
@@ -499,9 +510,8 @@ class Guard:
 
     async def _guarded(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         state, headers, path = scope["app"].state, Headers(scope=scope), scope["path"]
-        if getattr(state, "api_key_sha256", None) and path not in EXEMPT_PATHS and not path.startswith(PUBLIC_PREFIXES):
-            given = headers.get("x-api-key") or _authorization_key(headers.get("authorization"))
-            if not given or not hmac.compare_digest(_sha256(given), state.api_key_sha256):
+        if path not in EXEMPT_PATHS and not path.startswith(PUBLIC_PREFIXES):
+            if not key_accepted(state, headers):
                 challenge = 'Basic realm="rayrec", charset="UTF-8"' if path in DOCS_PATHS else "ApiKey"
                 await JSONResponse(status_code=401, content={"message": "missing or wrong API key: send X-API-Key"},
                                    headers={"WWW-Authenticate": challenge})(scope, receive, send)
@@ -582,6 +592,14 @@ def _replay(body: bytes, receive: Any) -> Any:
 
 
 api.add_middleware(Guard)
+
+
+def key_accepted(state: Any, headers: Headers) -> bool:
+    """Whether the request may use the API: no key is configured, or it sent the key."""
+    if not getattr(state, "api_key_sha256", None):
+        return True
+    given = headers.get("x-api-key") or _authorization_key(headers.get("authorization"))
+    return bool(given) and hmac.compare_digest(_sha256(given), state.api_key_sha256)
 
 
 def _authorization_key(value: str | None) -> str | None:
@@ -900,11 +918,15 @@ class Ingress:
         return {"status": "ok"}
 
     @api.get("/readyz")
-    async def readyz(self) -> JSONResponse:
+    async def readyz(self, request: Request) -> JSONResponse:
+        """Ready or not for anyone (a load balancer's probe has no key); what failed, with the
+        database's address in it, only for callers with the key when one is configured."""
         try:
             checks = await self.orch.calls.ready()
         except Exception as e:  # noqa: BLE001 - a stage that cannot answer is not ready
             checks = {"ready": False, "error": f"{type(e).__name__}: {e}"}
+        if not key_accepted(request.app.state, request.headers):
+            checks = {k: v for k, v in checks.items() if not k.endswith("error")}
         return JSONResponse(status_code=200 if checks.get("ready") else 503, content=checks | {"model": self._model()})
 
 
@@ -1008,6 +1030,15 @@ def deployment_options(s: ServeConfig, a: AppArgs, topology: str) -> dict[str, A
     }
 
 
+def api_key_hash(env: str) -> str | None:
+    """SHA-256 of the API key in `$env` (None: no key). The key must be printable ASCII: HTTP
+    clients put other characters of a header value on the wire as Latin-1 or UTF-8 as they see fit."""
+    key = os.environ.get(env)
+    if key and not (key.isascii() and key.isprintable()):
+        raise ValueError(f"${env}: the API key must be printable ASCII characters")
+    return _sha256(key) if key else None
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Build the graph from Serve config args (`workdir`, topology, sizes); validated up front.
 
@@ -1021,8 +1052,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         raise ValueError(f"{wd.manifest_path}: run is incomplete (no index or ranker)")
     s = load_config(wd.config_path).serve
     topology = a.topology or s.topology
-    key = os.environ.get(s.api_key_env)
-    key_hash = _sha256(key) if key else None
+    key_hash = api_key_hash(s.api_key_env)
     opts = deployment_options(s, a, topology)
     workdir = str(wd.root)
     ingress_opts = opts | ({"user_config": a.user_config} if a.user_config else {})

@@ -88,5 +88,6 @@ class ServeMetrics:
             self._cache.inc(n, tags={"group": group, "result": "hit" if hit else "miss"})
 
     def event(self, kind: str, result: str) -> None:
-        """`result`: applied, duplicate (the event id was seen before) or pending (the store is down)."""
+        """`result`: applied, duplicate (the event id was seen before), pending (the store is down) or
+        failed (the online update failed while the store was up; the event is in the event log)."""
         self._events.inc(tags={"type": kind, "result": result})

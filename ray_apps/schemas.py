@@ -4,15 +4,50 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+
+# how far ahead of this server's clock an event may be dated (clients' clocks drift); a later
+# one would move the article's sales window past every real sale until the next batch build
+EVENT_CLOCK_SKEW = dt.timedelta(days=1)
+EARLIEST_EVENT = dt.datetime(1970, 1, 1)
+
+
+def _no_bool(v: Any) -> Any:
+    """JSON `true` is not the number 1 (pydantic's lax mode would take it as 1)."""
+    if isinstance(v, bool):
+        raise ValueError("expected a number, not a boolean")
+    return v
+
+
+def _iso_text(v: Any) -> Any:
+    """Dates and times as ISO 8601 text only: lax mode would read a number as seconds since 1970."""
+    if isinstance(v, int | float):
+        raise ValueError("expected an ISO 8601 string")
+    return v
+
+
+def _event_time(v: dt.datetime | None) -> dt.datetime | None:
+    """A time the event log and the online rows can hold: 1970 to a day after now (UTC)."""
+    if v is None:
+        return v
+    if v.tzinfo is not None and 1970 < v.year < 9999:  # (converting year 1 or 9999 can overflow)
+        v = v.astimezone(dt.UTC).replace(tzinfo=None)
+    if v.tzinfo is not None or not EARLIEST_EVENT <= v <= dt.datetime.now(dt.UTC).replace(tzinfo=None) + EVENT_CLOCK_SKEW:
+        raise ValueError("must be after 1970-01-01 and at most a day from now (UTC)")
+    return v
+
+
+Channel = Annotated[Literal[1, 2] | None, BeforeValidator(_no_bool)]
+IsoDate = Annotated[dt.date | None, BeforeValidator(_iso_text)]
+EventTime = Annotated[dt.datetime | None, BeforeValidator(_iso_text), AfterValidator(_event_time)]
 
 
 class Context(BaseModel):
     """Request context: when and through which channel the customer is shopping."""
 
     model_config = ConfigDict(extra="forbid")
-    date: dt.date | None = Field(None, description="Shopping date (YYYY-MM-DD); today when absent")
-    sales_channel: Literal[1, 2] | None = Field(None, description="1 = store, 2 = online; 2 when absent")
+    date: IsoDate = Field(None, description="Shopping date (YYYY-MM-DD); today when absent")
+    sales_channel: Channel = Field(None, description="1 = store, 2 = online; 2 when absent")
     age: int | None = Field(None, ge=0, le=120, strict=True,
                             description="The shopper's age when the customer is unknown (cold start by age group)")
 
@@ -23,7 +58,7 @@ class Filters(BaseModel):
     model_config = ConfigDict(extra="forbid")
     index_groups: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] | None = Field(
         None, min_length=1, max_length=50, description="Only articles of these index groups, e.g. ['Menswear']")
-    max_price: float | None = Field(None, gt=0, allow_inf_nan=False,
+    max_price: float | None = Field(None, gt=0, allow_inf_nan=False, strict=True,
                                     description="Only articles at most this price (the data's price units)")
 
 
@@ -64,7 +99,14 @@ class SimilarResponse(BaseModel):
 
 
 Text = Annotated[str, StringConstraints(min_length=1, max_length=500, strip_whitespace=True)]
-Id = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+def _no_trailing_space(v: str) -> str:
+    """Ids are keys of the online store, whose servers compare them without trailing spaces."""
+    if v.endswith(" "):
+        raise ValueError("must not end with a space")
+    return v
+
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_no_trailing_space)]
 
 
 class SearchRequest(BaseModel):
@@ -88,10 +130,11 @@ class Event(BaseModel):
     customer_id: Id
     article_id: Id
     type: Literal["view", "click", "add_to_cart", "purchase"]
-    ts: dt.datetime | None = Field(None, description="When it happened (ISO 8601); now when absent")
-    price: float | None = Field(None, ge=0, allow_inf_nan=False,
+    ts: EventTime = Field(None, description="When it happened (ISO 8601; UTC unless it has an offset), "
+                                            "after 1970 and at most a day from now; now when absent")
+    price: float | None = Field(None, ge=0, allow_inf_nan=False, strict=True,
                                 description="Price paid (purchases); the article's mean price when absent")
-    sales_channel: Literal[1, 2] | None = None
+    sales_channel: Channel = None
 
 
 class EventBatch(BaseModel):
@@ -104,6 +147,8 @@ class EventResult(BaseModel):
     type: str
     applied: bool = Field(..., description="False: this event id was applied before (nothing changed)")
     pending: bool = Field(False, description="logged durably; the online update waits for the store")
+    error: str | None = Field(None, description="why the online update failed (the event is logged durably, "
+                                                "and the next pipeline run reads it)")
 
 
 class EventsResponse(BaseModel):

@@ -29,6 +29,7 @@ from ray_apps.metrics import Metrics, NullMetrics
 from ray_apps.schemas import Candidates, QueryContext
 
 T = TypeVar("T")
+MAX_APPLY_ATTEMPTS = 3  # tries of a purchase whose online update fails while the store is up
 MAX_REMEMBERED_INTERACTIONS = 100_000  # interaction event ids a replica remembers (the latest)
 
 
@@ -125,6 +126,7 @@ class Recommender:
         self._ranker = None
         self._fs = None
         self._pending: list[Any] = []  # purchases logged but not yet applied online (store was down)
+        self._apply_failures: dict[str, int] = {}  # event id -> failed applies not due to the store being down
         self._events_lock = threading.Lock()  # one event batch at a time: the pending list is shared
         self._retry_thread: threading.Thread | None = None
         # interaction event ids this replica logged, newest last: a retry is acknowledged, not logged again
@@ -404,17 +406,31 @@ class Recommender:
         pending = self._pending + pevents
         self._pending = []
         for pe in pending:
+            error = None
             try:
                 res = self.guard.call(self._apply, pe)
                 applied, still = res.applied, False
+                self._apply_failures.pop(pe.event_id, None)
             except StoreUnavailable:
                 applied, still = False, True
+            except Exception as e:  # not the store being down (a lock wait, a server error): this event only
+                applied, still, error = False, True, f"{type(e).__name__}: {e}"
+                tries = self._apply_failures[pe.event_id] = self._apply_failures.get(pe.event_id, 0) + 1
+                if tries >= MAX_APPLY_ATTEMPTS:
+                    still = False
+                    self._apply_failures.pop(pe.event_id, None)
+                print(f"[serve] purchase {pe.event_id!r}: the online update failed ({error}); "
+                      + ("it stays pending" if still else f"gave up after {tries} tries: it is in the event log, "
+                         "which the next pipeline run reads"), flush=True)
+            if still:
                 self._pending.append(pe)
                 self._retry_pending_later()
-            self.metrics.event("purchase", "pending" if still else "applied" if applied else "duplicate")
+            self.metrics.event("purchase", "pending" if still else "failed" if error else "applied" if applied
+                               else "duplicate")
             if applied and self._ranker is not None:
                 self._ranker.forget([pe.article_id])  # its stock and sales changed: read it again
-            out[pe.event_id] = {"event_id": pe.event_id, "type": "purchase", "applied": applied, "pending": still}
+            out[pe.event_id] = {"event_id": pe.event_id, "type": "purchase", "applied": applied, "pending": still} | (
+                {"error": error} if error else {})
         for e in others:
             self.metrics.event(e["type"], "applied" if e["event_id"] in new_ids else "duplicate")
         return [out[e["event_id"]] for e in events]

@@ -42,6 +42,9 @@ KEY_TYPES = ("int64", "string")
 
 # Size limits of the SQL column types (see mysql.py), enforced by every store alike.
 MAX_KEY_CHARS = 64  # VARCHAR(64)
+# MySQL-protocol servers (RonDB, MySQL, MariaDB) compare VARCHAR keys in their PAD SPACE
+# collations without trailing spaces: 'a ' would find, and overwrite, the row of 'a'.
+KEY_TRAILING_SPACE = "a string key cannot end with a space (the server would take it for the key without it)"
 MAX_STRING_CHARS = 255  # VARCHAR(255)
 MAX_JSON_BYTES = 65_535  # TEXT
 MAX_BYTES = 14_000  # VARBINARY(14000): well inside an NDB row (about 30 KB) and an InnoDB row
@@ -159,6 +162,8 @@ def _normalise_value(typ: str, value: Any, *, is_key: bool) -> Any:
         limit = MAX_KEY_CHARS if is_key else MAX_STRING_CHARS
         if len(value) > limit:
             raise ValueError(f"string of {len(value)} characters exceeds the limit of {limit}")
+        if is_key and value.endswith(" "):
+            raise ValueError(KEY_TRAILING_SPACE)
         if not value.isascii():
             try:
                 value.encode("utf-8")

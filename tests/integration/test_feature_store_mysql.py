@@ -245,6 +245,24 @@ def test_quotes_semicolons_and_sql_keywords_round_trip_verbatim(fs):
     assert offline["label"].tolist() == TRICKY
 
 
+def test_a_key_with_a_trailing_space_neither_overwrites_nor_reads_the_key_without_it(fs):
+    """The server's PAD SPACE collation compares 'a ' equal to 'a' (so would InnoDB, NDB and MySQL
+    8's utf8mb4_bin): such keys are refused on the way in and read as missing, never as a's row."""
+    fgv = fs.create_feature_group(_group(unique("padded")))
+    fgv.insert(_frame(["a", "b"], [1.0, 2.0], ["2020-01-01"] * 2))
+    with pytest.raises(ValidationFailed, match="no trailing space"):
+        fgv.insert(_frame(["a "], [9.0], ["2020-01-02"]))
+    assert fgv.read_online(["a"])["a"]["price"] == 1.0 and len(fgv.read()) == 2
+    with fs.online._lock:  # what the server itself says: the same row for both spellings
+        with (fs.online._conn or fs.online._connect()).cursor() as cur:
+            cur.execute(f"SELECT COUNT(*) FROM `{fgv.spec.name}` WHERE `item` = %s", ("a ",))
+            assert cur.fetchone()[0] == 1
+    fv = fs.create_feature_view(FeatureView(unique("pv"), (FeatureSelection(fgv.name, ("price",)),)))
+    got = fv.get_feature_vectors(["a ", "b", "a"])
+    assert got.status == ["missing", "complete", "complete"] and got.columns["price"][1:].tolist() == [2.0, 1.0]
+    assert fgv.read_online(["a ", "b"]).keys() == {"b"}
+
+
 @pytest.mark.parametrize("bad", ["Items", "items; drop table x", "it-ems", "1items", "ítems"])
 def test_names_outside_the_pattern_are_refused(fs, bad):
     with pytest.raises(ValueError, match=r"must match \[a-z\]\[a-z0-9_\]\*"):

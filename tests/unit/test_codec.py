@@ -98,6 +98,8 @@ def test_row_size_is_bounded():
         c.encode("k", {f"s{i}": "x" * 2000 for i in range(10)})
     with pytest.raises(CodecError, match="key"):
         c.encode("k" * 65, {})
+    with pytest.raises(CodecError, match="cannot end with a space"):  # the server would take it for "k"
+        c.encode("k ", {})
 
 
 def _rows_by_key():

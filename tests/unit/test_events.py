@@ -127,7 +127,11 @@ def test_events_for_unknown_customers_articles_and_stock(setup):
 
 @pytest.mark.parametrize("bad,match", [({"event_id": ""}, "event_id"), ({"price": -1}, "price"),
                                        ({"price": float("nan")}, "price"), ({"event_time": "not a date"}, "event_time"),
-                                       ({"sales_channel_id": 3}, "sales_channel_id")])
+                                       ({"sales_channel_id": 3}, "sales_channel_id"),
+                                       ({"event_id": "e "}, "event_id.*not ending with a space"),
+                                       ({"customer_id": "c1 "}, "customer_id"),
+                                       ({"event_time": "2300-01-01"}, "event_time"),  # past int64 nanoseconds
+                                       ({"event_time": "1500-01-01T00:00:00+05:00"}, "event_time")])
 def test_invalid_events_are_refused(setup, bad, match):
     fs, refs = setup
     kw = dict(event_id="e", customer_id="c1", article_id="a1", price=0.1, event_time="2020-09-22")

@@ -174,3 +174,48 @@ def test_missing_event_time_and_columns_are_named(tmp_path):
         fgv.insert(shop_frame().drop(columns=["color"]))
     with pytest.raises(ValidationFailed, match="event_time: not_null timestamp"):
         fgv.insert(shop_frame(event_time=[pd.Timestamp("2020-01-01"), None, pd.Timestamp("2020-01-01")]))
+
+
+def test_keys_an_online_table_cannot_hold_apart_are_refused_before_anything_is_written(tmp_path):
+    """A key longer than the online key column, or ending with a space (MySQL-protocol servers
+    compare 'a ' as 'a', so it would overwrite a's row), fails validation: strict writes nothing,
+    not even the dictionary codes of the batch's values; always drops those rows."""
+    online = InMemoryOnlineStore()
+    group = FeatureGroup("coded", "item_id", (Feature("item_id", "string"), Feature("colour", "string", dictionary=True)))
+    fgv = FeatureStore(Workdir.at(tmp_path), online).create_feature_group(group)
+    frame = pd.DataFrame({"item_id": ["a", "b ", "x" * 65], "colour": ["Red", "Blue", "Green"],
+                          "event_time": pd.to_datetime(["2020-01-01"] * 3)})
+    with pytest.raises(ValidationFailed, match=r"item_id: online key \(at most 64 characters, no trailing space\): "
+                                               r"2 failing rows \(e.g. row 1: 'b '"):
+        fgv.insert(frame, validation="strict")
+    assert fgv.read().empty and online.dictionary_entries() == []
+    result = fgv.insert(frame, validation="always")
+    assert result.rows == 1 and result.report.dropped_rows == 2
+    assert fgv.read()["item_id"].tolist() == ["a"] and [v for _, v in online.dictionary_entries()] == ["Red"]
+    offline_only = FeatureGroup("logged", "item_id", (Feature("item_id", "string"),), online=False)
+    kept = FeatureStore(Workdir.at(tmp_path), online).create_feature_group(offline_only)
+    assert kept.insert(frame[["item_id", "event_time"]], validation="strict").rows == 3  # no online table
+
+
+@pytest.mark.parametrize(("column", "value", "rule"), [
+    ("n", pd.Series([2**63 + 5], dtype="uint64"), "type int64"),
+    ("color", pd.Series(["bad\ud800"], dtype=object), "type string"),
+    ("tags", pd.Series([["ok", "\udc00"]], dtype=object), "type list_string"),
+])
+def test_values_their_stores_cannot_hold_fail_validation_by_name(tmp_path, column, value, rule):
+    fgv = FeatureStore(Workdir.at(tmp_path), InMemoryOnlineStore()).create_feature_group(SHOP)
+    frame = shop_frame(**{"item_id": ["a"], "price": [1.0], "color": ["red"], "n": [1], "tags": [["x"]],
+                          "event_time": pd.to_datetime(["2020-01-01"]), column: value})
+    with pytest.raises(ValidationFailed, match=f"{column}: {rule}"):
+        fgv.insert(frame, validation="strict")
+
+
+def test_int64_bounds_are_checked_exactly_in_object_columns(tmp_path):
+    """float() rounds 2**63 - 1 up to 2**63, which would call the largest int64 out of range."""
+    fgv = FeatureStore(Workdir.at(tmp_path), InMemoryOnlineStore()).create_feature_group(SHOP)
+    frame = shop_frame(item_id=["a", "b"], price=[1.0, 2.0], color=["red", "red"], tags=[["x"], ["y"]],
+                       n=pd.Series([2**63 - 1, -(2**63)], dtype=object), event_time=pd.to_datetime(["2020-01-01"] * 2))
+    assert fgv.insert(frame, validation="strict").rows == 2
+    assert fgv.read_online(["a", "b"])["a"]["n"] == 2**63 - 1
+    with pytest.raises(ValidationFailed, match="n: type int64"):
+        fgv.insert(frame.assign(n=pd.Series([2**63, 1], dtype=object)), validation="strict")

@@ -500,3 +500,23 @@ def test_an_insert_into_a_version_another_process_retired_is_refused_and_recreat
     with pytest.raises(ValueError, match="was retired from the online store"):
         stale.insert(_prices(["c"], [3.0], ["2020-01-03"]))
     assert "fg_prices_v1" not in fs.online.list_tables() and stale.offline.pending() == []
+
+
+def test_an_empty_insert_makes_an_empty_commit(tmp_path):
+    """An empty frame, or one whose every row validation drops, is a commit of no rows, not a crash."""
+    fgv = FeatureStore(Workdir.at(tmp_path), InMemoryOnlineStore()).create_feature_group(PRICES)
+    empty = _prices([], [], [])
+    assert fgv.insert(empty).rows == 0
+    assert fgv.insert(_prices([None], [1.0], ["2020-01-01"], ["x"]), validation="always").rows == 0
+    assert [c["rows"] for c in fgv.offline.commits()] == [0, 0] and fgv.read().empty
+    assert fgv.insert(_prices(["a"], [1.0], ["2020-01-01"])).rows == 1
+
+
+def test_reads_bounded_by_times_with_an_offset_find_the_rows_of_every_utc_day(tmp_path):
+    """The files are named by their rows' UTC dates: a bound at 00:30+03:00 on the 2nd is 21:30 UTC
+    on the 1st, so the 1st's file must be read too."""
+    fgv = FeatureStore(Workdir.at(tmp_path), InMemoryOnlineStore()).create_feature_group(PRICES)
+    fgv.insert(_prices(["a", "b"], [1.0, 2.0], ["2020-01-01 22:00", "2020-01-02 02:00"]))
+    assert fgv.read(start="2020-01-02T00:30:00+03:00")["item"].tolist() == ["a", "b"]
+    assert fgv.read(end="2020-01-01T23:00:00-05:00")["item"].tolist() == ["a", "b"]
+    assert fgv.read(start="2020-01-01T23:30:00-01:00")["item"].tolist() == ["b"]

@@ -79,3 +79,18 @@ def test_body_limit_with_and_without_content_length(chunked):
     ok = chunks(4500) if chunked else b"a" * 4500
     r = c.post("/v1/echo", content=ok)
     assert r.status_code == 200 and r.json() == {"n": 4500, "head": "aaaaaaaa"}  # the body reaches the handler whole
+
+
+@pytest.mark.parametrize("key", ["clé-secrète", "tab\tkey", "line\nkey"])
+def test_an_api_key_clients_cannot_all_send_alike_is_refused_by_name(monkeypatch, key):
+    """X-API-Key 'clé' reaches the app as Latin-1 from one client and UTF-8 from another: such a
+    key would work for some clients only (before, HTTP Basic alone)."""
+    from ray_apps.app import api_key_hash
+
+    monkeypatch.setenv("MY_KEY", key)
+    with pytest.raises(ValueError, match=r"\$MY_KEY: the API key must be printable ASCII"):
+        api_key_hash("MY_KEY")
+    monkeypatch.setenv("MY_KEY", "s3cret-Key_1")
+    assert api_key_hash("MY_KEY") == hashlib.sha256(b"s3cret-Key_1").hexdigest()
+    monkeypatch.delenv("MY_KEY")
+    assert api_key_hash("MY_KEY") is None

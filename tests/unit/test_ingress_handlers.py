@@ -71,6 +71,64 @@ def test_a_body_that_is_no_json_is_named_with_its_position():
     assert out.status_code == 422 and out.json()["message"].startswith("k: ")
 
 
+def _validating_app() -> TestClient:
+    from ray_apps.app import _validation_error
+
+    app = FastAPI()
+    app.add_exception_handler(RequestValidationError, _validation_error)
+
+    @app.post("/r")
+    async def r(req: RecommendRequest) -> dict:
+        return req.model_dump(mode="json")
+
+    @app.post("/e")
+    async def e(ev: Event) -> dict:
+        return ev.model_dump(mode="json")
+
+    return TestClient(app)
+
+
+EVENT = {"event_id": "e1", "customer_id": "c1", "article_id": "a1", "type": "purchase"}
+
+
+@pytest.mark.parametrize(("path", "body", "field"), [
+    ("/e", EVENT | {"ts": "2300-01-01T00:00:00"}, "ts"),  # past what the online rows hold
+    ("/e", EVENT | {"ts": "9999-12-31T23:00:00-05:00"}, "ts"),  # past datetime's range in UTC
+    ("/e", EVENT | {"ts": "0001-01-01T00:00:00+05:00"}, "ts"),
+    ("/e", EVENT | {"ts": "1969-12-31T23:59:59"}, "ts"),
+    ("/e", EVENT | {"ts": 0}, "ts"),  # not seconds since 1970
+    ("/e", EVENT | {"price": True}, "price"),
+    ("/e", EVENT | {"price": "12"}, "price"),
+    ("/e", EVENT | {"sales_channel": True}, "sales_channel"),
+    ("/e", EVENT | {"event_id": "e1 "}, "event_id"),  # the store would take it for "e1"
+    ("/r", {"customer_id": "c1", "context": {"date": 0}}, "context.date"),
+    ("/r", {"customer_id": "c1", "context": {"sales_channel": True}}, "context.sales_channel"),
+    ("/r", {"customer_id": "c1", "filters": {"max_price": True}}, "filters.max_price"),
+])
+def test_values_json_would_only_take_by_coercion_or_the_stores_cannot_hold_are_422s(path, body, field):
+    out = _validating_app().post(path, json=body)
+    assert out.status_code == 422 and out.json()["message"].startswith(f"{field}: "), out.text
+
+
+def test_event_times_are_taken_in_utc_up_to_a_day_ahead():
+    import datetime as dt
+
+    c = _validating_app()
+    assert c.post("/e", json=EVENT | {"ts": "2020-09-22T01:00:00+02:00"}).json()["ts"] == "2020-09-21T23:00:00"
+    soon = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=20)).replace(tzinfo=None).isoformat()
+    assert c.post("/e", json=EVENT | {"ts": soon}).status_code == 200  # a client's clock a little ahead
+    later = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=30)).replace(tzinfo=None).isoformat()
+    assert c.post("/e", json=EVENT | {"ts": later}).status_code == 422
+
+
+@pytest.mark.parametrize(("body", "echoed"), [(b'{"customer_id": "\\ud800"}', "\\ud800"),
+                                             (b'{"customer_id": "c", "\\udc00": 1}', "\\udc00")])
+def test_a_bad_input_that_utf8_cannot_encode_is_echoed_escaped_in_a_422(body, echoed):
+    """JSON's \\ud800 escape decodes to a lone surrogate: echoing it unescaped failed the answer (a 500)."""
+    out = _validating_app().post("/r", content=body, headers={"content-type": "application/json"})
+    assert out.status_code == 422 and out.json()["detail"][0]["input"] == echoed, out.text
+
+
 def test_a_reload_waits_for_the_requests_of_the_run_it_replaced():
     runs = RunsInUse()
 
@@ -175,3 +233,32 @@ def test_a_stage_closes_the_run_it_stops_keeping_only_after_a_while(monkeypatch)
     assert list(stage.runs) == ["b", "c"] and closed == []  # "a" dropped, still open
     time.sleep(0.6)
     assert closed == ["a"]
+
+
+def test_readiness_says_what_failed_only_to_callers_with_the_key():
+    """/readyz needs no key (a probe has none), so the database's address in its error is kept
+    for callers with the key when one is configured."""
+    import hashlib
+
+    from starlette.requests import Request
+
+    class Calls:
+        async def ready(self):
+            return {"ready": False, "database": False, "database_error": "cannot connect to rayrec@db-1:3306/rayrec"}
+
+    ing = _ingress()
+    ing.orch = types.SimpleNamespace(calls=Calls())
+    ing.manifest = types.SimpleNamespace(index=None, run_name="r", created_at="t")
+
+    def ask(key_sha256, headers):
+        app = types.SimpleNamespace(state=types.SimpleNamespace(api_key_sha256=key_sha256))
+        scope = {"type": "http", "app": app, "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+        resp = asyncio.run(ing.readyz(Request(scope)))
+        assert resp.status_code == 503
+        return json.loads(resp.body)
+
+    sha = hashlib.sha256(b"k3y").hexdigest()
+    assert ask(sha, {}) == {"ready": False, "database": False, "model": {"run": "r", "created_at": "t",
+                                                                         "index_version": None}}
+    assert ask(sha, {"X-API-Key": "k3y"})["database_error"].endswith("db-1:3306/rayrec")
+    assert "database_error" in ask(None, {})  # no key configured: everyone is an operator

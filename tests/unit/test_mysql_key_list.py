@@ -46,6 +46,8 @@ def test_invalid_keys_are_refused():
         _distinct_keys(INT, [True])
     with pytest.raises(ValueError, match="invalid key"):
         _distinct_keys(STR, [5])
+    with pytest.raises(ValueError, match="invalid key 'a ': a string key cannot end with a space"):
+        _distinct_keys(STR, ["é", "a "])  # (not plain ASCII: each key is checked)
 
 
 class _Cursor:

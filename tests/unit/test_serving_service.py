@@ -2,6 +2,7 @@
 prediction log and its join with later events (no Ray, no database)."""
 import json
 import time
+import types
 from pathlib import Path
 
 import pandas as pd
@@ -258,6 +259,49 @@ def test_events_retried_are_acknowledged_not_logged_again_and_pending_ones_are_c
     assert len([ln for f in event_log_dir(rec.wd).glob("*.jsonl") for ln in f.read_text().splitlines() if ln]) == 1
     assert rec.metrics.events == [("purchase", "pending"), ("view", "applied"), ("purchase", "pending"),
                                   ("view", "duplicate")]
+
+
+def test_a_purchase_whose_update_fails_while_the_store_is_up_keeps_the_others_and_is_tried_again(tmp_path):
+    """An error other than the store being down (a lock wait, a server error) concerns that event
+    only: the purchases after it are applied, it stays pending, and after MAX_APPLY_ATTEMPTS it is
+    left to the event log with its error in the answer (before, every pending purchase was dropped)."""
+    import threading
+    from collections import OrderedDict
+
+    from common.workdir import Workdir
+    from ray_apps.service import MAX_APPLY_ATTEMPTS, Recommender
+
+    applied: list[str] = []
+
+    class Guard:
+        def call(self, fn, event):
+            if event.event_id == "bad":
+                raise RuntimeError("Lock wait timeout exceeded")
+            applied.append(event.event_id)
+            return types.SimpleNamespace(applied=True)
+
+    rec = object.__new__(Recommender)
+    rec.wd, rec.guard, rec.metrics, rec._ranker = Workdir.at(tmp_path), Guard(), CountingMetrics(), None
+    rec._pending, rec._events_lock, rec._logged_interactions = [], threading.Lock(), OrderedDict()
+    rec._apply_failures, rec._retry_pending_later = {}, lambda: None
+
+    def buy(event_id):
+        return {"event_id": event_id, "customer_id": "c1", "article_id": "a1", "type": "purchase", "price": 0.02,
+                "ts": "2020-10-01T12:01:00", "sales_channel": 2}
+
+    first = rec.record_events([buy("bad"), buy("good")])
+    assert first[0] == {"event_id": "bad", "type": "purchase", "applied": False, "pending": True,
+                        "error": "RuntimeError: Lock wait timeout exceeded"}
+    assert first[1] == {"event_id": "good", "type": "purchase", "applied": True, "pending": False}
+    assert applied == ["good"] and [p.event_id for p in rec._pending] == ["bad"]
+    for _ in range(MAX_APPLY_ATTEMPTS - 2):
+        rec.record_events([])  # what the retry thread does
+        assert [p.event_id for p in rec._pending] == ["bad"]
+    last = rec.record_events([buy("later")])
+    assert rec._pending == [] and applied == ["good", "later"] and rec._apply_failures == {}
+    assert last == [{"event_id": "later", "type": "purchase", "applied": True, "pending": False}]
+    assert rec.metrics.events.count(("purchase", "pending")) == MAX_APPLY_ATTEMPTS - 1  # one per try of "bad"
+    assert rec.metrics.events.count(("purchase", "failed")) == 1
 
 
 def test_settle_heap_freezes_what_is_loaded_and_still_collects_garbage_first():

@@ -416,6 +416,21 @@ def test_bad_extra_value(data_dir: Path) -> None:
         load_hm(data_dir)
 
 
+@pytest.mark.parametrize("value", ["1e30", "99999999999999999999", "-9223372036854775809"])
+def test_integers_outside_int64_are_named_not_wrapped(data_dir: Path, value: str) -> None:
+    """Parsed through float64, 1e30 would become -2**63 (a negative stock past the sign check)."""
+    _set_field(data_dir / FILES["stock"], 4, "stock", value)
+    with pytest.raises(DataError, match=rf"article_stock\.csv line 4, field stock: '{value}' is outside the 64-bit"):
+        load_hm(data_dir)
+
+
+def test_a_file_not_in_utf8_is_named(data_dir: Path) -> None:
+    path = data_dir / FILES["articles"]
+    path.write_bytes(path.read_bytes().replace(b"\n", "\u00e9\n".encode("latin-1"), 3))
+    with pytest.raises(DataError, match=r"articles\.csv: not UTF-8 text \(undecodable byte b'\\xe9'\)"):
+        load_hm(data_dir)
+
+
 def test_line_numbers_stay_exact_after_blank_lines(data_dir: Path) -> None:
     path = data_dir / FILES["transactions"]
     lines = _lines(path)
