@@ -425,7 +425,7 @@ class FeatureViewHandle:
     def train_validation_test_split(self, train_end: Any, validation_end: Any, start: Any = None, end: Any = None,
                                     description: str = "") -> TrainingDataset:
         """Time-based splits by the label's event time; transformations fitted on "train"."""
-        if pd.Timestamp(train_end) > pd.Timestamp(validation_end):
+        if to_event_times([train_end]).iloc[0] > to_event_times([validation_end]).iloc[0]:  # (either may have an offset)
             raise ValueError("train_end must not be after validation_end")
         splits = {"train": (start, train_end), "validation": (train_end, validation_end), "test": (validation_end, end)}
         return self._create_td(splits, start, end, description)

@@ -845,11 +845,11 @@ class Ingress:
                                items=[{"article_id": a, "score": s} for a, s in zip(cands.article_ids, cands.scores,
                                                                                      strict=True)])
 
-    @api.post("/v1/events", response_model=EventsResponse)
+    @api.post("/v1/events", response_model=EventsResponse, response_model_exclude_none=True)  # "error" when set
     async def event(self, ev: Event) -> EventsResponse | JSONResponse:
         return await self._events([ev])
 
-    @api.post("/v1/events/batch", response_model=EventsResponse)
+    @api.post("/v1/events/batch", response_model=EventsResponse, response_model_exclude_none=True)
     async def events(self, batch: EventBatch) -> EventsResponse | JSONResponse:
         if len(batch.events) > self.cfg.max_batch_events:
             return JSONResponse(status_code=422, content={

@@ -848,8 +848,11 @@ def test_hot_reload_switches_the_split_graph_in_place(served_split):
     it switches, the stages keep both runs while requests of either are between their calls.
     The fixture deployed the graph from the same Serve config, so only the user_config changes."""
     wd, url = served_split
+    # new args: a rebuild first; one replica per deployment, since the autoscaler adding a second
+    # ingress under the three clients (ongoing requests 3.2 against a target of 2, while the slow
+    # rebuild ran) would pass for a replica the switch started
     _hot_reload_round(wd, url, "split", "run-v2-split", KEY, env=SPLIT_ENV, rebuild=True,
-                      args=SPLIT_ARGS | {"article_cache_ttl_s": 1.0})  # new args: a rebuild first
+                      args=SPLIT_ARGS | {"article_cache_ttl_s": 1.0, "max_replicas": 1})
 
 
 @pytest.fixture(scope="module")

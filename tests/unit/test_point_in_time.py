@@ -149,6 +149,15 @@ def test_time_splits_and_immutable_reproducible_datasets(fs):
         _write_immutable(fv.root / f"td{td1.version}", {}, {})
 
 
+def test_split_bounds_with_and_without_an_offset_compare_in_utc(fs):
+    """04:00+05:00 on the 5th is 23:00 UTC on the 4th, before a validation end at 23:30 UTC."""
+    fv = fs.create_feature_view(view())
+    td = fv.train_validation_test_split(train_end="2020-01-05T04:00:00+05:00", validation_end="2020-01-04 23:30")
+    assert (td.frame("train")["event_time"] < T("2020-01-04 23:00")).all()
+    with pytest.raises(ValueError, match="train_end must not be after validation_end"):
+        fv.train_validation_test_split(train_end="2020-01-05T04:00:00+05:00", validation_end="2020-01-04 22:00")
+
+
 def test_transformations_fitted_on_train_and_applied_identically_online(fs):
     transformations = (
         Transformation("score", "standard_scaler"),
