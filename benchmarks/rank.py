@@ -15,11 +15,14 @@ Prints one JSON line per candidate count:
      "stage_p50_ms": .., "kept": .., "cores": 2}
 and, for the largest candidate count, the model call paced like serving (50 per second):
     {"bench": "rank", "case": "paced_predict", "rows": .., "cpu_ms": .., "default_pool_cpu_ms": ..,
-     "ratio_vs_default_pool": .., "full_model_cpu_ms": .., "ratio_vs_full_model": ..}
+     "ratio_vs_default_pool": .., "full_model_cpu_ms": .., "ratio_vs_full_model": ..,
+     "row_major_cpu_ms": .., "ratio_vs_row_major": ..}
 `default_pool_cpu_ms` builds the Pool with catboost's default thread count, which wakes its TBB
 worker on every call (the worker then spins); `full_model_cpu_ms` builds it on one thread but
 scores with the model as loaded, whose training parameters catboost parses on every call;
-`cpu_ms` is `RankerModel.predict` as serving runs it (one thread, the parameters left out).
+`row_major_cpu_ms` builds the Pool from the numeric block in row-major order (catboost copies
+it column by column); `cpu_ms` is `RankerModel.predict` as serving runs it (one thread, the
+parameters left out, the numeric block column-major).
 
 Usage: python benchmarks/rank.py [--candidates 100 200 500] [--requests 300] [--workdir DIR]
 """
@@ -193,12 +196,21 @@ def paced_predict(model, block, rate: float = 50.0, n: int = 150) -> dict:
         data = Pool(FeaturesData(num_feature_data=block.num, cat_feature_data=block.cat), thread_count=1)
         return CatBoost.predict(model.model, data, prediction_type="RawFormulaVal", thread_count=1)
 
-    ours = cpu_ms(lambda: model.predict(block))
+    def row_major():  # RankerModel.predict before its numeric block went in column-major
+        data = Pool(FeaturesData(num_feature_data=np.array(block.num, order="C"), cat_feature_data=block.cat.copy()),
+                    thread_count=1)
+        return CatBoost.predict(model._scoring_model(), data, prediction_type="RawFormulaVal", thread_count=1)
+
+    # ours and row-major twice each, in opposite orders (this machine's speed drifts)
+    ours_1, row_1, row_2, ours_2 = (cpu_ms(f) for f in (lambda: model.predict(block), row_major, row_major,
+                                                         lambda: model.predict(block)))
+    ours, row = (ours_1 + ours_2) / 2, (row_1 + row_2) / 2
     default = cpu_ms(default_pool)
     full = cpu_ms(full_model)
     return {"rate": rate, "cpu_ms": round(ours, 3), "default_pool_cpu_ms": round(default, 3),
             "ratio_vs_default_pool": round(ours / default, 3), "full_model_cpu_ms": round(full, 3),
-            "ratio_vs_full_model": round(ours / full, 3)}
+            "ratio_vs_full_model": round(ours / full, 3), "row_major_cpu_ms": round(row, 3),
+            "ratio_vs_row_major": round(ours / row, 3)}
 
 
 def main() -> None:

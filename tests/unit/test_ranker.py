@@ -223,6 +223,10 @@ def test_ranker_beats_random_order_and_survives_save_load(tiny, tmp_path):
         full = CatBoost.predict(m.model, Pool(FeaturesData(num_feature_data=block.num, cat_feature_data=block.cat)),
                                 prediction_type="RawFormulaVal")
         assert len(block) > 1 and np.array_equal(m.predict(block), np.asarray(full))
+        # predict builds its Pool from column-major copies: catboost marks the arrays it keeps
+        # read-only, and the caller's block must stay writable (and score the same again)
+        assert block.num.flags.writeable and block.cat.flags.writeable
+        assert np.array_equal(m.predict(block), np.asarray(full))
         assert "params" in m.model.get_metadata() and "params" not in m._scoring_model().get_metadata()
 
 
